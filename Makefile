@@ -1,0 +1,36 @@
+# Everything runs from a local virtualenv made from nothing but python3 and pip.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: build test lint format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## Run the main job on the tiny preset (offline, CPU).
+build: $(STAMP)
+	$(PY) -m lightkv_export.torch_runtime --model tiny-qwen-vl --ratio 0.55
+
+## Lint, then the test suite.
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+format: $(STAMP)
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_reference_op.py
+
+clean:
+	rm -rf $(VENV) engines .pytest_cache

@@ -1,0 +1,75 @@
+"""What every model family provides to the method, the runtime and the exporter."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class VisionSpan:
+    """One image's vision tokens inside a language-model sequence.
+
+    start:  index of the first vision token in the sequence
+    length: number of vision tokens (contiguous)
+    grid:   (h, w) token grid as the LLM sees it (after the vision encoder's spatial merge),
+            raster order, h * w >= length (a partial last row only for grids derived after a merge).
+    """
+
+    start: int
+    length: int
+    grid: tuple[int, int]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: what a model key means and how it is built."""
+
+    key: str
+    family: str  # "qwen2_vl" | "qwen2_5_vl"
+    hf_id: str  # Hugging Face hub id of the real checkpoint (for tiny presets: the architecture it mirrors)
+    tiny: bool  # built locally at toy size with random weights, no download
+    default_windows: tuple[int, ...]  # windows per side for the schedule solver's stages
+    default_image_size: tuple[int, int]  # (height, width) in pixels
+    # Parity tolerances per output name ("logits", "kv", "hidden", ...), with "default".
+    tolerances: dict[str, float] = field(default_factory=lambda: {"default": 1e-4})
+
+
+@dataclass
+class PrefillInputs:
+    """Everything the language-model prefill needs, produced by the family's `prepare`.
+
+    inputs_embeds: [B, S, D] text embeddings with the vision encoder's outputs scattered in
+    position_ids:  [3, B, S] M-RoPE positions (temporal, height, width)
+    attention_mask:[B, S] 1 for real tokens, 0 for padding
+    input_ids:     [B, S]
+    spans:         per batch row, the images' vision spans in sequence order
+    rope_deltas:   [B, 1] offset so that decode step t (0-based) has position S_row + t + rope_deltas
+    """
+
+    inputs_embeds: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    input_ids: torch.Tensor
+    spans: list[list[VisionSpan]]
+    rope_deltas: torch.Tensor
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run: HF module, processor and the family's glue."""
+
+    spec: ModelSpec
+    model: Any  # transformers *ForConditionalGeneration, eval mode
+    processor: Any  # transformers processor: (images, text) -> input_ids, pixel_values, image_grid_thw, ...
+    family: Any  # the family module (models/qwen2_vl.py or models/qwen2_5_vl.py)
+
+    @property
+    def text_config(self) -> Any:
+        return self.model.config.get_text_config()
