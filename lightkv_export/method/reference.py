@@ -169,9 +169,7 @@ def plan_stage(
 ) -> StagePlan:
     """Everything about one stage that depends only on the layout (no tensor values)."""
     if not 0.0 <= ratio < 1.0:
-        raise InputError(
-            f"stage ratio {ratio} is outside [0, 1): it is the fraction of each window merged away."
-        )
+        raise InputError(f"stage ratio {ratio} is outside [0, 1): it is the fraction of each window merged away.")
     if windows < 1:
         raise InputError(f"windows per side must be >= 1, got {windows}.")
     if grid_mode not in GRID_MODES:
@@ -230,9 +228,7 @@ def plan_stage(
 # ---------------------------------------------------------------------------------------------------------
 
 
-def match_windows(
-    x: torch.Tensor, win_index: torch.Tensor, win_r: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def match_windows(x: torch.Tensor, win_index: torch.Tensor, win_r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Bipartite matching in every window at once.
 
     x: [N, D] fp32 flat tokens. Returns (src, dst): flat indices [M] of each merged A token and its B partner.
@@ -324,7 +320,5 @@ def lightkv_merge(
         raise InputError(
             f"expected hidden [B, S, D] and guidance [B, S], got {tuple(hidden.shape)} and {tuple(guidance.shape)}."
         )
-    plan = plan_stage(
-        spans, hidden.shape[1], windows=windows, ratio=ratio, grid_mode=grid_mode, lengths=lengths
-    )
+    plan = plan_stage(spans, hidden.shape[1], windows=windows, ratio=ratio, grid_mode=grid_mode, lengths=lengths)
     return apply_plan(hidden, guidance, plan)

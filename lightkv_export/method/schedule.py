@@ -179,14 +179,10 @@ def clamp_to_reachable(num_layers: int, ratio: float, windows: Sequence[int]) ->
     return min(max(ratio, lo), hi)
 
 
-def resolve(
-    num_layers: int, *, ratio: float | None, schedule: str | None, windows: Sequence[int]
-) -> Schedule:
+def resolve(num_layers: int, *, ratio: float | None, schedule: str | None, windows: Sequence[int]) -> Schedule:
     """The CLI's entry: exactly one of --ratio and --schedule."""
     if (ratio is None) == (schedule is None):
-        raise InputError(
-            "give exactly one of --ratio R (fraction of vision-token KV kept) or --schedule L:W:R,..."
-        )
+        raise InputError("give exactly one of --ratio R (fraction of vision-token KV kept) or --schedule L:W:R,...")
     if schedule is not None:
         return parse_schedule(schedule, num_layers)
     return solve(num_layers, float(ratio), windows)
