@@ -44,6 +44,11 @@ import torch
 from lightkv_export.errors import InputError
 from lightkv_export.models.base import VisionSpan
 
+# The op's identity, shared by the ONNX node, the ONNX Runtime function and the TensorRT plugin.
+OP_DOMAIN = "lightkv"
+OP_NAME = "LightKVMerge"
+OP_VERSION = 1
+
 GridMode = Literal["true", "official"]
 GRID_MODES: tuple[str, ...] = ("true", "official")
 MIN_TOKENS_PER_WINDOW = 8  # an image needs at least 8 * p^2 tokens for a stage with p windows per side
