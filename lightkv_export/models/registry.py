@@ -1,0 +1,323 @@
+"""Model keys, aliases and the loader: a key, a hub id or a local directory -> LoadedModel.
+
+Nothing here touches the network. Real checkpoints come from a local directory or the local Hugging Face cache
+(HF_HUB_CACHE, else HF_HOME/hub, else ~/.cache/huggingface/hub); tiny presets are built in-process.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from lightkv_export.errors import InputError, ModelNotFoundError
+from lightkv_export.models import qwen2_5_vl, qwen2_vl, tiny
+from lightkv_export.models.base import LoadedModel, ModelSpec
+
+FAMILIES: dict[str, ModuleType] = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+MODEL_TYPES = {module.MODEL_TYPE: name for name, module in FAMILIES.items()}
+
+# Parity tolerances (max abs error) per output. fp32 tiny models agree to rounding; real models run in fp16/bf16.
+TINY_TOLERANCES = {"default": 1e-4, "vision": 1e-4, "hidden": 1e-3, "kv": 1e-4, "logits": 1e-3}
+REAL_TOLERANCES = {"default": 2e-2, "vision": 2e-2, "hidden": 5e-2, "kv": 2e-2, "logits": 5e-2}
+
+SPECS: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in (
+        ModelSpec(
+            key="qwen-vl",
+            family="qwen2_5_vl",
+            hf_id=qwen2_5_vl.HF_ID,
+            tiny=False,
+            default_windows=(6, 4, 2),  # the paper's windows for Qwen2.5-VL
+            default_image_size=(672, 672),  # 24 x 24 = 576 vision tokens: every stage has >= 8 tokens per window
+            tolerances=dict(REAL_TOLERANCES),
+        ),
+        ModelSpec(
+            key="qwen2-vl",
+            family="qwen2_vl",
+            hf_id=qwen2_vl.HF_ID,
+            tiny=False,
+            default_windows=(6, 4, 2),
+            default_image_size=(672, 672),
+            tolerances=dict(REAL_TOLERANCES),
+        ),
+        ModelSpec(
+            key="tiny-qwen-vl",
+            family="qwen2_5_vl",
+            hf_id=qwen2_5_vl.HF_ID,
+            tiny=True,
+            default_windows=(2, 2, 1),  # 12 x 16 = 192 tokens, then ~96, ~48: each stage keeps >= 8 per window
+            default_image_size=(336, 448),
+            tolerances=dict(TINY_TOLERANCES),
+        ),
+        ModelSpec(
+            key="tiny-qwen2-vl",
+            family="qwen2_vl",
+            hf_id=qwen2_vl.HF_ID,
+            tiny=True,
+            default_windows=(2, 2, 1),
+            default_image_size=(336, 448),
+            tolerances=dict(TINY_TOLERANCES),
+        ),
+    )
+}
+ALIASES = {
+    "qwen2.5-vl": "qwen-vl",
+    "qwen2.5-vl-7b": "qwen-vl",
+    "qwen2.5-vl-7b-instruct": "qwen-vl",
+    qwen2_5_vl.HF_ID.lower(): "qwen-vl",
+    "qwen2-vl-2b": "qwen2-vl",
+    "qwen2-vl-2b-instruct": "qwen2-vl",
+    qwen2_vl.HF_ID.lower(): "qwen2-vl",
+    "tiny-qwen2.5-vl": "tiny-qwen-vl",
+}
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+
+
+def known_keys() -> str:
+    aliases = ", ".join(f"{a} -> {k}" for a, k in ALIASES.items())
+    return f"known keys: {', '.join(SPECS)}; aliases: {aliases}"
+
+
+def get_spec(key: str) -> ModelSpec:
+    """The registry entry for a model key or alias (case-insensitive)."""
+    name = key.strip().lower()
+    name = ALIASES.get(name, name)
+    if name not in SPECS:
+        raise InputError(f"unknown model {key!r}; {known_keys()}. A local checkpoint directory is also accepted.")
+    return SPECS[name]
+
+
+def family_module(name: str) -> ModuleType:
+    return FAMILIES[name]
+
+
+def load_model(
+    key_or_local_dir: str, *, random_weights: bool = False, dtype: torch.dtype = torch.float32
+) -> LoadedModel:
+    """A model key, alias, hub id or local checkpoint directory -> LoadedModel (eval mode, `dtype`).
+
+    Tiny presets are always random (seeded) and cached in-process. Real checkpoints load from a local directory
+    or the local Hugging Face cache; `random_weights` builds the real architecture with seeded random weights
+    instead (from the local config when there is one, else from the known hyper-parameters).
+    """
+    path = Path(key_or_local_dir).expanduser()
+    if path.is_dir():
+        return load_local(path, random_weights=random_weights, dtype=dtype)
+    name = key_or_local_dir.strip().lower()
+    if ALIASES.get(name, name) not in SPECS and ("/" in name or name.startswith((".", "~"))):
+        raise ModelNotFoundError(
+            f"{key_or_local_dir!r} is neither a model key nor a checkpoint directory on this machine "
+            f"({known_keys()}). {how_to_get(None)}"
+        )
+    spec = get_spec(key_or_local_dir)
+    if spec.tiny:
+        return load_tiny(spec.key, dtype)
+    snapshot = cached_snapshot(spec.hf_id)
+    if snapshot is not None:
+        return load_local(snapshot, random_weights=random_weights, dtype=dtype, spec=spec)
+    if random_weights:
+        return build_random(spec, dtype)
+    raise ModelNotFoundError(
+        f"{spec.hf_id} (model {spec.key!r}) is not in the local Hugging Face cache ({hub_cache_dir()}) and this "
+        f"machine has no network. {how_to_get(spec)}"
+    )
+
+
+def how_to_get(spec: ModelSpec | None) -> str:
+    hf_id = spec.hf_id if spec else "Qwen/Qwen2.5-VL-7B-Instruct"
+    return (
+        f"Download it on a machine with network (`huggingface-cli download {hf_id}`, then copy the cache or set "
+        f"HF_HUB_CACHE), or pass a local directory holding config.json, *.safetensors and the processor files. "
+        f"Without a checkpoint: use a tiny preset ({', '.join(k for k, s in SPECS.items() if s.tiny)}), "
+        "or --random-weights for the real architecture with random weights."
+    )
+
+
+# --- tiny presets -----------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def load_tiny(key: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """The tiny preset: real architecture at toy size, seeded weights, locally built tokenizer and processor."""
+    spec = SPECS[key]
+    family = FAMILIES[spec.family]
+    tokenizer = tiny.build_tokenizer()
+    config = family.config_class()(**tiny.tiny_config_dict(spec.family, tokenizer))
+    model = build_seeded(family, config, dtype)
+    processor = tiny.build_processor(spec.family, tokenizer)
+    return LoadedModel(spec=spec, model=model, processor=processor, family=family)
+
+
+def build_seeded(family: ModuleType, config: Any, dtype: torch.dtype) -> Any:
+    """The family's model from `config` with weights drawn from a fixed seed, eval mode."""
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        model = family.model_class()._from_config(config, dtype=dtype)
+    seeded_init_(model, tiny.SEED)
+    model.eval()
+    set_generation_ids(model, config)
+    return model
+
+
+@torch.no_grad()
+def seeded_init_(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every weight with uniform noise from one seeded generator, in parameter order.
+
+    torch's uniform sampler is serial on CPU (no SIMD-dependent maths, unlike its normal sampler), so the
+    weights are bit-identical on every machine. Matrices get variance 1 / fan_in, biases +-0.02, norm gains stay 1.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    norm_params = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
+    for param in model.parameters():
+        if id(param) in norm_params:
+            continue
+        fan_in = param[0].numel() if param.dim() > 1 else 0
+        bound = (3.0 / fan_in) ** 0.5 if fan_in else 0.02
+        noise = torch.rand(param.shape, generator=gen, dtype=torch.float32)  # U[0, 1)
+        param.copy_((noise * 2 - 1) * bound)
+
+
+def set_generation_ids(model: Any, config: Any) -> None:
+    """Greedy by default; stop at the text config's end-of-turn token."""
+    text = config.get_text_config()
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = text.eos_token_id, text.pad_token_id, text.bos_token_id
+    gen.do_sample = False
+
+
+# --- real checkpoints -------------------------------------------------------------------------------------------
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment at call time (tests point it elsewhere)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path("~/.cache/huggingface/hub").expanduser()
+
+
+def cached_snapshot(hf_id: str, revision: str = "main") -> Path | None:
+    """The snapshot directory of `hf_id` in the local hub cache (models--Org--Name/snapshots/<sha>), or None."""
+    repo = hub_cache_dir() / f"models--{hf_id.replace('/', '--')}"
+    ref = repo / "refs" / revision
+    commit = ref.read_text().strip() if ref.is_file() else revision
+    snapshot = repo / "snapshots" / commit
+    if (snapshot / "config.json").is_file():
+        return snapshot
+    snapshots = sorted(p for p in (repo / "snapshots").glob("*") if (p / "config.json").is_file())
+    return snapshots[-1] if len(snapshots) == 1 else None
+
+
+def read_model_type(path: Path) -> str:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelNotFoundError(f"{path} has no config.json, so it is not a checkpoint directory. {how_to_get(None)}")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise InputError(f"{config_file} is not a JSON object: {exc}") from None
+    if model_type not in MODEL_TYPES:
+        raise InputError(
+            f"{path}: model_type {model_type!r} is not supported; supported model types: {', '.join(MODEL_TYPES)} "
+            f"({known_keys()})."
+        )
+    return MODEL_TYPES[model_type]
+
+
+def spec_for_local(path: Path, family_name: str, config: Any) -> ModelSpec:
+    """A local checkpoint borrows the windows, image size and tolerances of the preset with its shape."""
+    text = config.get_text_config()
+    tiny_spec = next(s for s in SPECS.values() if s.tiny and s.family == family_name)
+    real_spec = next(s for s in SPECS.values() if not s.tiny and s.family == family_name)
+    is_tiny_shape = (text.hidden_size, text.num_hidden_layers) == (
+        tiny.TINY_TEXT["hidden_size"],
+        tiny.TINY_TEXT["num_hidden_layers"],
+    )
+    base = tiny_spec if is_tiny_shape else real_spec
+    return ModelSpec(
+        key=str(path),
+        family=family_name,
+        hf_id=base.hf_id,
+        tiny=False,
+        default_windows=base.default_windows,
+        default_image_size=base.default_image_size,
+        tolerances=dict(base.tolerances),
+    )
+
+
+def has_processor_files(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+
+
+def load_local(
+    path: Path, *, random_weights: bool = False, dtype: torch.dtype = torch.float32, spec: ModelSpec | None = None
+) -> LoadedModel:
+    """A checkpoint directory (config.json, *.safetensors, tokenizer and processor files) -> LoadedModel."""
+    family_name = read_model_type(path)
+    family = FAMILIES[family_name]
+    config = family.config_class().from_pretrained(str(path), local_files_only=True)
+    spec = spec or spec_for_local(path, family_name, config)
+    if random_weights:
+        processor = load_processor(path, family_name) if has_processor_files(path) else None
+        if processor is None:
+            return build_random(spec, dtype, config=config)
+        align_token_ids(config, processor.tokenizer)
+        return LoadedModel(spec, build_seeded(family, config, dtype), processor, family)
+    if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+        raise ModelNotFoundError(f"{path} has a config.json but no weights (*.safetensors). {how_to_get(spec)}")
+    if not has_processor_files(path):
+        raise ModelNotFoundError(f"{path} has weights but no tokenizer files (tokenizer.json). {how_to_get(spec)}")
+    model = family.model_class().from_pretrained(
+        str(path), dtype=dtype, attn_implementation="sdpa", local_files_only=True
+    )
+    model.eval()
+    return LoadedModel(spec, model, load_processor(path, family_name), family)
+
+
+def load_processor(path: Path, family_name: str) -> Any:
+    """Tokenizer + PIL image processor + chat template from a checkpoint directory (no video processor: that
+    needs torchvision, and only images are fed)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True, backend="pil")
+    template = None
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    elif (path / "chat_template.json").is_file():
+        template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
+    template = template or tokenizer.chat_template
+    if template is None:
+        raise ModelNotFoundError(f"{path} has no chat template (chat_template.jinja). {how_to_get(None)}")
+    return tiny.image_only_processor(family_name)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=template
+    )
+
+
+def align_token_ids(config: Any, tokenizer: Any) -> None:
+    """Point the config's special-token ids at the tokenizer's (when the tokenizer is not the checkpoint's)."""
+    ids = tiny.special_token_ids(tokenizer)
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(config, name, ids[name])
+    text = config.get_text_config()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(text, name, ids[name])
+
+
+def build_random(spec: ModelSpec, dtype: torch.dtype, *, config: Any | None = None) -> LoadedModel:
+    """The real architecture with seeded random weights and the locally built tokenizer (no files on disk)."""
+    family = FAMILIES[spec.family]
+    config = config if config is not None else family.config_class()(**family.real_config_dict())
+    tokenizer = tiny.build_tokenizer()
+    align_token_ids(config, tokenizer)
+    image_processor = tiny.build_image_processor(family.REAL_MIN_PIXELS, family.REAL_MAX_PIXELS)
+    processor = tiny.build_processor(spec.family, tokenizer, image_processor)
+    return LoadedModel(spec, build_seeded(family, config, dtype), processor, family)
