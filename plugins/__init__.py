@@ -1,0 +1,1 @@
+"""Custom-op plugins for inference engines (LightKV kernels and TensorRT plugin registration)."""
