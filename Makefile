@@ -10,6 +10,10 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@# Triton Inference Server: only the tritonserver binary and Python backend from this wheel (its Python
+	@# library wants numpy<2); the backend's stub needs numpy<2 of its own (see lightkv_export/serve.py).
+	$(PY) -m pip install --quiet --no-deps nvidia-pytriton==0.7.0
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-stub-site numpy==1.26.4
 	touch $(STAMP)
 
 ## Run the main job on the tiny preset (offline, CPU).

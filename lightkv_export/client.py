@@ -1,0 +1,180 @@
+"""Ask a served engine a question about one or more images (tritonclient over HTTP).
+
+    python -m lightkv_export.client --url http://127.0.0.1:8000 --image photo.png --prompt "What is this?"
+
+--model may be left out when the server serves exactly one model. Prints the answer, then the stats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lightkv_export.errors import InputError, LightKVError
+from lightkv_export.triton_backend.codec import encode_images
+
+
+class ClientError(LightKVError):
+    """The server is down, does not know the model, or refused the request."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    token_ids: list[int]
+    vision_tokens_in: int
+    vision_tokens_per_group: list[int]
+    kv_bytes: int
+    prefill_ms: float
+    decode_ms: float
+
+
+def address(url: str) -> str:
+    """host:port from a URL (tritonclient.http wants no scheme); https is refused (the server is plain HTTP)."""
+    url = url.strip().rstrip("/")
+    if url.startswith("https://"):
+        raise InputError(f"{url}: the server speaks plain HTTP on loopback; use http://")
+    host = url.removeprefix("http://")
+    if not host or "/" in host:
+        raise InputError(f"{url}: expected http://HOST:PORT")
+    return host
+
+
+def read_images(paths: Sequence[Path]) -> list[bytes]:
+    """The image files' bytes, sent as they are (the server decodes PNG or JPEG)."""
+    if not paths:
+        raise InputError("give at least one --image")
+    blobs = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError(f"image file not found: {p}")
+        blobs.append(Path(p).read_bytes())
+    return blobs
+
+
+def build_inputs(images: Sequence[bytes], prompt: str, max_new_tokens: int | None) -> list:
+    """tritonclient InferInputs for the served signature (see triton_backend/codec.py)."""
+    import tritonclient.http as httpclient
+
+    arrays: list[tuple[str, np.ndarray, str]] = [
+        ("prompt", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),  # [1]
+        ("image", encode_images(list(images)), "BYTES"),  # [N]
+    ]
+    if max_new_tokens is not None:
+        arrays.append(("max_new_tokens", np.array([max_new_tokens], dtype=np.int32), "INT32"))  # [1]
+    inputs = []
+    for name, array, dtype in arrays:
+        tensor = httpclient.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def parse_answer(result) -> Answer:
+    """An InferResult as an Answer."""
+
+    def one(name: str):
+        return result.as_numpy(name).reshape(-1)[0]
+
+    return Answer(
+        text=one("text").decode("utf-8"),
+        token_ids=[int(t) for t in result.as_numpy("token_ids").reshape(-1)],
+        vision_tokens_in=int(one("vision_tokens_in")),
+        vision_tokens_per_group=[int(t) for t in result.as_numpy("vision_tokens_per_group").reshape(-1)],
+        kv_bytes=int(one("kv_bytes")),
+        prefill_ms=float(one("prefill_ms")),
+        decode_ms=float(one("decode_ms")),
+    )
+
+
+def connect(url: str, timeout_s: float = 300.0):
+    """A tritonclient.http client for a live server, or a ClientError that says the server is down."""
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(address(url), connection_timeout=timeout_s, network_timeout=timeout_s)
+    try:
+        live = client.is_server_live()
+    except Exception as e:  # connection refused, DNS, timeout: all mean "not reachable"
+        client.close()
+        raise ClientError(f"cannot reach a Triton server at {url} ({type(e).__name__}: {e}); is it running?") from None
+    if not live:
+        client.close()
+        raise ClientError(f"the Triton server at {url} is not live")
+    return client
+
+
+def choose_model(client, model: str | None, url: str) -> str:
+    """The model to ask: the one given (it must be served and ready), or the only one served."""
+    ready = sorted(m["name"] for m in client.get_model_repository_index() if m.get("state") == "READY")
+    if model is None:
+        if len(ready) != 1:
+            raise ClientError(f"{url} serves {len(ready)} models ({', '.join(ready) or 'none'}): pick one with --model")
+        return ready[0]
+    if model not in ready:
+        raise ClientError(f"unknown model {model!r} at {url}; served: {', '.join(ready) or 'none'}")
+    return model
+
+
+def ask(
+    url: str, images: Sequence[bytes], prompt: str, *, model: str | None = None, max_new_tokens: int | None = None
+) -> tuple[str, Answer]:
+    """(model name, Answer) for one request; server-side refusals become a ClientError with the server's message."""
+    from tritonclient.utils import InferenceServerException
+
+    client = connect(url)
+    try:
+        name = choose_model(client, model, url)
+        try:
+            result = client.infer(name, build_inputs(images, prompt, max_new_tokens))
+        except InferenceServerException as e:
+            raise ClientError(f"{name} refused the request: {e.message()}") from None
+        return name, parse_answer(result)
+    finally:
+        client.close()
+
+
+def format_answer(model: str, a: Answer) -> str:
+    groups = ", ".join(map(str, a.vision_tokens_per_group))
+    return "\n".join(
+        [
+            a.text,
+            "",
+            f"model                    {model}",
+            f"tokens generated         {len(a.token_ids)}",
+            f"vision tokens in         {a.vision_tokens_in}",
+            f"vision tokens per group  [{groups}]",
+            f"KV cache                 {a.kv_bytes / 2**20:.2f} MiB ({a.kv_bytes} bytes)",
+            f"prefill / decode         {a.prefill_ms:.1f} ms / {a.decode_ms:.1f} ms",
+        ]
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lightkv_export.client", description=__doc__.splitlines()[0])
+    parser.add_argument("--url", required=True, help="http://127.0.0.1:PORT (printed by lightkv_export.serve)")
+    parser.add_argument("--model", default=None, help="served model name (default: the only one)")
+    parser.add_argument("--image", type=Path, action="append", default=[], help="PNG or JPEG file (repeatable)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's default")
+    args = parser.parse_args(argv)
+    try:
+        images = read_images(args.image)
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+        model, answer = ask(args.url, images, args.prompt, model=args.model, max_new_tokens=args.max_new_tokens)
+    except LightKVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(format_answer(model, answer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

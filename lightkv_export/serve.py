@@ -1,0 +1,388 @@
+"""Serve engines with a real Triton Inference Server on 127.0.0.1.
+
+    python -m lightkv_export.serve ENGINE_DIR_OR_REPO [--port N] [--repo-dir DIR]
+
+Given an engine directory, a model repository is written first (to --repo-dir, or a temporary directory).
+
+The server is the `tritonserver` binary (2.51) and its Python backend shipped in the `nvidia-pytriton==0.7.0`
+wheel (installed with --no-deps: the pytriton library itself wants numpy<2 and is not used). Running it from a
+virtualenv needs these fixes, all made here (`server_env`, `prepare_backends`, `server_command`):
+
+1. Libraries: the binary and backend find their bundled libraries through their RPATH, but the copies of the
+   backend and stub made below do not, so LD_LIBRARY_PATH gets `site-packages/nvidia_pytriton.libs`.
+2. Stub: the wheel ships one `triton_python_backend_stub` per Python version (python_backend_stubs/3.X); the
+   backend runs `<backend dir>/python/triton_python_backend_stub`, so a backend directory is assembled per
+   server (libtriton_python.so + the stub for this interpreter's version). The stub links libpython3.X.so.1.0:
+   LD_LIBRARY_PATH gets this interpreter's LIBDIR first, so the stub embeds the same CPython as the virtualenv
+   (no Debian libpython3.X package needed; an interpreter built without --enable-shared is a clear error).
+3. sys.path: the stub embeds CPython in isolated mode (PYTHONPATH and the virtualenv are ignored). The backend
+   directory's `triton_python_backend_utils.py` is imported by the stub before any model, so it is replaced by
+   `triton_backend/stub_bootstrap.py`, which adds this virtualenv's site directories and then runs the original
+   utilities unchanged (paths in `lightkv_paths.json` beside it).
+4. numpy: the stub's pybind11 predates numpy 2 and reads numpy 1's descriptor layout: under numpy 2 every input
+   tensor arrives with zero strides (all elements equal to the first) and outputs come back empty. The stub gets
+   numpy<2 from a folder of its own (`pip install --no-deps --target .venv/triton-stub-site numpy==1.26.4`, in
+   the Makefile), made sys.path[0] by starting the server with that folder as its working directory (the
+   embedded interpreter's sys.path[0] is '', the working directory). The rest of the virtualenv keeps numpy 2.
+5. Flags: --http-address=127.0.0.1 with a free port, --allow-grpc=false, --allow-metrics=false (nothing else
+   listens), --model-control-mode=none (every model loads at start; strict readiness means "ready" = all
+   loaded), --backend-directory=<assembled dir>, --pinned-memory-pool-byte-size=0 (no CUDA on CPU hosts),
+   --backend-config=python,shm-region-prefix-name=<unique> so servers started side by side do not share
+   /dev/shm regions, --exit-timeout-secs=5 for a prompt shutdown.
+The log line "CudaDriverHelper has not been initialized" is harmless on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from lightkv_export.errors import InputError, LightKVError
+from lightkv_export.triton_repo import is_repository, repository_models, write_repository
+
+PYTRITON_PIN = "nvidia-pytriton==0.7.0"
+STUB_NUMPY_PIN = "numpy==1.26.4"
+STUB_SITE_ENV = "LIGHTKV_TRITON_STUB_SITE"
+BOOTSTRAP = Path(__file__).parent / "triton_backend" / "stub_bootstrap.py"
+LOG_TAIL_LINES = 40
+
+
+class ServeError(LightKVError):
+    """The server could not be installed, started or reached."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class TritonInstall:
+    """Where the wheel put the server: binary, Python backend, stubs and bundled libraries."""
+
+    root: Path  # site-packages/pytriton/tritonserver
+    libs: Path  # site-packages/nvidia_pytriton.libs
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def python_backend(self) -> Path:
+        return self.root / "backends" / "python"
+
+    def stub(self, version: str) -> Path:
+        return self.root / "python_backend_stubs" / version / "triton_python_backend_stub"
+
+
+def python_version() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def find_triton() -> TritonInstall:
+    """The tritonserver shipped in nvidia-pytriton, found without importing pytriton (it wants numpy<2)."""
+    for site_dir in map(Path, sysconfig.get_paths()["purelib"].split(os.pathsep)):
+        install = TritonInstall(site_dir / "pytriton" / "tritonserver", site_dir / "nvidia_pytriton.libs")
+        if install.binary.is_file():
+            if not install.stub(python_version()).is_file():
+                raise ServeError(f"{PYTRITON_PIN} has no Python backend stub for Python {python_version()}")
+            return install
+    raise ServeError(
+        f"tritonserver is not installed: run `{sys.executable} -m pip install --no-deps {PYTRITON_PIN}` "
+        "(or `make` , which does it)"
+    )
+
+
+def stub_site_dir() -> Path:
+    """The folder holding numpy<2 for the Python backend stub (see the module docstring, fix 4)."""
+    path = Path(os.environ.get(STUB_SITE_ENV, Path(sys.prefix) / "triton-stub-site"))
+    if not (path / "numpy").is_dir():
+        raise ServeError(
+            f"{path} has no numpy for the Triton Python backend stub: run "
+            f"`{sys.executable} -m pip install --no-deps --target {path} {STUB_NUMPY_PIN}` (or `make`)"
+        )
+    return path
+
+
+def python_libdir() -> Path:
+    """The directory with this interpreter's libpython3.X.so (the stub links it)."""
+    libdir = Path(sysconfig.get_config_var("LIBDIR") or "")
+    soname = f"libpython{python_version()}.so.1.0"
+    if not (libdir / soname).is_file():
+        raise ServeError(
+            f"{soname} not found in {libdir}: the Triton Python backend stub needs a Python built with "
+            f"--enable-shared (on Debian: apt-get install libpython{python_version()})"
+        )
+    return libdir
+
+
+def site_dirs() -> list[str]:
+    """This virtualenv's site-packages directories, for the stub's sys.path."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+
+
+def prepare_backends(install: TritonInstall, dest: Path) -> Path:
+    """Assemble a backend directory (dest/python/...) for this interpreter; returns dest."""
+    python_dir = dest / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(install.python_backend / "libtriton_python.so", python_dir / "libtriton_python.so")
+    shutil.copy2(install.stub(python_version()), python_dir / "triton_python_backend_stub")
+    shutil.copy2(BOOTSTRAP, python_dir / "triton_python_backend_utils.py")
+    paths = {
+        "site_dirs": site_dirs(),
+        "backend_utils": str(install.python_backend / "triton_python_backend_utils.py"),
+    }
+    (python_dir / "lightkv_paths.json").write_text(json.dumps(paths, indent=1) + "\n")
+    return dest
+
+
+def server_command(
+    install: TritonInstall, repo_dir: Path, backends: Path, port: int, shm_prefix: str, exit_timeout_s: int = 5
+) -> list[str]:
+    """The tritonserver command line: HTTP on 127.0.0.1:port only."""
+    return [
+        str(install.binary),
+        f"--model-repository={repo_dir}",
+        f"--backend-directory={backends}",
+        "--model-control-mode=none",
+        "--strict-readiness=true",
+        "--http-address=127.0.0.1",
+        f"--http-port={port}",
+        "--allow-grpc=false",
+        "--allow-metrics=false",
+        "--pinned-memory-pool-byte-size=0",
+        f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
+        f"--exit-timeout-secs={exit_timeout_s}",
+        "--log-verbose=0",
+    ]
+
+
+def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for tritonserver: this interpreter's libpython first, then the wheel's bundled libraries."""
+    env = dict(os.environ if base is None else base)
+    extra = [str(python_libdir()), str(install.libs)]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(extra + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p])
+    return env
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    # The server prints wide ASCII tables; keep the lines that say something.
+    kept = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("+", "|"))]
+    return "\n".join(kept[-lines:])
+
+
+def http_ready(url: str, timeout_s: float = 1.0) -> bool:
+    """GET /v2/health/ready answered 200."""
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return False
+
+
+class Server:
+    """A tritonserver process on 127.0.0.1 serving one model repository.
+
+        with Server(repo_dir) as server:
+            client = tritonclient.http.InferenceServerClient(server.address)
+
+    start() waits for readiness (every model loaded) or raises ServeError with the log tail; stop() sends
+    SIGTERM, waits, then kills the process group.
+    """
+
+    def __init__(self, repo_dir: Path, *, port: int | None = None, startup_timeout_s: float = 180.0) -> None:
+        self.repo_dir = Path(repo_dir).resolve()
+        self.requested_port = port
+        self.startup_timeout_s = startup_timeout_s
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
+        self._workdir: Path | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port, as tritonclient wants it."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    @property
+    def log_path(self) -> Path:
+        assert self._workdir is not None
+        return self._workdir / "tritonserver.log"
+
+    def models(self) -> list[str]:
+        return repository_models(self.repo_dir)
+
+    def start(self) -> Server:
+        if not repository_models(self.repo_dir):
+            raise InputError(f"{self.repo_dir} holds no model (no */config.pbtxt)")
+        install = find_triton()
+        cwd = stub_site_dir()
+        self._workdir = Path(tempfile.mkdtemp(prefix="lightkv-triton-"))
+        backends = prepare_backends(install, self._workdir / "backends")
+        env = server_env(install)
+        # A port picked here can be taken before the server binds it: retry with another one, not a given one.
+        attempts = 1 if self.requested_port else 3
+        for attempt in range(attempts):
+            self.port = self.requested_port or free_port()
+            shm_prefix = f"lightkv{os.getpid()}_{self.port}_{attempt}_"
+            cmd = server_command(install, self.repo_dir, backends, self.port, shm_prefix)
+            with open(self.log_path, "wb") as log:
+                # Own session: a terminal's Ctrl-C reaches us, and we shut the server down in order.
+                self.process = subprocess.Popen(
+                    cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            try:
+                self._wait_ready()
+                return self
+            except ServeError:
+                log_text = tail(self.log_path)
+                self.stop()
+                if attempt + 1 < attempts and "address already in use" in log_text.lower():
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def _wait_ready(self) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise ServeError(
+                    f"tritonserver exited with code {code} while starting; log tail:\n{tail(self.log_path)}"
+                )
+            if http_ready(self.url):
+                return
+            time.sleep(0.2)
+        waited = f"{self.startup_timeout_s:.0f} s"
+        raise ServeError(f"tritonserver not ready after {waited} on {self.url}; log tail:\n{tail(self.log_path)}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> int | None:
+        """SIGTERM, wait up to timeout_s, then SIGKILL the server's process group. Returns the exit code."""
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # the group: the server and its backend stubs
+                proc.wait()
+        return proc.returncode
+
+    def close(self) -> None:
+        """stop() and remove the working directory (assembled backends and log)."""
+        self.stop()
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def resolve_repository(target: Path, repo_dir: Path | None) -> tuple[Path, bool]:
+    """(repository to serve, whether it is a temporary one) for an engine directory or a repository."""
+    target = Path(target)
+    if (target / "manifest.json").is_file():
+        if repo_dir is None:
+            return write_repository([target], Path(tempfile.mkdtemp(prefix="lightkv-repo-")) / "repo"), True
+        return write_repository([target], repo_dir), False
+    if is_repository(target) or repository_models(target):
+        if repo_dir is not None:
+            raise InputError("--repo-dir applies to an engine directory, not to a repository")
+        return target, False
+    raise InputError(f"{target} is neither an engine directory (manifest.json) nor a model repository")
+
+
+def serve_forever(server: Server) -> int:
+    """Block until Ctrl-C / SIGTERM (then stop the server) or until the server dies on its own."""
+    stop_requested = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop_requested and server.alive():
+            time.sleep(0.2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if not stop_requested:
+        print(f"tritonserver exited on its own; log tail:\n{tail(server.log_path)}", file=sys.stderr)
+        return 1
+    print("stopping tritonserver ...", flush=True)
+    code = server.stop()
+    print(f"stopped (exit code {code})", flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lightkv_export.serve", description=__doc__.splitlines()[0])
+    parser.add_argument("target", type=Path, metavar="ENGINE_DIR_OR_REPO")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--repo-dir", type=Path, default=None, help="where to write the repository for an engine")
+    parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    args = parser.parse_args(argv)
+    temp_repo = None
+    try:
+        repo, is_temp = resolve_repository(args.target, args.repo_dir)
+        temp_repo = repo.parent if is_temp else None
+        server = Server(repo, port=args.port, startup_timeout_s=args.startup_timeout)
+        try:
+            server.start()
+            print(f"serving {', '.join(server.models())} from {repo}", flush=True)
+            print(f"url: {server.url}   (Ctrl-C to stop)", flush=True)
+            return serve_forever(server)
+        finally:
+            server.close()
+    except LightKVError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C before the server was up: close() above already stopped it
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if temp_repo is not None:
+            shutil.rmtree(temp_repo, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
