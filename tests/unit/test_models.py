@@ -1,0 +1,333 @@
+"""Model registry, tiny presets, the families' prepare() and the checkpoint loader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from lightkv_export.errors import InputError, ModelNotFoundError
+from lightkv_export.models import qwen2_5_vl, qwen2_vl, registry, tiny
+from lightkv_export.models.registry import get_spec, load_model
+
+CHECKSUM_SNIPPET = """
+import hashlib, sys
+from lightkv_export.models.registry import load_tiny
+h = hashlib.sha256()
+for name, t in load_tiny.__wrapped__(sys.argv[1]).model.state_dict().items():
+    h.update(name.encode()); h.update(t.contiguous().numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def state_checksum(model: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# --- registry ---------------------------------------------------------------------------------------------------
+
+
+def test_specs_and_aliases():
+    assert get_spec("qwen-vl").hf_id == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert get_spec("qwen-vl").family == "qwen2_5_vl"
+    assert get_spec("qwen-vl").default_windows == (6, 4, 2)
+    assert get_spec("qwen2-vl").hf_id == "Qwen/Qwen2-VL-2B-Instruct"
+    assert get_spec("qwen2-vl").family == "qwen2_vl"
+    assert get_spec("Qwen/Qwen2.5-VL-7B-Instruct").key == "qwen-vl"
+    assert get_spec(" QWEN2.5-VL ").key == "qwen-vl"
+    assert get_spec("tiny-qwen-vl").tiny and get_spec("tiny-qwen-vl").family == "qwen2_5_vl"
+    assert get_spec("tiny-qwen2-vl").tiny and get_spec("tiny-qwen2-vl").family == "qwen2_vl"
+    for spec in registry.SPECS.values():
+        assert "default" in spec.tolerances
+
+
+def test_unknown_key_lists_keys_and_aliases():
+    with pytest.raises(InputError) as err:
+        get_spec("llama-vl")
+    msg = str(err.value)
+    assert "'llama-vl'" in msg
+    for key in ("qwen-vl", "qwen2-vl", "tiny-qwen-vl", "tiny-qwen2-vl", "qwen2.5-vl"):
+        assert key in msg
+
+
+def test_tiny_windows_fit_default_image():
+    """Every stage of the tiny schedule has >= 8 tokens per window on the default image's 12 x 16 grid."""
+    for key in ("tiny-qwen-vl", "tiny-qwen2-vl"):
+        spec = get_spec(key)
+        h, w = (side // 28 for side in spec.default_image_size)
+        tokens = h * w
+        for windows in spec.default_windows:
+            assert tokens >= 8 * windows**2, (key, tokens, windows)
+            tokens -= tokens // 2  # at most half merged away per stage
+
+
+@pytest.mark.parametrize("family", [qwen2_vl, qwen2_5_vl])
+def test_real_hyperparameters_are_coherent(family):
+    """The hard-coded real configs build (config only) and their M-RoPE sections cover half the head dim."""
+    config = family.config_class()(**family.real_config_dict())
+    text = config.get_text_config()
+    assert text.num_hidden_layers == 28
+    head_dim = text.hidden_size // text.num_attention_heads
+    assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+    assert config.vision_config.depth == 32
+    out_width = getattr(config.vision_config, "out_hidden_size", config.vision_config.hidden_size)
+    assert out_width == text.hidden_size  # vision embeddings land in the LLM's width
+
+
+def test_real_hyperparameters_match_the_checkpoints():
+    t25, v25 = qwen2_5_vl.REAL_TEXT, qwen2_5_vl.REAL_VISION
+    assert (t25["hidden_size"], t25["num_attention_heads"], t25["num_key_value_heads"]) == (3584, 28, 4)
+    assert (t25["intermediate_size"], v25["depth"], v25["hidden_size"]) == (18944, 32, 1280)
+    t2, v2 = qwen2_vl.REAL_TEXT, qwen2_vl.REAL_VISION
+    assert (t2["hidden_size"], t2["num_attention_heads"], t2["num_key_value_heads"]) == (1536, 12, 2)
+    assert (t2["intermediate_size"], v2["depth"], v2["embed_dim"]) == (8960, 32, 1280)
+
+
+# --- tiny presets -----------------------------------------------------------------------------------------------
+
+
+def test_tiny_architecture(tiny_model):
+    text = tiny_model.family.text_model(tiny_model.model)
+    cfg = text.config
+    assert len(text.layers) == 8
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (64, 4, 2)
+    assert sum(cfg.rope_parameters["mrope_section"]) == cfg.hidden_size // cfg.num_attention_heads // 2
+    assert not tiny_model.model.training
+    assert tiny_model.family.spatial_merge(tiny_model.model) == 2
+    assert tiny_model.family.lm_head(tiny_model.model).out_features == cfg.vocab_size
+
+
+def test_tiny_build_is_deterministic_in_process_and_across_processes(tiny_qwen_vl):
+    fresh = registry.load_tiny.__wrapped__("tiny-qwen-vl")
+    assert fresh.model is not tiny_qwen_vl.model
+    assert state_checksum(fresh.model) == state_checksum(tiny_qwen_vl.model)
+    out = subprocess.run(
+        [sys.executable, "-c", CHECKSUM_SNIPPET, "tiny-qwen-vl"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == state_checksum(tiny_qwen_vl.model)
+
+
+def test_tiny_families_differ(tiny_qwen_vl, tiny_qwen2_vl):
+    assert type(tiny_qwen_vl.model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(tiny_qwen2_vl.model).__name__ == "Qwen2VLForConditionalGeneration"
+
+
+def test_tiny_weights_are_not_degenerate(tiny_qwen_vl):
+    """Seeded init: matrices have variance ~1/fan_in, norm gains stay 1."""
+    text = tiny_qwen_vl.family.text_model(tiny_qwen_vl.model)
+    q = text.layers[0].self_attn.q_proj.weight  # [64, 64]
+    assert q.std().item() == pytest.approx(64**-0.5, rel=0.1)
+    assert torch.equal(text.norm.weight, torch.ones_like(text.norm.weight))
+
+
+def test_tokenizer_round_trip_and_special_ids(tiny_model):
+    tok = tiny_model.processor.tokenizer
+    text = "Describe this image: a red square & 3 blue circles, 42% of it!\nWhat's next?"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    cfg = tiny_model.model.config
+    ids = {name: tok.convert_tokens_to_ids(name) for name in tiny.SPECIAL_TOKENS}
+    assert len(set(ids.values())) == len(tiny.SPECIAL_TOKENS)
+    assert cfg.image_token_id == ids["<|image_pad|>"]
+    assert cfg.video_token_id == ids["<|video_pad|>"]
+    assert cfg.vision_start_token_id == ids["<|vision_start|>"]
+    assert cfg.vision_end_token_id == ids["<|vision_end|>"]
+    assert cfg.get_text_config().eos_token_id == ids["<|im_end|>"] == tok.eos_token_id
+    assert cfg.get_text_config().vocab_size >= len(tok)
+    for name, i in ids.items():  # each special token is one id and decodes back
+        assert tok(name)["input_ids"] == [i]
+        assert tok.decode([i]) == name
+
+
+def test_tokenizer_is_deterministic():
+    assert tiny.train_bpe() == tiny.train_bpe()
+
+
+def test_chat_template_layout(tiny_qwen_vl):
+    text = qwen2_vl.chat_text(tiny_qwen_vl.processor, 2, "What is this?")
+    assert text == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|><|vision_start|><|image_pad|><|vision_end|>"
+        "What is this?<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+# --- prepare ----------------------------------------------------------------------------------------------------
+
+
+def test_prepare_one_image(tiny_model, test_image):
+    loaded = tiny_model
+    processed = loaded.family.process(loaded, [test_image], "Describe this image.")
+    assert processed["image_grid_thw"].tolist() == [[1, 24, 32]]
+    vision = loaded.family.vision_embeddings(loaded, processed["pixel_values"], processed["image_grid_thw"])
+    inputs = loaded.family.prepare(loaded, [test_image], "Describe this image.")
+    ids = inputs.input_ids  # [1, S]
+    seq = ids.shape[1]
+    image_token = loaded.model.config.image_token_id
+    assert inputs.inputs_embeds.shape == (1, seq, 64)
+    assert inputs.position_ids.shape == (3, 1, seq)
+    assert inputs.attention_mask.shape == (1, seq) and bool(inputs.attention_mask.all())
+    (span,) = inputs.spans[0]
+    assert span.grid == (12, 16) and span.length == 192 == vision.shape[0]
+    assert int((ids == image_token).sum()) == span.length
+    assert bool((ids[0, span.start : span.end] == image_token).all())
+    assert ids[0, span.start - 1] == loaded.model.config.vision_start_token_id
+    assert ids[0, span.end] == loaded.model.config.vision_end_token_id
+    # The vision embeddings are scattered into the placeholders; text positions keep token embeddings.
+    torch.testing.assert_close(inputs.inputs_embeds[0, span.start : span.end], vision)
+    text_emb = loaded.family.text_model(loaded.model).embed_tokens(ids[:, : span.start])
+    torch.testing.assert_close(inputs.inputs_embeds[:, : span.start], text_emb)
+    # M-RoPE: the image's tokens share a temporal id and follow the (h, w) grid; text after it is 1-D again.
+    pos = inputs.position_ids[:, 0, span.start : span.end].view(3, 12, 16)  # [3, h, w]
+    base = int(inputs.position_ids[0, 0, span.start])
+    assert bool((pos[0] == base).all())
+    assert torch.equal(pos[1], base + torch.arange(12).view(12, 1).expand(12, 16))
+    assert torch.equal(pos[2], base + torch.arange(16).view(1, 16).expand(12, 16))
+    assert int(inputs.position_ids[0, 0, span.end]) == base + 16
+    assert int(inputs.rope_deltas) == int(inputs.position_ids.max()) + 1 - seq
+
+
+def test_prepare_two_images(tiny_model, test_image):
+    loaded = tiny_model
+    small = test_image.resize((224, 168))  # 6 x 8 LLM tokens
+    inputs = loaded.family.prepare(loaded, [test_image, small], "Compare the two images.")
+    first, second = inputs.spans[0]
+    assert (first.grid, first.length) == ((12, 16), 192)
+    assert (second.grid, second.length) == ((6, 8), 48)
+    assert second.start > first.end
+    image_token = loaded.model.config.image_token_id
+    assert int((inputs.input_ids == image_token).sum()) == first.length + second.length
+    # The second image's positions start after the first image's largest side.
+    assert int(inputs.position_ids[0, 0, second.start]) > int(inputs.position_ids[:, 0, first.end - 1].max())
+
+
+@pytest.mark.parametrize(
+    ("images", "prompt", "match"),
+    [
+        ([], "Describe this image.", "no image"),
+        (None, "   ", "prompt is empty"),
+        ([Image.new("RGB", (10, 200))], "Describe.", "smaller than one 14x14 patch"),
+        (["picture.png"], "Describe.", "expected a PIL.Image.Image"),
+    ],
+)
+def test_prepare_rejects_bad_input(tiny_qwen_vl, test_image, images, prompt, match):
+    images = [test_image] if images is None else images
+    with pytest.raises(InputError, match=match):
+        tiny_qwen_vl.family.prepare(tiny_qwen_vl, images, prompt)
+
+
+def test_prompt_with_typed_placeholder_is_rejected(tiny_qwen_vl, test_image):
+    with pytest.raises(InputError):
+        tiny_qwen_vl.family.prepare(tiny_qwen_vl, [test_image], "what is <|image_pad|> here?")
+
+
+# --- loader -----------------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(loaded, path):
+    loaded.model.save_pretrained(path)
+    loaded.processor.save_pretrained(path)
+    return path
+
+
+def assert_same_model(loaded, reference, image):
+    assert state_checksum(loaded.model) == state_checksum(reference.model)
+    a = reference.family.prepare(reference, [image], "Describe this image.")
+    b = loaded.family.prepare(loaded, [image], "Describe this image.")
+    assert torch.equal(a.input_ids, b.input_ids)
+    assert torch.equal(a.position_ids, b.position_ids)
+    torch.testing.assert_close(a.inputs_embeds, b.inputs_embeds, rtol=0, atol=0)
+
+
+def test_load_local_directory(tiny_qwen2_vl, test_image, tmp_path):
+    path = save_checkpoint(tiny_qwen2_vl, tmp_path / "ckpt")
+    loaded = load_model(str(path))
+    assert loaded.family is qwen2_vl
+    assert loaded.spec.key == str(path) and loaded.spec.family == "qwen2_vl"
+    assert loaded.spec.default_windows == get_spec("tiny-qwen2-vl").default_windows  # tiny-shaped checkpoint
+    assert not loaded.model.training
+    assert_same_model(loaded, tiny_qwen2_vl, test_image)
+
+
+def test_load_from_hf_cache_layout(tiny_qwen_vl, test_image, tmp_path, monkeypatch):
+    """qwen-vl resolves through HF_HUB_CACHE/models--Qwen--Qwen2.5-VL-7B-Instruct/snapshots/<rev> via refs/main."""
+    repo = tmp_path / "hub" / "models--Qwen--Qwen2.5-VL-7B-Instruct"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    save_checkpoint(tiny_qwen_vl, repo / "snapshots" / rev)
+    (repo / "snapshots" / "fedcba9876543210fedcba9876543210fedcba98").mkdir()  # a stale, incomplete snapshot
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_model("qwen-vl")
+    assert loaded.spec == get_spec("qwen-vl")
+    assert loaded.family is qwen2_5_vl
+    assert_same_model(loaded, tiny_qwen_vl, test_image)
+
+
+def test_missing_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model("qwen-vl")
+    msg = str(err.value)
+    assert "huggingface-cli download Qwen/Qwen2.5-VL-7B-Instruct" in msg
+    assert "tiny-qwen-vl" in msg and "local directory" in msg
+    with pytest.raises(ModelNotFoundError, match="neither a model key nor a checkpoint directory"):
+        load_model(str(tmp_path / "no-such-dir"))
+
+
+def test_local_directory_errors(tiny_qwen2_vl, tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"no config\.json"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(InputError, match="model_type 'llama' is not supported"):
+        load_model(str(tmp_path))
+    bare = tmp_path / "bare"
+    tiny_qwen2_vl.model.config.save_pretrained(bare)
+    with pytest.raises(ModelNotFoundError, match="no weights"):
+        load_model(str(bare))
+
+
+def test_random_weights_from_local_config(test_image, tmp_path):
+    """--random-weights with only a config.json on disk: real vocabulary and M-RoPE, reduced depth and width."""
+    cfg = qwen2_5_vl.real_config_dict()
+    cfg["text_config"].update(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4)
+    cfg["text_config"]["num_key_value_heads"] = 2
+    cfg["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}
+    cfg["vision_config"].update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128)
+    qwen2_5_vl.config_class()(**cfg).save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), random_weights=True)
+    assert loaded.family is qwen2_5_vl
+    text = loaded.family.text_model(loaded.model)
+    assert len(text.layers) == 2 and text.config.vocab_size == 152064
+    assert loaded.model.config.image_token_id == loaded.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    inputs = loaded.family.prepare(loaded, [test_image], "Describe this image.")
+    assert inputs.spans[0][0].grid == (12, 16)
+    out = loaded.model(inputs_embeds=inputs.inputs_embeds, position_ids=inputs.position_ids)
+    assert out.logits.shape == (1, inputs.input_ids.shape[1], 152064)
+    assert torch.isfinite(out.logits).all()
+
+
+def test_random_weights_without_checkpoint(tmp_path, monkeypatch):
+    """A real key with nothing cached builds the known architecture (here shrunk) with the local tokenizer."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    for key, value in {"num_hidden_layers": 2, "vocab_size": 1024, "intermediate_size": 256}.items():
+        monkeypatch.setitem(qwen2_vl.REAL_TEXT, key, value)
+    monkeypatch.setitem(qwen2_vl.REAL_VISION, "depth", 1)
+    monkeypatch.setitem(qwen2_vl.REAL_VISION, "embed_dim", 64)
+    loaded = load_model("qwen2-vl", random_weights=True, dtype=torch.bfloat16)
+    assert loaded.spec == get_spec("qwen2-vl")
+    text = loaded.family.text_model(loaded.model)
+    assert len(text.layers) == 2 and text.config.hidden_size == 1536 and text.config.num_key_value_heads == 2
+    assert text.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert loaded.model.config.vision_start_token_id == loaded.processor.tokenizer.convert_tokens_to_ids(
+        "<|vision_start|>"
+    )
+    assert loaded.processor.image_processor.size["longest_edge"] == qwen2_vl.REAL_MAX_PIXELS
