@@ -1,0 +1,411 @@
+"""Vanilla ONNX export: the language-model prefill, the decode step and the vision encoder, once per model.
+
+The exporter drives the decoder layers itself (as torch_runtime.py does) instead of tracing the Hugging Face
+`forward`, so the graphs have exactly the inputs and outputs an engine needs and nothing that depends on the
+HF cache classes. Attention goes through `export_attention`, registered with transformers' AttentionInterface,
+which concatenates the past (decode) and hands each layer's post-RoPE query, key and value back to the wrapper.
+
+Prefill is causal with no padding mask: rows are right-padded, so no real token ever attends to padding, and
+padded positions' outputs are ignored (the runtime masks them in the decode step). This keeps the attention
+fused and leaves nothing S x S in the graph for the LightKV pass to rewire.
+
+What the LightKV pass needs survives in the ONNX file as *role outputs*: extra graph outputs named
+`lightkv.role.<role>.<layer>` (each layer's output hidden state and post-RoPE query, and the rotary cos / sin),
+plus `metadata_props` describing them. The pass finds the values by these names and removes the outputs;
+`strip_roles` removes them for the vanilla engine.
+
+Graphs (B batch, S prompt tokens, D hidden, L layers, Hkv KV heads, d head size, V vocabulary):
+* prefill: inputs_embeds [B, S, D], position_ids [3, B, S] int64, lengths [B] int64
+           -> logits [B, V] (at each row's last valid token), present.{i}.key / .value [B, Hkv, S, d]
+* embed:   input_ids [B, S] int64 -> inputs_embeds [B, S, D] (the token embedding table, shared by both below)
+* decode:  inputs_embeds [B, 1, D], position_ids [3, B, 1], past.{i}.key / .value [B, Hkv, P_i, d] (each layer its own
+           P_i), past_mask.{i} [B, P_i] int64 (1 = real entry) -> logits [B, V], present.{i}.key / .value
+* vision:  pixel_values [N_patches, F] for one image of the profile's grid -> image_embeds [N_vis, D]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from transformers import AttentionInterface
+
+from lightkv_export.errors import InputError
+from lightkv_export.models.base import LoadedModel
+
+EXPORT_ATTENTION = "lightkv_export_attention"
+ROLE_PREFIX = "lightkv.role."
+ROLE_META_KEY = "lightkv.roles"
+OPSET = 21
+EXPORT_VERSION = 1  # bump when the graph contract changes: part of the export cache key
+
+
+def export_attention(module, query, key, value, attention_mask, *, scaling=None, lightkv=None, **_kwargs):
+    """SDPA over [past; new] keys, recording the layer's post-RoPE query, key and value in `lightkv`.
+
+    query [B, Hq, s, d], key / value [B, Hkv, s, d] (new tokens, post-RoPE). attention_mask: None (prefill,
+    causal: prefill always has S >= 2) or an additive
+    [B, 1, s, P + s] mask (decode).
+    """
+    state = lightkv if lightkv is not None else {}
+    past = state.get("past")
+    if past is not None:
+        key = torch.cat([past[0], key], dim=2)  # [B, Hkv, P + s, d]
+        value = torch.cat([past[1], value], dim=2)
+    state["query"], state["key"], state["value"] = query, key, value
+    groups = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(groups, dim=1)  # [B, Hq, P + s, d]
+    v = value.repeat_interleave(groups, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, k, v, attn_mask=attention_mask, is_causal=attention_mask is None, scale=scaling
+    )  # [B, Hq, s, d]
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(EXPORT_ATTENTION, export_attention)
+
+
+@contextlib.contextmanager
+def attention_implementation(config, name: str) -> Iterator[None]:
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+class PrefillGraph(torch.nn.Module):
+    """Prefill over the decoder stack: every layer's K / V, last-token logits, and the role outputs."""
+
+    def __init__(self, text_model: torch.nn.Module, lm_head: torch.nn.Module) -> None:
+        super().__init__()
+        self.text, self.lm_head = text_model, lm_head
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, lengths: torch.Tensor):
+        hidden = inputs_embeds  # [B, S, D]
+        cos, sin = self.text.rotary_emb(hidden, position_ids)  # [B, S, d] each
+        presents, roles = [], [cos, sin]
+        for layer in self.text.layers:
+            state: dict[str, torch.Tensor] = {}
+            hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), lightkv=state)  # [B, S, D]
+            presents += [state["key"], state["value"]]
+            roles += [hidden, state["query"]]
+        last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # [B, 1, D]
+        final = self.text.norm(hidden.gather(1, last))  # [B, 1, D]
+        logits = self.lm_head(final)[:, 0].float()  # [B, V]
+        return (logits, *presents, *roles)
+
+
+class DecodeGraph(torch.nn.Module):
+    """One decode step over per-layer caches of independent lengths."""
+
+    def __init__(self, text_model: torch.nn.Module, lm_head: torch.nn.Module) -> None:
+        super().__init__()
+        self.text, self.lm_head = text_model, lm_head
+
+    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor):
+        n = len(self.text.layers)
+        keys, values, masks = past[0 : 2 * n : 2], past[1 : 2 * n : 2], past[2 * n :]
+        hidden = inputs_embeds  # [B, 1, D]
+        cos, sin = self.text.rotary_emb(hidden, position_ids)
+        presents = []
+        for i, layer in enumerate(self.text.layers):
+            ones = torch.ones_like(masks[i][:, :1])  # [B, 1]: the new token
+            keep = torch.cat([masks[i], ones], dim=1)  # [B, P_i + 1]
+            neg = torch.finfo(hidden.dtype).min
+            additive = torch.zeros_like(keep, dtype=hidden.dtype).masked_fill(keep == 0, neg)[:, None, None, :]
+            state = {"past": (keys[i], values[i])}
+            hidden = layer(hidden, attention_mask=additive, position_embeddings=(cos, sin), lightkv=state)
+            presents += [state["key"], state["value"]]
+        logits = self.lm_head(self.text.norm(hidden))[:, -1].float()  # [B, V]
+        return (logits, *presents)
+
+
+@dataclass(frozen=True)
+class ExportedGraphs:
+    """Paths of one model's vanilla export (a cache directory) and its layer metadata."""
+
+    directory: Path
+    prefill: Path
+    decode: Path
+    vision: Path
+    embed: Path
+    meta: dict[str, Any]
+
+
+def prefill_names(num_layers: int) -> tuple[list[str], list[str]]:
+    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    roles = [f"{ROLE_PREFIX}cos", f"{ROLE_PREFIX}sin"]
+    roles += [f"{ROLE_PREFIX}{r}.{i}" for i in range(num_layers) for r in ("hidden", "query")]
+    return outputs, roles
+
+
+def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    past += [f"past_mask.{i}" for i in range(num_layers)]
+    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+    return ["inputs_embeds", "position_ids", *past], outputs
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names, output_names, dynamic_shapes) -> None:
+    """torch.onnx.export (dynamo) with external data for large models; quiet unless it fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            args,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=OPSET,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(path), external_data=program.model.graph.num_nodes() > 0 and _is_large(module))
+
+
+def _is_large(module: torch.nn.Module) -> bool:
+    """Past 1 GiB of weights the 2 GiB protobuf limit comes into view: use external data."""
+    return sum(p.numel() * p.element_size() for p in module.parameters()) > 2**30
+
+
+def export_prefill(text_model, lm_head, path: Path, *, dtype: torch.dtype, example_len: int = 24) -> None:
+    cfg = text_model.config
+    n = len(text_model.layers)
+    embeds = torch.randn(2, example_len, cfg.hidden_size, dtype=dtype)
+    pos = torch.arange(example_len).view(1, 1, -1).expand(3, 2, -1).contiguous()
+    lengths = torch.tensor([example_len, example_len - 3])
+    outputs, roles = prefill_names(n)
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=32768)
+    with attention_implementation(cfg, EXPORT_ATTENTION):
+        _export(
+            PrefillGraph(text_model, lm_head),
+            (embeds, pos, lengths),
+            path,
+            input_names=["inputs_embeds", "position_ids", "lengths"],
+            output_names=outputs + roles,
+            dynamic_shapes=({0: batch, 1: seq}, {1: batch, 2: seq}, {0: batch}),
+        )
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {
+        "num_layers": n,
+        "hidden": [f"{ROLE_PREFIX}hidden.{i}" for i in range(n)],
+        "query": [f"{ROLE_PREFIX}query.{i}" for i in range(n)],
+        "key": [f"present.{i}.key" for i in range(n)],
+        "cos": f"{ROLE_PREFIX}cos",
+        "sin": f"{ROLE_PREFIX}sin",
+        "position_ids": "position_ids",
+        "lengths": "lengths",
+        "num_heads": cfg.num_attention_heads,
+        "num_kv_heads": cfg.num_key_value_heads,
+        "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+    }
+    onnx.helper.set_model_props(model, {ROLE_META_KEY: json.dumps(meta)})
+    onnx.save(model, str(path))
+
+
+def export_decode(text_model, lm_head, path: Path, *, dtype: torch.dtype, example_past: int = 10) -> None:
+    cfg = text_model.config
+    n = len(text_model.layers)
+    hkv, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    batch = torch.export.Dim("batch", min=1, max=64)
+    past_dims = [torch.export.Dim(f"past_{i}", min=1, max=32768) for i in range(n)]
+    kv = []
+    for i in range(n):
+        shape = (2, hkv, example_past + i, hd)  # different lengths so the exporter cannot tie the dims together
+        kv += [torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)]
+    masks = [torch.ones(2, example_past + i, dtype=torch.long) for i in range(n)]
+    args = (torch.randn(2, 1, cfg.hidden_size, dtype=dtype), torch.full((3, 2, 1), example_past + 3), *kv, *masks)
+    past_dyn = [{0: batch, 2: past_dims[i]} for i in range(n) for _ in range(2)]
+    past_dyn += [{0: batch, 1: past_dims[i]} for i in range(n)]
+    dyn = ({0: batch}, {1: batch}, tuple(past_dyn))  # *past is one tuple argument to torch.export
+    inputs, outputs = decode_names(n)
+    with attention_implementation(cfg, EXPORT_ATTENTION):
+        _export(
+            DecodeGraph(text_model, lm_head),
+            args,
+            path,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_shapes=dyn,
+        )
+
+
+def strip_roles(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The vanilla prefill graph: role outputs removed (their producers stay; they feed the real outputs)."""
+    keep = [o for o in model.graph.output if not o.name.startswith(ROLE_PREFIX)]
+    del model.graph.output[:]
+    model.graph.output.extend(keep)
+    return model
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def require_onnx(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # a truncated or corrupt file
+        raise InputError(f"cannot read ONNX file {path}: {exc}") from None
+
+
+class EmbedGraph(torch.nn.Module):
+    def __init__(self, text_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.embed = text_model.embed_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)  # [B, S, D]
+
+
+class VisionGraph(torch.nn.Module):
+    """Vision encoder + merger for one image of a fixed patch grid (the engine's image-size profile).
+
+    The grid is a constant of the graph: the encoder's window and rotary layouts are computed from it in Python
+    at export time, which is what makes the encoder exportable at all.
+    """
+
+    def __init__(self, loaded: LoadedModel, grid_thw: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.loaded, self.grid = loaded, grid_thw
+        self.visual = loaded.model.model.visual  # registers the weights as this module's parameters
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        grid = torch.tensor([self.grid], dtype=torch.long)
+        return self.loaded.family.vision_embeddings(self.loaded, pixel_values, grid)  # [N_vis, D]
+
+
+def export_embed(text_model, path: Path) -> None:
+    batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=32768)
+    _export(
+        EmbedGraph(text_model),
+        (torch.tensor([[1, 2, 3], [4, 5, 6]]),),
+        path,
+        input_names=["input_ids"],
+        output_names=["inputs_embeds"],
+        dynamic_shapes=({0: batch, 1: seq},),
+    )
+
+
+def export_vision(loaded: LoadedModel, path: Path, *, image_size: tuple[int, int], dtype: torch.dtype) -> None:
+    grid = patch_grid(loaded, image_size)
+    features = loaded.processor.image_processor
+    width = 3 * features.temporal_patch_size * features.patch_size**2
+    pixels = torch.randn(grid[0] * grid[1] * grid[2], width, dtype=dtype)
+    _export(
+        VisionGraph(loaded, grid),
+        (pixels,),
+        path,
+        input_names=["pixel_values"],
+        output_names=["image_embeds"],
+        dynamic_shapes=None,
+    )
+
+
+def patch_grid(loaded: LoadedModel, image_size: tuple[int, int]) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of one image of exactly `image_size` pixels; the size must be a multiple of
+    patch * merge (28 for Qwen-VL) on each side."""
+    features = loaded.processor.image_processor
+    factor = features.patch_size * features.merge_size
+    h, w = image_size
+    if h % factor or w % factor or h < factor or w < factor:
+        raise InputError(
+            f"image size {h}x{w} is not a positive multiple of {factor} on each side (patch {features.patch_size} x "
+            f"merge {features.merge_size}); try {max(factor, round(h / factor) * factor)}x"
+            f"{max(factor, round(w / factor) * factor)}."
+        )
+    return 1, h // features.patch_size, w // features.patch_size
+
+
+GRAPHS = ("vision", "embed", "prefill", "decode")
+
+
+def export_key(loaded: LoadedModel, *, dtype: torch.dtype, image_size: tuple[int, int]) -> str:
+    """Cache key: the weights, the architecture, the export settings and the toolchain."""
+    import transformers
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(loaded.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().flatten()[:: max(1, tensor.numel() // 4096)].numpy().tobytes())
+        h.update(str(tuple(tensor.shape)).encode())
+    h.update(loaded.model.config.to_json_string().encode())
+    settings = (str(dtype), image_size, EXPORT_VERSION, OPSET, torch.__version__, transformers.__version__)
+    h.update(repr(settings).encode())
+    return h.hexdigest()[:16]
+
+
+def export_model(
+    loaded: LoadedModel,
+    cache_root: Path,
+    *,
+    dtype: torch.dtype,
+    image_size: tuple[int, int],
+    log=lambda msg: None,
+) -> ExportedGraphs:
+    """The vanilla graphs of `loaded`, exported once into cache_root/<model>-<key>/ and verified on reuse.
+
+    A cached export whose files no longer match their recorded hashes (a crash, a truncated copy) is rebuilt.
+    """
+    key = export_key(loaded, dtype=dtype, image_size=image_size)
+    directory = cache_root / f"{loaded.spec.key}-{key}"
+    record = directory / "export.json"
+    if record.exists():
+        try:
+            meta = json.loads(record.read_text())
+            if all(file_digest(directory / f"{g}.onnx") == meta["sha256"][g] for g in GRAPHS):
+                log(f"reusing cached export {directory}")
+                return _graphs(directory, meta)
+            log(f"cached export {directory} is corrupt (hash mismatch): exporting again")
+        except (OSError, ValueError, KeyError):
+            log(f"cached export {directory} is unreadable: exporting again")
+    tmp = directory.with_name(directory.name + ".tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    text, head = loaded.family.text_model(loaded.model), loaded.family.lm_head(loaded.model)
+    export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype)
+    export_embed(text, tmp / "embed.onnx")
+    export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype)
+    export_decode(text, head, tmp / "decode.onnx", dtype=dtype)
+    meta = {
+        "model": loaded.spec.key,
+        "key": key,
+        "dtype": str(dtype).removeprefix("torch."),
+        "image_size": list(image_size),
+        "grid_thw": list(patch_grid(loaded, image_size)),
+        "num_layers": len(text.layers),
+        "sha256": {g: file_digest(tmp / f"{g}.onnx") for g in GRAPHS},
+    }
+    (tmp / "export.json").write_text(json.dumps(meta, indent=2))
+    tmp.rename(directory)
+    return _graphs(directory, meta)
+
+
+def _graphs(directory: Path, meta: dict[str, Any]) -> ExportedGraphs:
+    return ExportedGraphs(
+        directory=directory,
+        prefill=directory / "prefill.onnx",
+        decode=directory / "decode.onnx",
+        vision=directory / "vision.onnx",
+        embed=directory / "embed.onnx",
+        meta=meta,
+    )

@@ -1,0 +1,86 @@
+"""The per-request merge plan: every stage's host-side plan and the index tensors an engine is fed.
+
+Everything here depends only on the token layout (spans, grids, row lengths) and the schedule, never on
+tensor values (DESIGN.md section 2). The runtime computes it before prefill; the transformed prefill graph takes
+it as inputs named by `stage_input_names`. One stage's inputs:
+
+* win_index [W, n_max] int64, win_r [W] int64, out_lengths [B] int64: the LightKVMerge plan (reference.StagePlan)
+* text_index [B, T] int64, text_valid [B, T] bool: the non-vision tokens each row's guidance attends to
+  (T = the most non-vision tokens of any row; padding entries point at 0 and are invalid)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lightkv_export.method.reference import GridMode, StagePlan, plan_stage
+from lightkv_export.method.schedule import Schedule
+from lightkv_export.models.base import VisionSpan
+
+STAGE_INPUTS = ("win_index", "win_r", "out_lengths", "text_index", "text_valid")
+
+
+def stage_input_names(stage: int) -> dict[str, str]:
+    """Graph input names of stage `stage` (0-based), keyed by role."""
+    return {role: f"lightkv.{stage}.{role}" for role in STAGE_INPUTS}
+
+
+def stage_kept_name(stage: int) -> str:
+    """Graph output: kept [B, S'] int64 of stage `stage`: source index (into the stage's input) of each survivor."""
+    return f"lightkv.{stage}.kept"
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    stages: tuple[StagePlan, ...]
+    feeds: dict[str, np.ndarray]
+    spans: tuple[tuple[VisionSpan, ...], ...]  # what the last layer group sees
+    lengths: tuple[int, ...]  # valid tokens per row after the last stage
+
+
+def text_positions(spans: Sequence[Sequence[VisionSpan]], lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(text_index [B, T] int64, text_valid [B, T] bool): non-vision, non-padding positions of each row."""
+    rows = []
+    for row, length in zip(spans, lengths, strict=True):
+        vision = np.zeros(length, dtype=bool)
+        for span in row:
+            vision[span.start : span.end] = True
+        rows.append(np.flatnonzero(~vision))
+    width = max((len(r) for r in rows), default=0)
+    index = np.zeros((len(rows), width), dtype=np.int64)
+    valid = np.zeros((len(rows), width), dtype=bool)
+    for b, r in enumerate(rows):
+        index[b, : len(r)], valid[b, : len(r)] = r, True
+    return index, valid
+
+
+def plan_request(
+    spans: Sequence[Sequence[VisionSpan]],
+    lengths: Sequence[int],
+    schedule: Schedule,
+    *,
+    grid_mode: GridMode = "true",
+) -> RequestPlan:
+    """Plan every stage of `schedule` for a batch of rows (right-padded to max(lengths))."""
+    cur_spans = tuple(tuple(row) for row in spans)
+    cur_lengths = tuple(int(n) for n in lengths)
+    seq = max(cur_lengths)
+    plans, feeds = [], {}
+    for k, stage in enumerate(schedule.stages):
+        text_index, text_valid = text_positions(cur_spans, cur_lengths)
+        plan = plan_stage(
+            cur_spans, seq, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode, lengths=cur_lengths
+        )
+        names = stage_input_names(k)
+        windows = plan.win_index.reshape(plan.win_r.shape[0], -1) if plan.win_r.numel() else torch.empty(0, 0)
+        feeds[names["win_index"]] = windows.numpy().astype(np.int64)
+        feeds[names["win_r"]] = plan.win_r.numpy().astype(np.int64).reshape(-1)
+        feeds[names["out_lengths"]] = np.asarray(plan.out_lengths, dtype=np.int64)
+        feeds[names["text_index"]], feeds[names["text_valid"]] = text_index, text_valid
+        plans.append(plan)
+        cur_spans, cur_lengths, seq = plan.spans, plan.out_lengths, plan.out_seq_len
+    return RequestPlan(tuple(plans), feeds, cur_spans, cur_lengths)

@@ -1,0 +1,301 @@
+"""Graph transform: insert LightKV into a vanilla prefill graph for one schedule.
+
+At each scheduled layer lambda (1-based) the pass adds, on the export's role values (export.py):
+* the guidance subgraph: xi [B, S] from that layer's post-RoPE query and key against the non-vision keys only
+  (standard ops, an [S, T] product per head, never [S, S]; softmax over queries, as the released code);
+* the LightKVMerge node (the ONNX local function of method/onnx_function.py) on the layer's output;
+* the rewiring of everything after it that depends on the sequence: every node downstream of the merged hidden
+  state that reads a value derived from `position_ids` or `lengths` gets a clone of that value's subgraph computed
+  from the new positions (survivors' own ids gathered with `kept` in `preserve` mode, 0..S'-1 in `official`
+  mode) and the new lengths. The rotary tables and the last-token index are found this way rather than by name,
+  so the pass does not depend on how the exporter spelled them.
+Later layers then compute, and output, shorter K and V. Each stage's `kept` becomes a graph output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes import common as common_passes
+
+from lightkv_export.errors import InputError
+from lightkv_export.export import ROLE_META_KEY, ROLE_PREFIX
+from lightkv_export.method.merge_plan import stage_input_names, stage_kept_name
+from lightkv_export.method.onnx_function import lightkv_function
+from lightkv_export.method.reference import OP_DOMAIN, OP_NAME, OP_VERSION
+from lightkv_export.method.schedule import Schedule
+
+PositionMode = Literal["preserve", "official"]
+INT64, FLOAT, BOOL = ir.DataType.INT64, ir.DataType.FLOAT, ir.DataType.BOOL
+
+
+@dataclass(frozen=True)
+class PassReport:
+    stages: int
+    cloned_nodes: int
+    guidance_nodes: int
+
+
+class _Builder:
+    """Appends nodes to the graph; constants are small initializers."""
+
+    def __init__(self, graph: ir.Graph, prefix: str) -> None:
+        self.graph, self.prefix, self.count = graph, prefix, 0
+
+    def op(self, op_type: str, inputs: Sequence[ir.Value | None], attrs: dict | None = None, **kw) -> ir.Value:
+        return self.multi(op_type, inputs, attrs, num_outputs=1, **kw)[0]
+
+    def multi(self, op_type, inputs, attrs=None, *, num_outputs: int, domain: str = "", names=None) -> list[ir.Value]:
+        self.count += 1
+        outputs = [ir.Value(name=n) for n in names] if names else None
+        node = ir.Node(
+            domain,
+            op_type,
+            inputs,
+            attributes=ir.convenience.convert_attributes(attrs or {}),
+            num_outputs=None if outputs else num_outputs,
+            outputs=outputs,
+            name=f"{self.prefix}/{op_type}_{self.count}",
+        )
+        self.graph.append(node)
+        return list(node.outputs)
+
+    def ints(self, values: Sequence[int]) -> ir.Value:
+        return self.op("Constant", [], {"value_ints": list(values)})
+
+    def f32(self, value: float) -> ir.Value:
+        return self.op("Constant", [], {"value_float": float(value)})
+
+
+def _forward_nodes(start: ir.Value) -> set[ir.Node]:
+    """Every node that (transitively) consumes `start`."""
+    seen: set[ir.Node] = set()
+    frontier = list(start.consumers())
+    while frontier:
+        node = frontier.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for out in node.outputs:
+            frontier.extend(out.consumers())
+    return seen
+
+
+def _forward_values(starts: Iterable[ir.Value]) -> set[ir.Value]:
+    values = set(starts)
+    for s in list(values):
+        for node in _forward_nodes(s):
+            values.update(node.outputs)
+    return values
+
+
+class _Cloner:
+    """Recomputes values from replaced sources: clone(v) is v's subgraph with the sources substituted."""
+
+    def __init__(self, builder: _Builder, substitute: dict[ir.Value, ir.Value]) -> None:
+        self.b, self.memo, self.cloned = builder, dict(substitute), 0
+
+    def __call__(self, value: ir.Value) -> ir.Value:
+        if value in self.memo:
+            return self.memo[value]
+        node = value.producer()
+        if node is None:  # graph input or initializer that does not depend on the sources
+            return value
+        if any(attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for attr in node.attributes.values()):
+            raise InputError(f"cannot rewire node {node.name} ({node.op_type}): it has subgraphs.")
+        inputs = [self(v) if v is not None else None for v in node.inputs]
+        clone = ir.Node(
+            node.domain,
+            node.op_type,
+            inputs,
+            attributes=list(node.attributes.values()),
+            num_outputs=len(node.outputs),
+            name=f"{self.b.prefix}/clone/{node.name}",
+        )
+        self.b.graph.append(clone)
+        self.cloned += 1
+        for old, new in zip(node.outputs, clone.outputs, strict=True):
+            self.memo[old] = new
+        return self.memo[value]
+
+
+def _new_input(graph: ir.Graph, name: str, dtype: ir.DataType, dims: Sequence[int | str]) -> ir.Value:
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(list(dims)))
+    graph.inputs.append(value)
+    return value
+
+
+def _guidance(b: _Builder, query, key, lengths, text_index, text_valid, *, groups: int, head_dim: int) -> ir.Value:
+    """xi [B, S] fp32 as method/guidance.text_guidance (softmax over queries).
+
+    query [B, Hq, S, d] and key [B, Hkv, S, d]: the layer's post-RoPE projections.
+    """
+    q = b.op("Cast", [query], {"to": FLOAT})
+    k = b.op("Cast", [key], {"to": FLOAT})
+    shape_q = b.op("Shape", [q])  # [4]: B, Hq, S, d
+    split = b.op(
+        "Concat",
+        [
+            b.op("Slice", [shape_q, b.ints([0]), b.ints([1])]),
+            b.ints([-1, groups]),
+            b.op("Slice", [shape_q, b.ints([2]), b.ints([4])]),
+        ],
+        {"axis": 0},
+    )
+    q = b.op("Reshape", [q, split])  # [B, Hkv, G, S, d]
+    # Gather the text keys: index [B, T] -> [B, Hkv, T, d].
+    idx = b.op("Unsqueeze", [text_index, b.ints([1, 3])])  # [B, 1, T, 1]
+    shape_k = b.op("Shape", [k])  # [4]
+    shape_t = b.op("Shape", [text_index])  # [2]
+    target = b.op(
+        "Concat",
+        [
+            b.op("Slice", [shape_k, b.ints([0]), b.ints([2])]),
+            b.op("Slice", [shape_t, b.ints([1]), b.ints([2])]),
+            b.op("Slice", [shape_k, b.ints([3]), b.ints([4])]),
+        ],
+        {"axis": 0},
+    )  # [B, Hkv, T, d]
+    k_text = b.op("GatherElements", [k, b.op("Expand", [idx, target])], {"axis": 2})  # [B, Hkv, T, d]
+    k_text = b.op("Unsqueeze", [b.op("Transpose", [k_text], {"perm": [0, 1, 3, 2]}), b.ints([2])])  # [B, Hkv, 1, d, T]
+    logits = b.op("Mul", [b.op("MatMul", [q, k_text]), b.f32(head_dim**-0.5)])  # [B, Hkv, G, S, T]
+
+    seq = b.op("Shape", [q], {"start": 3, "end": 4})  # [1]
+    pos = b.op("Range", [b.op("Squeeze", [b.ints([0])]), b.op("Squeeze", [seq]), b.op("Squeeze", [b.ints([1])])])
+    query_ok = b.op("Less", [b.op("Unsqueeze", [pos, b.ints([0])]), b.op("Unsqueeze", [lengths, b.ints([1])])])
+    query_ok = b.op("Unsqueeze", [query_ok, b.ints([1, 2, 4])])  # [B, 1, 1, S, 1]
+    key_ok = b.op("Unsqueeze", [text_valid, b.ints([1, 2, 3])])  # [B, 1, 1, 1, T]
+    masked = b.op("Where", [query_ok, logits, b.f32(float("-inf"))])
+    probs = b.op("Softmax", [masked], {"axis": 3})  # over queries
+    probs = b.op("Where", [b.op("And", [query_ok, key_ok]), probs, b.f32(0.0)])
+    return b.op("ReduceSum", [probs, b.ints([1, 2, 4])], {"keepdims": 0})  # [B, S]
+
+
+def insert_lightkv(
+    model: onnx.ModelProto,
+    schedule: Schedule,
+    *,
+    positions: PositionMode = "preserve",
+    grid_mode: str = "true",
+) -> tuple[onnx.ModelProto, PassReport]:
+    """The vanilla prefill with one LightKV stage per scheduled layer (a new model; the input is not modified)."""
+    if positions not in ("preserve", "official"):
+        raise InputError(f"positions must be 'preserve' or 'official', got {positions!r}.")
+    props = {p.key: p.value for p in model.metadata_props}
+    if ROLE_META_KEY not in props:
+        raise InputError("this ONNX model has no LightKV role metadata: it must be a prefill graph from export.py.")
+    meta = json.loads(props[ROLE_META_KEY])
+    if schedule.num_layers != meta["num_layers"]:
+        raise InputError(f"schedule is for {schedule.num_layers} layers, the graph has {meta['num_layers']}.")
+
+    irm = ir.serde.deserialize_model(model)
+    graph = irm.graph
+    values = {v.name: v for v in graph.inputs}
+    values.update({v.name: v for node in graph for v in node.outputs})
+    state = {"pos": values[meta["position_ids"]], "len": values[meta["lengths"]]}
+    cloned = guidance_nodes = 0
+    seq_dims: list[str] = []
+
+    for k, stage in enumerate(schedule.stages):
+        b = _Builder(graph, f"lightkv_{k}")
+        names = stage_input_names(k)
+        win_index = _new_input(graph, names["win_index"], INT64, [f"W_{k}", f"n_max_{k}"])
+        win_r = _new_input(graph, names["win_r"], INT64, [f"W_{k}"])
+        out_lengths = _new_input(graph, names["out_lengths"], INT64, ["batch"])
+        text_index = _new_input(graph, names["text_index"], INT64, ["batch", f"T_{k}"])
+        text_valid = _new_input(graph, names["text_valid"], BOOL, ["batch", f"T_{k}"])
+
+        i = stage.layer - 1
+        hidden, query, key = (values[meta[role][i]] for role in ("hidden", "query", "key"))
+        before = b.count
+        xi = _guidance(
+            b, query, key, state["len"], text_index, text_valid,
+            groups=meta["num_heads"] // meta["num_kv_heads"], head_dim=meta["head_dim"],
+        )  # fmt: skip
+        guidance_nodes += b.count - before
+        uses = list(hidden.uses())
+        merged, kept = b.multi(
+            OP_NAME,
+            [hidden, xi, win_index, win_r, state["len"], out_lengths],
+            {
+                "windows": stage.windows,
+                "ratio": float(stage.ratio),
+                "grid_mode": grid_mode,
+                "plugin_name": OP_NAME,
+                "plugin_namespace": OP_DOMAIN,
+                "plugin_version": str(OP_VERSION),
+            },
+            num_outputs=2,
+            domain=OP_DOMAIN,
+            names=[f"lightkv.{k}.hidden", stage_kept_name(k)],
+        )
+        for node, idx in uses:
+            node.replace_input_with(idx, merged)
+
+        if positions == "preserve":
+            three = b.op("Concat", [b.ints([3]), b.op("Shape", [kept])], {"axis": 0})  # [3, B, S']
+            source = b.op("Max", [kept, b.op("Constant", [], {"value_int": 0})])  # padding (-1) reads position 0
+            index = b.op("Expand", [b.op("Unsqueeze", [source, b.ints([0])]), three])  # [3, B, S']
+            new_pos = b.op("GatherElements", [state["pos"], index], {"axis": 2})  # [3, B, S']
+        else:
+            three = b.op("Concat", [b.ints([3]), b.op("Shape", [kept])], {"axis": 0})
+            width = b.op("Shape", [kept], {"start": 1, "end": 2})
+            zero, one = b.op("Constant", [], {"value_int": 0}), b.op("Constant", [], {"value_int": 1})
+            reset = b.op("Range", [zero, b.op("Squeeze", [width]), one])  # [S']
+            new_pos = b.op("Expand", [reset, three])  # [3, B, S']
+
+        # Rewire: downstream nodes that read position- or length-derived values get them recomputed.
+        downstream = _forward_nodes(merged)
+        derived = _forward_values([state["pos"], state["len"]])
+        fresh = _forward_values([merged])
+        cloner = _Cloner(b, {state["pos"]: new_pos, state["len"]: out_lengths})
+        for node in list(downstream):
+            for idx, v in enumerate(node.inputs):
+                if v is not None and v in derived and v not in fresh:
+                    node.replace_input_with(idx, cloner(v))
+        cloned += cloner.cloned
+        graph.outputs.append(kept)
+        kept.type, kept.shape = ir.TensorType(INT64), ir.Shape(["batch", f"S_{k}"])
+        seq_dims.append(f"S_{k}")
+        state = {"pos": new_pos, "len": out_lengths}
+
+    _finish(irm, schedule, seq_dims)
+    report = PassReport(stages=len(schedule.stages), cloned_nodes=cloned, guidance_nodes=guidance_nodes)
+    out = ir.serde.serialize_model(irm)
+    inserted = sum(1 for n in out.graph.node if n.domain == OP_DOMAIN and n.op_type == OP_NAME)
+    if inserted != len(schedule.stages):
+        raise AssertionError(f"inserted {inserted} LightKV stages, the schedule has {len(schedule.stages)}")
+    return out, report
+
+
+def _finish(irm: ir.Model, schedule: Schedule, seq_dims: list[str]) -> None:
+    """Drop role outputs, clean up, declare the shorter present K / V and attach the LightKVMerge function."""
+    graph = irm.graph
+    for out in [o for o in graph.outputs if o.name and o.name.startswith(ROLE_PREFIX)]:
+        graph.outputs.remove(out)
+    # Values after a merge no longer have the prompt's length: let ONNX Runtime infer them afresh.
+    for node in graph:
+        if node.domain == OP_DOMAIN:
+            for v in _forward_values(node.outputs):
+                if not v.is_graph_output():
+                    v.shape = None
+    for out in graph.outputs:
+        if out.name.startswith("present."):
+            layer = int(out.name.split(".")[1]) + 1
+            group = sum(1 for s in schedule.stages if s.layer < layer)
+            if group and out.shape is not None:
+                dims = list(out.shape)
+                dims[2] = seq_dims[group - 1]
+                out.shape = ir.Shape(dims)
+    common_passes.RemoveUnusedNodesPass()(irm)
+    common_passes.TopologicalSortPass()(irm)
+    common_passes.NameFixPass()(irm)
+    opset = irm.opset_imports.get("", 18)
+    function = ir.serde.deserialize_function(lightkv_function(opset))
+    irm.functions[function.identifier()] = function
+    irm.opset_imports[OP_DOMAIN] = OP_VERSION
