@@ -244,6 +244,7 @@ class Server:
             raise InputError(f"{self.repo_dir} holds no model (no */config.pbtxt)")
         install = find_triton()
         cwd = stub_site_dir()
+        self.close()  # a restart: the previous process and working directory go first
         self._workdir = Path(tempfile.mkdtemp(prefix="lightkv-triton-"))
         backends = prepare_backends(install, self._workdir / "backends")
         env = server_env(install)
@@ -305,6 +306,7 @@ class Server:
     def close(self) -> None:
         """stop() and remove the working directory (assembled backends and log)."""
         self.stop()
+        self.process = None
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
@@ -330,28 +332,22 @@ def resolve_repository(target: Path, repo_dir: Path | None) -> tuple[Path, bool]
     raise InputError(f"{target} is neither an engine directory (manifest.json) nor a model repository")
 
 
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def serve_forever(server: Server) -> int:
-    """Block until Ctrl-C / SIGTERM (then stop the server) or until the server dies on its own."""
-    stop_requested = False
-
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    """Block until Ctrl-C / SIGTERM (then stop the server: 0) or until the server dies on its own (1)."""
     try:
-        while not stop_requested and server.alive():
+        while server.alive():
             time.sleep(0.2)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if not stop_requested:
-        print(f"tritonserver exited on its own; log tail:\n{tail(server.log_path)}", file=sys.stderr)
-        return 1
-    print("stopping tritonserver ...", flush=True)
-    code = server.stop()
-    print(f"stopped (exit code {code})", flush=True)
-    return 0
+    except KeyboardInterrupt:
+        print("stopping tritonserver ...", flush=True)
+        code = server.stop()
+        print(f"stopped (exit code {code})", flush=True)
+        return 0
+    print(f"tritonserver exited on its own; log tail:\n{tail(server.log_path)}", file=sys.stderr)
+    return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -361,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repo-dir", type=Path, default=None, help="where to write the repository for an engine")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
+    # SIGTERM behaves like Ctrl-C, from the first moment: a signal during startup still stops the server.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     temp_repo = None
     try:
         repo, is_temp = resolve_repository(args.target, args.repo_dir)
@@ -369,7 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             server.start()
             print(f"serving {', '.join(server.models())} from {repo}", flush=True)
-            print(f"url: {server.url}   (Ctrl-C to stop)", flush=True)
+            print(f"url: {server.url}   (tritonserver pid {server.process.pid}; Ctrl-C to stop)", flush=True)
             return serve_forever(server)
         finally:
             server.close()
@@ -377,9 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C before the server was up: close() above already stopped it
-        print("interrupted", file=sys.stderr)
+        print("interrupted while starting", file=sys.stderr)
         return 130
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if temp_repo is not None:
             shutil.rmtree(temp_repo, ignore_errors=True)
 
