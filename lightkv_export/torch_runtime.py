@@ -95,9 +95,11 @@ class GenerationResult:
     decode_s: float = 0.0
 
 
-def vision_mask(spans: tuple[tuple[VisionSpan, ...], ...] | list, seq_len: int) -> torch.Tensor:
+def vision_mask(
+    spans: tuple[tuple[VisionSpan, ...], ...] | list, seq_len: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """[B, S] True at vision tokens."""
-    mask = torch.zeros(len(spans), seq_len, dtype=torch.bool)
+    mask = torch.zeros(len(spans), seq_len, dtype=torch.bool, device=device)
     for b, row in enumerate(spans):
         for span in row:
             mask[b, span.start : span.end] = True
@@ -146,7 +148,7 @@ def prefill(
                 continue
             seq = hidden.shape[1]
             xi = text_guidance(
-                capture["query"], capture["key"], vision_mask(spans, seq), softmax_over=softmax_over
+                capture["query"], capture["key"], vision_mask(spans, seq, hidden.device), softmax_over=softmax_over
             )  # [1, S]
             res = lightkv_merge(hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode)
             records.append(StageRecord(idx + 1, res.kept, res.spans, res.skipped, xi))
@@ -154,7 +156,7 @@ def prefill(
             if positions == "preserve":
                 pos = pos.gather(2, res.kept.unsqueeze(0).expand(3, -1, -1))  # [3, 1, S']
             else:
-                pos = torch.arange(hidden.shape[1]).view(1, 1, -1).expand(3, 1, -1)  # [3, 1, S']
+                pos = torch.arange(hidden.shape[1], device=pos.device).view(1, 1, -1).expand(3, 1, -1)  # [3, 1, S']
 
     last = text.norm(hidden[:, -1:])  # [1, 1, D]
     logits = loaded.family.lm_head(loaded.model)(last)[:, -1].float()  # [1, V]
@@ -208,7 +210,7 @@ def generate(
         tokens.append(token)
         if token in stops or len(tokens) == max_new_tokens:
             break
-        logits = decode_step(loaded, torch.tensor([[token]]), pre.cache, position)
+        logits = decode_step(loaded, torch.tensor([[token]], device=position.device), pre.cache, position)
         position = position + 1
     t2 = time.perf_counter()
     vision_in = sum(s.length for s in inputs.spans[0])
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from lightkv_export.method.schedule import resolve
-    from lightkv_export.models.registry import get_spec, load_model
+    from lightkv_export.models.registry import load_model
 
     parser = argparse.ArgumentParser(
         prog="python -m lightkv_export.torch_runtime",
@@ -261,9 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from PIL import Image
 
-        spec = get_spec(args.model) if not args.model.startswith((".", "/")) else None
         loaded = load_model(args.model, random_weights=args.random_weights)
-        spec = loaded.spec if spec is None else spec
+        spec = loaded.spec
         layers = len(loaded.family.text_model(loaded.model).layers)
         ratio = 0.55 if args.ratio is None and args.schedule is None else args.ratio
         schedule = resolve(layers, ratio=ratio, schedule=args.schedule, windows=spec.default_windows)

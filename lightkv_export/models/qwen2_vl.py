@@ -117,8 +117,8 @@ def check_inputs(processor: Any, images: list, prompt: str) -> None:
 
 
 def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
-    """Processor outputs for one request: input_ids, attention_mask, mm_token_type_ids [1, S],
-    pixel_values [N_patches, C * T * P * P], image_grid_thw [N_images, 3]."""
+    """Processor outputs for one request, on the model's device: input_ids, attention_mask, mm_token_type_ids
+    [1, S], pixel_values [N_patches, C * T * P * P] fp32, image_grid_thw [N_images, 3]."""
     processor = loaded.processor
     check_inputs(processor, images, prompt)
     text = chat_text(processor, len(images), prompt)
@@ -127,7 +127,7 @@ def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.T
     except ValueError as exc:
         raise InputError(f"the processor rejected the request: {exc}") from None
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    return {k: out[k] for k in keys}
+    return {k: out[k].to(loaded.model.device) for k in keys}
 
 
 @torch.no_grad()
