@@ -57,12 +57,17 @@ def load_manifest(engine_dir: Path) -> dict:
 
 
 def model_name(manifest: dict) -> str:
-    """Triton model name: lightkv_<model>_r<ratio>_<target>, or vanilla_<model>_<target>; [A-Za-z0-9_.-] only."""
+    """Triton model name: lightkv_<model>_r<ratio>_<target> (or _s<schedule>_), vanilla_<model>_<target>.
+
+    Characters outside [A-Za-z0-9_.-] become "-" (Triton names are directory names and URL path segments).
+    """
     model, target = str(manifest["model"]), str(manifest["target"])
     if manifest.get("vanilla"):
         name = f"vanilla_{model}_{target}"
-    else:
+    elif manifest.get("ratio") is not None:
         name = f"lightkv_{model}_r{float(manifest['ratio']):g}_{target}"
+    else:  # built from an explicit --schedule
+        name = f"lightkv_{model}_s{manifest.get('schedule', '')}_{target}"
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
@@ -70,7 +75,7 @@ def instance_kind(target: str) -> str:
     """KIND_CPU for ONNX Runtime on CPU, KIND_GPU for a TensorRT target; anything else is an InputError."""
     if target == "ort-cpu":
         return "KIND_CPU"
-    if re.fullmatch(r"trt-sm\d+", target):
+    if re.fullmatch(r"trt(-sm\d+)?", target):
         return "KIND_GPU"
     raise InputError(f"unknown engine target {target!r}: expected ort-cpu or trt-smXY")
 

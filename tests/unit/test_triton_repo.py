@@ -103,6 +103,8 @@ def test_model_names():
     assert triton_repo.model_name(MANIFESTS["ort_cpu_lightkv"]) == "lightkv_tiny-qwen-vl_r0.55_ort-cpu"
     assert triton_repo.model_name(MANIFESTS["ort_cpu_vanilla"]) == "vanilla_tiny-qwen-vl_ort-cpu"
     assert triton_repo.model_name(MANIFESTS["trt_sm90_lightkv"]) == "lightkv_Qwen-Qwen2.5-VL-7B-Instruct_r0.5_trt-sm90"
+    by_schedule = {**MANIFESTS["ort_cpu_lightkv"], "ratio": None, "schedule": "2:2:0.5,4:2:0.3"}
+    assert triton_repo.model_name(by_schedule) == "lightkv_tiny-qwen-vl_s2-2-0.5-4-2-0.3_ort-cpu"
 
 
 def test_unknown_target_is_an_input_error():

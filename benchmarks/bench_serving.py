@@ -1,0 +1,190 @@
+"""Load on a real Triton Inference Server: the tiny model, LightKV engine vs vanilla engine, ort-cpu.
+
+Both engines are built by the pipeline into a temporary directory and served side by side by one tritonserver
+on 127.0.0.1 (one CPU instance each, no batching: see triton_repo.py). For each engine and each concurrency
+(1, 4, 16 client threads, each with its own HTTP connection) the same request (one image, a fixed prompt,
+max_new_tokens fixed) is sent a bounded number of times, with a bounded wall time per cell, after warm-up.
+Reported: requests per second, p50 and p99 latency (client side, full round trip), and LightKV / vanilla
+ratios. Results go to benchmarks/results/serving.json.
+
+    python benchmarks/bench_serving.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+NAME = "serving"
+RESULTS = Path(__file__).parent / "results" / f"{NAME}.json"
+CONCURRENCY = (1, 4, 16)
+PROMPT = "Describe the image in one sentence."
+MAX_NEW_TOKENS = 8
+IMAGE_SIZE = (224, 224)  # (width, height) sent; the engine resizes to its own profile
+# Per cell: (requests, wall-time budget in seconds); the cell stops at whichever comes first.
+BUDGET = {False: (48, 40.0), True: (8, 8.0)}
+WARMUP = 2
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def request_png(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=np.uint8))  # [H, W, 3]
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def build_engines(out: Path) -> dict[str, Path]:
+    from lightkv_export.config import BuildConfig
+    from lightkv_export.pipeline import run as build
+
+    # Parity is the build's own gate, tested elsewhere: it is not what is measured here.
+    configs = {
+        "lightkv": BuildConfig(model="tiny-qwen-vl", ratio=0.55, out=out / "lightkv", parity=False),
+        "vanilla": BuildConfig(model="tiny-qwen-vl", vanilla=True, out=out / "vanilla", parity=False),
+    }
+    return {kind: build(cfg).engine_dirs["ort-cpu"] for kind, cfg in configs.items()}
+
+
+def load_cell(url: str, model: str, concurrency: int, n_requests: int, budget_s: float, png: bytes) -> dict:
+    """Send up to n_requests with `concurrency` threads (stop issuing after budget_s); latency stats and answers."""
+    import tritonclient.http as httpclient
+
+    from lightkv_export.client import address, build_inputs, parse_answer
+
+    deadline = time.perf_counter() + budget_s
+    issued = iter(range(n_requests))
+
+    def worker(_: int) -> list[tuple[float, object]]:
+        # One connection per thread, kept open: the latency is the inference round trip, not the handshake.
+        client = httpclient.InferenceServerClient(address(url), network_timeout=300.0)
+        inputs = build_inputs([png], PROMPT, MAX_NEW_TOKENS)
+        done = []
+        try:
+            for _i in issued:  # shared iterator: each request index is taken once (next() holds the GIL)
+                if time.perf_counter() > deadline:
+                    break
+                t0 = time.perf_counter()
+                answer = parse_answer(client.infer(model, inputs))
+                done.append((time.perf_counter() - t0, answer))
+        finally:
+            client.close()
+        return done
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = [r for chunk in pool.map(worker, range(concurrency)) for r in chunk]
+    wall = time.perf_counter() - t0
+    latencies = [r[0] * 1e3 for r in results]
+    answers = [r[1] for r in results]
+    if len({(a.text, tuple(a.token_ids)) for a in answers}) != 1:
+        raise RuntimeError(f"{model}: the same request got different answers under load")
+    return {
+        "concurrency": concurrency,
+        "requests": len(results),
+        "wall_s": round(wall, 3),
+        "rps": round(len(results) / wall, 3),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "server_prefill_ms_p50": round(percentile([a.prefill_ms for a in answers], 50), 2),
+        "server_decode_ms_p50": round(percentile([a.decode_ms for a in answers], 50), 2),
+        "tokens": len(answers[0].token_ids),
+        "kv_bytes": answers[0].kv_bytes,
+        "vision_tokens_in": answers[0].vision_tokens_in,
+        "vision_tokens_per_group": answers[0].vision_tokens_per_group,
+    }
+
+
+def run(quick: bool = False) -> dict:
+    """Build both engines, serve them, measure every (engine, concurrency) cell; returns numbers and ratios."""
+    from lightkv_export import triton_repo
+    from lightkv_export.client import ask
+    from lightkv_export.serve import Server
+
+    n_requests, budget_s = BUDGET[quick]
+    png = request_png()
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        t0 = time.perf_counter()
+        engines = build_engines(Path(tmp))
+        build_s = time.perf_counter() - t0
+        repo = triton_repo.write_repository(list(engines.values()), Path(tmp) / "repo")
+        names = {
+            kind: triton_repo.model_name(json.loads((d / "manifest.json").read_text())) for kind, d in engines.items()
+        }
+        cells: dict[str, list[dict]] = {}
+        with Server(repo) as server:
+            for kind, name in names.items():
+                for _ in range(WARMUP):
+                    ask(server.url, [png], PROMPT, model=name, max_new_tokens=MAX_NEW_TOKENS)
+                cells[kind] = [load_cell(server.url, name, c, n_requests, budget_s, png) for c in CONCURRENCY]
+    ratios = {}
+    for lk, va in zip(cells["lightkv"], cells["vanilla"], strict=True):
+        ratios[str(lk["concurrency"])] = {
+            "rps": round(lk["rps"] / va["rps"], 3),
+            "p50": round(lk["p50_ms"] / va["p50_ms"], 3),
+            "p99": round(lk["p99_ms"] / va["p99_ms"], 3),
+        }
+    kv = cells["lightkv"][0]["kv_bytes"] / cells["vanilla"][0]["kv_bytes"]
+    return {
+        "name": NAME,
+        "quick": quick,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "setup": {
+            "model": "tiny-qwen-vl",
+            "target": "ort-cpu",
+            "ratio": 0.55,
+            "models": names,
+            "prompt": PROMPT,
+            "image_size": list(IMAGE_SIZE),
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "max_requests_per_cell": n_requests,
+            "budget_s_per_cell": budget_s,
+            "warmup": WARMUP,
+            "engine_build_s": round(build_s, 1),
+        },
+        "cells": cells,
+        "ratios_lightkv_over_vanilla": {"kv_bytes": round(kv, 3), "by_concurrency": ratios},
+    }
+
+
+def table(result: dict) -> str:
+    rows = [f"{'engine':8} {'conc':>4} {'reqs':>5} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'KV bytes':>10}"]
+    for kind, cells in result["cells"].items():
+        for c in cells:
+            rows.append(
+                f"{kind:8} {c['concurrency']:>4} {c['requests']:>5} {c['rps']:>8.2f} {c['p50_ms']:>9.1f} "
+                f"{c['p99_ms']:>9.1f} {c['kv_bytes']:>10}"
+            )
+    r = result["ratios_lightkv_over_vanilla"]
+    rows.append(f"LightKV / vanilla: KV bytes {r['kv_bytes']:.3f}")
+    for c, v in r["by_concurrency"].items():
+        rows.append(f"  concurrency {c:>2}: req/s x{v['rps']:.3f}, p50 x{v['p50']:.3f}, p99 x{v['p99']:.3f}")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few requests per cell (a smoke run)")
+    args = parser.parse_args()
+    result = run(quick=args.quick)
+    print(table(result))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS}", file=sys.stderr)
