@@ -117,8 +117,9 @@ def check_inputs(processor: Any, images: list, prompt: str) -> None:
 
 
 def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
-    """Processor outputs for one request, on the model's device: input_ids, attention_mask, mm_token_type_ids
-    [1, S], pixel_values [N_patches, C * T * P * P] fp32, image_grid_thw [N_images, 3]."""
+    """Processor outputs for one request (CPU tensors; needs only `loaded.processor`, so engines without a torch
+    model use it too): input_ids, attention_mask, mm_token_type_ids [1, S], pixel_values [N_patches, C*T*P*P] fp32,
+    image_grid_thw [N_images, 3]."""
     processor = loaded.processor
     check_inputs(processor, images, prompt)
     text = chat_text(processor, len(images), prompt)
@@ -127,13 +128,14 @@ def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.T
     except ValueError as exc:
         raise InputError(f"the processor rejected the request: {exc}") from None
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    return {k: out[k].to(loaded.model.device) for k in keys}
+    return {k: out[k] for k in keys}
 
 
 @torch.no_grad()
 def vision_embeddings(loaded: LoadedModel, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
     """Vision encoder + merger: [N_vis, D] LLM-width embeddings, images concatenated in order."""
-    out = loaded.model.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+    device = loaded.model.device
+    out = loaded.model.model.get_image_features(pixel_values.to(device), image_grid_thw.to(device), return_dict=True)
     return torch.cat(out.pooler_output, dim=0)  # [N_vis, D]
 
 
@@ -177,6 +179,7 @@ def embed_and_position(
 ) -> PrefillInputs:
     """Text embeddings with the vision embeddings scattered into the placeholders, and M-RoPE positions."""
     model = loaded.model
+    processed = {k: v.to(model.device) for k, v in processed.items()}
     input_ids = processed["input_ids"]  # [B, S]
     image_token_id = int(model.config.image_token_id)
     embeds = text_model(model).embed_tokens(input_ids)  # [B, S, D]

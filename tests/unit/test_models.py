@@ -13,6 +13,7 @@ from PIL import Image
 
 from lightkv_export.errors import InputError, ModelNotFoundError
 from lightkv_export.models import qwen2_5_vl, qwen2_vl, registry, tiny
+from lightkv_export.models.base import LoadedModel
 from lightkv_export.models.registry import get_spec, load_model
 
 CHECKSUM_SNIPPET = """
@@ -207,6 +208,17 @@ def test_prepare_two_images(tiny_model, test_image):
     assert int((inputs.input_ids == image_token).sum()) == first.length + second.length
     # The second image's positions start after the first image's largest side.
     assert int(inputs.position_ids[0, 0, second.start]) > int(inputs.position_ids[:, 0, first.end - 1].max())
+
+
+def test_process_needs_only_the_processor(tiny_qwen2_vl, test_image):
+    """Engines run the processor with no torch model loaded: process() must not touch loaded.model."""
+    host = LoadedModel(spec=None, model=None, processor=tiny_qwen2_vl.processor, family=qwen2_vl)
+    processed = qwen2_vl.process(host, [test_image], "Describe this image.")
+    assert processed["input_ids"].device.type == "cpu"
+    spans = qwen2_vl.vision_spans(
+        processed["input_ids"], tiny_qwen2_vl.model.config.image_token_id, processed["image_grid_thw"], 2
+    )
+    assert spans == tiny_qwen2_vl.family.prepare(tiny_qwen2_vl, [test_image], "Describe this image.").spans
 
 
 @pytest.mark.parametrize(
