@@ -210,7 +210,7 @@ def emit_kernel(
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     d_ok = d < dim
     copy_tiles = batch * tl.cdiv(out_seq, BLOCK_S)
-    if pid < copy_tiles:
+    if pid < copy_tiles:  # the two branches use distinct names: Triton merges same-named values across them
         # Survivors that nobody merged into: a bit-exact copy. Padding rows: zeros.
         row = pid // tl.cdiv(out_seq, BLOCK_S)
         p = (pid % tl.cdiv(out_seq, BLOCK_S)) * BLOCK_S + tl.arange(0, BLOCK_S)  # [BS]
@@ -232,8 +232,8 @@ def emit_kernel(
         w = tile // b_tiles
         j = (tile % b_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB] B slots
         b_idx = tl.load(win_index_ptr + w * n_max + 2 * j + 1, mask=j < nb, other=-1)  # [BB]
-        code = tl.load(dest_ptr + tl.where(b_idx >= 0, b_idx, 0), mask=b_idx >= 0, other=0)
-        touched = (b_idx >= 0) & ((code & 1) == 1)
+        b_code = tl.load(dest_ptr + tl.where(b_idx >= 0, b_idx, 0), mask=b_idx >= 0, other=0)
+        touched = (b_idx >= 0) & ((b_code & 1) == 1)
         if tl.max(touched.to(tl.int32), axis=0) > 0:
             b_flat = tl.where(b_idx >= 0, b_idx, 0)
             xb = tl.load(hidden_ptr + b_flat[:, None] * dim + d[None, :], mask=touched[:, None] & d_ok[None, :])
@@ -261,7 +261,6 @@ def emit_kernel(
             weighted = (xi_b[:, None] * xb + num) / tl.maximum(wsum, 1e-30)[:, None]
             plain_mean = (xb + sum_x) / (1.0 + cnt)[:, None]
             value = tl.where((wsum > 0)[:, None], weighted, plain_mean)  # [BB, BD]
-            row = b_flat // seq
-            out_row = row * out_seq + (code >> 1)  # [BB]
-            out_ptrs = out_ptr + out_row[:, None] * dim + d[None, :]
+            b_out = (b_flat // seq) * out_seq + (b_code >> 1)  # [BB] output row of each B token
+            out_ptrs = out_ptr + b_out[:, None] * dim + d[None, :]
             tl.store(out_ptrs, value.to(out_ptr.dtype.element_ty), mask=touched[:, None] & d_ok[None, :])

@@ -21,25 +21,40 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Block sizes of the three kernels (all powers of two, >= 16 where they feed tl.dot)."""
+    """Block sizes and warps of the three kernels (powers of two, >= 16 where they feed tl.dot).
 
-    match_a: int = 32
+    The match defaults fit sm80..sm120 without spills (aot.py reports registers and shared memory per target).
+    """
+
+    match_a: int = 64
     match_b: int = 64
-    match_d: int = 64
+    match_d: int = 32
+    match_warps: int = 8
     plan_s: int = 256
     plan_r: int = 64
     plan_j: int = 64
     emit_s: int = 32
-    emit_b: int = 32
+    emit_b: int = 16
     emit_a: int = 32
-    emit_d: int = 128
+    emit_d: int = 64
     num_warps: int = 4
+    num_stages: int = 2
 
 
 DEFAULT_CONFIG = KernelConfig()
 # Small blocks so that the CPU interpreter exercises the tiling loops (several chunks of A, B, D and S).
 INTERPRET_CONFIG = KernelConfig(
-    match_a=16, match_b=16, match_d=16, plan_s=16, plan_r=16, plan_j=16, emit_s=16, emit_b=16, emit_a=16, emit_d=16
+    match_a=16,
+    match_b=16,
+    match_d=16,
+    match_warps=4,
+    plan_s=16,
+    plan_r=16,
+    plan_j=16,
+    emit_s=16,
+    emit_b=16,
+    emit_a=16,
+    emit_d=16,
 )
 
 
@@ -90,7 +105,7 @@ def lightkv_merge_triton(
         kernels.match_kernel[(n_win, triton.cdiv(na, c.match_a))](
             flat, win_index, n_max, dim, best, partner,
             BLOCK_A=c.match_a, BLOCK_B=c.match_b, BLOCK_D=c.match_d, IEEE=_ieee_dot(hidden.dtype),
-            num_warps=c.num_warps,
+            num_warps=c.match_warps, num_stages=c.num_stages,
         )  # fmt: skip
 
     kept = torch.empty(bsz, out_seq, dtype=torch.int64, device=device)  # [B, S']
@@ -100,7 +115,7 @@ def lightkv_merge_triton(
     kernels.plan_kernel[(bsz,)](
         win_index, win_r, lengths, out_lengths, best, partner, n_win, n_max, seq, bsz, out_seq,
         kept, out_len, dest, assign,
-        BLOCK_S=c.plan_s, BLOCK_R=c.plan_r, BLOCK_J=c.plan_j, num_warps=c.num_warps,
+        BLOCK_S=c.plan_s, BLOCK_R=c.plan_r, BLOCK_J=c.plan_j, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
 
     out = torch.empty(bsz, out_seq, dim, dtype=hidden.dtype, device=device)  # [B, S', D]
@@ -109,6 +124,7 @@ def lightkv_merge_triton(
         kernels.emit_kernel[(tiles, triton.cdiv(dim, c.emit_d))](
             flat, xi, win_index, kept, dest, assign, n_max, seq, bsz, out_seq, dim, out,
             BLOCK_S=c.emit_s, BLOCK_B=c.emit_b, BLOCK_A=c.emit_a, BLOCK_D=c.emit_d, num_warps=c.num_warps,
+            num_stages=c.num_stages,
         )  # fmt: skip
     if int(out_len.item()) != out_seq:  # the kernels and the host plan disagree: a bug, not a user error
         raise AssertionError(f"plan_kernel computed S' = {int(out_len.item())}, the plan says {out_seq}")
