@@ -274,21 +274,60 @@ class EmbedGraph(torch.nn.Module):
         return self.embed(input_ids)  # [B, S, D]
 
 
-class VisionGraph(torch.nn.Module):
-    """Vision encoder + merger for one image of a fixed patch grid (the engine's image-size profile).
+VISION_ATTENTION = "lightkv_flash_varlen_export"  # "flash" in the name: transformers then passes cu_seqlens
 
-    The grid is a constant of the graph: the encoder's window and rotary layouts are computed from it in Python
-    at export time, which is what makes the encoder exportable at all.
+
+def varlen_attention(module, query, key, value, attention_mask, *, scaling=None, cu_seq_lens_q=None, **_kwargs):
+    """Attention within each packed segment of the vision sequence, as one masked SDPA.
+
+    The vision encoders attend inside windows / images given by cumulative lengths. Transformers' SDPA path
+    splits the sequence with `.tolist()` (untraceable); its flash path hands the attention function
+    `cu_seq_lens_q` instead, which this turns into a block-diagonal mask with tensor ops only.
+    query / key / value [1, H, N, d]; returns [1, N, H, d] as a flash implementation does.
     """
+    n = query.shape[2]
+    segment = (torch.arange(n)[:, None] >= cu_seq_lens_q[None, 1:]).sum(-1)  # [N] segment of each token
+    mask = segment[:, None] == segment[None, :]  # [N, N]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(VISION_ATTENTION, varlen_attention)
+
+
+def vision_layout(visual: torch.nn.Module, grid_thw: torch.Tensor) -> dict[str, Any]:
+    """The encoder's data-dependent layout tensors for one grid, computed eagerly so the graph holds constants
+    (transformers' vision encoders pop these precomputed values from their kwargs)."""
+    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+
+    cfg = visual.config
+    layout: dict[str, Any] = {"position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size)}
+    layout["cu_seqlens"], _ = get_vision_attention_seqlens(grid_thw, cfg)
+    layout["max_seqlen"] = int((layout["cu_seqlens"][1:] - layout["cu_seqlens"][:-1]).max())
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL's windowed blocks
+        from transformers.vision_utils import get_vision_window_index
+
+        layout["window_index"], layout["cu_window_seqlens"] = get_vision_window_index(
+            grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
+        )
+        lengths = layout["cu_window_seqlens"][1:] - layout["cu_window_seqlens"][:-1]
+        layout["max_window_seqlen"] = int(lengths.max())
+    return layout
+
+
+class VisionGraph(torch.nn.Module):
+    """Vision encoder + merger for one image of a fixed patch grid (the engine's image-size profile)."""
 
     def __init__(self, loaded: LoadedModel, grid_thw: tuple[int, int, int]) -> None:
         super().__init__()
-        self.loaded, self.grid = loaded, grid_thw
+        self.loaded = loaded
         self.visual = loaded.model.model.visual  # registers the weights as this module's parameters
+        self.grid = torch.tensor([grid_thw], dtype=torch.long)
+        self.layout = vision_layout(self.visual, self.grid)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        grid = torch.tensor([self.grid], dtype=torch.long)
-        return self.loaded.family.vision_embeddings(self.loaded, pixel_values, grid)  # [N_vis, D]
+        out = self.loaded.model.model.get_image_features(pixel_values, self.grid, return_dict=True, **dict(self.layout))
+        return torch.cat(out.pooler_output, dim=0)  # [N_vis, D]
 
 
 def export_embed(text_model, path: Path) -> None:
@@ -308,14 +347,15 @@ def export_vision(loaded: LoadedModel, path: Path, *, image_size: tuple[int, int
     features = loaded.processor.image_processor
     width = 3 * features.temporal_patch_size * features.patch_size**2
     pixels = torch.randn(grid[0] * grid[1] * grid[2], width, dtype=dtype)
-    _export(
-        VisionGraph(loaded, grid),
-        (pixels,),
-        path,
-        input_names=["pixel_values"],
-        output_names=["image_embeds"],
-        dynamic_shapes=None,
-    )
+    with attention_implementation(loaded.model.model.visual.config, VISION_ATTENTION):
+        _export(
+            VisionGraph(loaded, grid),
+            (pixels,),
+            path,
+            input_names=["pixel_values"],
+            output_names=["image_embeds"],
+            dynamic_shapes=None,
+        )
 
 
 def patch_grid(loaded: LoadedModel, image_size: tuple[int, int]) -> tuple[int, int, int]:

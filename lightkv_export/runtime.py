@@ -169,8 +169,9 @@ class Engine:
 
     # --- graphs -----------------------------------------------------------------------------------------------
 
-    def prefill(self, request: Request) -> PrefillOutputs:
-        plan = self.plan(request)
+    def prefill(self, request: Request, plan: RequestPlan | None = None) -> PrefillOutputs:
+        """Prefill with the engine's schedule, or with `plan` (e.g. a merge-nothing plan for identity checks)."""
+        plan = plan if plan is not None else self.plan(request)
         feeds = {
             "inputs_embeds": request.inputs_embeds,
             "position_ids": request.position_ids,

@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""Build LightKV engines for a vision-language model: export, transform, one engine per target, parity.
+
+    python build.py --model tiny-qwen-vl --ratio 0.55
+    python build.py --model qwen-vl --ratio 0.55 --target ort-cpu --target trt-sm90
+
+Exit codes: 0 built and parity passed, 1 parity failed, 2 bad input or an unavailable target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python build.py",
+        description="Compile an LVLM with LightKV vision-token KV-cache compression into ONNX Runtime and TensorRT "
+        "engines, check each against the PyTorch reference, and optionally write a Triton model repository.",
+        epilog="Engines go to OUT/<model>/<ratio>/<target>/ with manifest.json, parity.json and report.md. "
+        "The vanilla export is cached in OUT/.cache/export, so building another ratio does not export again.",
+    )
+    p.add_argument("--model", default="tiny-qwen-vl", help="model key (qwen-vl, qwen2-vl, tiny-qwen-vl, "
+                   "tiny-qwen2-vl), a hub id in the local HF cache, or a local checkpoint directory "
+                   "(default: tiny-qwen-vl)")  # fmt: skip
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--ratio", type=float, help="fraction of vision-token KV kept, averaged over layers "
+                     "(the paper's 55%%: 0.55, the default); 0 or 1 keep the LightKV path but merge nothing")  # fmt: skip
+    how.add_argument("--schedule", help="explicit stages LAYER:WINDOWS:RATIO,... e.g. 12:6:0.5,17:4:0.5,22:2:0.5")
+    how.add_argument("--vanilla", action="store_true", help="build the engines without LightKV (the baseline)")
+    p.add_argument("--target", action="append", dest="targets", metavar="TARGET",
+                   help="ort-cpu (default), trt (the local GPU) or trt-smXY (sm80, sm86, sm89, sm90, sm100, sm120); "
+                   "repeatable")  # fmt: skip
+    p.add_argument("--out", type=Path, default=Path("engines"), help="output directory (default: engines/)")
+    p.add_argument("--dtype", default="float32", help="float32 (ort-cpu), float16 or bfloat16 (TensorRT)")
+    p.add_argument("--image-size", help="HEIGHTxWIDTH pixels of the engine's image profile, multiples of 28 "
+                   "(default: the model's, 336x448 for the tiny presets)")  # fmt: skip
+    p.add_argument("--positions", choices=("preserve", "official"), default="preserve",
+                   help="after a merge, survivors keep their position ids (preserve) or are renumbered 0..S'-1 "
+                   "(official, the released code)")  # fmt: skip
+    p.add_argument("--compat", choices=("none", "official"), default="none",
+                   help="official: the released code's pseudo-square grid and position reset")  # fmt: skip
+    p.add_argument("--random-weights", action="store_true", help="real architecture with random weights")
+    p.add_argument("--force", action="store_true", help="export again even if the cached export is intact")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity stage (not recommended)")
+    p.add_argument("--no-parity-gate", action="store_true", help="report a parity failure but exit 0")
+    p.add_argument("--triton-repo", type=Path, help="also write a Triton Inference Server model repository here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from rich.console import Console
+
+    from lightkv_export.errors import LightKVError
+
+    console = Console(stderr=True)
+    try:
+        from lightkv_export.config import BuildConfig, parse_image_size
+        from lightkv_export.pipeline import run
+        from lightkv_export.summary import print_summary
+
+        config = BuildConfig(
+            model=args.model,
+            ratio=args.ratio,
+            schedule=args.schedule,
+            vanilla=args.vanilla,
+            targets=tuple(args.targets or ["ort-cpu"]),
+            out=args.out,
+            dtype=args.dtype,
+            image_size=parse_image_size(args.image_size) if args.image_size else None,
+            positions=args.positions,
+            compat=args.compat,
+            random_weights=args.random_weights,
+            force=args.force,
+            parity=not args.no_parity,
+            parity_gate=not args.no_parity_gate,
+            triton_repo=args.triton_repo,
+        )
+        result = run(config, console=console)
+    except LightKVError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: nothing half-written was left behind[/]")
+        return 130
+    print_summary(result, console)
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""BuildConfig: everything one `build.py` run decides, validated before any work starts."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lightkv_export.errors import InputError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+POSITIONS = ("preserve", "official")
+COMPAT = ("none", "official")
+TARGET_PATTERN = re.compile(r"^(ort-cpu|trt|trt-sm\d{2,3})$")
+DEFAULT_RATIO = 0.55
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    model: str = "tiny-qwen-vl"
+    ratio: float | None = None  # fraction of vision-token KV kept, layer-averaged; default 0.55
+    schedule: str | None = None  # explicit LAYER:WINDOWS:RATIO,... instead of a ratio
+    targets: tuple[str, ...] = ("ort-cpu",)
+    out: Path = Path("engines")
+    dtype: str = "float32"
+    image_size: tuple[int, int] | None = None  # (height, width) pixels; default: the model's
+    positions: str = "preserve"
+    compat: str = "none"  # "official": the released code's pseudo-square grid and position reset
+    random_weights: bool = False
+    force: bool = False  # export again even when the cached export is intact
+    vanilla: bool = False  # build engines without LightKV (the baseline)
+    parity: bool = True
+    parity_gate: bool = True  # a failing parity fails the build (exit 1)
+    max_new_tokens_limit: int = 512
+    triton_repo: Path | None = None  # also write a Triton model repository here
+
+    def __post_init__(self) -> None:
+        if self.ratio is not None and self.schedule is not None:
+            raise InputError("give either --ratio or --schedule, not both.")
+        if self.vanilla and (self.ratio is not None or self.schedule is not None):
+            raise InputError("--vanilla builds engines without LightKV: it takes no --ratio or --schedule.")
+        if self.dtype not in DTYPES:
+            raise InputError(f"unknown dtype {self.dtype!r}; expected one of {', '.join(DTYPES)}.")
+        if self.positions not in POSITIONS:
+            raise InputError(f"--positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}.")
+        if self.compat not in COMPAT:
+            raise InputError(f"--compat must be one of {', '.join(COMPAT)}, got {self.compat!r}.")
+        if not self.targets:
+            raise InputError("no target given; for example --target ort-cpu or --target trt-sm90.")
+        for target in self.targets:
+            if not TARGET_PATTERN.match(target):
+                raise InputError(
+                    f"unknown target {target!r}; expected ort-cpu, trt (the local GPU) or trt-smXY "
+                    "(a GPU compute capability, e.g. trt-sm80, trt-sm86, trt-sm89, trt-sm90, trt-sm100, trt-sm120)."
+                )
+        if self.max_new_tokens_limit < 1:
+            raise InputError("max_new_tokens_limit must be >= 1.")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def effective_ratio(self) -> float | None:
+        if self.vanilla or self.schedule is not None:
+            return None
+        return DEFAULT_RATIO if self.ratio is None else self.ratio
+
+    @property
+    def grid_mode(self) -> str:
+        return "official" if self.compat == "official" else "true"
+
+    @property
+    def position_mode(self) -> str:
+        return "official" if self.compat == "official" else self.positions
+
+    def engine_tag(self) -> str:
+        """The ratio part of engines/<model>/<tag>/<target>."""
+        if self.vanilla:
+            tag = "vanilla"
+        elif self.schedule is not None:
+            tag = "s" + re.sub(r"[^0-9.]+", "-", self.schedule).strip("-")
+        else:
+            tag = f"r{self.effective_ratio:g}"
+        if self.compat == "official":
+            tag += "-official"
+        elif self.positions != "preserve":
+            tag += f"-pos-{self.positions}"
+        return tag
+
+
+def parse_image_size(text: str) -> tuple[int, int]:
+    """'672x448' (height x width) -> (672, 448)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", text)
+    if not match:
+        raise InputError(f"--image-size {text!r} is not HEIGHTxWIDTH in pixels, e.g. 672x672.")
+    return int(match.group(1)), int(match.group(2))

@@ -1,0 +1,343 @@
+"""Parity: proof that an engine computes what the PyTorch reference computes (DESIGN.md section 6).
+
+Three levels, each a list of checks with a max abs / rel error against a tolerance from the model spec:
+1. op: the LightKVMerge ONNX function (ONNX Runtime) vs the reference op: identical `kept`, hidden within
+   tolerance, on batches with several images of different grids, uneven windows and skipped stages;
+2. model: the engine vs the PyTorch LightKV runtime (torch_runtime.py) on the same inputs: vision embeddings,
+   last-token logits, every layer's K and V (shapes, then values), every stage's `kept`, and the same greedy
+   tokens over 16 decode steps;
+3. identity: the engine's prefill fed a merge-nothing plan vs the vanilla export vs the Hugging Face model.
+
+Run as the last build stage, or on any engine directory:  python -m lightkv_export.parity ENGINE_DIR
+Writes parity.json and report.md into the engine directory. Exit code 0 pass, 1 fail, 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from PIL import Image
+
+from lightkv_export.errors import LightKVError
+from lightkv_export.export import ExportedGraphs, strip_roles
+from lightkv_export.method.merge_plan import plan_request
+from lightkv_export.method.onnx_function import run_ort
+from lightkv_export.method.reference import lightkv_merge, plan_stage
+from lightkv_export.method.schedule import Schedule, Stage
+from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionSpan
+from lightkv_export.runtime import Engine, Request
+
+DECODE_STEPS = 16
+
+
+@dataclass
+class Check:
+    level: str  # op | model | identity
+    case: str
+    output: str
+    passed: bool
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    tolerance: float = 0.0
+    detail: str = ""
+
+
+@dataclass
+class ParityReport:
+    engine: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.passed]
+
+    def summary(self) -> str:
+        n_fail = len(self.failures())
+        verdict = "PASS" if self.passed else f"FAIL ({n_fail} of {len(self.checks)} checks)"
+        return f"parity {verdict}"
+
+    def failure_lines(self) -> list[str]:
+        lines = []
+        for c in self.failures():
+            if c.tolerance:
+                lines.append(
+                    f"{c.level}/{c.case}/{c.output}: max abs {c.max_abs:.3g}, max rel {c.max_rel:.3g} > tolerance "
+                    f"{c.tolerance:.3g} (would pass at {would_pass(c.max_abs):.3g}) {c.detail}".rstrip()
+                )
+            else:
+                lines.append(f"{c.level}/{c.case}/{c.output}: {c.detail}")
+        return lines
+
+    def to_json(self) -> dict[str, Any]:
+        return {"engine": self.engine, "passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+
+    def to_markdown(self) -> str:
+        out = [f"# Parity report: {self.engine}", "", f"**{self.summary()}**", ""]
+        for level in ("op", "model", "identity"):
+            checks = [c for c in self.checks if c.level == level]
+            if not checks:
+                continue
+            out += [
+                f"## {level}",
+                "",
+                "| case | output | max abs | max rel | tolerance | result |",
+                "|---|---|---|---|---|---|",
+            ]
+            for c in checks:
+                result = "pass" if c.passed else f"**FAIL** {c.detail}".strip()
+                out.append(
+                    f"| {c.case} | {c.output} | {c.max_abs:.3g} | {c.max_rel:.3g} | {c.tolerance:.3g} | {result} |"
+                )
+            out.append("")
+        return "\n".join(out)
+
+
+def would_pass(err: float) -> float:
+    """The smallest 1-2-5 step at or above `err`: a tolerance that would have passed."""
+    if err <= 0:
+        return 0.0
+    step = 10.0 ** np.floor(np.log10(err))
+    return float(next(m * step for m in (1, 2, 5, 10) if m * step >= err))
+
+
+def compare(
+    level: str, case: str, output: str, got: Any, want: Any, tolerances: dict[str, float], key: str | None = None
+) -> Check:
+    """Shapes must match exactly; then max |got - want| <= the tolerance of `key` (default: the output's kind)."""
+    key = key or output.split(".")[0]
+    tol = float(tolerances.get(key, tolerances.get("default", 1e-4)))
+    got, want = np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        return Check(level, case, output, False, tolerance=0.0, detail=f"shape {got.shape} != expected {want.shape}")
+    if got.size == 0:
+        return Check(level, case, output, True, tolerance=tol)
+    diff = np.abs(got - want)
+    max_abs = float(diff.max())
+    max_rel = float((diff / np.maximum(np.abs(want), 1e-6)).max())
+    return Check(level, case, output, bool(max_abs <= tol), max_abs, max_rel, tol)
+
+
+def exact(level: str, case: str, output: str, got: Any, want: Any) -> Check:
+    got, want = np.asarray(got), np.asarray(want)
+    same = got.shape == want.shape and bool((got == want).all())
+    detail = "" if same else f"differs: got {got.ravel()[:8].tolist()}..., expected {want.ravel()[:8].tolist()}..."
+    return Check(level, case, output, same, detail=detail)
+
+
+# --- inputs ---------------------------------------------------------------------------------------------------
+
+
+def parity_images(size: tuple[int, int], seed: int) -> Image.Image:
+    """Deterministic natural-ish images: smooth gradients, blocks and a little noise, different per seed."""
+    h, w = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    freq = rng.uniform(2, 8, size=3)
+    channels = [np.sin(freq[c] * (xx * (c + 1) + yy * (3 - c)) + rng.uniform(0, 6)) for c in range(3)]
+    img = (np.stack(channels, -1) * 0.5 + 0.5) * 200 + rng.normal(0, 12, (h, w, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def parity_cases(image_size: tuple[int, int]) -> list[tuple[str, list[Image.Image], str]]:
+    h, w = image_size
+    return [
+        ("one-image", [parity_images(image_size, 0)], "Describe this image."),
+        ("other-prompt", [parity_images((h * 3 // 4, w), 1)], "What colours dominate the picture, and where?"),
+        ("two-images", [parity_images(image_size, 2), parity_images(image_size, 3)], "Compare the two images."),
+    ]
+
+
+# --- levels ---------------------------------------------------------------------------------------------------
+
+
+def check_op(report: ParityReport, tolerances: dict[str, float]) -> None:
+    """The ONNX function vs the reference on layouts that exercise every rule."""
+    g = torch.Generator().manual_seed(0)
+    cases = {
+        "batch-uneven": (
+            [[VisionSpan(2, 48, (6, 8)), VisionSpan(60, 35, (5, 7))], [VisionSpan(0, 100, (10, 10))]],
+            120,
+            {"windows": 2, "ratio": 0.5},
+            [120, 110],
+        ),
+        "skipped-image": (
+            [[VisionSpan(10, 36, (6, 6)), VisionSpan(50, 12, (3, 4))]],
+            70,
+            {"windows": 2, "ratio": 0.5},
+            None,
+        ),
+        "official-grid": (
+            [[VisionSpan(3, 77, (7, 11))]],
+            90,
+            {"windows": 2, "ratio": 0.4, "grid_mode": "official"},
+            None,
+        ),
+    }
+    for name, (spans, seq, kwargs, lengths) in cases.items():
+        for dtype in (torch.float32, torch.float16):
+            hidden = torch.randn(len(spans), seq, 32, generator=g).to(dtype)
+            guidance = torch.rand(len(spans), seq, generator=g) + 0.05
+            plan = plan_stage(spans, seq, lengths=lengths, **kwargs)
+            ref = lightkv_merge(hidden, guidance, spans, lengths=lengths, **kwargs)
+            out, kept = run_ort(hidden, guidance, plan)
+            case = f"{name}-{str(dtype).removeprefix('torch.')}"
+            report.checks.append(exact("op", case, "kept", kept.numpy(), ref.kept.numpy()))
+            report.checks.append(compare("op", case, "hidden", out.float(), ref.hidden.float(), tolerances))
+
+
+def torch_inputs(request: Request) -> PrefillInputs:
+    return PrefillInputs(
+        inputs_embeds=torch.from_numpy(request.inputs_embeds),
+        position_ids=torch.from_numpy(request.position_ids),
+        attention_mask=torch.ones(request.input_ids.shape, dtype=torch.long),
+        input_ids=torch.from_numpy(request.input_ids),
+        spans=request.spans,
+        rope_deltas=torch.tensor([[request.rope_delta]]),
+    )
+
+
+def check_model(report: ParityReport, engine: Engine, loaded: LoadedModel, cases, tolerances) -> None:
+    from lightkv_export import torch_runtime
+
+    manifest = engine.manifest
+    schedule = engine.schedule if not manifest.get("vanilla") else Schedule(engine.num_layers, ())
+    for name, images, prompt in cases:
+        request = engine.prepare(images, prompt)
+        # Vision: the engine's graph vs the PyTorch encoder on the same pixels.
+        h, w = engine.image_size
+        processed = loaded.family.process(loaded, [im.convert("RGB").resize((w, h)) for im in images], prompt)
+        vision_ref = loaded.family.vision_embeddings(loaded, processed["pixel_values"], processed["image_grid_thw"])
+        placeholder = request.input_ids[0] == int(manifest["image_token_id"])
+        report.checks.append(
+            compare("model", name, "vision", request.inputs_embeds[0, placeholder], vision_ref.float(), tolerances)
+        )
+        pre = engine.prefill(request)
+        ref = torch_runtime.prefill(
+            loaded, torch_inputs(request), schedule, positions=manifest["positions"], grid_mode=manifest["grid_mode"]
+        )
+        report.checks.append(compare("model", name, "logits", pre.logits, ref.logits, tolerances))
+        for i, layer in enumerate(ref.cache.layers):
+            report.checks.append(compare("model", name, f"kv.{i}.key", pre.keys[i], layer.keys.float(), tolerances))
+            report.checks.append(
+                compare("model", name, f"kv.{i}.value", pre.values[i], layer.values.float(), tolerances)
+            )
+        for k, stage in enumerate(ref.stages):
+            report.checks.append(exact("model", name, f"kept.{k}", pre.kept[k], stage.kept.numpy()))
+        got = engine.greedy(pre, request, DECODE_STEPS, stop_at_eos=False)
+        want = torch_runtime.generate(
+            loaded, torch_inputs(request), schedule, max_new_tokens=DECODE_STEPS, stop_at_eos=False,
+            positions=manifest["positions"], grid_mode=manifest["grid_mode"],
+        ).tokens  # fmt: skip
+        report.checks.append(exact("model", name, f"greedy-{DECODE_STEPS}", got, want))
+
+
+def identity_schedule(engine: Engine) -> Schedule:
+    return Schedule(engine.num_layers, tuple(Stage(s.layer, s.windows, 0.0) for s in engine.schedule.stages))
+
+
+def check_identity(report, engine: Engine, loaded: LoadedModel, exported: ExportedGraphs | None, cases, tolerances):
+    """Merge-nothing prefill == vanilla export == Hugging Face model (last-token logits and, engine vs vanilla, KV)."""
+    vanilla = None
+    if exported is not None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        model = strip_roles(onnx.load(str(exported.prefill)))
+        vanilla = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    for name, images, prompt in cases[:2]:
+        request = engine.prepare(images, prompt)
+        feeds = {
+            "inputs_embeds": request.inputs_embeds,
+            "position_ids": request.position_ids,
+            "lengths": np.asarray([request.seq_len], dtype=np.int64),
+        }
+        h, w = engine.image_size
+        processed = loaded.family.process(loaded, [im.convert("RGB").resize((w, h)) for im in images], prompt)
+        with torch.no_grad():
+            hf = loaded.model(**processed, use_cache=False).logits[:, -1].float()  # [1, V]
+        if not engine.manifest.get("vanilla"):
+            plan = plan_request(request.spans, [request.seq_len], identity_schedule(engine), grid_mode="true")
+            ident = engine.prefill(request, plan=plan)
+            report.checks.append(
+                compare("identity", name, "merge-nothing-logits", ident.logits, hf, tolerances, "logits")
+            )
+            report.checks.append(
+                exact(
+                    "identity",
+                    name,
+                    "kv-lengths",
+                    [k.shape[2] for k in ident.keys],
+                    [request.seq_len] * len(ident.keys),
+                )
+            )
+        if vanilla is not None:
+            names = [o.name for o in vanilla.get_outputs()]
+            out = dict(zip(names, vanilla.run(names, feeds), strict=True))
+            report.checks.append(
+                compare("identity", name, "vanilla-export-logits", out["logits"], hf, tolerances, "logits")
+            )
+
+
+def run_parity(
+    engine_dir: Path,
+    *,
+    loaded: LoadedModel | None = None,
+    exported: ExportedGraphs | None = None,
+    log=lambda msg: None,
+) -> ParityReport:
+    """All three levels on `engine_dir`; writes parity.json and report.md there."""
+    engine = Engine.load(engine_dir)
+    manifest = engine.manifest
+    if loaded is None:
+        from lightkv_export.models.registry import load_model
+
+        loaded = load_model(manifest["model_source"], random_weights=bool(manifest.get("random_weights")))
+    tolerances = dict(loaded.spec.tolerances)
+    cases = parity_cases(tuple(manifest["image_size"]))
+    report = ParityReport(engine=str(engine_dir))
+    log("parity: op level (ONNX function vs reference)")
+    check_op(report, tolerances)
+    log("parity: model level (engine vs PyTorch LightKV runtime)")
+    check_model(report, engine, loaded, cases, tolerances)
+    log("parity: identity (merge-nothing vs vanilla export vs Hugging Face)")
+    check_identity(report, engine, loaded, exported, cases, tolerances)
+    (engine_dir / "parity.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    (engine_dir / "report.md").write_text(report.to_markdown() + "\n")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lightkv_export.parity",
+        description="Check an engine directory against the PyTorch LightKV reference (op, model and identity "
+        "levels); writes parity.json and report.md into it.",
+    )
+    parser.add_argument("engine_dir", type=Path, help="an engine directory written by build.py")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        report = run_parity(args.engine_dir, log=lambda m: console.print(f"[dim]{m}[/]"))
+    except LightKVError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return exc.exit_code
+    for line in report.failure_lines():
+        console.print(f"[red]{line}[/]")
+    console.print(f"{report.summary()}: {len(report.checks)} checks; {args.engine_dir / 'report.md'}")
+    return 0 if report.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

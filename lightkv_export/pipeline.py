@@ -1,0 +1,251 @@
+"""The build pipeline: model -> vanilla export (cached) -> LightKV transform -> one engine per target -> parity.
+
+    from lightkv_export.config import BuildConfig
+    from lightkv_export.pipeline import run
+    result = run(BuildConfig(model="tiny-qwen-vl", ratio=0.55))
+    result.engine_dirs["ort-cpu"]
+
+Each stage is a function from its input artifact to its output artifact; `run` strings them together, prints
+progress with timings, and collects per-target failures so that one unavailable target does not stop the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import platform
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightkv_export import __version__
+from lightkv_export.config import BuildConfig
+from lightkv_export.errors import LightKVError
+from lightkv_export.export import ExportedGraphs, export_model, patch_grid
+from lightkv_export.method.merge_plan import plan_request
+from lightkv_export.method.schedule import Schedule, resolve
+from lightkv_export.models.base import LoadedModel
+from lightkv_export.parity import ParityReport, parity_images, run_parity
+
+EXPORT_CACHE = ".cache/export"
+REFERENCE_PROMPT = "Describe this image."
+
+
+@dataclass
+class BuildResult:
+    config: BuildConfig
+    schedule: Schedule | None
+    engine_dirs: dict[str, Path] = field(default_factory=dict)
+    parity: dict[str, ParityReport] = field(default_factory=dict)
+    failed_targets: dict[str, LightKVError] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    triton_repo: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        if self.failed_targets:
+            return max(e.exit_code for e in self.failed_targets.values())
+        if self.config.parity_gate and any(not r.passed for r in self.parity.values()):
+            return 1
+        return 0
+
+
+class Progress:
+    """Stage-by-stage progress with timings; silent when no console is given (library use, tests)."""
+
+    def __init__(self, console=None) -> None:
+        self.console, self.timings = console, {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        if self.console is None:
+            yield
+        else:
+            with self.console.status(f"{name} ..."):
+                yield
+        self.timings[name] = time.perf_counter() - t0
+        self.log(f"[green]done[/] {name} [dim]({self.timings[name]:.1f} s)[/]")
+
+    def log(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message)
+
+
+def load(config: BuildConfig) -> LoadedModel:
+    from lightkv_export.models.registry import load_model
+
+    return load_model(config.model, random_weights=config.random_weights, dtype=config.torch_dtype)
+
+
+def num_layers(loaded: LoadedModel) -> int:
+    return len(loaded.family.text_model(loaded.model).layers)
+
+
+def schedule_for(config: BuildConfig, loaded: LoadedModel) -> Schedule | None:
+    if config.vanilla:
+        return None
+    return resolve(
+        num_layers(loaded), ratio=config.effective_ratio, schedule=config.schedule, windows=loaded.spec.default_windows
+    )
+
+
+def reference_request(loaded: LoadedModel, schedule: Schedule | None, image_size, dtype_bytes: int) -> dict:
+    """Token layout, vision tokens per layer group and KV bytes per layer for one image of the profile and the
+    reference prompt: what the manifest promises and parity checks the engine against."""
+    family = loaded.family
+    processed = family.process(loaded, [parity_images(image_size, 0)], REFERENCE_PROMPT)
+    spans = family.vision_spans(
+        processed["input_ids"], int(loaded.model.config.image_token_id), processed["image_grid_thw"],
+        family.spatial_merge(loaded.model),
+    )  # fmt: skip
+    seq = int(processed["input_ids"].shape[1])
+    n_layers = num_layers(loaded)
+    text = loaded.text_config
+    per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * dtype_bytes
+    lengths, vision = [seq] * n_layers, [sum(s.length for s in spans[0])] * n_layers
+    if schedule is not None and schedule.stages:
+        plan = plan_request(spans, [seq], schedule)
+        for k, stage in enumerate(schedule.stages):
+            for layer in range(stage.layer, n_layers):  # 0-based layers after the stage's layer
+                lengths[layer] = plan.stages[k].out_lengths[0]
+                vision[layer] = sum(s.length for s in plan.stages[k].spans[0])
+    return {
+        "prompt": REFERENCE_PROMPT,
+        "seq_len": seq,
+        "vision_tokens": vision[0],
+        "kv_lengths": lengths,
+        "vision_tokens_per_layer": vision,
+        "kv_bytes_per_layer": [n * per_token for n in lengths],
+        "kv_bytes_vanilla_per_layer": [seq * per_token] * n_layers,
+    }
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    return {
+        "lightkv_export": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def base_manifest(
+    config: BuildConfig, loaded: LoadedModel, schedule: Schedule | None, exported: ExportedGraphs, reference: dict
+) -> dict[str, Any]:
+    text = loaded.text_config
+    eos = loaded.model.generation_config.eos_token_id
+    eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return {
+        "format": 1,
+        "model": loaded.spec.key,
+        "model_source": config.model,
+        "family": loaded.spec.family,
+        "random_weights": config.random_weights,
+        "vanilla": config.vanilla,
+        "ratio": config.effective_ratio,
+        "schedule": str(schedule) if schedule is not None else "",
+        "retention": schedule.retention if schedule is not None else 1.0,
+        "positions": config.position_mode,
+        "grid_mode": config.grid_mode,
+        "dtype": config.dtype,
+        "image_size": list(exported.meta["image_size"]),
+        "grid_thw": list(exported.meta["grid_thw"]),
+        "num_layers": num_layers(loaded),
+        "hidden_size": text.hidden_size,
+        "num_kv_heads": text.num_key_value_heads,
+        "head_dim": text.hidden_size // text.num_attention_heads,
+        "image_token_id": int(loaded.model.config.image_token_id),
+        "spatial_merge": loaded.family.spatial_merge(loaded.model),
+        "eos_token_ids": [int(e) for e in eos],
+        "max_new_tokens_limit": config.max_new_tokens_limit,
+        "export_key": exported.meta["key"],
+        "reference_request": reference,
+        "versions": versions(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def build_target(target: str, destination: Path, *, exported, prefill, processor, manifest, config) -> Path:
+    if target == "ort-cpu":
+        from lightkv_export.targets.ort import build_ort_engine
+
+        if config.dtype not in ("float32", "fp32"):
+            raise LightKVError(
+                f"--dtype {config.dtype} is for TensorRT targets; ONNX Runtime's CPU provider runs ort-cpu engines "
+                "in float32. Drop --dtype or build a trt-smXY target."
+            )
+        return build_ort_engine(destination, exported=exported, prefill=prefill, processor=processor, manifest=manifest)
+    from lightkv_export.targets import trt
+
+    return trt.build_engine(
+        target, destination, exported=exported, prefill=prefill, processor=processor, manifest=manifest, config=config
+    )
+
+
+def run(config: BuildConfig, console=None, log: Callable[[str], None] | None = None) -> BuildResult:
+    """The whole build. Raises LightKVError for bad input that stops everything (unknown model, bad ratio, ...);
+    per-target failures are collected in the result instead."""
+    from lightkv_export.targets.ort import transform_prefill
+
+    progress = Progress(console)
+    with progress.stage(f"load {config.model}"):
+        loaded = load(config)
+    image_size = tuple(config.image_size or loaded.spec.default_image_size)
+    patch_grid(loaded, image_size)  # validate the profile before the expensive steps
+    schedule = schedule_for(config, loaded)
+    result = BuildResult(config=config, schedule=schedule)
+    if schedule is not None:
+        progress.log(f"schedule {schedule.describe()}")
+    with progress.stage("export (vanilla graphs, cached per model)"):
+        cache = config.out / EXPORT_CACHE
+        if config.force:
+            import shutil
+
+            shutil.rmtree(cache, ignore_errors=True)
+        exported = export_model(loaded, cache, dtype=config.torch_dtype, image_size=image_size, log=progress.log)
+    with progress.stage("LightKV transform" if schedule is not None else "vanilla prefill"):
+        prefill, report = transform_prefill(
+            exported, schedule, positions=config.position_mode, grid_mode=config.grid_mode
+        )
+        if report is not None:
+            progress.log(f"inserted {report.stages} LightKV stages ({report.cloned_nodes} rewired nodes)")
+    dtype_bytes = torch.empty(0, dtype=config.torch_dtype).element_size()
+    result.reference = reference_request(loaded, schedule, image_size, dtype_bytes)
+    manifest = base_manifest(config, loaded, schedule, exported, result.reference)
+    for target in config.targets:
+        destination = config.out / loaded.spec.key / config.engine_tag() / target
+        try:
+            with progress.stage(f"engine {target}"):
+                result.engine_dirs[target] = build_target(
+                    target, destination, exported=exported, prefill=prefill, processor=loaded.processor,
+                    manifest=manifest, config=config,
+                )  # fmt: skip
+        except LightKVError as exc:
+            result.failed_targets[target] = exc
+            progress.log(f"[red]target {target} not built:[/] {exc}")
+            continue
+        if config.parity:
+            with progress.stage(f"parity {target}"):
+                result.parity[target] = run_parity(
+                    result.engine_dirs[target], loaded=loaded, exported=exported, log=progress.log
+                )
+    if config.triton_repo is not None and result.engine_dirs:
+        from lightkv_export.triton_repo import write_repository
+
+        with progress.stage("Triton model repository"):
+            result.triton_repo = write_repository(list(result.engine_dirs.values()), config.triton_repo)
+    result.timings = progress.timings
+    return result
