@@ -22,26 +22,49 @@ def parser() -> argparse.ArgumentParser:
         epilog="Engines go to OUT/<model>/<ratio>/<target>/ with manifest.json, parity.json and report.md. "
         "The vanilla export is cached in OUT/.cache/export, so building another ratio does not export again.",
     )
-    p.add_argument("--model", default="tiny-qwen-vl", help="model key (qwen-vl, qwen2-vl, tiny-qwen-vl, "
-                   "tiny-qwen2-vl), a hub id in the local HF cache, or a local checkpoint directory "
-                   "(default: tiny-qwen-vl)")  # fmt: skip
+    p.add_argument(
+        "--model",
+        default="tiny-qwen-vl",
+        help="model key (qwen-vl, qwen2-vl, tiny-qwen-vl, "
+        "tiny-qwen2-vl), a hub id in the local HF cache, or a local checkpoint directory "
+        "(default: tiny-qwen-vl)",
+    )
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--ratio", type=float, help="fraction of vision-token KV kept, averaged over layers "
-                     "(the paper's 55%%: 0.55, the default); 0 or 1 keep the LightKV path but merge nothing")  # fmt: skip
+    how.add_argument(
+        "--ratio",
+        type=float,
+        help="fraction of vision-token KV kept, averaged over layers "
+        "(the paper's 55%%: 0.55, the default); 0 or 1 keep the LightKV path but merge nothing",
+    )
     how.add_argument("--schedule", help="explicit stages LAYER:WINDOWS:RATIO,... e.g. 12:6:0.5,17:4:0.5,22:2:0.5")
     how.add_argument("--vanilla", action="store_true", help="build the engines without LightKV (the baseline)")
-    p.add_argument("--target", action="append", dest="targets", metavar="TARGET",
-                   help="ort-cpu (default), trt (the local GPU) or trt-smXY (sm80, sm86, sm89, sm90, sm100, sm120); "
-                   "repeatable")  # fmt: skip
+    p.add_argument(
+        "--target",
+        action="append",
+        dest="targets",
+        metavar="TARGET",
+        help="ort-cpu (default), trt (the local GPU) or trt-smXY (sm80, sm86, sm89, sm90, sm100, sm120); repeatable",
+    )
     p.add_argument("--out", type=Path, default=Path("engines"), help="output directory (default: engines/)")
     p.add_argument("--dtype", default="float32", help="float32 (ort-cpu), float16 or bfloat16 (TensorRT)")
-    p.add_argument("--image-size", help="HEIGHTxWIDTH pixels of the engine's image profile, multiples of 28 "
-                   "(default: the model's, 336x448 for the tiny presets)")  # fmt: skip
-    p.add_argument("--positions", choices=("preserve", "official"), default="preserve",
-                   help="after a merge, survivors keep their position ids (preserve) or are renumbered 0..S'-1 "
-                   "(official, the released code)")  # fmt: skip
-    p.add_argument("--compat", choices=("none", "official"), default="none",
-                   help="official: the released code's pseudo-square grid and position reset")  # fmt: skip
+    p.add_argument(
+        "--image-size",
+        help="HEIGHTxWIDTH pixels of the engine's image profile, multiples of 28 "
+        "(default: the model's, 336x448 for the tiny presets)",
+    )
+    p.add_argument(
+        "--positions",
+        choices=("preserve", "official"),
+        default="preserve",
+        help="after a merge, survivors keep their position ids (preserve) or are renumbered 0..S'-1 "
+        "(official, the released code)",
+    )
+    p.add_argument(
+        "--compat",
+        choices=("none", "official"),
+        default="none",
+        help="official: the released code's pseudo-square grid and position reset",
+    )
     p.add_argument("--random-weights", action="store_true", help="real architecture with random weights")
     p.add_argument("--force", action="store_true", help="export again even if the cached export is intact")
     p.add_argument("--no-parity", action="store_true", help="skip the parity stage (not recommended)")
