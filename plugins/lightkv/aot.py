@@ -83,7 +83,13 @@ def kernel_specs(dtype: str, config: KernelConfig = DEFAULT_CONFIG) -> dict[str,
     h, c = f"*{DTYPES[dtype]}", config
     match = {"hidden_ptr": h, "win_index_ptr": "*i64", "n_max": "i32", "dim": "i32"}
     match |= {"best_ptr": "*fp32", "partner_ptr": "*i32"}
-    plan = {"win_index_ptr": "*i64", "win_r_ptr": "*i64", "lengths_ptr": "*i64", "out_lengths_ptr": "*i64"}
+    plan = {
+        "guidance_ptr": "*fp32",
+        "win_index_ptr": "*i64",
+        "win_r_ptr": "*i64",
+        "lengths_ptr": "*i64",
+        "out_lengths_ptr": "*i64",
+    }
     plan |= {"best_ptr": "*fp32", "partner_ptr": "*i32"}
     plan |= {name: "i32" for name in ("n_win", "n_max", "seq", "batch", "out_seq")}
     plan |= {"kept_ptr": "*i64", "out_len_ptr": "*i32", "dest_ptr": "*i32", "assign_ptr": "*i32"}

@@ -103,6 +103,7 @@ def match_kernel(
 
 @triton.jit
 def plan_kernel(
+    guidance_ptr,  # [B, S] fp32, unread: it gives the TensorRT plugin B and S for its output shapes
     win_index_ptr,  # [W, n_max] int64
     win_r_ptr,  # [W] int64
     lengths_ptr,  # [B] int64
