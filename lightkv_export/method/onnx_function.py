@@ -310,7 +310,7 @@ def standalone_model(
 def plan_feeds(plan: StagePlan) -> dict[str, np.ndarray]:
     """The plan's index inputs (win_index, win_r, lengths, out_lengths) as int64 arrays."""
     return {
-        "win_index": plan.win_index.detach().cpu().to(torch.int64).numpy().reshape(-1, plan.win_index.shape[-1]),
+        "win_index": plan.win_index.detach().cpu().to(torch.int64).numpy(),  # [W, n_max], W may be 0
         "win_r": plan.win_r.detach().cpu().to(torch.int64).numpy().reshape(-1),
         "lengths": np.asarray(plan.lengths, dtype=np.int64).reshape(plan.batch),
         "out_lengths": np.asarray(plan.out_lengths, dtype=np.int64).reshape(plan.batch),
