@@ -56,8 +56,8 @@ def build_engines(out: Path) -> dict[str, Path]:
 
     # Parity is the build's own gate, tested elsewhere: it is not what is measured here.
     configs = {
-        "lightkv": BuildConfig(model="tiny-qwen-vl", ratio=0.55, out=out / "lightkv", parity=False),
-        "vanilla": BuildConfig(model="tiny-qwen-vl", vanilla=True, out=out / "vanilla", parity=False),
+        "lightkv": BuildConfig(model="tiny-qwen-vl", ratio=0.55, out=out, parity=False),
+        "vanilla": BuildConfig(model="tiny-qwen-vl", vanilla=True, out=out, parity=False),
     }
     return {kind: build(cfg).engine_dirs["ort-cpu"] for kind, cfg in configs.items()}
 
@@ -133,16 +133,27 @@ def run(quick: bool = False) -> dict:
                 for _ in range(WARMUP):
                     ask(server.url, [png], PROMPT, model=name, max_new_tokens=MAX_NEW_TOKENS)
                 cells[kind] = [load_cell(server.url, name, c, n_requests, budget_s, png) for c in CONCURRENCY]
-    ratios = {}
+    by_concurrency = {}
     for lk, va in zip(cells["lightkv"], cells["vanilla"], strict=True):
-        ratios[str(lk["concurrency"])] = {
+        by_concurrency[str(lk["concurrency"])] = {  # LightKV / vanilla
             "rps": round(lk["rps"] / va["rps"], 3),
             "p50": round(lk["p50_ms"] / va["p50_ms"], 3),
             "p99": round(lk["p99_ms"] / va["p99_ms"], 3),
         }
-    kv = cells["lightkv"][0]["kv_bytes"] / cells["vanilla"][0]["kv_bytes"]
+    # Headline ratios in the benchmarks' convention: baseline (vanilla) / ours, higher is better for LightKV.
+    ratios = {"KV cache bytes (vanilla / LightKV)": cells["vanilla"][0]["kv_bytes"] / cells["lightkv"][0]["kv_bytes"]}
+    for lk, va in zip(cells["lightkv"], cells["vanilla"], strict=True):
+        c = lk["concurrency"]
+        ratios[f"throughput at concurrency {c} (LightKV / vanilla req/s)"] = lk["rps"] / va["rps"]
+        ratios[f"p50 latency at concurrency {c} (vanilla / LightKV)"] = va["p50_ms"] / lk["p50_ms"]
     return {
         "name": NAME,
+        "title": (
+            f"Triton Inference Server (Python backend, ort-cpu), tiny-qwen-vl, LightKV r0.55 vs vanilla: "
+            f"1 image {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, {MAX_NEW_TOKENS} new tokens, concurrency "
+            f"{', '.join(map(str, CONCURRENCY))}"
+        ),
+        "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "quick": quick,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
@@ -160,8 +171,27 @@ def run(quick: bool = False) -> dict:
             "engine_build_s": round(build_s, 1),
         },
         "cells": cells,
-        "ratios_lightkv_over_vanilla": {"kv_bytes": round(kv, 3), "by_concurrency": ratios},
+        "lightkv_over_vanilla_by_concurrency": by_concurrency,
     }
+
+
+def markdown(result: dict) -> str:
+    """The README subsection: one row per (engine, concurrency), then the headline ratios."""
+    lines = [
+        result["title"] + ".",
+        "",
+        "| engine | concurrency | requests | req/s | p50 ms | p99 ms | KV bytes |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for kind, cells in result["cells"].items():
+        lines += [
+            f"| {kind} | {c['concurrency']} | {c['requests']} | {c['rps']:.2f} | {c['p50_ms']:.1f} | "
+            f"{c['p99_ms']:.1f} | {c['kv_bytes']} |"
+            for c in cells
+        ]
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items()]
+    return "\n".join(lines)
 
 
 def table(result: dict) -> str:
@@ -172,10 +202,8 @@ def table(result: dict) -> str:
                 f"{kind:8} {c['concurrency']:>4} {c['requests']:>5} {c['rps']:>8.2f} {c['p50_ms']:>9.1f} "
                 f"{c['p99_ms']:>9.1f} {c['kv_bytes']:>10}"
             )
-    r = result["ratios_lightkv_over_vanilla"]
-    rows.append(f"LightKV / vanilla: KV bytes {r['kv_bytes']:.3f}")
-    for c, v in r["by_concurrency"].items():
-        rows.append(f"  concurrency {c:>2}: req/s x{v['rps']:.3f}, p50 x{v['p50']:.3f}, p99 x{v['p99']:.3f}")
+    for label, v in result["ratios"].items():
+        rows.append(f"{label}: {v:.3f}x")
     return "\n".join(rows)
 
 
