@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps --upgrade --target $(VENV)/triton-stub-site numpy==1.26.4
 	touch $(STAMP)
 
-## Run the main job on the tiny preset (offline, CPU).
+## Run the main job on the tiny preset (offline, CPU): export, LightKV transform, ort-cpu engine, parity.
 build: $(STAMP)
-	$(PY) -m lightkv_export.torch_runtime --model tiny-qwen-vl --ratio 0.55
+	$(PY) build.py --model tiny-qwen-vl --ratio 0.55
 
 ## Lint, then the test suite.
 test: $(STAMP)
@@ -34,7 +34,7 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_reference_op.py
+	$(PY) -m benchmarks
 
 clean:
 	rm -rf $(VENV) engines .pytest_cache

@@ -1,6 +1,6 @@
 """The build pipeline: model -> vanilla export (cached) -> LightKV transform -> one engine per target -> parity.
 
-    from lightkv_export.config import BuildConfig
+    from lightkv_export.config import DTYPES, BuildConfig
     from lightkv_export.pipeline import run
     result = run(BuildConfig(model="tiny-qwen-vl", ratio=0.55))
     result.engine_dirs["ort-cpu"]
@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ from typing import Any
 import torch
 
 from lightkv_export import __version__
-from lightkv_export.config import BuildConfig
-from lightkv_export.errors import LightKVError
+from lightkv_export.config import DTYPES, BuildConfig
+from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.export import ExportedGraphs, export_model, patch_grid
 from lightkv_export.method.merge_plan import plan_request
 from lightkv_export.method.schedule import Schedule, resolve
@@ -77,10 +78,21 @@ class Progress:
             self.console.print(message)
 
 
-def load(config: BuildConfig) -> LoadedModel:
+def check_writable(out: Path) -> None:
+    """Fail before any work if the output directory cannot be created or written."""
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise InputError(
+            f"cannot write engines under {out}: {probe} is not a writable directory. Choose another --out."
+        )
+
+
+def load(config: BuildConfig, dtype: torch.dtype) -> LoadedModel:
     from lightkv_export.models.registry import load_model
 
-    return load_model(config.model, random_weights=config.random_weights, dtype=config.torch_dtype)
+    return load_model(config.model, random_weights=config.random_weights, dtype=dtype)
 
 
 def num_layers(loaded: LoadedModel) -> int:
@@ -146,6 +158,7 @@ def base_manifest(
     config: BuildConfig, loaded: LoadedModel, schedule: Schedule | None, exported: ExportedGraphs, reference: dict
 ) -> dict[str, Any]:
     text = loaded.text_config
+    features = loaded.processor.image_processor
     eos = loaded.model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
     return {
@@ -160,7 +173,6 @@ def base_manifest(
         "retention": schedule.retention if schedule is not None else 1.0,
         "positions": config.position_mode,
         "grid_mode": config.grid_mode,
-        "dtype": config.dtype,
         "image_size": list(exported.meta["image_size"]),
         "grid_thw": list(exported.meta["grid_thw"]),
         "num_layers": num_layers(loaded),
@@ -168,6 +180,7 @@ def base_manifest(
         "num_kv_heads": text.num_key_value_heads,
         "head_dim": text.hidden_size // text.num_attention_heads,
         "image_token_id": int(loaded.model.config.image_token_id),
+        "vision_patch_dim": 3 * features.temporal_patch_size * features.patch_size**2,
         "spatial_merge": loaded.family.spatial_merge(loaded.model),
         "eos_token_ids": [int(e) for e in eos],
         "max_new_tokens_limit": config.max_new_tokens_limit,
@@ -182,11 +195,6 @@ def build_target(target: str, destination: Path, *, exported, prefill, processor
     if target == "ort-cpu":
         from lightkv_export.targets.ort import build_ort_engine
 
-        if config.dtype not in ("float32", "fp32"):
-            raise LightKVError(
-                f"--dtype {config.dtype} is for TensorRT targets; ONNX Runtime's CPU provider runs ort-cpu engines "
-                "in float32. Drop --dtype or build a trt-smXY target."
-            )
         return build_ort_engine(destination, exported=exported, prefill=prefill, processor=processor, manifest=manifest)
     from lightkv_export.targets import trt
 
@@ -195,37 +203,65 @@ def build_target(target: str, destination: Path, *, exported, prefill, processor
     )
 
 
-def run(config: BuildConfig, console=None, log: Callable[[str], None] | None = None) -> BuildResult:
+def target_dtype(config: BuildConfig, target: str) -> str:
+    """ort-cpu engines are float32 (ONNX Runtime's CPU kernels); TensorRT engines float16 unless --dtype bfloat16."""
+    if target == "ort-cpu":
+        return "float32"
+    return "bfloat16" if config.torch_dtype == torch.bfloat16 else "float16"
+
+
+def run(config: BuildConfig, console=None) -> BuildResult:
     """The whole build. Raises LightKVError for bad input that stops everything (unknown model, bad ratio, ...);
     per-target failures are collected in the result instead."""
+    progress = Progress(console)
+    check_writable(config.out)
+    result = BuildResult(config=config, schedule=None)
+    groups: dict[str, list[str]] = {}
+    for target in config.targets:
+        groups.setdefault(target_dtype(config, target), []).append(target)
+    if "ort-cpu" in groups.get("float32", []) and config.dtype not in ("float32", "fp32"):
+        progress.log(f"note: ort-cpu engines are float32; --dtype {config.dtype} applies to TensorRT targets only")
+    for dtype, targets in groups.items():
+        build_group(config, dtype, targets, result, progress)
+    if config.triton_repo is not None and result.engine_dirs:
+        from lightkv_export.triton_repo import write_repository
+
+        with progress.stage("Triton model repository"):
+            result.triton_repo = write_repository(list(result.engine_dirs.values()), config.triton_repo)
+    result.timings = progress.timings
+    return result
+
+
+def build_group(config: BuildConfig, dtype: str, targets: list[str], result: BuildResult, progress: Progress) -> None:
+    """Load, export and transform once for the targets that share a dtype; then build and check each target."""
     from lightkv_export.targets.ort import transform_prefill
 
-    progress = Progress(console)
-    with progress.stage(f"load {config.model}"):
-        loaded = load(config)
+    torch_dtype = DTYPES[dtype]
+    with progress.stage(f"load {config.model} ({dtype})"):
+        loaded = load(config, torch_dtype)
     image_size = tuple(config.image_size or loaded.spec.default_image_size)
     patch_grid(loaded, image_size)  # validate the profile before the expensive steps
     schedule = schedule_for(config, loaded)
-    result = BuildResult(config=config, schedule=schedule)
-    if schedule is not None:
+    if result.schedule is None and schedule is not None:
+        result.schedule = schedule
         progress.log(f"schedule {schedule.describe()}")
-    with progress.stage("export (vanilla graphs, cached per model)"):
+    with progress.stage(f"export ({dtype} vanilla graphs, cached per model)"):
         cache = config.out / EXPORT_CACHE
         if config.force:
             import shutil
 
             shutil.rmtree(cache, ignore_errors=True)
-        exported = export_model(loaded, cache, dtype=config.torch_dtype, image_size=image_size, log=progress.log)
+        exported = export_model(loaded, cache, dtype=torch_dtype, image_size=image_size, log=progress.log)
     with progress.stage("LightKV transform" if schedule is not None else "vanilla prefill"):
         prefill, report = transform_prefill(
             exported, schedule, positions=config.position_mode, grid_mode=config.grid_mode
         )
         if report is not None:
             progress.log(f"inserted {report.stages} LightKV stages ({report.cloned_nodes} rewired nodes)")
-    dtype_bytes = torch.empty(0, dtype=config.torch_dtype).element_size()
-    result.reference = reference_request(loaded, schedule, image_size, dtype_bytes)
-    manifest = base_manifest(config, loaded, schedule, exported, result.reference)
-    for target in config.targets:
+    reference = reference_request(loaded, schedule, image_size, torch.empty(0, dtype=torch_dtype).element_size())
+    result.reference = result.reference or reference
+    manifest = base_manifest(config, loaded, schedule, exported, reference) | {"dtype": dtype}
+    for target in targets:
         destination = config.out / loaded.spec.key / config.engine_tag() / target
         try:
             with progress.stage(f"engine {target}"):
@@ -242,10 +278,3 @@ def run(config: BuildConfig, console=None, log: Callable[[str], None] | None = N
                 result.parity[target] = run_parity(
                     result.engine_dirs[target], loaded=loaded, exported=exported, log=progress.log
                 )
-    if config.triton_repo is not None and result.engine_dirs:
-        from lightkv_export.triton_repo import write_repository
-
-        with progress.stage("Triton model repository"):
-            result.triton_repo = write_repository(list(result.engine_dirs.values()), config.triton_repo)
-    result.timings = progress.timings
-    return result

@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from lightkv_export.method.reference import GridMode, StagePlan, plan_stage
 from lightkv_export.method.schedule import Schedule
@@ -76,9 +75,12 @@ def plan_request(
             cur_spans, seq, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode, lengths=cur_lengths
         )
         names = stage_input_names(k)
-        windows = plan.win_index.reshape(plan.win_r.shape[0], -1) if plan.win_r.numel() else torch.empty(0, 0)
-        feeds[names["win_index"]] = windows.numpy().astype(np.int64)
-        feeds[names["win_r"]] = plan.win_r.numpy().astype(np.int64).reshape(-1)
+        if plan.win_r.numel():
+            feeds[names["win_index"]] = plan.win_index.numpy().astype(np.int64)
+            feeds[names["win_r"]] = plan.win_r.numpy().astype(np.int64)
+        else:  # nothing to merge: one empty window, so no engine ever sees a zero-sized dimension
+            feeds[names["win_index"]] = np.full((1, 2), -1, dtype=np.int64)
+            feeds[names["win_r"]] = np.zeros(1, dtype=np.int64)
         feeds[names["out_lengths"]] = np.asarray(plan.out_lengths, dtype=np.int64)
         feeds[names["text_index"]], feeds[names["text_valid"]] = text_index, text_valid
         plans.append(plan)

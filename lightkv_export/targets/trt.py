@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import onnx
 
 from lightkv_export.errors import InputError, LightKVError
@@ -182,3 +183,178 @@ def build_trt_engine(
     )
     (out_dir / "engine.json").write_text(json.dumps(info.__dict__, indent=2, default=str) + "\n")
     return info
+
+
+# --- the pipeline's entry points -------------------------------------------------------------------------------
+
+GRAPHS = ("vision", "embed", "prefill", "decode")
+MAX_BATCH = 8
+MAX_IMAGES = 4  # images per request the prefill profile admits
+MAX_TEXT_TOKENS = 2048
+MAX_DECODE_CONTEXT = 8192
+
+
+def engine_profiles(manifest: Mapping[str, Any]) -> dict[str, Profile]:
+    """(min, opt, max) shapes per dynamic input of each graph, from the image profile and the reference request.
+
+    opt is the reference request (one image of the profile, the reference prompt, batch 1); max admits
+    MAX_BATCH rows of MAX_IMAGES images and MAX_TEXT_TOKENS text tokens.
+    """
+    ref = manifest["reference_request"]
+    d, hkv, hd = manifest["hidden_size"], manifest["num_kv_heads"], manifest["head_dim"]
+    seq = ref["seq_len"]
+    max_seq = MAX_IMAGES * ref["vision_tokens"] + MAX_TEXT_TOKENS
+    b = (1, 1, MAX_BATCH)
+
+    def dims(*per_axis: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        return tuple(tuple(axis[k] for axis in per_axis) for k in range(3))  # type: ignore[return-value]
+
+    s, one = (2, seq, max_seq), (1, 1, 1)
+    prefill = {"inputs_embeds": dims(b, s, (d, d, d)), "position_ids": dims((3, 3, 3), b, s), "lengths": dims(b)}
+    stages = [x for x in manifest["schedule"].split(",") if x]
+    for k, stage in enumerate(stages):
+        windows = int(stage.split(":")[1]) ** 2
+        w = (1, windows, windows * MAX_IMAGES * MAX_BATCH)  # >= 1: a stage that merges nothing gets a dummy window
+        n = (2, -(-ref["vision_tokens"] // windows), max_seq)
+        prefill |= {
+            f"lightkv.{k}.win_index": dims(w, n),
+            f"lightkv.{k}.win_r": dims(w),
+            f"lightkv.{k}.out_lengths": dims(b),
+            f"lightkv.{k}.text_index": dims(b, (1, seq - ref["vision_tokens"], MAX_TEXT_TOKENS)),
+            f"lightkv.{k}.text_valid": dims(b, (1, seq - ref["vision_tokens"], MAX_TEXT_TOKENS)),
+        }
+    decode: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
+        "inputs_embeds": dims(b, one, (d, d, d)),
+        "position_ids": dims((3, 3, 3), b, one),
+    }
+    for i, length in enumerate(ref["kv_lengths"]):
+        past = (1, length, MAX_DECODE_CONTEXT)
+        for kv in ("key", "value"):
+            decode[f"past.{i}.{kv}"] = dims(b, (hkv, hkv, hkv), past, (hd, hd, hd))
+        decode[f"past_mask.{i}"] = dims(b, past)
+    patches = manifest["grid_thw"][0] * manifest["grid_thw"][1] * manifest["grid_thw"][2]
+    return {
+        "vision": Profile({"pixel_values": dims((patches,) * 3, (manifest["vision_patch_dim"],) * 3)}),
+        "embed": Profile({"input_ids": dims(b, (1, seq, max_seq))}),
+        "prefill": Profile(prefill),
+        "decode": Profile(decode),
+    }
+
+
+def build_engine(
+    target: str, destination: Path, *, exported, prefill: onnx.ModelProto, processor, manifest: dict, config
+) -> Path:
+    """pipeline.build_target for trt-*: kernels first (kept whatever happens), then one TensorRT plan per graph.
+
+    The kernels land in `<destination>-kernels/` (complete or absent); the engine directory is staged and renamed
+    into place like ort-cpu's, so a missing TensorRT or GPU leaves no half-written engine.
+    """
+    from lightkv_export.runtime import MANIFEST, PROCESSOR_DIR
+    from lightkv_export.targets.ort import save_graph, staging
+
+    precision: Precision = "bf16" if manifest["dtype"] == "bfloat16" else "fp16"
+    kernels_dir = destination.with_name(f"{destination.name}-kernels")
+    if parse_trt_target(target) is not None:
+        with staging(kernels_dir) as tmp:
+            compile_target_kernels(target, tmp, [precision])
+    try:
+        capability = check_trt_available(target)
+    except TargetUnavailableError as exc:
+        where = f" Kernels for {target}: {kernels_dir}." if kernels_dir.exists() else ""
+        raise TargetUnavailableError(f"{exc}{where}") from None
+    profiles = engine_profiles(manifest)
+    with staging(destination) as tmp:
+        infos = {}
+        for name in GRAPHS:
+            source = tmp / "onnx" / f"{name}.onnx"
+            source.parent.mkdir(exist_ok=True)
+            save_graph(prefill if name == "prefill" else onnx.load(str(getattr(exported, name))), source)
+            infos[name] = build_trt_engine(
+                source,
+                tmp / name,
+                target=target,
+                precision=precision,
+                profiles=[profiles[name]],
+                schedule=manifest["schedule"],
+                timing_cache=destination.parent / f".{target}.timing-cache",
+            ).__dict__
+        processor.save_pretrained(str(tmp / PROCESSOR_DIR))
+        record = {**manifest, "target": target, "compute_capability": f"{capability[0]}.{capability[1]}"}
+        record["tensorrt"] = infos
+        (tmp / MANIFEST).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return destination
+
+
+class TrtSession:
+    """One TensorRT engine behind the runtime's Session interface (numpy in, numpy out, on the local GPU).
+
+    Outputs whose shapes depend on data (every shape after a LightKV stage) are allocated by TensorRT through an
+    output allocator, so no upper bound has to be guessed.
+    """
+
+    def __init__(self, plan_path: Path) -> None:
+        import tensorrt as trt
+        import torch
+
+        from plugins.lightkv.trt_plugin import register_plugins
+
+        major, minor = torch.cuda.get_device_capability(0)
+        register_plugins(sm_name((major, minor)))
+        self.trt, self.torch = trt, torch
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+
+    def get_outputs(self) -> list[Any]:
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(name=n) for n in self.output_names]
+
+    def run(self, output_names, feeds):
+        trt, torch = self.trt, self.torch
+        allocator = _output_allocator(trt, torch)
+        keep_alive = []
+        for name in self.inputs:
+            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+            keep_alive.append(tensor)
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
+        for name in self.output_names:
+            self.context.set_output_allocator(name, allocator)
+        stream = torch.cuda.current_stream()
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        stream.synchronize()
+        out = []
+        for name in output_names or self.output_names:
+            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            shape = allocator.shapes[name]
+            count = int(np.prod(shape)) if shape else 1
+            out.append(allocator.buffers[name].view(dtype)[:count].reshape(shape).cpu().numpy())
+        return out
+
+
+def _output_allocator(trt, torch):
+    class Allocator(trt.IOutputAllocator):
+        def __init__(self) -> None:
+            super().__init__()
+            self.buffers: dict[str, Any] = {}
+            self.shapes: dict[str, tuple[int, ...]] = {}
+
+        def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
+            self.buffers[tensor_name] = torch.empty(max(int(size), 1), dtype=torch.uint8, device="cuda")
+            return self.buffers[tensor_name].data_ptr()
+
+        def notify_shape(self, tensor_name, shape):
+            self.shapes[tensor_name] = tuple(shape)
+
+    return Allocator()
+
+
+def open_sessions(directory: Path, manifest: Mapping[str, Any]) -> dict[str, TrtSession]:
+    """runtime.open_sessions for TensorRT engine directories."""
+    check_trt_available(manifest["target"])
+    return {name: TrtSession(directory / name / "model.plan") for name in GRAPHS}

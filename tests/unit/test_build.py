@@ -1,0 +1,228 @@
+"""End to end: build.py / pipeline.run on the tiny presets, the engine directories, the runtime, bad input.
+
+One export cache per test session (the vanilla graphs of each tiny family are exported once); every build after
+the first of a family only transforms, writes the engine and runs parity.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightkv_export.config import BuildConfig
+from lightkv_export.errors import InputError
+from lightkv_export.models.mrope import mrope_positions
+from lightkv_export.parity import parity_images
+from lightkv_export.pipeline import run
+from lightkv_export.runtime import Engine
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def engines_out(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="session")
+def builds(engines_out):
+    """model/ratio -> BuildResult; built lazily, once per session."""
+    cache: dict = {}
+
+    def get(model: str, ratio: float | None = None, **kwargs):
+        key = (model, ratio, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = run(BuildConfig(model=model, ratio=ratio, out=engines_out, **kwargs))
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize(
+    ("model", "ratio"),
+    [("tiny-qwen-vl", 0.55), ("tiny-qwen-vl", 0.3), ("tiny-qwen-vl", 0.0), ("tiny-qwen2-vl", 0.55)],
+)
+def test_build_passes_parity_and_writes_a_complete_engine(builds, model, ratio):
+    result = builds(model, ratio)
+    report = result.parity["ort-cpu"]
+    assert report.passed, "\n".join(report.failure_lines())
+    assert result.exit_code == 0
+    levels = {c.level for c in report.checks}
+    assert levels == {"op", "model", "identity"}
+    engine_dir = result.engine_dirs["ort-cpu"]
+    assert engine_dir == result.config.out / model / f"r{ratio:g}" / "ort-cpu"
+    for name in ("manifest.json", "parity.json", "report.md", "prefill.onnx", "decode.onnx", "vision.onnx"):
+        assert (engine_dir / name).is_file(), name
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    assert manifest["schedule"] == str(result.schedule)
+    assert abs(manifest["retention"] - (ratio if ratio else 1.0)) <= 0.01
+    assert not list(engine_dir.parent.glob(".*partial*"))  # nothing half-written next to it
+
+
+def test_engine_kv_lengths_follow_the_schedule(builds, test_image):
+    result = builds("tiny-qwen-vl", 0.55)
+    engine = Engine.load(result.engine_dirs["ort-cpu"])
+    gen = engine.generate([parity_images((336, 448), 0)], result.reference["prompt"], max_new_tokens=4)
+    # The manifest's promise for the reference request is what the engine holds.
+    assert gen.kv_lengths == result.reference["kv_lengths"]
+    stages = result.schedule.stages
+    first = stages[0].layer
+    assert gen.kv_lengths[:first] == [result.reference["seq_len"]] * first  # layers <= lambda_1 keep everything
+    groups = result.schedule.layer_groups()
+    assert len(gen.vision_tokens_per_group) == len(groups)
+    assert gen.vision_tokens_per_group == sorted(gen.vision_tokens_per_group, reverse=True)
+    assert gen.vision_tokens_per_group[-1] < gen.vision_tokens_in // 4  # three halvings of 192
+    held = sum(result.reference["kv_bytes_per_layer"])
+    assert gen.kv_bytes == held < sum(result.reference["kv_bytes_vanilla_per_layer"])
+
+
+def test_ratio_zero_engine_generates_like_hugging_face(builds, tiny_qwen_vl):
+    result = builds("tiny-qwen-vl", 0.0)
+    engine = Engine.load(result.engine_dirs["ort-cpu"])
+    image = parity_images((336, 448), 5)
+    prompt = "What is in the picture?"
+    gen = engine.generate([image], prompt, max_new_tokens=8)
+    assert set(gen.kv_lengths) == {gen.kv_lengths[0]}  # nothing merged anywhere
+    processed = tiny_qwen_vl.family.process(tiny_qwen_vl, [image], prompt)
+    with torch.no_grad():
+        out = tiny_qwen_vl.model.generate(**processed, max_new_tokens=8, do_sample=False)
+    hf_tokens = out[0, processed["input_ids"].shape[1] :].tolist()
+    assert gen.token_ids == hf_tokens[: len(gen.token_ids)]
+
+
+def test_vanilla_engine_and_official_compat(builds):
+    vanilla = builds("tiny-qwen-vl", None, vanilla=True)
+    assert vanilla.parity["ort-cpu"].passed, "\n".join(vanilla.parity["ort-cpu"].failure_lines())
+    assert vanilla.engine_dirs["ort-cpu"].parent.name == "vanilla"
+    official = builds("tiny-qwen2-vl", 0.55, compat="official")
+    assert official.parity["ort-cpu"].passed, "\n".join(official.parity["ort-cpu"].failure_lines())
+    manifest = json.loads((official.engine_dirs["ort-cpu"] / "manifest.json").read_text())
+    assert (manifest["positions"], manifest["grid_mode"]) == ("official", "official")
+
+
+def test_runtime_rejects_bad_requests(builds):
+    engine = Engine.load(builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"])
+    image = parity_images((336, 448), 0)
+    with pytest.raises(InputError, match="prompt is empty"):
+        engine.generate([image], "  ")
+    with pytest.raises(InputError, match="no image"):
+        engine.generate([], "Describe.")
+    with pytest.raises(InputError, match="max_new_tokens"):
+        engine.generate([image], "Describe.", max_new_tokens=10_000)
+    with pytest.raises(InputError, match="smaller than one"):
+        engine.generate([parity_images((8, 8), 0)], "Describe.")
+    with pytest.raises(InputError, match="not an engine directory"):
+        Engine.load(engine.directory.parent)
+
+
+def test_export_cache_is_reused_and_a_corrupt_one_is_rebuilt(builds, engines_out):
+    builds("tiny-qwen-vl", 0.55)
+    (cache,) = (engines_out / ".cache" / "export").glob("tiny-qwen-vl-*")
+    stamp = (cache / "prefill.onnx").stat().st_mtime_ns
+    logs: list[str] = []
+    run(BuildConfig(model="tiny-qwen-vl", ratio=0.5, out=engines_out, parity=False), console=None)
+    assert (cache / "prefill.onnx").stat().st_mtime_ns == stamp  # not exported again
+    with open(cache / "decode.onnx", "r+b") as f:  # flip bytes in the middle of the file
+        f.seek(1000)
+        f.write(b"\x00" * 64)
+    from lightkv_export.export import export_model
+    from lightkv_export.models.registry import load_model
+
+    export_model(load_model("tiny-qwen-vl"), engines_out / ".cache" / "export", dtype=torch.float32,
+                 image_size=(336, 448), log=logs.append)  # fmt: skip
+    assert any("corrupt" in line for line in logs)
+    meta = json.loads((cache / "export.json").read_text())
+    from lightkv_export.export import file_digest
+
+    assert file_digest(cache / "decode.onnx") == meta["sha256"]["decode"]
+
+
+def test_interrupted_build_leaves_no_engine_directory(builds, engines_out, monkeypatch):
+    builds("tiny-qwen-vl", 0.55)  # export cached
+    from lightkv_export.targets import ort as ort_target
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ort_target, "save_graph", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(BuildConfig(model="tiny-qwen-vl", ratio=0.45, out=engines_out, parity=False))
+    parent = engines_out / "tiny-qwen-vl" / "r0.45"
+    assert not (parent / "ort-cpu").exists()
+    assert not list(parent.glob(".*"))
+
+
+def test_mrope_positions_match_transformers(tiny_qwen_vl):
+    from lightkv_export.models.base import VisionSpan
+
+    images = [parity_images((336, 448), 0), parity_images((224, 168), 1)]
+    processed = tiny_qwen_vl.family.process(tiny_qwen_vl, images, "Compare them.")
+    want, delta = tiny_qwen_vl.model.model.get_rope_index(
+        processed["input_ids"], mm_token_type_ids=processed["mm_token_type_ids"],
+        image_grid_thw=processed["image_grid_thw"], attention_mask=processed["attention_mask"],
+    )  # fmt: skip
+    spans = tiny_qwen_vl.family.vision_spans(
+        processed["input_ids"], int(tiny_qwen_vl.model.config.image_token_id), processed["image_grid_thw"], 2
+    )
+    assert all(isinstance(s, VisionSpan) for s in spans[0]) and len(spans[0]) == 2
+    got, got_delta = mrope_positions(processed["input_ids"].shape[1], spans[0])
+    np.testing.assert_array_equal(got, want[:, 0].numpy())
+    assert got_delta == int(delta)
+
+
+def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": "/nonexistent-hf-cache"}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "build.py"), *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "no-such-model"], "unknown model"),
+        (["--model", "qwen-vl"], "not in the local Hugging Face cache"),
+        (["--model", "/nonexistent/checkpoint"], "neither a model key nor a checkpoint directory"),
+        (["--ratio", "0.05"], "cannot be reached"),
+        (["--target", "cuda"], "unknown target"),
+        (["--image-size", "100x100"], "not a positive multiple of 28"),
+        (["--image-size", "big"], "HEIGHTxWIDTH"),
+        (["--schedule", "3:2"], "LAYER:WINDOWS:RATIO"),
+        (["--dtype", "int8"], "unknown dtype"),
+    ],
+)
+def test_cli_bad_input_is_one_clear_message(tmp_path, args, message):
+    proc = cli(*args, "--out", str(tmp_path / "engines"))
+    assert proc.returncode == 2, proc.stderr
+    assert message in " ".join(proc.stderr.split()), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "engines" / "tiny-qwen-vl").exists()
+
+
+def test_cli_unwritable_output(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    proc = cli("--out", str(blocker / "engines"))
+    assert proc.returncode == 2 and "not a writable directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_builds_and_the_parity_command_rechecks(builds, engines_out):
+    builds("tiny-qwen-vl", 0.55)  # the export is cached: the CLI only transforms, builds and checks
+    proc = cli("--model", "tiny-qwen-vl", "--ratio", "0.55", "--out", str(engines_out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "reusing cached export" in proc.stderr and "pass" in proc.stderr
+    engine_dir = engines_out / "tiny-qwen-vl" / "r0.55" / "ort-cpu"
+    check = subprocess.run(
+        [sys.executable, "-m", "lightkv_export.parity", str(engine_dir)], capture_output=True, text=True, timeout=240
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "parity PASS" in check.stderr
