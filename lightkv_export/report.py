@@ -24,9 +24,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
-from lightkv_export.errors import InputError
+import numpy as np
+
+from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.method.reference import GridMode, plan_stage
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.base import VisionSpan
@@ -508,3 +511,494 @@ def _evenly_spaced_fits(fig: PaperFigure, text_tokens: int, convention: FlopConv
             if round(paper_metric(fig, schedule, text_tokens, convention)[1], fig.decimals) == fig.lightkv:
                 out.append(str(schedule))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pictures: what a build keeps per layer (from the manifest) and what one request's merges did (torch run)
+# ---------------------------------------------------------------------------------------------------------
+
+PICTURES_DIR = "pictures"
+PICTURES_HEADING = "## Pictures"
+REPORT_FILE = "report.md"
+DEFAULT_PROMPT = "Describe this image."
+VISION_PNG, KV_PNG, MERGE_PNG, GUIDANCE_PNG = "vision_tokens.png", "kv_bytes.png", "merge_map.png", "guidance.png"
+VANILLA_COLOR, LIGHTKV_COLOR, MEASURED_COLOR = "#b8b8b8", "#1f77b4", "#d62728"
+
+
+@dataclass(frozen=True)
+class LayerPicture:
+    """Pictures 1 and 2: one value per decoder layer (1-based), vanilla vs LightKV, as plotted."""
+
+    path: Path
+    quantity: str  # "vision tokens" | "KV bytes"
+    layers: tuple[int, ...]
+    vanilla: tuple[int, ...]
+    lightkv: tuple[int, ...]
+    stage_layers: tuple[int, ...]  # merges happen right after these layers
+    measured: tuple[int, ...] | None = None  # from a run (picture 2, when given)
+
+
+@dataclass(frozen=True)
+class MergeStage:
+    """Where every vision token of one image is after a stage.
+
+    groups [h, w] int64 on the image's original token grid: the survivor (0..n_out-1, in sequence order) whose
+    hidden state now carries that token; -1 on grid cells past the image's tokens.
+    survivors [n_out] int64: the original grid offset (row * w + col) of each survivor's own token.
+    """
+
+    layer: int
+    windows: int
+    ratio: float
+    skipped: bool
+    tokens_in: int
+    groups: np.ndarray
+    survivors: np.ndarray
+
+    @property
+    def tokens_out(self) -> int:
+        return len(self.survivors)
+
+
+@dataclass(frozen=True)
+class MergeMapPicture:
+    path: Path
+    grid: tuple[int, int]  # (h, w) LLM-token grid of the image
+    cell: tuple[float, float]  # pixels per token (height, width) in the engine's profile
+    stages: tuple[MergeStage, ...]
+
+
+@dataclass(frozen=True)
+class GuidancePicture:
+    path: Path
+    layer: int  # the first stage's layer: xi comes from its attention logits
+    grid: tuple[int, int]
+    values: np.ndarray  # [h, w] fp32 xi of the image's vision tokens, NaN past the image's tokens
+    prompt: str
+
+
+def _reference_request(manifest: dict) -> dict:
+    ref = manifest.get("reference_request")
+    keys = ("vision_tokens", "vision_tokens_per_layer", "kv_bytes_per_layer", "kv_bytes_vanilla_per_layer")
+    if not isinstance(ref, dict) or any(k not in ref for k in keys):
+        raise InputError(
+            "the engine's manifest.json has no complete reference_request (vision tokens and KV bytes per layer); "
+            "it was written by an older build: rebuild the engine with build.py --force."
+        )
+    return ref
+
+
+def stage_layers(manifest: dict) -> tuple[int, ...]:
+    """Layers after which a stage merges, from the manifest's schedule string LAYER:WINDOWS:RATIO,..."""
+    if manifest.get("vanilla") or not manifest.get("schedule"):
+        return ()
+    return tuple(int(part.split(":")[0]) for part in str(manifest["schedule"]).split(","))
+
+
+def _subtitle(manifest: dict) -> str:
+    h, w = manifest.get("image_size", ("?", "?"))
+    variant = "vanilla" if manifest.get("vanilla") else f"schedule {manifest.get('schedule')}"
+    prompt = manifest.get("reference_request", {}).get("prompt", DEFAULT_PROMPT)
+    return (
+        f"{manifest.get('model', '?')} ({manifest.get('target', '?')}), {variant}\n"
+        f"reference request: {h}x{w} image, {prompt!r}"
+    )
+
+
+def vision_picture_data(manifest: dict, path: Path) -> LayerPicture:
+    ref = _reference_request(manifest)
+    light = tuple(int(n) for n in ref["vision_tokens_per_layer"])
+    return LayerPicture(
+        path=path,
+        quantity="vision tokens",
+        layers=tuple(range(1, len(light) + 1)),
+        vanilla=(int(ref["vision_tokens"]),) * len(light),
+        lightkv=light,
+        stage_layers=stage_layers(manifest),
+    )
+
+
+def kv_picture_data(manifest: dict, path: Path, measured: Sequence[int] | None = None) -> LayerPicture:
+    ref = _reference_request(manifest)
+    light = tuple(int(n) for n in ref["kv_bytes_per_layer"])
+    if measured is not None and len(measured) != len(light):
+        raise InputError(f"measured KV bytes cover {len(measured)} layers, the engine has {len(light)}.")
+    return LayerPicture(
+        path=path,
+        quantity="KV bytes",
+        layers=tuple(range(1, len(light) + 1)),
+        vanilla=tuple(int(n) for n in ref["kv_bytes_vanilla_per_layer"]),
+        lightkv=light,
+        stage_layers=stage_layers(manifest),
+        measured=tuple(int(n) for n in measured) if measured is not None else None,
+    )
+
+
+def _byte_unit(largest: float) -> tuple[str, int]:
+    for name, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if largest >= size:
+            return name, size
+    return "bytes", 1
+
+
+def _new_figure(width: float, height: float):
+    """A figure not registered with pyplot: no global state, no GUI backend (Agg canvas on save)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def draw_layer_picture(data: LayerPicture, subtitle: str, nominal_retention: float | None = None) -> Path:
+    """Bars per layer, vanilla behind LightKV, the stages as dotted lines between layers."""
+    kv = data.quantity == "KV bytes"
+    unit, scale = _byte_unit(max(data.vanilla + data.lightkv)) if kv else ("tokens", 1)
+    fig = _new_figure(max(6.5, 0.3 * len(data.layers) + 3.5), 4.6)
+    ax = fig.add_subplot()
+    x = np.asarray(data.layers)
+    ax.bar(x, np.asarray(data.vanilla) / scale, width=0.8, color=VANILLA_COLOR, label="vanilla")
+    ax.bar(x, np.asarray(data.lightkv) / scale, width=0.55, color=LIGHTKV_COLOR, label="LightKV (manifest)")
+    if data.measured is not None:
+        ax.plot(
+            x,
+            np.asarray(data.measured) / scale,
+            "_",
+            color=MEASURED_COLOR,
+            ms=18,
+            mew=2.5,
+            label="LightKV, measured (PyTorch run)",
+        )
+    for k, layer in enumerate(data.stage_layers):
+        ax.axvline(layer + 0.5, color="black", ls=":", lw=1, label="merge (after layer)" if k == 0 else None)
+    if len(data.layers) <= 16:  # values inside the bars while they stay legible
+        for xi, v in zip(x, data.lightkv, strict=True):
+            ax.annotate(f"{v / scale:.3g}", (xi, 0), xytext=(0, 3), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=7, color="white")  # fmt: skip
+    total_v, total_l = sum(data.vanilla), sum(data.lightkv)
+    share = total_l / total_v if total_v else 1.0
+    if kv:
+        head = f"KV cache per layer (K + V): {total_l:,} of {total_v:,} bytes ({share:.1%})"
+    else:
+        head = f"Vision tokens each layer sees and caches: {share:.1%} kept, averaged over layers"
+        if nominal_retention is not None:
+            head += f" (schedule's nominal {nominal_retention:.1%})"
+    ax.set_title(f"{head}\n{subtitle}", fontsize=9)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel(f"KV {unit}" if kv else "vision tokens")
+    ax.set_xticks(x if len(x) <= 32 else x[::4])
+    ax.set_xlim(0.4, len(x) + 0.6)
+    fig.legend(loc="outside lower center", ncols=4, fontsize=8, frameon=False)
+    return _save(fig, data.path)
+
+
+def write_layer_pictures(
+    manifest: dict, out: Path, measured_kv: Sequence[int] | None = None
+) -> tuple[LayerPicture, LayerPicture]:
+    """Pictures 1 and 2 into `out`, from the manifest's reference request (plus measured KV bytes, if given)."""
+    vision = vision_picture_data(manifest, Path(out) / VISION_PNG)
+    kv = kv_picture_data(manifest, Path(out) / KV_PNG, measured_kv)
+    subtitle = _subtitle(manifest)
+    nominal = None if manifest.get("vanilla") else manifest.get("retention")
+    draw_layer_picture(vision, subtitle, nominal)
+    draw_layer_picture(kv, subtitle)
+    return vision, kv
+
+
+def write_build_pictures(engine_dir: Path) -> list[Path]:
+    """Pictures 1 and 2 into ENGINE_DIR/pictures (manifest.json only) and a "## Pictures" section in report.md."""
+    from lightkv_export.runtime import read_manifest
+
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    pictures = write_layer_pictures(manifest, engine_dir / PICTURES_DIR)
+    report = engine_dir / REPORT_FILE
+    text = report.read_text() if report.is_file() else f"# Report: {engine_dir}\n"
+    if PICTURES_HEADING not in text.splitlines():
+        links = [f"![{p.quantity} per layer, vanilla vs LightKV]({PICTURES_DIR}/{p.path.name})" for p in pictures]
+        text = text.rstrip("\n") + "\n\n" + "\n\n".join([PICTURES_HEADING, *links]) + "\n"
+        report.write_text(text)
+    return [p.path for p in pictures]
+
+
+def merge_stages(stages: Sequence, image_span: VisionSpan, schedule: Schedule, image: int = 0) -> list[MergeStage]:
+    """Follow one image's vision tokens through the torch run's stages (StageRecords with merged_into, B = 1).
+
+    After stage k a token sits in survivor inv_k[merged_into_k[where it sat before]], inv_k mapping the stage's
+    input index to its output index (kept_k inverted); composing the stages gives each token's final survivor.
+    """
+    n = image_span.length
+    where = np.arange(image_span.start, image_span.end)  # [n] each token's index in the current sequence
+    origin = None  # [S] original sequence index of every token of the current sequence
+    out = []
+    for record, stage in zip(stages, schedule.stages, strict=True):
+        if record.merged_into is None:
+            raise InputError("the stage records carry no merged_into (a torch_runtime older than this report).")
+        merged_into = record.merged_into[0].cpu().numpy()  # [S_in]
+        kept = record.kept[0].cpu().numpy()  # [S_out]
+        kept = kept[kept >= 0]
+        origin = np.arange(len(merged_into)) if origin is None else origin
+        inv = np.full(len(merged_into), -1, dtype=np.int64)
+        inv[kept] = np.arange(len(kept))
+        tokens_in = len(np.unique(where))
+        where = inv[merged_into[where]]  # [n]
+        if (where < 0).any():  # a token merged into something that did not survive: the op broke its contract
+            raise AssertionError(f"stage at layer {record.layer}: tokens merged into non-survivors")
+        origin = origin[kept]  # [S_out]
+        span = record.spans[0][image]
+        survivors = origin[span.start : span.end] - image_span.start  # [n_out] grid offsets
+        groups = np.full(image_span.grid[0] * image_span.grid[1], -1, dtype=np.int64)
+        groups[:n] = where - span.start
+        out.append(
+            MergeStage(
+                layer=record.layer,
+                windows=stage.windows,
+                ratio=stage.ratio,
+                skipped=bool(record.skipped[0][image]),
+                tokens_in=tokens_in,
+                groups=groups.reshape(image_span.grid),
+                survivors=survivors,
+            )
+        )
+    return out
+
+
+def guidance_values(record, image_span: VisionSpan) -> np.ndarray:
+    """xi of the image's vision tokens at a stage's input, laid on the image's grid: [h, w], NaN past the tokens."""
+    h, w = image_span.grid
+    xi = record.guidance[0, image_span.start : image_span.end].float().cpu().numpy()  # [n]
+    values = np.full(h * w, np.nan, dtype=np.float32)
+    values[: len(xi)] = xi
+    return values.reshape(h, w)
+
+
+def colour_groups(groups: np.ndarray, palette: int) -> np.ndarray:
+    """Greedy colouring so that groups touching on the grid (4-neighbours) get different colours: [n] indices."""
+    n = int(groups.max()) + 1 if groups.size else 0
+    touching: list[set[int]] = [set() for _ in range(n)]
+    for a, b in ((groups[:, :-1], groups[:, 1:]), (groups[:-1, :], groups[1:, :])):
+        diff = (a != b) & (a >= 0) & (b >= 0)
+        for u, v in zip(a[diff].tolist(), b[diff].tolist(), strict=True):
+            touching[u].add(v)
+            touching[v].add(u)
+    colour = np.full(n, -1, dtype=np.int64)
+    for g in range(n):
+        used = {int(colour[o]) for o in touching[g] if colour[o] >= 0}
+        colour[g] = next(c for c in range(n + 1) if c not in used) % palette
+    return colour
+
+
+def _boundaries(groups: np.ndarray, cell: tuple[float, float]) -> list[list[tuple[float, float]]]:
+    """Line segments (pixel coordinates) between grid cells that belong to different groups."""
+    ch, cw = cell
+    segs = []
+    rows, cols = np.nonzero(groups[:, :-1] != groups[:, 1:])
+    segs += [[((c + 1) * cw, r * ch), ((c + 1) * cw, (r + 1) * ch)] for r, c in zip(rows, cols, strict=True)]
+    rows, cols = np.nonzero(groups[:-1, :] != groups[1:, :])
+    segs += [[(c * cw, (r + 1) * ch), ((c + 1) * cw, (r + 1) * ch)] for r, c in zip(rows, cols, strict=True)]
+    return segs
+
+
+def _show_image(ax, pixels: np.ndarray, grid: tuple[int, int], *, grey: bool) -> None:
+    """The engine's input image in pixel coordinates; grey under colour overlays so only the overlay has hue."""
+    height, width = pixels.shape[:2]
+    if grey:
+        ax.imshow(pixels.astype(np.float32).mean(-1), cmap="gray", vmin=0, vmax=255, extent=(0, width, height, 0))
+    else:
+        ax.imshow(pixels, extent=(0, width, height, 0))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+    ax.set_xticks(np.linspace(0, width, grid[1] + 1), labels=[])
+    ax.set_yticks(np.linspace(0, height, grid[0] + 1), labels=[])
+    ax.tick_params(length=0)
+
+
+def _input_panel(ax, pixels: np.ndarray, grid: tuple[int, int]) -> None:
+    _show_image(ax, pixels, grid, grey=False)
+    ax.grid(color="white", lw=0.4, alpha=0.6)
+    height, width = pixels.shape[:2]
+    ax.set_title(f"input, resized to the engine's {height}x{width}\n{grid[0]}x{grid[1]} LLM tokens", fontsize=8)
+
+
+def draw_merge_map(data: MergeMapPicture, image, title: str) -> Path:
+    """The input, then one panel per stage: each token cell coloured by its survivor, group borders, survivors."""
+    from matplotlib import colormaps
+    from matplotlib.collections import LineCollection
+
+    h, w = data.grid
+    ch, cw = data.cell
+    pixels = np.asarray(image.convert("RGB"))
+    panels = 1 + len(data.stages)
+    cols = min(4, panels)
+    rows = math.ceil(panels / cols)
+    fig = _new_figure(3.6 * cols, 3.6 * rows * pixels.shape[0] / pixels.shape[1] + 1.1)
+    palette = np.asarray(colormaps["tab20"].colors)  # [20, 3]
+    _input_panel(fig.add_subplot(rows, cols, 1), pixels, data.grid)
+    for k, stage in enumerate(data.stages):
+        ax = fig.add_subplot(rows, cols, k + 2)
+        _show_image(ax, pixels, data.grid, grey=True)
+        colour = colour_groups(stage.groups, len(palette))
+        rgba = np.zeros((h, w, 4))  # [h, w, RGBA]
+        valid = stage.groups >= 0
+        rgba[valid, :3] = palette[colour[stage.groups[valid]]]
+        rgba[valid, 3] = 0.6
+        ax.imshow(rgba, extent=(0, w * cw, h * ch, 0), interpolation="nearest")
+        ax.add_collection(LineCollection(_boundaries(stage.groups, data.cell), colors="black", linewidths=1.0))
+        sr, sc = np.divmod(stage.survivors, w)
+        ax.plot((sc + 0.5) * cw, (sr + 0.5) * ch, "o", ms=2.5, mfc="white", mec="black", mew=0.5)
+        note = " (image too small: skipped)" if stage.skipped else ""
+        ax.set_title(
+            f"after layer {stage.layer}: {stage.tokens_in} -> {stage.tokens_out} tokens\n"
+            f"{stage.windows}x{stage.windows} windows, ratio {stage.ratio:g}{note}",
+            fontsize=8,
+        )
+    fig.suptitle(
+        f"{title}\ncolour and borders: the survivor each {ch:g}x{cw:g}-pixel token was merged into "
+        "(merges compound over stages); dot: the survivor's own token",
+        fontsize=9,
+    )
+    return _save(fig, data.path)
+
+
+def draw_guidance(data: GuidancePicture, image, title: str) -> Path:
+    """The input next to the xi heatmap over it (grey underneath, so the colour is xi alone)."""
+    pixels = np.asarray(image.convert("RGB"))
+    height, width = pixels.shape[:2]
+    fig = _new_figure(9.0, 4.0 * height / width + 1.3)
+    _input_panel(fig.add_subplot(1, 2, 1), pixels, data.grid)
+    ax = fig.add_subplot(1, 2, 2)
+    _show_image(ax, pixels, data.grid, grey=True)
+    heat = ax.imshow(data.values, extent=(0, width, height, 0), cmap="inferno", alpha=0.75, interpolation="nearest")
+    fig.colorbar(heat, ax=ax, shrink=0.85, label="xi (merge weight)")
+    ax.set_title(f"text guidance xi after layer {data.layer}\n(the first stage's merge weights)", fontsize=8)
+    prompt = data.prompt if len(data.prompt) <= 70 else data.prompt[:67] + "..."
+    fig.suptitle(f"{title}\nprompt: {prompt!r}", fontsize=9)
+    return _save(fig, data.path)
+
+
+@dataclass(frozen=True)
+class RequestPictures:
+    """Everything `python -m lightkv_export.report` drew for one image and prompt; None where not applicable."""
+
+    vision: LayerPicture
+    kv: LayerPicture
+    merge_map: MergeMapPicture | None
+    guidance: GuidancePicture | None
+    notes: tuple[str, ...] = ()
+
+    def paths(self) -> list[Path]:
+        pics = (self.vision, self.kv, self.merge_map, self.guidance)
+        return [p.path for p in pics if p is not None]
+
+
+def load_image(path: str | Path | None, size: tuple[int, int]):
+    """The image to explain, RGB: a file, or the engine's reference image (parity_images(profile, 0))."""
+    from PIL import Image
+
+    from lightkv_export.parity import parity_images
+
+    if path is None:
+        return parity_images(size, 0)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {str(path)!r}: {exc}. Expected a PNG or JPEG file.") from None
+
+
+def request_pictures(
+    engine_dir: Path, out: Path, image=None, prompt: str = DEFAULT_PROMPT, *, loaded=None
+) -> RequestPictures:
+    """Run the PyTorch reference on the engine's exact inputs for (image, prompt) and draw pictures 1-4 in `out`.
+
+    `loaded`: the engine's model, already loaded (tests); default load_model(manifest["model_source"]).
+    """
+    from lightkv_export import torch_runtime
+    from lightkv_export.parity import parity_images, torch_inputs
+    from lightkv_export.runtime import Engine, read_manifest
+
+    engine_dir, out = Path(engine_dir), Path(out)
+    manifest = read_manifest(engine_dir)
+    _reference_request(manifest)  # fail early, before loading anything, on an engine without the accounting
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"cannot write pictures to {out}: {exc}. Choose another --out.") from None
+    if manifest.get("vanilla"):
+        vision, kv = write_layer_pictures(manifest, out)
+        note = "vanilla engine: no merge stages, so there is no merge map and no guidance to draw."
+        return RequestPictures(vision, kv, None, None, (note,))
+
+    size = tuple(int(n) for n in manifest["image_size"])
+    image = parity_images(size, 0) if image is None else image
+    engine = Engine.load(engine_dir)
+    request = engine.prepare([image], prompt)
+    if loaded is None:
+        from lightkv_export.models.registry import load_model
+
+        loaded = load_model(manifest["model_source"], random_weights=bool(manifest.get("random_weights")))
+    run = torch_runtime.prefill(
+        loaded, torch_inputs(request), engine.schedule, positions=manifest["positions"], grid_mode=manifest["grid_mode"]
+    )
+    shapes = [tuple(layer.keys.shape) for layer in run.cache.layers]  # [1, Hkv, S_l, d] each
+    vision, kv = write_layer_pictures(manifest, out, kv_bytes_per_layer(shapes, dtype_bytes(manifest["dtype"])))
+
+    span = request.spans[0][0]
+    h, w = span.grid
+    underlay = image.convert("RGB").resize((size[1], size[0]))  # what the engine saw
+    cell = (size[0] / h, size[1] / w)
+    title = f"{manifest['model']} ({manifest['target']}), schedule {manifest['schedule']}"
+    stages = tuple(merge_stages(run.stages, span, engine.schedule))
+    merge_map = MergeMapPicture(out / MERGE_PNG, (h, w), cell, stages)
+    draw_merge_map(merge_map, underlay, f"{title}: merge map for {prompt!r}")
+    guidance = GuidancePicture(
+        out / GUIDANCE_PNG, run.stages[0].layer, (h, w), guidance_values(run.stages[0], span), prompt
+    )
+    draw_guidance(guidance, underlay, title)
+    notes = (f"{len(engine.schedule.stages)} stages: " + ", ".join(f"{s.tokens_in}->{s.tokens_out}" for s in stages),)
+    return RequestPictures(vision, kv, merge_map, guidance, notes)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m lightkv_export.report ENGINE_DIR`: draw what an engine keeps and what it merged for one request."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m lightkv_export.report",
+        description="Pictures of an engine: vision tokens and KV bytes per layer (vanilla vs LightKV), and, from "
+        "the PyTorch reference run on the engine's exact inputs, the merge map and the text-guidance heatmap "
+        "over the image.",
+    )
+    parser.add_argument("engine_dir", type=Path, help="an engine directory written by build.py")
+    parser.add_argument("--image", type=Path, help="RGB image file (default: the engine's reference image)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the question (default: {DEFAULT_PROMPT!r})")
+    parser.add_argument("--out", type=Path, help=f"output directory (default: ENGINE_DIR/{PICTURES_DIR})")
+    args = parser.parse_args(argv)
+    try:
+        from lightkv_export.runtime import read_manifest
+
+        manifest = read_manifest(args.engine_dir)
+        image = None
+        if args.image is not None:
+            image = load_image(args.image, tuple(manifest.get("image_size", (0, 0))))
+        out = args.out if args.out is not None else args.engine_dir / PICTURES_DIR
+        pictures = request_pictures(args.engine_dir, out, image, args.prompt)
+    except LightKVError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    for note in pictures.notes:
+        print(note, file=sys.stderr)
+    for path in pictures.paths():
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -68,6 +68,7 @@ class StageRecord:
     spans: tuple[tuple[VisionSpan, ...], ...]
     skipped: tuple[tuple[bool, ...], ...]
     guidance: torch.Tensor  # [B, S] xi at the stage's input positions
+    merged_into: torch.Tensor | None = None  # [B, S] input index of the survivor each input token ended in
 
 
 @dataclass
@@ -151,7 +152,7 @@ def prefill(
                 capture["query"], capture["key"], vision_mask(spans, seq, hidden.device), softmax_over=softmax_over
             )  # [1, S]
             res = lightkv_merge(hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode)
-            records.append(StageRecord(idx + 1, res.kept, res.spans, res.skipped, xi))
+            records.append(StageRecord(idx + 1, res.kept, res.spans, res.skipped, xi, res.merged_into))
             hidden, spans = res.hidden, res.spans
             if positions == "preserve":
                 pos = pos.gather(2, res.kept.unsqueeze(0).expand(3, -1, -1))  # [3, 1, S']

@@ -79,13 +79,18 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class MergeResult:
-    """hidden [B, S', D]; kept [B, S'] int64 (source index of each survivor, -1 padding); lengths [B]."""
+    """hidden [B, S', D]; kept [B, S'] int64 (source index of each survivor, -1 padding); lengths [B].
+
+    merged_into [B, S] int64: for each input position, the input index of the survivor it was merged into (its
+    own index if it survived, -1 at padding). Bookkeeping for reports; the op's outputs do not depend on it.
+    """
 
     hidden: torch.Tensor
     kept: torch.Tensor
     lengths: torch.Tensor
     spans: tuple[tuple[VisionSpan, ...], ...]
     skipped: tuple[tuple[bool, ...], ...]
+    merged_into: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,6 +295,7 @@ def apply_plan(hidden: torch.Tensor, guidance: torch.Tensor, plan: StagePlan) ->
     flat = hidden.reshape(bsz * seq, dim)  # [N, D]
     positions = torch.arange(seq, device=device).unsqueeze(0)  # [1, S]
     keep = positions < torch.tensor(plan.lengths, device=device).unsqueeze(1)  # [B, S]
+    merged_into = torch.where(keep, positions, -1).reshape(-1)  # [N] row-local index, -1 at padding
     out_flat = flat
     if plan.win_index.numel():
         x = flat.float()  # [N, D]
@@ -300,6 +306,7 @@ def apply_plan(hidden: torch.Tensor, guidance: torch.Tensor, plan: StagePlan) ->
             out_flat = flat.clone()
             out_flat[touched] = merged.to(hidden.dtype)
             keep = keep.reshape(-1).index_fill(0, src, False).reshape(bsz, seq)
+            merged_into = merged_into.index_copy(0, src, dst % seq)  # A -> its B partner (B never merges)
     out_len = plan.out_seq_len
     kept = compact(keep, out_len)  # [B, S']
     lengths = keep.sum(dim=1)  # [B]
@@ -307,7 +314,14 @@ def apply_plan(hidden: torch.Tensor, guidance: torch.Tensor, plan: StagePlan) ->
         raise AssertionError(f"merge kept {lengths.tolist()} tokens, the plan expected {plan.out_lengths}")
     gathered = out_flat.reshape(bsz, seq, dim).gather(1, kept.clamp(min=0).unsqueeze(-1).expand(-1, -1, dim))
     out = gathered.masked_fill((kept < 0).unsqueeze(-1), 0)  # [B, S', D]
-    return MergeResult(hidden=out, kept=kept, lengths=lengths, spans=plan.spans, skipped=plan.skipped)
+    return MergeResult(
+        hidden=out,
+        kept=kept,
+        lengths=lengths,
+        spans=plan.spans,
+        skipped=plan.skipped,
+        merged_into=merged_into.reshape(bsz, seq),
+    )
 
 
 def lightkv_merge(
