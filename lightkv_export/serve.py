@@ -267,6 +267,7 @@ class Server:
                 self.stop()
                 if attempt + 1 < attempts and "address already in use" in log_text.lower():
                     continue
+                self.close()  # the error carries the log tail; nothing is left behind
                 raise
         raise AssertionError("unreachable")
 
