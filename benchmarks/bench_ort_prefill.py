@@ -1,0 +1,289 @@
+"""ONNX Runtime CPU prefill: the LightKV engine's graph vs the vanilla one, on a mid-size random-weight Qwen2.5-VL.
+
+Both graphs come from one export (`export.export_prefill`) of the same model: the vanilla engine's is that export
+with its role outputs stripped (`export.strip_roles`), LightKV's is the `insert_lightkv` pass for the schedule the
+solver picks. Same session options (2 intra-op threads, sequential, full graph optimisation), same inputs:
+random `inputs_embeds` for one image's grid of vision tokens between text, its M-RoPE positions
+(`models.mrope`) and, for LightKV, the per-request plan feeds (`merge_plan.plan_request`). Runs are interleaved,
+the order alternating each repeat, and medians are reported.
+
+The measured speed-up is set against the prefill FLOPs ratio the schedule predicts (`report.prefill_flops` on the
+same shape and layout: projections + MLP + attention per layer at its layer group's sequence length, plus the
+guidance and merge overheads; full S x S attention, since the exported graph computes the causal product densely).
+
+Run: `python -m benchmarks --only ort_prefill [--quick]` or `python benchmarks/bench_ort_prefill.py [--quick]`
+(the latter writes benchmarks/results/ort_prefill.json unless --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+NAME = "ort_prefill"
+THREADS = 2
+RATIO = 0.55
+
+
+@dataclass(frozen=True)
+class BenchSize:
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    mrope_section: tuple[int, int, int]  # sums to head_dim / 2
+    grid: tuple[int, int]  # the image's LLM-token grid
+    text_before: int
+    text_after: int
+    windows: tuple[int, ...]
+    repeats: int
+
+
+# About a third of Qwen2.5-VL-7B's width and depth; 32 x 32 = 1024 vision tokens (an 896 x 896 image).
+FULL = BenchSize(12, 1024, 16, 4, 2816, (8, 12, 12), (32, 32), 15, 24, (4, 2, 1), 9)
+QUICK = BenchSize(6, 256, 4, 2, 704, (8, 12, 12), (16, 16), 15, 24, (2, 1), 2)
+
+
+def build_model(size: BenchSize):
+    """Qwen2.5-VL's language model at `size` with seeded random weights (the tiny vision tower: it is not run)."""
+    import torch
+
+    from lightkv_export.models import tiny
+    from lightkv_export.models.registry import FAMILIES, build_seeded
+
+    family = FAMILIES["qwen2_5_vl"]
+    config_kw = tiny.tiny_config_dict("qwen2_5_vl", tiny.build_tokenizer())
+    config_kw["text_config"] = {
+        **config_kw["text_config"],
+        "hidden_size": size.hidden,
+        "intermediate_size": size.intermediate,
+        "num_hidden_layers": size.layers,
+        "num_attention_heads": size.heads,
+        "num_key_value_heads": size.kv_heads,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(size.mrope_section)},
+    }
+    config_kw["vision_config"] = {**config_kw["vision_config"], "out_hidden_size": size.hidden}
+    model = build_seeded(family, family.config_class()(**config_kw), torch.float32)
+    return family, model
+
+
+def arch_shape(size: BenchSize, vocab: int):
+    from lightkv_export.models.shapes import ArchShape
+
+    return ArchShape(
+        key="bench-qwen-vl", hf_id="", vision="qwen", num_layers=size.layers, hidden=size.hidden,
+        heads=size.heads, kv_heads=size.kv_heads, intermediate=size.intermediate, vocab=vocab,
+        tie_embeddings=False, qkv_bias=True, vision_params=0, default_windows=size.windows,
+        default_image_size=(size.grid[0] * 28, size.grid[1] * 28),
+    )  # fmt: skip
+
+
+def export_graphs(size: BenchSize, workdir: Path):
+    """(vanilla prefill, LightKV prefill, schedule, vocab, seconds spent exporting and transforming)."""
+    import onnx
+    import torch
+
+    from lightkv_export.export import export_prefill, strip_roles
+    from lightkv_export.method.schedule import solve
+    from lightkv_export.passes.insert_lightkv import insert_lightkv
+
+    t0 = time.perf_counter()
+    family, model = build_model(size)
+    text, head = family.text_model(model), family.lm_head(model)
+    path = workdir / "prefill.onnx"
+    with torch.no_grad():
+        export_prefill(text, head, path, dtype=torch.float32)
+    t1 = time.perf_counter()
+    exported = onnx.load(str(path))
+    schedule = solve(size.layers, RATIO, size.windows)
+    lightkv, _ = insert_lightkv(exported, schedule)
+    vanilla = strip_roles(exported)
+    t2 = time.perf_counter()
+    return vanilla, lightkv, schedule, head.out_features, {"export_s": t1 - t0, "transform_s": t2 - t1}
+
+
+def make_request(size: BenchSize, seed: int = 0) -> tuple[dict[str, np.ndarray], list]:
+    """Feeds shared by both graphs (B = 1) and the row's vision spans."""
+    from lightkv_export.models.base import VisionSpan
+    from lightkv_export.models.mrope import mrope_positions
+
+    h, w = size.grid
+    spans = [VisionSpan(size.text_before, h * w, (h, w))]
+    seq = size.text_before + h * w + size.text_after
+    positions, _ = mrope_positions(seq, spans)  # [3, S]
+    embeds = np.random.default_rng(seed).standard_normal((1, seq, size.hidden)).astype(np.float32)  # [1, S, D]
+    feeds = {
+        "inputs_embeds": embeds,
+        "position_ids": positions[:, None, :],  # [3, 1, S]
+        "lengths": np.asarray([seq], dtype=np.int64),
+    }
+    return feeds, [spans]
+
+
+def session(model, threads: int = THREADS):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def kv_bytes(outputs: dict[str, np.ndarray]) -> int:
+    return sum(v.nbytes for k, v in outputs.items() if k.startswith("present."))
+
+
+def predicted(size: BenchSize, vocab: int, schedule) -> dict:
+    """Prefill FLOPs of both variants from report.py's accounting, and the KV bytes it predicts."""
+    from lightkv_export.report import (
+        FlopConvention,
+        TokenLayout,
+        analytic_kv_bytes_per_layer,
+        prefill_flops,
+        trace_schedule,
+    )
+
+    shape = arch_shape(size, vocab)
+    layout = TokenLayout(size.text_before, (size.grid,), size.text_after)
+    out = {}
+    for name, sched in (("vanilla", None), ("lightkv", schedule)):
+        trace = trace_schedule(sched, layout, size.layers)
+        out[name] = {
+            "flops": {c: int(v) for c, v in prefill_flops(shape, trace, FlopConvention(causal=False)).items()},
+            "flops_causal": int(sum(prefill_flops(shape, trace, FlopConvention(causal=True)).values())),
+            "kv_bytes": sum(analytic_kv_bytes_per_layer(shape, trace, 4)),
+            "seq_per_layer": list(trace.seq_per_layer),
+        }
+    return out
+
+
+def time_interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each zero-argument callable; the order alternates every repeat."""
+    names = list(runs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for n in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            runs[n]()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def run(quick: bool = False) -> dict:
+    from lightkv_export.method.merge_plan import plan_request
+
+    size = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory(prefix="bench_ort_prefill_") as tmp:
+        vanilla_model, lightkv_model, schedule, vocab, build_s = export_graphs(size, Path(tmp))
+    feeds, spans = make_request(size)
+    seq = int(feeds["lengths"][0])
+    plan = plan_request(spans, [seq], schedule)
+    sessions = {"vanilla": session(vanilla_model), "lightkv": session(lightkv_model)}
+    del vanilla_model, lightkv_model
+    inputs = {"vanilla": feeds, "lightkv": {**feeds, **plan.feeds}}
+    names = {v: [o.name for o in s.get_outputs()] for v, s in sessions.items()}
+
+    # Warm-up (ORT allocates its arena on the first run) and the outputs both variants produced.
+    outputs = {v: dict(zip(names[v], s.run(names[v], inputs[v]), strict=True)) for v, s in sessions.items()}
+    kv_len = {v: [outputs[v][f"present.{i}.key"].shape[2] for i in range(size.layers)] for v in sessions}
+    pred = predicted(size, vocab, schedule)
+    if kv_len["lightkv"] != pred["lightkv"]["seq_per_layer"] or kv_len["vanilla"] != [seq] * size.layers:
+        raise AssertionError(f"KV lengths {kv_len} differ from the plan's {pred['lightkv']['seq_per_layer']}")
+
+    runs = {v: (lambda v=v: sessions[v].run(names[v], inputs[v])) for v in sessions}
+    times = time_interleaved(runs, size.repeats)
+    med_ms = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
+    kv = {v: kv_bytes(outputs[v]) for v in sessions}
+    flops = {v: sum(pred[v]["flops"].values()) for v in sessions}
+    speedup = med_ms["vanilla"] / med_ms["lightkv"]
+    flops_ratio = flops["vanilla"] / flops["lightkv"]
+    return {
+        "title": f"ONNX Runtime CPU prefill, random-weight Qwen2.5-VL ({size.layers} layers, D={size.hidden}, "
+        f"{size.heads}/{size.kv_heads} heads, MLP {size.intermediate}), one {size.grid[0]}x{size.grid[1]} image, "
+        f"S={seq}, {THREADS} threads: LightKV (schedule {schedule}) vs vanilla",
+        "ratios": {"prefill speed-up": speedup, "KV bytes": kv["vanilla"] / kv["lightkv"]},
+        "predicted_flops_ratio": flops_ratio,
+        "predicted_flops_ratio_causal": pred["vanilla"]["flops_causal"] / pred["lightkv"]["flops_causal"],
+        "speedup_over_flops_ratio": speedup / flops_ratio,
+        "schedule": str(schedule),
+        "retention": schedule.retention,
+        "size": {**size.__dict__, "seq": seq, "vision_tokens": size.grid[0] * size.grid[1], "vocab": vocab},
+        "threads": THREADS,
+        "repeats": size.repeats,
+        "median_ms": med_ms,
+        "min_ms": {v: min(ts) * 1e3 for v, ts in times.items()},  # least disturbed by other load on shared cores
+        "times_ms": {v: [t * 1e3 for t in ts] for v, ts in times.items()},
+        "kv_bytes": kv,
+        "kv_bytes_predicted": {v: pred[v]["kv_bytes"] for v in sessions},
+        "kv_lengths": kv_len,
+        "prefill_flops": {v: pred[v]["flops"] for v in sessions},
+        "build_s": build_s,
+    }
+
+
+def markdown(result: dict) -> str:
+    rows = ["| engine | median prefill ms | KV bytes (fp32) | prefill GFLOPs (predicted) |", "|---|---:|---:|---:|"]
+    for v in ("vanilla", "lightkv"):
+        gflops = sum(result["prefill_flops"][v].values()) / 1e9
+        rows.append(f"| {v} | {result['median_ms'][v]:.0f} | {result['kv_bytes'][v] / 2**20:.1f} MiB | {gflops:.1f} |")
+    r = result["ratios"]
+    rows += [
+        "",
+        f"Schedule {result['schedule']} (retention {result['retention']:.3f}). Measured prefill speed-up "
+        f"{r['prefill speed-up']:.2f}x against {result['predicted_flops_ratio']:.2f}x predicted by the FLOPs "
+        f"accounting (measured / predicted = {result['speedup_over_flops_ratio']:.2f}); KV cache "
+        f"{r['KV bytes']:.2f}x smaller.",
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from benchmarks.__main__ import RESULTS, environment
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small model, writes nothing")
+    args = parser.parse_args(argv)
+    result = run(quick=args.quick)
+    table = Table(title=result["title"])
+    for col in ("engine", "median ms", "KV MiB", "predicted GFLOPs", "KV lengths per layer"):
+        table.add_column(col)
+    for v in ("vanilla", "lightkv"):
+        table.add_row(
+            v,
+            f"{result['median_ms'][v]:.1f}",
+            f"{result['kv_bytes'][v] / 2**20:.1f}",
+            f"{sum(result['prefill_flops'][v].values()) / 1e9:.1f}",
+            " ".join(map(str, result["kv_lengths"][v])),
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"speed-up {result['ratios']['prefill speed-up']:.2f}x (FLOPs predict {result['predicted_flops_ratio']:.2f}x), "
+        f"KV bytes {result['ratios']['KV bytes']:.2f}x smaller; schedule {result['schedule']}"
+    )
+    if not args.quick:
+        record = {"benchmark": NAME, "quick": False, **environment(), **result}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
+        console.print(f"results -> {RESULTS / f'{NAME}.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/bench_ort_prefill.py`
+    sys.exit(main())
