@@ -1,0 +1,236 @@
+"""Pictures of a build (lightkv_export/report.py): the files are made and what they plot is the run's data.
+
+No pixel goldens: each picture's plotted arrays come back as a dataclass and are checked against the manifest,
+the analytic accounting, the ONNX engine's own outputs and an independent PyTorch reference run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lightkv_export import report, torch_runtime
+from lightkv_export.config import BuildConfig
+from lightkv_export.method.reference import lightkv_merge, plan_stage, window_layout
+from lightkv_export.method.schedule import parse_schedule
+from lightkv_export.models.base import VisionSpan
+from lightkv_export.parity import parity_images, torch_inputs
+from lightkv_export.runtime import Engine
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> dict[str, Path]:
+    """A tiny LightKV engine (ratio 0.55) and a vanilla one; the second build reuses the cached export."""
+    from lightkv_export.pipeline import run
+
+    out = tmp_path_factory.mktemp("engines")
+    light = run(BuildConfig(model="tiny-qwen-vl", ratio=0.55, out=out, parity=False))
+    vanilla = run(BuildConfig(model="tiny-qwen-vl", vanilla=True, out=out, parity=False))
+    return {"lightkv": light.engine_dirs["ort-cpu"], "vanilla": vanilla.engine_dirs["ort-cpu"]}
+
+
+def manifest_of(engine_dir: Path) -> dict:
+    return json.loads((engine_dir / "manifest.json").read_text())
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), path
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 300 and im.height > 200
+
+
+# --- the reference op's bookkeeping -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_merged_into_points_at_a_survivor_of_the_same_window(ratio):
+    spans = [[VisionSpan(2, 48, (6, 8)), VisionSpan(60, 35, (5, 7))], [VisionSpan(0, 100, (10, 10))]]
+    lengths = [120, 110]
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 120, 16, generator=g)  # [B, S, D]
+    guidance = torch.rand(2, 120, generator=g)  # [B, S]
+    res = lightkv_merge(hidden, guidance, spans, windows=2, ratio=ratio, lengths=lengths)
+    plan = plan_stage(spans, 120, windows=2, ratio=ratio, lengths=lengths)
+    window_of = {}  # flat index -> window id, from the plan
+    for wdx, row in enumerate(plan.win_index.tolist()):
+        window_of.update({i: wdx for i in row if i >= 0})
+    for b in range(2):
+        into = res.merged_into[b]  # [S]
+        kept = res.kept[b][res.kept[b] >= 0]
+        assert (into[lengths[b] :] == -1).all()
+        assert torch.equal(into[kept], kept)  # survivors point at themselves
+        assert torch.equal(torch.unique(into[: lengths[b]]), kept)  # every target survived; one group per survivor
+        merged = (into[: lengths[b]] != torch.arange(lengths[b])).nonzero().flatten()
+        assert len(merged) == lengths[b] - int(res.lengths[b])
+        for i in merged.tolist():
+            assert window_of[b * 120 + i] == window_of[b * 120 + int(into[i])]
+
+
+# --- pictures 1 and 2: from the manifest ---------------------------------------------------------------------
+
+
+def test_build_pictures_are_written_linked_once_and_plot_the_manifest(engines, tmp_path):
+    engine_dir = engines["lightkv"]
+    manifest = manifest_of(engine_dir)
+    (engine_dir / "report.md").write_text("# Parity report: x\n\n**parity PASS**\n")
+    paths = report.write_build_pictures(engine_dir)
+    assert [p.name for p in paths] == [report.VISION_PNG, report.KV_PNG]
+    for p in paths:
+        assert p.parent == engine_dir / report.PICTURES_DIR
+        assert_png(p)
+    report.write_build_pictures(engine_dir)  # again: no second section
+    text = (engine_dir / "report.md").read_text()
+    assert text.startswith("# Parity report: x\n\n**parity PASS**")
+    assert text.count(report.PICTURES_HEADING) == 1
+    assert f"({report.PICTURES_DIR}/{report.VISION_PNG})" in text and f"({report.PICTURES_DIR}/{report.KV_PNG})" in text
+
+    # The plotted series against the analytic accounting, traced from the schedule on the reference layout.
+    ref = manifest["reference_request"]
+    layers = manifest["num_layers"]
+    grid = (manifest["grid_thw"][1] // manifest["spatial_merge"], manifest["grid_thw"][2] // manifest["spatial_merge"])
+    layout = report.TokenLayout(0, (grid,), ref["seq_len"] - ref["vision_tokens"])
+    trace = report.trace_schedule(parse_schedule(manifest["schedule"], layers), layout, layers)
+    vision = report.vision_picture_data(manifest, tmp_path / "v.png")
+    assert vision.lightkv == trace.vision_per_layer
+    assert vision.vanilla == (layout.vision,) * layers
+    assert vision.stage_layers == tuple(s.layer for s in parse_schedule(manifest["schedule"], layers).stages)
+    hkv, d, nbytes = manifest["num_kv_heads"], manifest["head_dim"], report.dtype_bytes(manifest["dtype"])
+    kv = report.kv_picture_data(manifest, tmp_path / "k.png")
+    assert list(kv.lightkv) == report.kv_bytes_per_layer([(1, hkv, s, d) for s in trace.seq_per_layer], nbytes)
+    assert kv.vanilla == (report.kv_bytes_per_layer([(1, hkv, layout.seq_len, d)], nbytes)[0],) * layers
+    assert sum(kv.lightkv) < sum(kv.vanilla)
+
+
+def test_build_pictures_create_a_report_when_there_is_none(tmp_path, engines):
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    (engine_dir / "manifest.json").write_text((engines["vanilla"] / "manifest.json").read_text())
+    report.write_build_pictures(engine_dir)
+    text = (engine_dir / "report.md").read_text()
+    assert text.startswith("# Report:") and report.PICTURES_HEADING in text
+    vision = report.vision_picture_data(manifest_of(engine_dir), tmp_path / "v.png")
+    assert vision.lightkv == vision.vanilla and vision.stage_layers == ()
+
+
+def test_manifest_without_accounting_is_a_clear_error(tmp_path, engines):
+    manifest = manifest_of(engines["lightkv"])
+    del manifest["reference_request"]["kv_bytes_per_layer"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(report.InputError, match="rebuild the engine"):
+        report.write_build_pictures(tmp_path)
+
+
+# --- pictures 3 and 4: from a PyTorch reference run ----------------------------------------------------------
+
+
+def test_merge_map_and_guidance_match_the_run(engines, tmp_path, tiny_qwen_vl):
+    engine_dir = engines["lightkv"]
+    manifest = manifest_of(engine_dir)
+    pics = report.request_pictures(engine_dir, tmp_path, loaded=tiny_qwen_vl)
+    for p in pics.paths():
+        assert_png(p)
+    assert len(pics.paths()) == 4
+
+    # An independent run on the same inputs: the engine's prepare, the ONNX prefill and the PyTorch reference.
+    engine = Engine.load(engine_dir)
+    request = engine.prepare([parity_images(tuple(manifest["image_size"]), 0)], report.DEFAULT_PROMPT)
+    run = torch_runtime.prefill(tiny_qwen_vl, torch_inputs(request), engine.schedule)
+    onnx = engine.prefill(request)  # kept: per stage [1, S'_k]
+    onnx_kept = onnx.kept
+    span = request.spans[0][0]
+    h, w = span.grid
+    assert pics.merge_map.grid == (h, w) and pics.merge_map.cell == (28.0, 28.0)  # Qwen: patch 14 x merge 2
+
+    origin = np.arange(request.seq_len)  # original sequence index of each token of the current sequence
+    previous = None
+    for k, stage in enumerate(pics.merge_map.stages):
+        n_out = run.stages[k].spans[0][0].length
+        assert (stage.layer, stage.windows, stage.ratio) == tuple(
+            getattr(engine.schedule.stages[k], a) for a in ("layer", "windows", "ratio")
+        )
+        assert stage.groups.shape == (h, w) and (stage.groups >= 0).all()  # every token is in exactly one group
+        assert sorted(np.unique(stage.groups).tolist()) == list(range(n_out))  # one group per survivor
+        assert stage.tokens_out == n_out and stage.tokens_in == (span.length if k == 0 else previous.tokens_out)
+        # Survivors, from the engine's own `kept` outputs, composed over the stages.
+        origin = origin[onnx_kept[k][0]]
+        start = run.stages[k].spans[0][0].start
+        np.testing.assert_array_equal(stage.survivors, origin[start : start + n_out] - span.start)
+        np.testing.assert_array_equal(stage.groups.reshape(-1)[stage.survivors], np.arange(n_out))
+        if previous is not None:  # merges compound: each earlier group lies inside one later group
+            for g in range(previous.tokens_out):
+                assert len(np.unique(stage.groups[previous.groups == g])) == 1
+        previous = stage
+
+    # Stage 1 merges only inside its windows, on the image's true grid.
+    first = pics.merge_map.stages[0]
+    members, _ = window_layout(span.length, (h, w), first.windows)
+    window = np.full(span.length, -1)
+    for wdx, row in enumerate(members.tolist()):
+        window[[i for i in row if i >= 0]] = wdx
+    for g in range(first.tokens_out):
+        assert len(np.unique(window[first.groups.reshape(-1) == g])) == 1
+
+    guidance = run.stages[0].guidance[0, span.start : span.end].reshape(h, w).numpy()
+    assert pics.guidance.layer == engine.schedule.stages[0].layer
+    np.testing.assert_array_equal(pics.guidance.values, guidance)
+
+    # The default request is the manifest's reference request: the measured KV bytes are the promised ones,
+    # and also what the ONNX engine held.
+    assert list(pics.kv.measured) == manifest["reference_request"]["kv_bytes_per_layer"]
+    onnx_bytes = [k.nbytes + v.nbytes for k, v in zip(onnx.keys, onnx.values, strict=True)]
+    assert list(pics.kv.measured) == onnx_bytes
+
+
+def test_colour_groups_gives_touching_groups_different_colours():
+    groups = np.array([[0, 0, 1, 2], [3, 4, 4, 2], [3, 5, 6, 6]])
+    colour = report.colour_groups(groups, palette=20)
+    for a, b in ((groups[:, :-1], groups[:, 1:]), (groups[:-1, :], groups[1:, :])):
+        touching = a != b
+        assert (colour[a[touching]] != colour[b[touching]]).all()
+
+
+# --- the CLI ---------------------------------------------------------------------------------------------------
+
+
+def test_cli_any_image_and_prompt(engines, tmp_path, capsys):
+    photo = tmp_path / "photo.png"
+    parity_images((200, 150), 7).save(photo)  # another size: the engine resizes to its profile
+    out = tmp_path / "pics"
+    rc = report.main([str(engines["lightkv"]), "--image", str(photo), "--prompt", "What is red?", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    printed = [Path(line) for line in captured.out.splitlines()]
+    assert [p.name for p in printed] == [report.VISION_PNG, report.KV_PNG, report.MERGE_PNG, report.GUIDANCE_PNG]
+    for p in printed:
+        assert p.parent == out
+        assert_png(p)
+
+
+def test_cli_vanilla_engine_says_there_is_no_merge_map(engines, tmp_path, capsys):
+    out = tmp_path / "pics"
+    rc = report.main([str(engines["vanilla"]), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0
+    assert "no merge map" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == sorted([report.VISION_PNG, report.KV_PNG])
+
+
+@pytest.mark.parametrize("case", ["not-an-engine", "unreadable-image", "missing-image"])
+def test_cli_bad_input_is_one_message_and_exit_2(engines, tmp_path, capsys, case):
+    args = {
+        "not-an-engine": [str(tmp_path)],
+        "unreadable-image": [str(engines["lightkv"]), "--image", str(tmp_path / "x.png")],
+        "missing-image": [str(engines["lightkv"]), "--image", str(tmp_path / "missing.png")],
+    }[case]
+    (tmp_path / "x.png").write_text("not an image")
+    rc = report.main([*args, "--out", str(tmp_path / "pics")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert ("not an engine directory" if case == "not-an-engine" else "cannot read image") in err
+    assert not (tmp_path / "pics").exists()
