@@ -28,7 +28,9 @@ virtualenv needs these fixes, all made here (`server_env`, `prepare_backends`, `
    listens), --model-control-mode=none (every model loads at start; strict readiness means "ready" = all
    loaded), --backend-directory=<assembled dir>, --pinned-memory-pool-byte-size=0 (no CUDA on CPU hosts),
    --backend-config=python,shm-region-prefix-name=<unique> so servers started side by side do not share
-   /dev/shm regions, --exit-timeout-secs=5 for a prompt shutdown.
+   /dev/shm regions, --exit-timeout-secs=15: an upper bound on waiting for in-flight requests, open HTTP
+   connections and model unloads (the server exits as soon as they are done; a Python-backend model with torch
+   loaded takes a few seconds to unload on a busy 2-core machine, and a timeout expiring means exit code 1).
 The log line "CudaDriverHelper has not been initialized" is harmless on a machine without a GPU.
 """
 
@@ -60,6 +62,7 @@ STUB_NUMPY_PIN = "numpy==1.26.4"
 STUB_SITE_ENV = "LIGHTKV_TRITON_STUB_SITE"
 BOOTSTRAP = Path(__file__).parent / "triton_backend" / "stub_bootstrap.py"
 LOG_TAIL_LINES = 40
+EXIT_TIMEOUT_S = 15
 
 
 class ServeError(LightKVError):
@@ -150,7 +153,12 @@ def prepare_backends(install: TritonInstall, dest: Path) -> Path:
 
 
 def server_command(
-    install: TritonInstall, repo_dir: Path, backends: Path, port: int, shm_prefix: str, exit_timeout_s: int = 5
+    install: TritonInstall,
+    repo_dir: Path,
+    backends: Path,
+    port: int,
+    shm_prefix: str,
+    exit_timeout_s: int = EXIT_TIMEOUT_S,
 ) -> list[str]:
     """The tritonserver command line: HTTP on 127.0.0.1:port only."""
     return [
@@ -289,7 +297,7 @@ class Server:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout_s: float = 15.0) -> int | None:
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 15.0) -> int | None:
         """SIGTERM, wait up to timeout_s, then SIGKILL the server's process group. Returns the exit code."""
         proc = self.process
         if proc is None:

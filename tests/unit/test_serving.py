@@ -343,7 +343,8 @@ def test_bad_requests_get_clear_errors_and_server_stays_healthy(engine_server):
 def test_restart_on_the_same_repository(engine_server):
     server, engines, names = engine_server
     port = server.port
-    assert server.stop() == 0
+    code = server.stop()
+    assert code == 0, serve.tail(server.log_path)
     server.requested_port = port  # same repository, same port
     server.start()
     assert server.port == port
