@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         result = run(config, console=console)
     except LightKVError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: nothing half-written was left behind[/]")

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_parity(args.engine_dir, log=lambda m: console.print(f"[dim]{m}[/]"))
     except LightKVError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return exc.exit_code
     for line in report.failure_lines():
         console.print(f"[red]{line}[/]")
