@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -895,14 +896,10 @@ class RequestPictures:
         return [p.path for p in pics if p is not None]
 
 
-def load_image(path: str | Path | None, size: tuple[int, int]):
-    """The image to explain, RGB: a file, or the engine's reference image (parity_images(profile, 0))."""
+def load_image(path: str | Path):
+    """An image file as RGB; anything unreadable is an InputError."""
     from PIL import Image
 
-    from lightkv_export.parity import parity_images
-
-    if path is None:
-        return parity_images(size, 0)
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -952,6 +949,8 @@ def request_pictures(
     underlay = image.convert("RGB").resize((size[1], size[0]))  # what the engine saw
     cell = (size[0] / h, size[1] / w)
     title = f"{manifest['model']} ({manifest['target']}), schedule {manifest['schedule']}"
+    if manifest["grid_mode"] != "true":  # windows were cut on another grid than the one drawn
+        title += f", {manifest['grid_mode']} grid mode (windows on the pseudo-square grid)"
     stages = tuple(merge_stages(run.stages, span, engine.schedule))
     merge_map = MergeMapPicture(out / MERGE_PNG, (h, w), cell, stages)
     draw_merge_map(merge_map, underlay, f"{title}: merge map for {prompt!r}")
@@ -966,7 +965,6 @@ def request_pictures(
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m lightkv_export.report ENGINE_DIR`: draw what an engine keeps and what it merged for one request."""
     import argparse
-    import sys
 
     parser = argparse.ArgumentParser(
         prog="python -m lightkv_export.report",
@@ -982,10 +980,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from lightkv_export.runtime import read_manifest
 
-        manifest = read_manifest(args.engine_dir)
-        image = None
-        if args.image is not None:
-            image = load_image(args.image, tuple(manifest.get("image_size", (0, 0))))
+        read_manifest(args.engine_dir)  # first: "not an engine directory" before any other complaint
+        image = load_image(args.image) if args.image is not None else None
         out = args.out if args.out is not None else args.engine_dir / PICTURES_DIR
         pictures = request_pictures(args.engine_dir, out, image, args.prompt)
     except LightKVError as err:
@@ -999,6 +995,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
-
     sys.exit(main())

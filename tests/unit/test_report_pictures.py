@@ -234,3 +234,27 @@ def test_cli_bad_input_is_one_message_and_exit_2(engines, tmp_path, capsys, case
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert ("not an engine directory" if case == "not-an-engine" else "cannot read image") in err
     assert not (tmp_path / "pics").exists()
+
+
+def test_merge_stages_follow_tokens_through_skipped_and_empty_stages():
+    """Synthetic records from the reference op: a merge, a stage the image is too small for, a no-op, a merge."""
+    from lightkv_export.method.schedule import Schedule, Stage
+
+    span = VisionSpan(3, 48, (6, 8))
+    schedule = Schedule(8, (Stage(1, 2, 0.5), Stage(2, 3, 0.5), Stage(3, 1, 0.0), Stage(4, 1, 0.5)))
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(1, 60, 8, generator=g)  # [1, S, D]
+    spans, records = [[span]], []
+    for st in schedule.stages:
+        xi = torch.rand(1, hidden.shape[1], generator=g)  # [1, S]
+        res = lightkv_merge(hidden, xi, spans, windows=st.windows, ratio=st.ratio)
+        records.append(torch_runtime.StageRecord(st.layer, res.kept, res.spans, res.skipped, xi, res.merged_into))
+        hidden, spans = res.hidden, res.spans
+    stages = report.merge_stages(records, span, schedule)
+    assert [s.skipped for s in stages] == [False, True, False, False]  # 24 tokens < 8 * 3^2
+    assert [(s.tokens_in, s.tokens_out) for s in stages] == [(48, 24), (24, 24), (24, 24), (24, 12)]
+    np.testing.assert_array_equal(stages[1].groups, stages[0].groups)  # nothing moved
+    np.testing.assert_array_equal(stages[2].groups, stages[0].groups)
+    for s in stages:
+        assert sorted(np.unique(s.groups).tolist()) == list(range(s.tokens_out))
+    np.testing.assert_array_equal(report.guidance_values(records[0], span).reshape(-1), records[0].guidance[0, 3:51])
