@@ -15,6 +15,12 @@ Conventions (every number this module produces follows them):
 * Decode: N generated tokens, each a one-token pass over every layer attending to that layer's cache plus the
   tokens generated so far, and one LM-head row.
 * KV bytes: K and V, [B, Hkv, S_l, d] each per layer, in the cache dtype. GB = 1e9 bytes, GiB = 2^30.
+
+Pictures (matplotlib, Agg canvas, no pyplot state): vision tokens and KV bytes per layer, vanilla vs LightKV, from
+an engine's manifest (`write_build_pictures`, at build time); and, from a PyTorch reference run on the engine's
+own inputs for any image and prompt, the merge map and the text-guidance heatmap over the image:
+
+    python -m lightkv_export.report ENGINE_DIR [--image photo.png] [--prompt "..."] [--out DIR]
 """
 
 from __future__ import annotations
