@@ -661,7 +661,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def draw_layer_picture(data: LayerPicture, subtitle: str, nominal_retention: float | None = None) -> Path:
+def draw_layer_picture(
+    data: LayerPicture, subtitle: str, nominal_retention: float | None = None, engine_label: str = "LightKV (manifest)"
+) -> Path:
     """Bars per layer, vanilla behind LightKV, the stages as dotted lines between layers."""
     kv = data.quantity == "KV bytes"
     unit, scale = _byte_unit(max(data.vanilla + data.lightkv)) if kv else ("tokens", 1)
@@ -669,7 +671,7 @@ def draw_layer_picture(data: LayerPicture, subtitle: str, nominal_retention: flo
     ax = fig.add_subplot()
     x = np.asarray(data.layers)
     ax.bar(x, np.asarray(data.vanilla) / scale, width=0.8, color=VANILLA_COLOR, label="vanilla")
-    ax.bar(x, np.asarray(data.lightkv) / scale, width=0.55, color=LIGHTKV_COLOR, label="LightKV (manifest)")
+    ax.bar(x, np.asarray(data.lightkv) / scale, width=0.55, color=LIGHTKV_COLOR, label=engine_label)
     if data.measured is not None:
         ax.plot(
             x,
@@ -710,9 +712,10 @@ def write_layer_pictures(
     vision = vision_picture_data(manifest, Path(out) / VISION_PNG)
     kv = kv_picture_data(manifest, Path(out) / KV_PNG, measured_kv)
     subtitle = _subtitle(manifest)
-    nominal = None if manifest.get("vanilla") else manifest.get("retention")
-    draw_layer_picture(vision, subtitle, nominal)
-    draw_layer_picture(kv, subtitle)
+    vanilla = bool(manifest.get("vanilla"))
+    label = "this engine: vanilla (manifest)" if vanilla else "LightKV (manifest)"
+    draw_layer_picture(vision, subtitle, None if vanilla else manifest.get("retention"), label)
+    draw_layer_picture(kv, subtitle, engine_label=label)
     return vision, kv
 
 
