@@ -327,6 +327,9 @@ def run_parity(
     check_identity(report, engine, loaded, exported, cases, tolerances)
     (engine_dir / "parity.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     (engine_dir / "report.md").write_text(report.to_markdown() + "\n")
+    from lightkv_export.report import write_build_pictures
+
+    write_build_pictures(engine_dir)  # the layer pictures, linked from report.md
     return report
 
 

@@ -278,6 +278,7 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
                 result.parity[target] = run_parity(
                     result.engine_dirs[target], loaded=loaded, exported=exported, log=progress.log
                 )
-        from lightkv_export.report import write_build_pictures
+        else:
+            from lightkv_export.report import write_build_pictures
 
-        write_build_pictures(result.engine_dirs[target])  # linked from report.md
+            write_build_pictures(result.engine_dirs[target])  # parity draws them otherwise
