@@ -63,6 +63,40 @@ def bytes_moved(plan: StagePlan, elem: int) -> int:
     return (vision + 2 * out) * HIDDEN * elem + plan.batch * plan.seq_len * 4 + out * 8
 
 
+NAME = "kernels_gpu"
+REQUIRES = "cuda"
+
+
+def run(quick: bool = False, runs: int = 200) -> dict:
+    """Triton kernels vs the PyTorch reference op per (case, dtype), and the distance to the memory-bound floor."""
+    from plugins.lightkv.launch import lightkv_merge_triton
+
+    runs = 10 if quick else runs
+    results = []
+    for dtype in (torch.float16, torch.bfloat16):
+        elem = torch.finfo(dtype).bits // 8
+        for name, plan in _plans().items():
+            hidden = torch.randn(plan.batch, plan.seq_len, HIDDEN, device="cuda").to(dtype)  # [B, S, D]
+            guidance = torch.rand(plan.batch, plan.seq_len, device="cuda")  # [B, S]
+            kernel_ms = time_cuda(lambda: lightkv_merge_triton(hidden, guidance, plan), runs)  # noqa: B023
+            ref_ms = time_cuda(lambda: apply_plan(hidden, guidance, plan), max(5, runs // 10))  # noqa: B023
+            moved = bytes_moved(plan, elem)
+            floor_ms = moved / copy_bandwidth(moved, runs) * 1e3
+            results.append({
+                "case": name, "dtype": str(dtype).removeprefix("torch."), "batch": plan.batch,
+                "seq_len": plan.seq_len, "windows": int(plan.win_index.shape[0]), "triton_ms": kernel_ms,
+                "reference_ms": ref_ms, "speedup": ref_ms / kernel_ms, "bytes_moved": moved,
+                "memory_floor_ms": floor_ms, "fraction_of_floor": floor_ms / kernel_ms,
+            })  # fmt: skip
+    return {
+        "title": f"LightKVMerge Triton kernels vs the PyTorch reference op on {torch.cuda.get_device_name(0)}",
+        "ratios": {f"{r['case']} {r['dtype']} speed-up": r["speedup"] for r in results},
+        "device": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "results": results,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernels_gpu.json"))
@@ -71,27 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_kernels_gpu: no CUDA GPU here; nothing measured.", file=sys.stderr)
         return 2
-    from plugins.lightkv.launch import lightkv_merge_triton
-
-    results = []
-    for dtype in (torch.float16, torch.bfloat16):
-        elem = torch.finfo(dtype).bits // 8
-        for name, plan in _plans().items():
-            hidden = torch.randn(plan.batch, plan.seq_len, HIDDEN, device="cuda").to(dtype)  # [B, S, D]
-            guidance = torch.rand(plan.batch, plan.seq_len, device="cuda")  # [B, S]
-            kernel_ms = time_cuda(lambda: lightkv_merge_triton(hidden, guidance, plan), args.runs)  # noqa: B023
-            ref_ms = time_cuda(lambda: apply_plan(hidden, guidance, plan), max(20, args.runs // 10))  # noqa: B023
-            moved = bytes_moved(plan, elem)
-            floor_ms = moved / copy_bandwidth(moved, args.runs) * 1e3
-            results.append({
-                "case": name, "dtype": str(dtype).removeprefix("torch."), "batch": plan.batch,
-                "seq_len": plan.seq_len, "windows": int(plan.win_index.shape[0]), "triton_ms": kernel_ms,
-                "reference_ms": ref_ms, "speedup": ref_ms / kernel_ms, "bytes_moved": moved,
-                "memory_floor_ms": floor_ms, "fraction_of_floor": floor_ms / kernel_ms,
-            })  # fmt: skip
-            print(json.dumps(results[-1]))
+    record = run(runs=args.runs)
+    for row in record["results"]:
+        print(json.dumps(row))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "results": results}
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

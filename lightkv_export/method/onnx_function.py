@@ -334,20 +334,31 @@ def _session(dtype: int) -> ort.InferenceSession:
 
 
 def run_ort(hidden: torch.Tensor, guidance: torch.Tensor, plan: StagePlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one planned stage through ONNX Runtime (CPU): returns (hidden_out [B, S', D], kept [B, S'] int64)."""
+    """Run one planned stage through ONNX Runtime (CPU): returns (hidden_out [B, S', D], kept [B, S'] int64).
+
+    The hidden output is bound to a preallocated buffer (S' is known from the plan): ORT cannot hand bfloat16 back
+    as numpy, so the buffer holds raw bits in the dtype numpy can carry.
+    """
     if hidden.dtype not in _ORT_DTYPES:
         raise TypeError(f"hidden dtype {hidden.dtype} is not one of {', '.join(map(str, _ORT_DTYPES))}.")
     onnx_type, np_type = _ORT_DTYPES[hidden.dtype]
     bits = hidden.detach().cpu().contiguous()
     if hidden.dtype == torch.bfloat16:
         bits = bits.view(torch.int16)
-    feeds = {
-        "hidden": ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits.numpy().view(np_type), onnx_type),
-        "guidance": ort.OrtValue.ortvalue_from_numpy(guidance.detach().cpu().to(torch.float32).contiguous().numpy()),
-    }
-    feeds.update({name: ort.OrtValue.ortvalue_from_numpy(value) for name, value in plan_feeds(plan).items()})
-    hidden_out, kept = _session(onnx_type).run_with_ort_values(list(OUTPUTS), feeds)
-    out = torch.from_numpy(np.array(hidden_out.numpy()))
+    session = _session(onnx_type)
+    binding = session.io_binding()
+    binding.bind_ortvalue_input(
+        "hidden", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits.numpy().view(np_type), onnx_type)
+    )
+    binding.bind_cpu_input("guidance", guidance.detach().cpu().to(torch.float32).contiguous().numpy())
+    for name, value in plan_feeds(plan).items():
+        binding.bind_cpu_input(name, value)
+    out = np.zeros((plan.batch, plan.out_seq_len, hidden.shape[2]), dtype=np_type)  # [B, S', D]
+    binding.bind_ortvalue_output("hidden_out", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(out, onnx_type))
+    binding.bind_output("kept")
+    session.run_with_iobinding(binding)
+    kept = np.array(binding.get_outputs()[1].numpy())  # [B, S'] int64
+    result = torch.from_numpy(out)
     if hidden.dtype == torch.bfloat16:
-        out = out.view(torch.bfloat16)
-    return out, torch.from_numpy(np.array(kept.numpy()))
+        result = result.view(torch.int16).view(torch.bfloat16)
+    return result, torch.from_numpy(kept)
