@@ -258,11 +258,11 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def require_onnx(path: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # a truncated or corrupt file
-        raise InputError(f"cannot read ONNX file {path}: {exc}") from None
+def graph_digest(path: Path) -> str:
+    """SHA-256 of a graph file and, for large models, its external data file."""
+    data = path.with_name(path.name + ".data")
+    digest = file_digest(path)
+    return digest if not data.exists() else hashlib.sha256((digest + file_digest(data)).encode()).hexdigest()
 
 
 class EmbedGraph(torch.nn.Module):
@@ -409,7 +409,7 @@ def export_model(
     if record.exists():
         try:
             meta = json.loads(record.read_text())
-            if all(file_digest(directory / f"{g}.onnx") == meta["sha256"][g] for g in GRAPHS):
+            if all(graph_digest(directory / f"{g}.onnx") == meta["sha256"][g] for g in GRAPHS):
                 log(f"reusing cached export {directory}")
                 return _graphs(directory, meta)
             log(f"cached export {directory} is corrupt (hash mismatch): exporting again")
@@ -433,7 +433,7 @@ def export_model(
         "image_size": list(image_size),
         "grid_thw": list(patch_grid(loaded, image_size)),
         "num_layers": len(text.layers),
-        "sha256": {g: file_digest(tmp / f"{g}.onnx") for g in GRAPHS},
+        "sha256": {g: graph_digest(tmp / f"{g}.onnx") for g in GRAPHS},
     }
     (tmp / "export.json").write_text(json.dumps(meta, indent=2))
     tmp.rename(directory)
