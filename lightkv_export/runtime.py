@@ -96,6 +96,9 @@ def open_sessions(directory: Path, manifest: dict[str, Any]) -> dict[str, Sessio
 
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # Idle ORT workers otherwise spin for a while after each run and starve the host work between graphs
+        # (plan, embedding scatter) and the next graph's own threads.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return {
             name: ort.InferenceSession(str(directory / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
             for name in ("vision", "embed", "prefill", "decode")
