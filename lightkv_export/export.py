@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -159,6 +160,10 @@ def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
 def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names, output_names, dynamic_shapes) -> None:
     """torch.onnx.export (dynamo) with external data for large models; quiet unless it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # The exporter warns about every torchvision op it cannot register (torchvision is not used here), and its
+    # optimizer about ops it leaves unfolded: neither needs the user's attention.
+    for name in ("torch.onnx._internal.exporter._registration", "onnxscript.optimizer._constant_folding"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(None):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
