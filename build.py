@@ -49,8 +49,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (ort-cpu), float16 or bfloat16 (TensorRT)")
     p.add_argument(
         "--image-size",
-        help="HEIGHTxWIDTH pixels of the engine's image profile, multiples of 28 "
-        "(default: the model's, 336x448 for the tiny presets)",
+        help="WIDTHxHEIGHT pixels of the engine's image profile, multiples of 28 "
+        "(default: the model's, 448x336 for the tiny presets)",
     )
     p.add_argument(
         "--positions",

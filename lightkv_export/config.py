@@ -78,7 +78,8 @@ class BuildConfig:
         return "official" if self.compat == "official" else self.positions
 
     def engine_tag(self) -> str:
-        """The ratio part of engines/<model>/<tag>/<target>."""
+        """The <tag> of engines/<model>/<tag>/<target>: ratio or schedule, position mode, and the image profile
+        when it is not the model's default."""
         if self.vanilla:
             tag = "vanilla"
         elif self.schedule is not None:
@@ -89,12 +90,14 @@ class BuildConfig:
             tag += "-official"
         elif self.positions != "preserve":
             tag += f"-pos-{self.positions}"
+        if self.image_size is not None:  # another image profile is another engine
+            tag += f"-{self.image_size[1]}x{self.image_size[0]}"  # width x height
         return tag
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
-    """'672x448' (height x width) -> (672, 448)."""
+    """'448x336' (width x height, as image sizes are written, like the planner) -> (336, 448): (height, width)."""
     match = re.fullmatch(r"\s*(\d+)\s*[xX*,]\s*(\d+)\s*", text)
     if not match:
-        raise InputError(f"--image-size {text!r} is not HEIGHTxWIDTH in pixels, e.g. 672x672.")
-    return int(match.group(1)), int(match.group(2))
+        raise InputError(f"--image-size {text!r} is not WIDTHxHEIGHT in pixels, e.g. 672x672.")
+    return int(match.group(2)), int(match.group(1))

@@ -371,9 +371,9 @@ def patch_grid(loaded: LoadedModel, image_size: tuple[int, int]) -> tuple[int, i
     h, w = image_size
     if h % factor or w % factor or h < factor or w < factor:
         raise InputError(
-            f"image size {h}x{w} is not a positive multiple of {factor} on each side (patch {features.patch_size} x "
-            f"merge {features.merge_size}); try {max(factor, round(h / factor) * factor)}x"
-            f"{max(factor, round(w / factor) * factor)}."
+            f"image size {w}x{h} (width x height) is not a positive multiple of {factor} on each side (patch "
+            f"{features.patch_size} x merge {features.merge_size}); try {max(factor, round(w / factor) * factor)}x"
+            f"{max(factor, round(h / factor) * factor)}."
         )
     return 1, h // features.patch_size, w // features.patch_size
 

@@ -194,7 +194,7 @@ def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
         (["--ratio", "0.05"], "cannot be reached"),
         (["--target", "cuda"], "unknown target"),
         (["--image-size", "100x100"], "not a positive multiple of 28"),
-        (["--image-size", "big"], "HEIGHTxWIDTH"),
+        (["--image-size", "big"], "WIDTHxHEIGHT"),
         (["--schedule", "3:2"], "LAYER:WINDOWS:RATIO"),
         (["--dtype", "int8"], "unknown dtype"),
     ],
