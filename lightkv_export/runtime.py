@@ -56,11 +56,12 @@ class Request:
 
 @dataclass
 class PrefillOutputs:
-    logits: np.ndarray  # [1, V] fp32
-    keys: list[np.ndarray]  # per layer [1, Hkv, S_l, d]
+    logits: np.ndarray  # [B, V] fp32
+    keys: list[np.ndarray]  # per layer [B, Hkv, S_l, d]
     values: list[np.ndarray]
-    kept: list[np.ndarray]  # per stage [1, S'_k]
+    kept: list[np.ndarray]  # per stage [B, S'_k]
     plan: RequestPlan | None
+    valid: np.ndarray  # [L, B] valid KV entries per layer and row (the rest of a row is padding)
 
 
 @dataclass
@@ -165,88 +166,135 @@ class Engine:
         positions, delta = mrope_positions(input_ids.shape[1], spans[0])
         return Request(input_ids, embeds, positions[:, None, :], delta, spans)
 
-    def plan(self, request: Request) -> RequestPlan | None:
-        if self.manifest.get("vanilla"):
-            return None
-        return plan_request(request.spans, [request.seq_len], self.schedule, grid_mode=self.manifest["grid_mode"])
-
     # --- graphs -----------------------------------------------------------------------------------------------
 
-    def prefill(self, request: Request, plan: RequestPlan | None = None) -> PrefillOutputs:
-        """Prefill with the engine's schedule, or with `plan` (e.g. a merge-nothing plan for identity checks)."""
-        plan = plan if plan is not None else self.plan(request)
+    def batch(self, requests: Sequence[Request]) -> Request:
+        """Right-pad prepared requests into one batch (padding is masked: causal prefill, decode masks)."""
+        if len(requests) == 1:
+            return requests[0]
+        seq = max(r.seq_len for r in requests)
+        dim = requests[0].inputs_embeds.shape[2]
+        ids = np.zeros((len(requests), seq), dtype=np.int64)
+        embeds = np.zeros((len(requests), seq, dim), dtype=requests[0].inputs_embeds.dtype)
+        positions = np.zeros((3, len(requests), seq), dtype=np.int64)
+        for b, r in enumerate(requests):
+            ids[b, : r.seq_len], embeds[b, : r.seq_len] = r.input_ids[0], r.inputs_embeds[0]
+            positions[:, b, : r.seq_len] = r.position_ids[:, 0]
+        return Request(ids, embeds, positions, 0, [r.spans[0] for r in requests])
+
+    def prefill(self, request: Request, plan: RequestPlan | None = None, lengths=None) -> PrefillOutputs:
+        """Prefill with the engine's schedule, or with `plan` (e.g. a merge-nothing plan for identity checks).
+
+        `lengths` [B]: valid tokens per row of a padded batch (default: every row is full)."""
+        lengths = [request.seq_len] * request.input_ids.shape[0] if lengths is None else list(lengths)
+        if plan is None and not self.manifest.get("vanilla"):
+            plan = plan_request(request.spans, lengths, self.schedule, grid_mode=self.manifest["grid_mode"])
         feeds = {
             "inputs_embeds": request.inputs_embeds,
             "position_ids": request.position_ids,
-            "lengths": np.asarray([request.seq_len], dtype=np.int64),
+            "lengths": np.asarray(lengths, dtype=np.int64),
         }
         if plan is not None:
             feeds.update(plan.feeds)
         names = self.outputs["prefill"]
         out = dict(zip(names, self.sessions["prefill"].run(names, feeds), strict=True))
         n = self.num_layers
+        valid = np.tile(np.asarray(lengths, dtype=np.int64), (n, 1))  # [L, B] valid KV entries per layer and row
+        stages = self.schedule.stages if plan is not None else ()
+        for k, stage in enumerate(stages):
+            valid[stage.layer :] = plan.stages[k].out_lengths
         return PrefillOutputs(
             logits=out["logits"],
             keys=[out[f"present.{i}.key"] for i in range(n)],
             values=[out[f"present.{i}.value"] for i in range(n)],
-            kept=[out[stage_kept_name(k)] for k in range(len(self.schedule.stages)) if plan is not None],
+            kept=[out[stage_kept_name(k)] for k in range(len(stages))],
             plan=plan,
+            valid=valid,
         )
 
     def decode_step(
-        self, token: int, position: int, keys: list[np.ndarray], values: list[np.ndarray]
-    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray]]:
-        """One greedy step at M-RoPE position `position` (all three sections): logits [1, V] and the grown caches."""
-        embeds = self.sessions["embed"].run(None, {"input_ids": np.asarray([[token]], dtype=np.int64)})[0]
-        feeds: dict[str, np.ndarray] = {
-            "inputs_embeds": embeds,
-            "position_ids": np.full((3, 1, 1), position, dtype=np.int64),
-        }
+        self, tokens: np.ndarray, positions: np.ndarray, keys: list[np.ndarray], values: list[np.ndarray], masks
+    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+        """One greedy step for every row: tokens [B], M-RoPE positions [B] (all three sections), per-layer caches
+        [B, Hkv, P_l, d] and masks [B, P_l] (0 at padding). Returns logits [B, V] and the grown caches and masks."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)  # [B, 1]
+        embeds = self.sessions["embed"].run(None, {"input_ids": ids})[0]  # [B, 1, D]
+        pos = np.broadcast_to(np.asarray(positions, dtype=np.int64).reshape(1, -1, 1), (3, len(ids), 1))
+        feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "position_ids": np.ascontiguousarray(pos)}
         for i in range(self.num_layers):
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = keys[i], values[i]
-            feeds[f"past_mask.{i}"] = np.ones((1, keys[i].shape[2]), dtype=np.int64)
+            feeds[f"past_mask.{i}"] = masks[i]
         names = self.outputs["decode"]
         out = dict(zip(names, self.sessions["decode"].run(names, feeds), strict=True))
-        n = self.num_layers
-        return out["logits"], [out[f"present.{i}.key"] for i in range(n)], [out[f"present.{i}.value"] for i in range(n)]
+        n, ones = self.num_layers, np.ones((len(ids), 1), dtype=np.int64)
+        keys = [out[f"present.{i}.key"] for i in range(n)]
+        values = [out[f"present.{i}.value"] for i in range(n)]
+        return out["logits"], keys, values, [np.concatenate([m, ones], axis=1) for m in masks]
 
     def generate(self, images: Sequence[Any], prompt: str, *, max_new_tokens: int = 16) -> Generation:
+        return self.generate_batch([(images, prompt)], max_new_tokens=max_new_tokens)[0]
+
+    def generate_batch(
+        self, items: Sequence[tuple[Sequence[Any], str]], *, max_new_tokens: int = 16
+    ) -> list[Generation]:
+        """Several requests (images, prompt) in one padded batch: one prefill, one decode step per token."""
         limit = int(self.manifest["max_new_tokens_limit"])
         if not 1 <= int(max_new_tokens) <= limit:
             raise InputError(f"max_new_tokens must be between 1 and {limit} for this engine, got {max_new_tokens}.")
+        if not items:
+            raise InputError("no requests given.")
         t0 = time.perf_counter()
-        request = self.prepare(images, prompt)
-        pre = self.prefill(request)
+        requests = [self.prepare(images, prompt) for images, prompt in items]
+        pre = self.prefill(self.batch(requests), lengths=[r.seq_len for r in requests])
         t1 = time.perf_counter()
-        tokens = self.greedy(pre, request, int(max_new_tokens))
+        tokens = self.greedy(pre, requests, int(max_new_tokens))
         t2 = time.perf_counter()
-        kv_lengths = [int(k.shape[2]) for k in pre.keys]
-        vision_in = sum(s.length for s in request.spans[0])
         groups = self.schedule.layer_groups() if self.schedule.stages else [(1, self.num_layers)]
-        per_group = [vision_in - (kv_lengths[0] - kv_lengths[first - 1]) for first, _ in groups]
-        return Generation(
-            text=self.processor.tokenizer.decode(tokens, skip_special_tokens=True),
-            token_ids=tokens,
-            vision_tokens_in=vision_in,
-            vision_tokens_per_group=per_group,
-            kv_bytes=int(sum(k.nbytes + v.nbytes for k, v in zip(pre.keys, pre.values, strict=True))),
-            prefill_ms=(t1 - t0) * 1e3,
-            decode_ms=(t2 - t1) * 1e3,
-            kv_lengths=kv_lengths,
-        )
+        per_token = 2 * pre.keys[0].shape[1] * pre.keys[0].shape[3] * pre.keys[0].itemsize  # K + V, all KV heads
+        results = []
+        for b, request in enumerate(requests):
+            kv_lengths = [int(n) for n in pre.valid[:, b]]
+            vision_in = sum(s.length for s in request.spans[0])
+            results.append(
+                Generation(
+                    text=self.processor.tokenizer.decode(tokens[b], skip_special_tokens=True),
+                    token_ids=tokens[b],
+                    vision_tokens_in=vision_in,
+                    vision_tokens_per_group=[vision_in - (kv_lengths[0] - kv_lengths[f - 1]) for f, _ in groups],
+                    kv_bytes=sum(kv_lengths) * per_token,
+                    prefill_ms=(t1 - t0) * 1e3,
+                    decode_ms=(t2 - t1) * 1e3,
+                    kv_lengths=kv_lengths,
+                )
+            )
+        return results
 
-    def greedy(self, pre: PrefillOutputs, request: Request, max_new_tokens: int, *, stop_at_eos: bool = True):
+    def greedy(
+        self, pre: PrefillOutputs, requests: Request | Sequence[Request], max_new_tokens: int, *, stop_at_eos=True
+    ) -> Any:
+        """Greedy tokens per row (a list per request; a single list for a single Request). Rows that finish keep
+        stepping with the batch until every row is done, but their later tokens are dropped."""
+        single = isinstance(requests, Request)
+        rows = [requests] if single else list(requests)
         stops = set(self.manifest.get("eos_token_ids", [])) if stop_at_eos else set()
+        masks = [
+            (np.arange(k.shape[2])[None, :] < pre.valid[i][:, None]).astype(np.int64) for i, k in enumerate(pre.keys)
+        ]
         keys, values, logits = pre.keys, pre.values, pre.logits
-        position = request.seq_len + request.rope_delta  # the uncompressed length, whatever LightKV removed
-        tokens: list[int] = []
+        # Decode continues from each row's uncompressed length, whatever LightKV removed.
+        positions = np.asarray([r.seq_len + r.rope_delta for r in rows], dtype=np.int64)
+        tokens: list[list[int]] = [[] for _ in rows]
+        done = [False] * len(rows)
         while True:
-            token = int(np.argmax(logits[0]))
-            tokens.append(token)
-            if token in stops or len(tokens) >= max_new_tokens:
-                return tokens
-            logits, keys, values = self.decode_step(token, position, keys, values)
-            position += 1
+            step = logits.argmax(axis=-1)  # [B]
+            for b, token in enumerate(step.tolist()):
+                if not done[b]:
+                    tokens[b].append(int(token))
+                    done[b] = token in stops or len(tokens[b]) >= max_new_tokens
+            if all(done):
+                return tokens[0] if single else tokens
+            logits, keys, values, masks = self.decode_step(step, positions, keys, values, masks)
+            positions = positions + 1
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -130,9 +130,11 @@ def test_export_cache_is_reused_and_a_corrupt_one_is_rebuilt(builds, engines_out
     logs: list[str] = []
     run(BuildConfig(model="tiny-qwen-vl", ratio=0.5, out=engines_out, parity=False), console=None)
     assert (cache / "prefill.onnx").stat().st_mtime_ns == stamp  # not exported again
-    with open(cache / "decode.onnx", "r+b") as f:  # flip bytes in the middle of the file
-        f.seek(1000)
-        f.write(b"\x00" * 64)
+    # A damaged copy (a new file: engines hard-link the cache's files, which the export never rewrites in place).
+    data = bytearray((cache / "decode.onnx").read_bytes())
+    data[1000:1064] = b"\x00" * 64
+    (cache / "decode.onnx").unlink()
+    (cache / "decode.onnx").write_bytes(bytes(data))
     from lightkv_export.export import export_model
     from lightkv_export.models.registry import load_model
 
@@ -255,3 +257,21 @@ def test_large_model_graphs_use_external_data(builds, engines_out, monkeypatch):
     assert (engine_dir / "prefill.onnx").stat().st_size < (engine_dir / "prefill.onnx.data").stat().st_size
     gen = Engine.load(engine_dir).generate([parity_images((336, 448), 0)], "Describe this image.", max_new_tokens=2)
     assert gen.kv_lengths == result.reference["kv_lengths"]
+
+
+@pytest.mark.parametrize("ratio", [0.55, None])
+def test_batched_generation_equals_one_request_at_a_time(builds, ratio):
+    result = builds("tiny-qwen-vl", ratio) if ratio is not None else builds("tiny-qwen-vl", None, vanilla=True)
+    engine = Engine.load(result.engine_dirs["ort-cpu"])
+    items = [
+        ([parity_images((336, 448), 0)], "Describe this image."),
+        ([parity_images((336, 448), 1), parity_images((200, 300), 2)], "Compare the two pictures in detail, please."),
+        ([parity_images((336, 448), 3)], "Colours?"),
+    ]
+    batched = engine.generate_batch(items, max_new_tokens=6)
+    for (images, prompt), got in zip(items, batched, strict=True):
+        alone = engine.generate(images, prompt, max_new_tokens=6)
+        assert got.token_ids == alone.token_ids
+        assert got.kv_lengths == alone.kv_lengths  # each row's valid KV, whatever the batch padded
+        assert got.kv_bytes == alone.kv_bytes and got.vision_tokens_per_group == alone.vision_tokens_per_group
+    assert len({tuple(g.kv_lengths) for g in batched}) == 3  # the rows really differ in length
