@@ -182,7 +182,9 @@ class Engine:
             positions[:, b, : r.seq_len] = r.position_ids[:, 0]
         return Request(ids, embeds, positions, 0, [r.spans[0] for r in requests])
 
-    def prefill(self, request: Request, plan: RequestPlan | None = None, lengths=None) -> PrefillOutputs:
+    def prefill(
+        self, request: Request, plan: RequestPlan | None = None, lengths: Sequence[int] | None = None
+    ) -> PrefillOutputs:
         """Prefill with the engine's schedule, or with `plan` (e.g. a merge-nothing plan for identity checks).
 
         `lengths` [B]: valid tokens per row of a padded batch (default: every row is full)."""
@@ -213,7 +215,12 @@ class Engine:
         )
 
     def decode_step(
-        self, tokens: np.ndarray, positions: np.ndarray, keys: list[np.ndarray], values: list[np.ndarray], masks
+        self,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        keys: list[np.ndarray],
+        values: list[np.ndarray],
+        masks: list[np.ndarray],
     ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
         """One greedy step for every row: tokens [B], M-RoPE positions [B] (all three sections), per-layer caches
         [B, Hkv, P_l, d] and masks [B, P_l] (0 at padding). Returns logits [B, V] and the grown caches and masks."""
@@ -270,8 +277,13 @@ class Engine:
         return results
 
     def greedy(
-        self, pre: PrefillOutputs, requests: Request | Sequence[Request], max_new_tokens: int, *, stop_at_eos=True
-    ) -> Any:
+        self,
+        pre: PrefillOutputs,
+        requests: Request | Sequence[Request],
+        max_new_tokens: int,
+        *,
+        stop_at_eos: bool = True,
+    ) -> list[int] | list[list[int]]:
         """Greedy tokens per row (a list per request; a single list for a single Request). Rows that finish keep
         stepping with the batch until every row is done, but their later tokens are dropped."""
         single = isinstance(requests, Request)
