@@ -27,7 +27,7 @@ from lightkv_export import __version__
 from lightkv_export.config import DTYPES, BuildConfig
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.export import ExportedGraphs, export_model, patch_grid
-from lightkv_export.method.merge_plan import plan_request
+from lightkv_export.method.merge_plan import layer_lengths, plan_request
 from lightkv_export.method.schedule import Schedule, resolve
 from lightkv_export.models.base import LoadedModel
 from lightkv_export.parity import ParityReport, parity_images, run_parity
@@ -120,13 +120,11 @@ def reference_request(loaded: LoadedModel, schedule: Schedule | None, image_size
     n_layers = num_layers(loaded)
     text = loaded.text_config
     per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * dtype_bytes
-    lengths, vision = [seq] * n_layers, [sum(s.length for s in spans[0])] * n_layers
-    if schedule is not None and schedule.stages:
-        plan = plan_request(spans, [seq], schedule)
-        for k, stage in enumerate(schedule.stages):
-            for layer in range(stage.layer, n_layers):  # 0-based layers after the stage's layer
-                lengths[layer] = plan.stages[k].out_lengths[0]
-                vision[layer] = sum(s.length for s in plan.stages[k].spans[0])
+    schedule = schedule if schedule is not None else Schedule(n_layers, ())
+    plan = plan_request(spans, [seq], schedule) if schedule.stages else None
+    lengths = [int(n) for n in layer_lengths(schedule, plan, [seq])[:, 0]]
+    # Vision tokens per layer: what the tokens lost from the prompt were (only vision tokens merge).
+    vision = [sum(s.length for s in spans[0]) - (seq - n) for n in lengths]
     return {
         "prompt": REFERENCE_PROMPT,
         "seq_len": seq,

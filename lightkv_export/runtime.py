@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 
 from lightkv_export.errors import InputError
-from lightkv_export.method.merge_plan import RequestPlan, plan_request, stage_kept_name
+from lightkv_export.method.merge_plan import RequestPlan, layer_lengths, plan_request, stage_kept_name
 from lightkv_export.method.schedule import Schedule, parse_schedule
 from lightkv_export.models.base import LoadedModel, VisionSpan
 from lightkv_export.models.mrope import mrope_positions
@@ -201,17 +200,14 @@ class Engine:
         names = self.outputs["prefill"]
         out = dict(zip(names, self.sessions["prefill"].run(names, feeds), strict=True))
         n = self.num_layers
-        valid = np.tile(np.asarray(lengths, dtype=np.int64), (n, 1))  # [L, B] valid KV entries per layer and row
         stages = self.schedule.stages if plan is not None else ()
-        for k, stage in enumerate(stages):
-            valid[stage.layer :] = plan.stages[k].out_lengths
         return PrefillOutputs(
             logits=out["logits"],
             keys=[out[f"present.{i}.key"] for i in range(n)],
             values=[out[f"present.{i}.value"] for i in range(n)],
             kept=[out[stage_kept_name(k)] for k in range(len(stages))],
             plan=plan,
-            valid=valid,
+            valid=layer_lengths(self.schedule, plan, lengths),
         )
 
     def decode_step(
@@ -307,7 +303,3 @@ class Engine:
                 return tokens[0] if single else tokens
             logits, keys, values, masks = self.decode_step(step, positions, keys, values, masks)
             positions = positions + 1
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy()

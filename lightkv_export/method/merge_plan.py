@@ -41,6 +41,15 @@ class RequestPlan:
     lengths: tuple[int, ...]  # valid tokens per row after the last stage
 
 
+def layer_lengths(schedule: Schedule, plan: RequestPlan | None, lengths: Sequence[int]) -> np.ndarray:
+    """[L, B] valid KV entries of each decoder layer and row: the input lengths up to the first merge layer, then
+    each stage's out_lengths (no plan: nothing merged)."""
+    valid = np.tile(np.asarray(lengths, dtype=np.int64), (schedule.num_layers, 1))  # [L, B]
+    for k, stage in enumerate(schedule.stages if plan is not None else ()):
+        valid[stage.layer :] = plan.stages[k].out_lengths  # layers after lambda_k (0-based index >= lambda_k)
+    return valid
+
+
 def text_positions(spans: Sequence[Sequence[VisionSpan]], lengths: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """(text_index [B, T] int64, text_valid [B, T] bool): non-vision, non-padding positions of each row."""
     rows = []

@@ -253,23 +253,24 @@ def lightkv_function(opset: int = OPSET) -> onnx.FunctionProto:
     )
 
 
+def node_attributes(*, windows: int, ratio: float, grid_mode: str) -> dict[str, int | float | str]:
+    """A LightKVMerge node's attributes: informational for ONNX runtimes, the TensorRT plugin's identity."""
+    return {
+        "windows": int(windows),
+        "ratio": float(ratio),
+        "grid_mode": str(grid_mode),
+        "plugin_name": OP_NAME,
+        "plugin_namespace": OP_DOMAIN,
+        "plugin_version": str(OP_VERSION),
+    }
+
+
 def make_node(
     inputs: Sequence[str], outputs: Sequence[str], *, windows: int, ratio: float, grid_mode: str, name: str
 ) -> onnx.NodeProto:
-    """A LightKVMerge node; the attributes are informational here and configure the TensorRT plugin."""
-    return helper.make_node(
-        OP_NAME,
-        list(inputs),
-        list(outputs),
-        name=name,
-        domain=OP_DOMAIN,
-        windows=int(windows),
-        ratio=float(ratio),
-        grid_mode=str(grid_mode),
-        plugin_name=OP_NAME,
-        plugin_namespace=OP_DOMAIN,
-        plugin_version=str(OP_VERSION),
-    )
+    """A LightKVMerge node (NodeProto form, for hand-built graphs)."""
+    attrs = node_attributes(windows=windows, ratio=ratio, grid_mode=grid_mode)
+    return helper.make_node(OP_NAME, list(inputs), list(outputs), name=name, domain=OP_DOMAIN, **attrs)
 
 
 def standalone_model(

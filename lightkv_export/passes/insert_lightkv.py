@@ -26,7 +26,7 @@ from onnx_ir.passes import common as common_passes
 from lightkv_export.errors import InputError
 from lightkv_export.export import ROLE_META_KEY, ROLE_PREFIX
 from lightkv_export.method.merge_plan import stage_input_names, stage_kept_name
-from lightkv_export.method.onnx_function import lightkv_function
+from lightkv_export.method.onnx_function import lightkv_function, node_attributes
 from lightkv_export.method.reference import OP_DOMAIN, OP_NAME, OP_VERSION
 from lightkv_export.method.schedule import Schedule
 
@@ -222,14 +222,7 @@ def insert_lightkv(
         merged, kept = b.multi(
             OP_NAME,
             [hidden, xi, win_index, win_r, state["len"], out_lengths],
-            {
-                "windows": stage.windows,
-                "ratio": float(stage.ratio),
-                "grid_mode": grid_mode,
-                "plugin_name": OP_NAME,
-                "plugin_namespace": OP_DOMAIN,
-                "plugin_version": str(OP_VERSION),
-            },
+            node_attributes(windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode),
             num_outputs=2,
             domain=OP_DOMAIN,
             names=[f"lightkv.{k}.hidden", stage_kept_name(k)],
