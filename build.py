@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     except LightKVError as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return exc.exit_code
+    except OSError as exc:  # last resort: the file system refused something no earlier check foresaw
+        where = f" ({exc.filename})" if exc.filename else ""
+        message = f"{exc.strerror or exc}{where}. Check that --out is writable and has free space."
+        console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+        return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: nothing half-written was left behind[/]")
         return 130

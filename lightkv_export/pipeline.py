@@ -78,15 +78,30 @@ class Progress:
             self.console.print(message)
 
 
-def check_writable(out: Path) -> None:
-    """Fail before any work if the output directory cannot be created or written."""
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+def check_writable(directory: Path, option: str = "--out") -> None:
+    """Fail before any work if `directory` cannot be created or written.
+
+    os.access is not enough (it passes for root on read-only or virtual file systems such as /proc), so this
+    creates the directory and writes and removes a probe file in it.
+    """
+    probe = directory / f".lightkv-write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
         raise InputError(
-            f"cannot write engines under {out}: {probe} is not a writable directory. Choose another --out."
-        )
+            f"cannot write under {directory} ({reason}): it is not a writable directory. Choose another {option}."
+        ) from None
+
+
+def check_triton_repo(repo: Path) -> None:
+    """The repository replaces `repo` from a sibling temporary directory, so its parent must be writable and
+    `repo` itself, if it exists, a directory."""
+    if repo.exists() and not repo.is_dir():
+        raise InputError(f"--triton-repo {repo} is a file, not a directory. Choose another --triton-repo.")
+    check_writable(repo.parent, "--triton-repo")
 
 
 def load(config: BuildConfig, dtype: torch.dtype) -> LoadedModel:
@@ -213,6 +228,8 @@ def run(config: BuildConfig, console=None) -> BuildResult:
     per-target failures are collected in the result instead."""
     progress = Progress(console)
     check_writable(config.out)
+    if config.triton_repo is not None:
+        check_triton_repo(config.triton_repo)
     result = BuildResult(config=config, schedule=None)
     groups: dict[str, list[str]] = {}
     for target in config.targets:

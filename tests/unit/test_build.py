@@ -209,12 +209,26 @@ def test_cli_bad_input_is_one_clear_message(tmp_path, args, message):
     assert not (tmp_path / "engines" / "tiny-qwen-vl").exists()
 
 
-def test_cli_unwritable_output(tmp_path):
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["--out", "{blocker}/engines"], "--out"),  # under a file
+        (["--out", "/proc/lightkv-engines"], "--out"),  # os.access says yes to root here; mkdir says no
+        (["--triton-repo", "{blocker}"], "--triton-repo"),  # a file where the repository should go
+        (["--triton-repo", "/proc/lightkv-repo"], "--triton-repo"),
+    ],
+)
+def test_cli_unwritable_output(tmp_path, args, option):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    proc = cli("--out", str(blocker / "engines"))
-    assert proc.returncode == 2 and "not a writable directory" in " ".join(proc.stderr.split())
-    assert "Traceback" not in proc.stderr
+    args = [a.format(blocker=blocker) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "engines")]
+    proc = cli(*args, *out, timeout=60)
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stderr
+    assert f"Choose another {option}" in message and "Traceback" not in proc.stderr
+    assert "load" not in message  # refused before the model was loaded
+    assert blocker.read_text() == "not a directory"
 
 
 def test_cli_builds_and_the_parity_command_rechecks(builds, engines_out):
