@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -112,6 +113,8 @@ def load_model(
         return load_local(path, random_weights=random_weights, dtype=dtype)
     name = key_or_local_dir.strip().lower()
     if ALIASES.get(name, name) not in SPECS and ("/" in name or name.startswith((".", "~"))):
+        if is_hub_id(key_or_local_dir.strip()):
+            return load_hub_id(key_or_local_dir.strip(), random_weights=random_weights, dtype=dtype)
         raise ModelNotFoundError(
             f"{key_or_local_dir!r} is neither a model key nor a checkpoint directory on this machine "
             f"({known_keys()}). {how_to_get(None)}"
@@ -126,14 +129,31 @@ def load_model(
         return build_random(spec, dtype)
     raise ModelNotFoundError(
         f"{spec.hf_id} (model {spec.key!r}) is not in the local Hugging Face cache ({hub_cache_dir()}) and this "
-        f"machine has no network. {how_to_get(spec)}"
+        f"machine has no network. {how_to_get(spec.hf_id)}"
     )
 
 
-def how_to_get(spec: ModelSpec | None) -> str:
-    hf_id = spec.hf_id if spec else "Qwen/Qwen2.5-VL-7B-Instruct"
+def is_hub_id(text: str) -> bool:
+    """'Org/Name' as the Hugging Face hub spells repository ids (not a path: no leading '/', '.' or '~')."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", text) is not None
+
+
+def load_hub_id(hf_id: str, *, random_weights: bool, dtype: torch.dtype) -> LoadedModel:
+    """An unregistered hub id from the local cache; its config.json's model_type picks the family (or is refused)."""
+    snapshot = cached_snapshot(hf_id)
+    if snapshot is None:
+        raise ModelNotFoundError(
+            f"{hf_id!r} is neither a model key, a checkpoint directory on this machine, nor a hub id in the local "
+            f"Hugging Face cache ({hub_cache_dir()}), and this machine has no network ({known_keys()}). "
+            f"{how_to_get(hf_id)}"
+        )
+    return load_local(snapshot, random_weights=random_weights, dtype=dtype, key=hf_id)
+
+
+def how_to_get(hf_id: str | None) -> str:
+    command = f"`huggingface-cli download {hf_id}`" if hf_id else "`huggingface-cli download ORG/NAME`"
     return (
-        f"Download it on a machine with network (`huggingface-cli download {hf_id}`, then copy the cache or set "
+        f"Download it on a machine with network ({command}, then copy the cache or set "
         f"HF_HUB_CACHE), or pass a local directory holding config.json, *.safetensors and the processor files. "
         f"Without a checkpoint: use a tiny preset ({', '.join(k for k, s in SPECS.items() if s.tiny)}), "
         "or --random-weights for the real architecture with random weights."
@@ -232,8 +252,9 @@ def read_model_type(path: Path) -> str:
     return MODEL_TYPES[model_type]
 
 
-def spec_for_local(path: Path, family_name: str, config: Any) -> ModelSpec:
-    """A local checkpoint borrows the windows, image size and tolerances of the preset with its shape."""
+def spec_for_local(key: str, family_name: str, config: Any) -> ModelSpec:
+    """A local checkpoint (or unregistered hub id) borrows the windows, image size and tolerances of the preset
+    with its shape."""
     text = config.get_text_config()
     tiny_spec = next(s for s in SPECS.values() if s.tiny and s.family == family_name)
     real_spec = next(s for s in SPECS.values() if not s.tiny and s.family == family_name)
@@ -243,7 +264,7 @@ def spec_for_local(path: Path, family_name: str, config: Any) -> ModelSpec:
     )
     base = tiny_spec if is_tiny_shape else real_spec
     return ModelSpec(
-        key=str(path),
+        key=key,
         family=family_name,
         hf_id=base.hf_id,
         tiny=False,
@@ -258,23 +279,32 @@ def has_processor_files(path: Path) -> bool:
 
 
 def load_local(
-    path: Path, *, random_weights: bool = False, dtype: torch.dtype = torch.float32, spec: ModelSpec | None = None
+    path: Path,
+    *,
+    random_weights: bool = False,
+    dtype: torch.dtype = torch.float32,
+    spec: ModelSpec | None = None,
+    key: str | None = None,
 ) -> LoadedModel:
-    """A checkpoint directory (config.json, *.safetensors, tokenizer and processor files) -> LoadedModel."""
+    """A checkpoint directory (config.json, *.safetensors, tokenizer and processor files) -> LoadedModel.
+
+    Without `spec`, the spec is derived from the checkpoint's family and shape, keyed `key` (default: the path).
+    """
     family_name = read_model_type(path)
     family = FAMILIES[family_name]
     config = family.config_class().from_pretrained(str(path), local_files_only=True)
-    spec = spec or spec_for_local(path, family_name, config)
+    spec = spec or spec_for_local(key or str(path), family_name, config)
     if random_weights:
         processor = load_processor(path, family_name) if has_processor_files(path) else None
         if processor is None:
             return build_random(spec, dtype, config=config)
         align_token_ids(config, processor.tokenizer)
         return LoadedModel(spec, build_seeded(family, config, dtype), processor, family)
+    source = key or spec.hf_id  # the hub id to download: the one asked for, else the registry's
     if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
-        raise ModelNotFoundError(f"{path} has a config.json but no weights (*.safetensors). {how_to_get(spec)}")
+        raise ModelNotFoundError(f"{path} has a config.json but no weights (*.safetensors). {how_to_get(source)}")
     if not has_processor_files(path):
-        raise ModelNotFoundError(f"{path} has weights but no tokenizer files (tokenizer.json). {how_to_get(spec)}")
+        raise ModelNotFoundError(f"{path} has weights but no tokenizer files (tokenizer.json). {how_to_get(source)}")
     model = family.model_class().from_pretrained(
         str(path), dtype=dtype, attn_implementation="sdpa", local_files_only=True
     )

@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -282,6 +283,41 @@ def test_load_from_hf_cache_layout(tiny_qwen_vl, test_image, tmp_path, monkeypat
     assert loaded.spec == get_spec("qwen-vl")
     assert loaded.family is qwen2_5_vl
     assert_same_model(loaded, tiny_qwen_vl, test_image)
+
+
+def save_to_hub_cache(loaded, hub: Path, hf_id: str) -> Path:
+    """`loaded` as the hub cache lays out `hf_id`: models--Org--Name/snapshots/<rev> with refs/main -> <rev>."""
+    repo = hub / f"models--{hf_id.replace('/', '--')}"
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    save_checkpoint(loaded, repo / "snapshots" / rev)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    return repo / "snapshots" / rev
+
+
+def test_unregistered_hub_id_loads_from_the_cache_by_its_model_type(tiny_qwen2_vl, test_image, tmp_path, monkeypatch):
+    """A fine-tune the registry does not know: the family comes from config.json's model_type."""
+    save_to_hub_cache(tiny_qwen2_vl, tmp_path / "hub", "someone/Qwen2-VL-finetune")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded = load_model("someone/Qwen2-VL-finetune")
+    assert loaded.family is qwen2_vl
+    assert loaded.spec.key == "someone/Qwen2-VL-finetune" and loaded.spec.family == "qwen2_vl"
+    assert loaded.spec.default_windows == get_spec("tiny-qwen2-vl").default_windows  # tiny-shaped checkpoint
+    assert_same_model(loaded, tiny_qwen2_vl, test_image)
+
+
+def test_unregistered_hub_id_errors_name_that_id(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model("someone/not-downloaded")
+    msg = str(err.value)
+    assert "huggingface-cli download someone/not-downloaded" in msg and "Qwen2.5-VL-7B" not in msg
+    assert str(tmp_path / "hub") in msg  # where it looked
+    snapshot = tmp_path / "hub" / "models--someone--a-llama" / "snapshots" / "rev"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(InputError, match="model_type 'llama' is not supported"):
+        load_model("someone/a-llama")
 
 
 def test_missing_checkpoint_says_how_to_get_it(tmp_path, monkeypatch):
