@@ -9,7 +9,8 @@ same three kernels back both the PyTorch launcher (launch.py) and the TensorRT p
 2. `plan_kernel`    grid (B,): one program per batch row. Top-r ranking per window (stable: rank = #greater +
    #equal at a lower slot), the merge assignment, and the order-preserving compaction (a chunked prefix sum).
    Writes `kept`, S' and a per-token destination code. One program owns a row, so its scratch writes need only
-   block barriers, no atomics.
+   block barriers, no atomics. S' = max(out_lengths) is computed in the kernel, not passed in: it sizes this
+   kernel's own output, which TensorRT only learns from the size tensor the kernel writes.
 3. `emit_kernel`    grid (B * cdiv(S', BLOCK_S) + W * cdiv(nb, BLOCK_B), cdiv(D, BLOCK_D)): the first programs copy
    untouched survivors (and zero the padding), the rest compute each touched B token's guidance-weighted merge as
    two small matrix products over its window's A slots and write it at its output position. Each output row is
@@ -114,7 +115,6 @@ def plan_kernel(
     n_max,
     seq,
     batch,
-    out_seq,  # S' (columns of kept)
     kept_ptr,  # [B, S'] int64 out: source index of each survivor, -1 padding
     out_len_ptr,  # [1] int32 out: S' = max(out_lengths) (TensorRT's size tensor)
     dest_ptr,  # [B * S] int32 out: -1 gone/padding, else 2 * output position + touched
@@ -127,6 +127,13 @@ def plan_kernel(
     na = (n_max + 1) // 2
     s_off = tl.arange(0, BLOCK_S)
     row_base = tl.cast(row, tl.int64) * seq
+
+    # 0. S' = max(out_lengths), the row stride of `kept`. Every program computes it (B small loads): it is this
+    # kernel's own data-dependent output size, so the launcher (TensorRT) cannot pass it in.
+    out_seq = 0
+    for b0 in range(0, batch, BLOCK_S):
+        n = tl.load(out_lengths_ptr + b0 + s_off, mask=b0 + s_off < batch, other=0)  # [BS]
+        out_seq = tl.maximum(out_seq, tl.max(n, axis=0).to(tl.int32))
 
     # 1. Every token of the row starts as an untouched survivor (code 0).
     for s0 in range(0, seq, BLOCK_S):
@@ -179,13 +186,9 @@ def plan_kernel(
         p = p0 + s_off
         tl.store(kept_ptr + tl.cast(row, tl.int64) * out_seq + p, tl.full([BLOCK_S], -1, tl.int64), mask=p < out_seq)
 
-    # 4. S' = max(out_lengths), written once (the size tensor of TensorRT's data-dependent output shape).
+    # 4. S', written once: the size tensor of TensorRT's data-dependent output shape.
     if row == 0:
-        longest = 0
-        for b0 in range(0, batch, BLOCK_S):
-            n = tl.load(out_lengths_ptr + b0 + s_off, mask=b0 + s_off < batch, other=0)
-            longest = tl.maximum(longest, tl.max(n, axis=0).to(tl.int32))
-        tl.store(out_len_ptr, longest)
+        tl.store(out_len_ptr, out_seq)
 
 
 @triton.jit

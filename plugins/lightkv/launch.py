@@ -113,7 +113,7 @@ def lightkv_merge_triton(
     dest = torch.empty(bsz * seq, dtype=torch.int32, device=device)  # [N]
     assign = torch.empty(n_win, na, dtype=torch.int32, device=device)  # [W, na]
     kernels.plan_kernel[(bsz,)](
-        xi, win_index, win_r, lengths, out_lengths, best, partner, n_win, n_max, seq, bsz, out_seq,
+        xi, win_index, win_r, lengths, out_lengths, best, partner, n_win, n_max, seq, bsz,
         kept, out_len, dest, assign,
         BLOCK_S=c.plan_s, BLOCK_R=c.plan_r, BLOCK_J=c.plan_j, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip

@@ -138,8 +138,9 @@ def register_plugins(target: str) -> None:
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         art = _artifact("plan", "fp32", 1, target, cache)  # no dtype dependence, one configuration
         bsz, seq = guidance.shape_expr[0], guidance.shape_expr[1]
-        scalars = [win_index.shape_expr[0], win_index.shape_expr[1], seq, bsz, outputs[0].shape_expr[1]]
-        return launch(art, (bsz,), scalars)
+        # No S' here: it is this kernel's data-dependent output size, unknown before the launch; the kernel
+        # computes it from out_lengths.
+        return launch(art, (bsz,), [win_index.shape_expr[0], win_index.shape_expr[1], seq, bsz])
 
     # --- LightKVEmit ------------------------------------------------------------------------------------------
     @trtp.register(f"{NAMESPACE}::LightKVEmit")
