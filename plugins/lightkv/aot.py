@@ -4,7 +4,8 @@
 
 For each (kernel, hidden dtype, target) it writes DIR/<target>/<kernel>_<dtype>.ptx and .cubin, and DIR/summary.json
 with the PTX entry name, launch block size, shared memory and the registers / stack per thread that the bundled
-cuobjdump reports for the cubin (stack > 0 means spills). triton.compile with an explicit GPUTarget needs no driver;
+cuobjdump reports for the cubin (stack > 0 means spills), and per target the PTX ISA version and the oldest driver
+that JIT-compiles it (PTX_VERSIONS, MIN_DRIVERS). triton.compile with an explicit GPUTarget needs no driver;
 Triton ships ptxas and cuobjdump in its nvidia backend.
 
 The PTX is what the TensorRT AOT plugin embeds. Triton 3.9 appends two pointer parameters to every entry (global and
@@ -32,6 +33,21 @@ from plugins.lightkv import kernels
 from plugins.lightkv.launch import DEFAULT_CONFIG, KernelConfig
 
 TARGETS: dict[str, int] = {"sm80": 80, "sm86": 86, "sm89": 89, "sm90": 90, "sm100": 100, "sm120": 120}
+# The PTX ISA each target is compiled to, the lowest that works: the TensorRT plugin embeds PTX that the driver
+# JIT-compiles when the engine loads, and a driver rejects a newer ISA than its own. Left alone, Triton 3.9 writes
+# the newest ISA its bundled ptxas knows (9.x from CUDA 13 for sm >= 90). Floors: Triton's code generation needs 7.8
+# (cta-scoped memory ops); sm_90a needs 8.0, sm_100a 8.6, sm_120a 8.7.
+PTX_VERSIONS: dict[str, int] = {"sm80": 78, "sm86": 78, "sm89": 78, "sm90": 80, "sm100": 86, "sm120": 87}
+# The oldest Linux driver that JIT-compiles that ISA: CUDA 11.8 GA, 12.0 GA, 12.8 GA (12.7, whose ISA is 8.6, was
+# never released; sm100 and sm120 GPUs need r570 anyway).
+MIN_DRIVERS: dict[str, str] = {
+    "sm80": "520.61.05",
+    "sm86": "520.61.05",
+    "sm89": "520.61.05",
+    "sm90": "525.60.13",
+    "sm100": "570.26",
+    "sm120": "570.26",
+}
 DTYPES: dict[str, str] = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}  # our name -> Triton signature type
 KERNELS = ("match", "plan", "emit")
 
@@ -62,6 +78,7 @@ class KernelArtifact:
     registers: int
     stack_bytes: int
     params: int  # PTX entry parameters after dropping Triton's scratch pointers
+    ptx_version: str  # PTX ISA, e.g. "8.0"; the driver must be at least MIN_DRIVERS[target]
     ptx: str
     cubin: bytes
 
@@ -91,7 +108,7 @@ def kernel_specs(dtype: str, config: KernelConfig = DEFAULT_CONFIG) -> dict[str,
         "out_lengths_ptr": "*i64",
     }
     plan |= {"best_ptr": "*fp32", "partner_ptr": "*i32"}
-    plan |= {name: "i32" for name in ("n_win", "n_max", "seq", "batch", "out_seq")}
+    plan |= {name: "i32" for name in ("n_win", "n_max", "seq", "batch")}  # S' is computed in the kernel
     plan |= {"kept_ptr": "*i64", "out_len_ptr": "*i32", "dest_ptr": "*i32", "assign_ptr": "*i32"}
     emit = {"hidden_ptr": h, "guidance_ptr": "*fp32", "win_index_ptr": "*i64", "kept_ptr": "*i64"}
     emit |= {"dest_ptr": "*i32", "assign_ptr": "*i32"}
@@ -151,11 +168,20 @@ def plugin_ptx(ptx: str, entry: str, metadata: Any) -> tuple[str, int]:
     return ptx[: head.start(1)] + "\n\t" + kept + "\n" + ptx[head.end(1) :], len(params) - 2
 
 
+def ptx_isa(ptx: str) -> str:
+    """The `.version` of a PTX module, e.g. "7.8"."""
+    found = re.search(r"^\.version (\d+\.\d+)", ptx, re.M)
+    if found is None:
+        raise RuntimeError("the PTX has no .version line")
+    return found.group(1)
+
+
 def compile_kernel(spec: KernelSpec, target: str, workdir: Path) -> KernelArtifact:
     """Compile one kernel for one target (no GPU needed)."""
     source = triton.compiler.ASTSource(fn=_jit(spec.fn), signature=spec.signature | dict.fromkeys(spec.constexprs,
                                        "constexpr"), constexprs=spec.constexprs)  # fmt: skip
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages, "enable_fp_fusion": True}
+    options["ptx_version"] = PTX_VERSIONS[target]
     compiled = triton.compile(source, target=GPUTarget("cuda", parse_target(target), 32), options=options)
     meta = compiled.metadata
     ptx, n_params = plugin_ptx(compiled.asm["ptx"], meta.name, meta)
@@ -170,6 +196,7 @@ def compile_kernel(spec: KernelSpec, target: str, workdir: Path) -> KernelArtifa
         registers=registers,
         stack_bytes=stack,
         params=n_params,
+        ptx_version=ptx_isa(ptx),
         ptx=ptx,
         cubin=compiled.asm["cubin"],
     )
@@ -196,6 +223,10 @@ def build(
     summary = {
         "triton_version": triton.__version__,
         "config": asdict(config),
+        "targets": {
+            t: {"ptx_version": f"{PTX_VERSIONS[t] // 10}.{PTX_VERSIONS[t] % 10}", "min_driver": MIN_DRIVERS[t]}
+            for t in targets
+        },
         "kernels": [a.summary() for a in artifacts],
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -39,13 +39,27 @@ def test_summary_reports_resources_and_the_plugin_abi(built: tuple[Path, list[ao
     out, _ = built
     summary = json.loads((out / "summary.json").read_text())
     assert summary["triton_version"] and len(summary["kernels"]) == 3 * len(aot.TARGETS)
-    n_params = {"match": 6, "plan": 16, "emit": 12}  # inputs + int32 scalars + outputs: nothing else
+    n_params = {"match": 6, "plan": 15, "emit": 12}  # inputs + int32 scalars + outputs: nothing else
     for k in summary["kernels"]:
         assert 0 < k["registers"] <= 255 and k["stack_bytes"] >= 0
         assert 0 <= k["shared_bytes"] <= 100 * 1024  # fits sm86 / sm89 / sm120, the smallest shared memory here
         assert k["block_x"] in (128, 256) and k["params"] == n_params[k["kernel"]]
     ptx = (out / "sm90" / "plan_fp16.ptx").read_text()
-    assert "plan_kernel_param_16" not in ptx.split("{")[0]  # Triton's scratch pointers are gone from the entry
+    assert "plan_kernel_param_15" not in ptx.split("{")[0]  # Triton's scratch pointers are gone from the entry
+
+
+def test_ptx_uses_the_lowest_isa_each_target_allows(built: tuple[Path, list[aot.KernelArtifact]]) -> None:
+    """The driver JIT-compiles the engine's PTX: Triton's default (the newest ISA its ptxas knows) would need a
+    newer driver than the target requires."""
+    out, arts = built
+    summary = json.loads((out / "summary.json").read_text())
+    for target, isa in aot.PTX_VERSIONS.items():
+        version = f"{isa // 10}.{isa % 10}"
+        assert summary["targets"][target] == {"ptx_version": version, "min_driver": aot.MIN_DRIVERS[target]}
+        ptx = (out / target / "match_fp16.ptx").read_text()
+        assert re.search(rf"^\.version {re.escape(version)}$", ptx, re.M), f"{target}: {aot.ptx_isa(ptx)}"
+    assert {a.ptx_version for a in arts if a.target == "sm90"} == {"8.0"}
+    assert max(aot.PTX_VERSIONS.values()) < 90  # no target needs the CUDA 13 ISA
 
 
 def test_defaults_do_not_spill_the_matching_kernel(built: tuple[Path, list[aot.KernelArtifact]]) -> None:
