@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ TRT_TARGETS: dict[str, tuple[int, int]] = {
     "trt-sm120": (12, 0),
 }
 LOCAL_TARGET = "trt"
+MIN_TENSORRT = (10, 9)  # tensorrt.plugin.aot_impl (AOT Python plugins) arrived in TensorRT 10.9
 Precision = Literal["fp16", "bf16"]
 
 
@@ -61,14 +63,37 @@ def _local_capability() -> tuple[int, int] | None:
     return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None  # type: ignore[return-value]
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """'10.9.0.34' -> (10, 9, 0, 34); stops at the first part that is not a number ('10.13.0rc1' -> (10, 13))."""
+    parts = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def missing_tensorrt() -> str | None:
+    """What is missing for the LightKV AOT plugins, or None: TensorRT >= MIN_TENSORRT with tensorrt.plugin.aot_impl."""
+    needed = f"TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} (ahead-of-time Python plugins, tensorrt.plugin.aot_impl)"
+    try:
+        import tensorrt
+    except ImportError:
+        return f"the TensorRT Python package, {needed} (pip install tensorrt, on a machine with an NVIDIA driver)"
+    try:
+        import tensorrt.plugin as trtp
+    except ImportError:
+        trtp = None
+    version = getattr(tensorrt, "__version__", "unknown")
+    if version_tuple(version) < MIN_TENSORRT or not hasattr(trtp, "aot_impl"):
+        return f"{needed}; this is TensorRT {version}"
+    return None
+
+
 def check_trt_available(target: str) -> tuple[int, int]:
     """The compute capability to build for; TargetUnavailableError if TensorRT or a matching GPU is missing."""
     wanted = parse_trt_target(target)
-    missing = []
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        missing.append("the TensorRT Python package (pip install tensorrt, on a machine with an NVIDIA driver)")
+    missing = [problem] if (problem := missing_tensorrt()) else []
     local = _local_capability()
     if local is None:
         missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
@@ -119,6 +144,55 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor a graph holds: initializers and tensor attributes, subgraphs (If / Loop bodies) included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                yield from _tensors(sub)
+
+
+def external_data_files(onnx_path: Path) -> list[Path]:
+    """The external data files `onnx_path` refers to (e.g. model.onnx.data), sorted, each once."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in _tensors(model.graph)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return [onnx_path.parent / loc for loc in sorted(locations)]
+
+
+def onnx_sha256(onnx_path: Path) -> str:
+    """SHA-256 of the model file followed by its external data files: a change to the weights changes the hash."""
+    digest = hashlib.sha256()
+    for path in [onnx_path, *external_data_files(onnx_path)]:
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):  # streamed: weight files run to many GB
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _attach_timing_cache(config: Any, timing_cache: Path | None) -> None:
+    """Reuse `timing_cache` when it came from this TensorRT version and GPU; otherwise start an empty one."""
+    cached = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
+    if config.set_timing_cache(config.create_timing_cache(cached), ignore_mismatch=False):
+        return
+    # A cache from another TensorRT version or device: its timings would mislead the tactic choice.
+    print(
+        f"lightkv: timing cache {timing_cache} does not match this TensorRT and GPU; starting a fresh one.",
+        file=sys.stderr,
+    )
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        raise RuntimeError("TensorRT refused an empty timing cache")
+
+
 def build_trt_engine(
     onnx_path: Path,
     out_dir: Path,
@@ -144,8 +218,9 @@ def build_trt_engine(
     from plugins.lightkv.trt_plugin import register_plugins
 
     register_plugins(sm_name(capability))
-    model = lower_trt_plugin(onnx.load(str(onnx_path)))
-    lowered = model.SerializeToString()
+    # The graph alone, weights left on disk: a 7B model's weights are far past protobuf's 2 GiB message limit.
+    # The parser resolves external data relative to `path`, i.e. next to the source model.
+    lowered = lower_trt_plugin(onnx.load(str(onnx_path), load_external_data=False)).SerializeToString()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
@@ -160,9 +235,7 @@ def build_trt_engine(
         for name, (lo, opt, hi) in prof.shapes.items():
             p.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(p)
-    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.exists() else b""
-    cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    _attach_timing_cache(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build {onnx_path} for {target}; rerun with a verbose logger.")
@@ -177,7 +250,7 @@ def build_trt_engine(
         precision=precision,
         profiles=[{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in profiles],
         schedule=schedule,
-        onnx_sha256=_sha256(Path(onnx_path).read_bytes()),
+        onnx_sha256=onnx_sha256(Path(onnx_path)),
         engine_sha256=_sha256(engine),
         plugin_kernels=str(kernels.relative_to(out_dir)),
     )
@@ -285,11 +358,57 @@ def build_engine(
     return destination
 
 
+# TensorRT DataType name -> torch dtype. Through torch, not trt.nptype: numpy has no bfloat16, and bf16 engines are
+# the point of --dtype bfloat16.
+TORCH_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "UINT8": "uint8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+}
+
+
+def torch_dtype(trt_dtype: Any) -> Any:
+    """The torch dtype of a TensorRT tensor dtype (trt.DataType); InputError for one this runtime does not carry."""
+    import torch
+
+    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+    if name not in TORCH_DTYPES:
+        raise InputError(f"TensorRT tensor dtype {name} is not supported by this runtime ({', '.join(TORCH_DTYPES)}).")
+    return getattr(torch, TORCH_DTYPES[name])
+
+
+def to_device(array: np.ndarray, dtype: Any, name: str) -> Any:
+    """A feed as a contiguous CUDA tensor of the engine's dtype. Floats are cast (fp32 host data into an fp16 or
+    bf16 engine); any other mismatch would be reinterpreted bytes, so it is an error."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.dtype != dtype and not (tensor.dtype.is_floating_point and dtype.is_floating_point):
+        raise InputError(f"input {name!r} is {tensor.dtype}, the engine expects {dtype}.")
+    return tensor.to(device="cuda", dtype=dtype)
+
+
+def to_host(tensor: Any) -> np.ndarray:
+    """An output as numpy; bf16 widens to fp32 (exact), since numpy has no bfloat16."""
+    import torch
+
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.cpu().numpy()
+
+
 class TrtSession:
     """One TensorRT engine behind the runtime's Session interface (numpy in, numpy out, on the local GPU).
 
     Outputs whose shapes depend on data (every shape after a LightKV stage) are allocated by TensorRT through an
-    output allocator, so no upper bound has to be guessed.
+    output allocator, so no upper bound has to be guessed. Tensors cross the host boundary as torch tensors of the
+    engine's dtypes, so bf16 engines run: bf16 outputs come back as fp32 numpy, which casts back to bf16 exactly
+    when the runtime feeds them to the next graph.
     """
 
     def __init__(self, plan_path: Path) -> None:
@@ -318,7 +437,7 @@ class TrtSession:
         allocator = _output_allocator(trt, torch)
         keep_alive = []
         for name in self.inputs:
-            tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
+            tensor = to_device(feeds[name], torch_dtype(self.engine.get_tensor_dtype(name)), name)
             keep_alive.append(tensor)
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
@@ -330,10 +449,10 @@ class TrtSession:
         stream.synchronize()
         out = []
         for name in output_names or self.output_names:
-            dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(self.engine.get_tensor_dtype(name)))).dtype
+            dtype = torch_dtype(self.engine.get_tensor_dtype(name))
             shape = allocator.shapes[name]
-            count = int(np.prod(shape)) if shape else 1
-            out.append(allocator.buffers[name].view(dtype)[:count].reshape(shape).cpu().numpy())
+            nbytes = int(np.prod(shape)) * dtype.itemsize  # the buffer may be larger (and is >= 1 byte)
+            out.append(to_host(allocator.buffers[name][:nbytes].view(dtype).reshape(shape)))
         return out
 
 

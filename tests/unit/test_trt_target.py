@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
+import sys
+import types
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -107,3 +111,221 @@ def test_plugins_register_with_tensorrt() -> None:
 
     names = {c.name for c in tensorrt.get_plugin_registry().all_creators}
     assert set(trt_plugin.PLUGINS) <= names
+
+
+# --- the plugin registration against a stub tensorrt.plugin (the real one needs TensorRT and a driver) ------------
+
+
+class _Desc:
+    """trtp.TensorDesc with concrete dims: shape expressions as plain ints."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
+        self.shape_expr, self.dtype = shape, dtype
+
+
+class _SizeTensor(_Desc):
+    def __init__(self, opt: int, upper_bound: int) -> None:
+        super().__init__((), "int32")
+        self.upper_bound = upper_bound
+
+    def expr(self) -> int:
+        return self.upper_bound
+
+
+class _Combination:
+    def __init__(self, spec: str) -> None:
+        self.spec, self.tactic_ids = spec, None
+
+    def tactics(self, ids: list[int]) -> None:
+        self.tactic_ids = ids
+
+
+class _LaunchParams:
+    grid_x = grid_y = block_x = shared_mem = None
+
+
+def _stub_tensorrt() -> tuple[types.ModuleType, types.ModuleType, dict[str, dict[str, object]]]:
+    """`tensorrt` and `tensorrt.plugin` modules that record what the decorators receive, per plugin and role."""
+    registered: dict[str, dict[str, object]] = {}
+
+    def decorator(role: str):
+        def wrap(plugin_id: str):
+            def record(fn):
+                registered.setdefault(plugin_id, {})[role] = fn
+                return fn
+
+            return record
+
+        return wrap
+
+    trt_mod = types.ModuleType("tensorrt")
+    trt_mod.__version__ = "10.9.0.34"
+    trt_mod.float32, trt_mod.float16, trt_mod.bfloat16 = "float32", "float16", "bfloat16"
+    trt_mod.int32, trt_mod.int64 = "int32", "int64"
+    trtp = types.ModuleType("tensorrt.plugin")
+    trtp.register, trtp.autotune, trtp.aot_impl = decorator("register"), decorator("autotune"), decorator("aot_impl")
+    trtp.TensorDesc, trtp.AutoTuneCombination, trtp.KernelLaunchParams = _Desc, _Combination, _LaunchParams
+    trtp.SymExprs, trtp.SymInt32 = tuple, int
+    trtp.SymIntExprs = types.SimpleNamespace(from_tuple=tuple)
+    trtp.cdiv = lambda a, b: -(-a // b)
+    trtp.from_shape_expr = lambda shape, dtype: _Desc(tuple(shape), dtype)
+    trtp.size_tensor = _SizeTensor
+    trt_mod.plugin = trtp
+    return trt_mod, trtp, registered
+
+
+@pytest.fixture(scope="module")
+def stub_plugins() -> dict[str, dict[str, object]]:
+    """register_plugins("sm80") run against the stub modules, which live in sys.modules for this fixture only."""
+    from plugins.lightkv import trt_plugin
+
+    trt_mod, trtp, registered = _stub_tensorrt()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "tensorrt", trt_mod)
+        mp.setitem(sys.modules, "tensorrt.plugin", trtp)
+        mp.setattr(trt_plugin, "_registered", set())
+        trt_plugin.register_plugins("sm80")
+    return registered
+
+
+# B = 2, S = 40, D = 48, W = 3 windows of n_max = 9 slots (na = 5), S' = 30.
+B, S, D, W, N_MAX, NA, S_OUT = 2, 40, 48, 3, 9, 5, 30
+PLUGIN_IO = {  # plugin -> (inputs, outputs) as TensorDescs
+    "LightKVMatch": (
+        [_Desc((B, S, D), "float16"), _Desc((W, N_MAX), "int64")],
+        [_Desc((W, NA), "float32"), _Desc((W, NA), "int32")],
+    ),
+    "LightKVPlan": (
+        [_Desc((B, S), "float32"), _Desc((W, N_MAX), "int64"), _Desc((W,), "int64"), _Desc((B,), "int64"),
+         _Desc((B,), "int64"), _Desc((W, NA), "float32"), _Desc((W, NA), "int32")],
+        [_Desc((B, S_OUT), "int64"), _Desc((), "int32"), _Desc((B * S,), "int32"), _Desc((W, NA), "int32")],
+    ),
+    "LightKVEmit": (
+        [_Desc((B, S, D), "float16"), _Desc((B, S), "float32"), _Desc((W, N_MAX), "int64"),
+         _Desc((B, S_OUT), "int64"), _Desc((B * S,), "int32"), _Desc((W, NA), "int32")],
+        [_Desc((B, S_OUT, D), "float16")],
+    ),
+}  # fmt: skip
+
+
+def test_stub_registration_covers_every_plugin_and_role(stub_plugins: dict[str, dict[str, object]]) -> None:
+    from plugins.lightkv import trt_plugin
+
+    assert set(stub_plugins) == {f"lightkv::{name}" for name in trt_plugin.PLUGINS}
+    assert all(set(roles) == {"register", "autotune", "aot_impl"} for roles in stub_plugins.values())
+
+
+@pytest.mark.parametrize("plugin", list(PLUGIN_IO))
+def test_descriptors_and_autotune_match_the_io_count(stub_plugins: dict[str, dict[str, object]], plugin: str) -> None:
+    inputs, outputs = PLUGIN_IO[plugin]
+    fns = stub_plugins[f"lightkv::{plugin}"]
+    declared = fns["register"](*inputs)
+    declared = declared if isinstance(declared, tuple) else (declared,)
+    assert len(declared) == len(outputs)
+    assert [d.dtype for d in declared] == [o.dtype for o in outputs]
+    for combo in fns["autotune"](*inputs, tuple(outputs)):
+        assert len(combo.spec.split(",")) == len(inputs) + len(outputs), combo.spec
+
+
+def test_plan_declares_s_prime_as_a_size_tensor_bounded_by_s(stub_plugins: dict[str, dict[str, object]]) -> None:
+    kept, out_len, dest, assign = stub_plugins["lightkv::LightKVPlan"]["register"](*PLUGIN_IO["LightKVPlan"][0])
+    assert isinstance(out_len, _SizeTensor) and out_len.upper_bound == S
+    assert kept.shape_expr == (B, S) and dest.shape_expr == (B * S,) and assign.shape_expr == (W, NA)
+
+
+@pytest.mark.parametrize("plugin", list(PLUGIN_IO))
+def test_aot_scalars_fill_the_compiled_kernels_parameter_list(
+    stub_plugins: dict[str, dict[str, object]], plugin: str
+) -> None:
+    """TensorRT launches with (input pointers, extra scalars, output pointers): that must be the PTX entry's list."""
+    inputs, outputs = PLUGIN_IO[plugin]
+    name, ptx, params, scalars = stub_plugins[f"lightkv::{plugin}"]["aot_impl"](*inputs, tuple(outputs), 1)
+    head = re.search(rf"\.entry {re.escape(name.decode())}\((.*?)\)", ptx.decode(), re.S)
+    assert head is not None, "the kernel name is not the PTX entry"
+    ptx_params = [p for p in head.group(1).split(",") if p.strip()]
+    assert len(inputs) + len(scalars) + len(outputs) == len(ptx_params)
+    assert all(isinstance(v, int) and v > 0 for v in scalars)
+    assert params.grid_x > 0 and params.block_x in (128, 256)
+
+
+# --- TensorRT version, timing cache, hashes and dtypes (no TensorRT needed) --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("version", "has_aot", "ok"),
+    [("10.9.0.34", True, True), ("10.13.2", True, True), ("10.8.0.43", True, False), ("10.9.0", False, False),
+     ("8.6.1", False, False)],
+)  # fmt: skip
+def test_tensorrt_older_than_10_9_is_missing(
+    monkeypatch: pytest.MonkeyPatch, version: str, has_aot: bool, ok: bool
+) -> None:
+    trt_mod, trtp, _ = _stub_tensorrt()
+    trt_mod.__version__ = version
+    if not has_aot:
+        del trtp.aot_impl
+    monkeypatch.setitem(sys.modules, "tensorrt", trt_mod)
+    monkeypatch.setitem(sys.modules, "tensorrt.plugin", trtp)
+    problem = trt.missing_tensorrt()
+    assert (problem is None) == ok
+    if not ok:
+        assert "TensorRT >= 10.9" in problem and version in problem
+        with pytest.raises(trt.TargetUnavailableError, match=r"TensorRT >= 10\.9") as err:
+            trt.check_trt_available("trt-sm90")
+        assert err.value.exit_code == 2
+
+
+def test_version_tuple() -> None:
+    assert trt.version_tuple("10.9.0.34") == (10, 9, 0, 34)
+    assert trt.version_tuple("10.13.0rc1") == (10, 13)
+    assert trt.version_tuple("10.10") > trt.version_tuple("10.9.1")
+
+
+class _Config:
+    """IBuilderConfig's timing-cache calls; a cache built from `stale` bytes does not match this TensorRT / GPU."""
+
+    def __init__(self, stale: bytes) -> None:
+        self.stale, self.attached = stale, []
+
+    def create_timing_cache(self, data: bytes) -> bytes:
+        return data
+
+    def set_timing_cache(self, cache: bytes, ignore_mismatch: bool) -> bool:
+        assert ignore_mismatch is False
+        self.attached.append(cache)
+        return cache != self.stale
+
+
+def test_mismatched_timing_cache_is_replaced_by_a_fresh_one(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    cache = tmp_path / "timing-cache"
+    cache.write_bytes(b"from another GPU")
+    config = _Config(stale=b"from another GPU")
+    trt._attach_timing_cache(config, cache)
+    assert config.attached == [b"from another GPU", b""]
+    assert "does not match" in capsys.readouterr().err
+    matching = _Config(stale=b"other")
+    trt._attach_timing_cache(matching, cache)
+    assert matching.attached == [b"from another GPU"]
+
+
+def test_onnx_hash_covers_external_data(tmp_path: Path) -> None:
+    model = onnx_function.standalone_model(onnx.TensorProto.FLOAT16)
+    weight = onnx.numpy_helper.from_array(np.arange(4096, dtype=np.float32), "w")
+    model.graph.initializer.append(weight)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="m.onnx.data", size_threshold=0)
+    assert trt.external_data_files(path) == [tmp_path / "m.onnx.data"]
+    before = trt.onnx_sha256(path)
+    data = bytearray((tmp_path / "m.onnx.data").read_bytes())
+    data[-1] ^= 1  # one weight bit: the graph file is unchanged
+    (tmp_path / "m.onnx.data").write_bytes(bytes(data))
+    assert trt.onnx_sha256(path) != before
+
+
+def test_trt_dtypes_map_to_torch_with_bf16() -> None:
+    assert trt.torch_dtype(types.SimpleNamespace(name="BF16")) is torch.bfloat16
+    assert trt.torch_dtype("DataType.HALF") is torch.float16
+    with pytest.raises(InputError, match="FP8"):
+        trt.torch_dtype(types.SimpleNamespace(name="FP8"))
+    x = torch.tensor([1.0, -2.5, 3.140625], dtype=torch.bfloat16)
+    host = trt.to_host(x)
+    assert host.dtype == np.float32 and torch.equal(torch.from_numpy(host).to(torch.bfloat16), x)  # exact round trip
