@@ -64,15 +64,29 @@ def _ieee_dot(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _plan_tensors(plan: StagePlan, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """The plan's index inputs on `device`, as the ONNX function receives them."""
+@dataclass(frozen=True)
+class PlanTensors:
+    """A StagePlan's index inputs on the device, as the ONNX function and the TensorRT plugins receive them."""
+
+    win_index: torch.Tensor  # [W, n_max] int64
+    win_r: torch.Tensor  # [W] int64
+    lengths: torch.Tensor  # [B] int64
+    out_lengths: torch.Tensor  # [B] int64
+    out_seq: int  # S' = max(out_lengths), known on the host from the plan
+
+
+def plan_tensors(plan: StagePlan, device: torch.device | str) -> PlanTensors:
+    """Copy the plan's index inputs to `device` (once per request, outside any timed kernel region)."""
     win_index = plan.win_index.to(device=device, dtype=torch.int64).contiguous()  # [W, n_max]
     if win_index.dim() != 2:
         win_index = win_index.reshape(-1, 0)
-    win_r = plan.win_r.to(device=device, dtype=torch.int64).contiguous()  # [W]
-    lengths = torch.tensor(plan.lengths, dtype=torch.int64, device=device)  # [B]
-    out_lengths = torch.tensor(plan.out_lengths, dtype=torch.int64, device=device)  # [B]
-    return win_index, win_r, lengths, out_lengths
+    return PlanTensors(
+        win_index=win_index,
+        win_r=plan.win_r.to(device=device, dtype=torch.int64).contiguous(),  # [W]
+        lengths=torch.tensor(plan.lengths, dtype=torch.int64, device=device),  # [B]
+        out_lengths=torch.tensor(plan.out_lengths, dtype=torch.int64, device=device),  # [B]
+        out_seq=plan.out_seq_len,
+    )
 
 
 def lightkv_merge_triton(
@@ -85,18 +99,29 @@ def lightkv_merge_triton(
         )
     if hidden.dtype not in SUPPORTED_DTYPES:
         raise InputError(f"hidden dtype {hidden.dtype} is not one of {', '.join(map(str, SUPPORTED_DTYPES))}.")
-    bsz, seq, dim = hidden.shape
-    if (bsz, seq) != (plan.batch, plan.seq_len):
+    if tuple(hidden.shape[:2]) != (plan.batch, plan.seq_len):
         raise InputError(
             f"hidden {tuple(hidden.shape)} does not match the plan (batch {plan.batch}, seq {plan.seq_len})."
         )
+    out, kept, out_len = launch_kernels(hidden, guidance, plan_tensors(plan, hidden.device), config)
+    if int(out_len.item()) != plan.out_seq_len:  # the kernels and the host plan disagree: a bug, not a user error
+        raise AssertionError(f"plan_kernel computed S' = {int(out_len.item())}, the plan says {plan.out_seq_len}")
+    return out, kept
+
+
+def launch_kernels(
+    hidden: torch.Tensor, guidance: torch.Tensor, plan: PlanTensors, config: KernelConfig = DEFAULT_CONFIG
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The three kernel launches alone (no validation, no host sync): (hidden_out [B, S', D], kept [B, S'],
+    S' [1] int32 as plan_kernel computed it). Inputs as lightkv_merge_triton checks them."""
+    bsz, seq, dim = hidden.shape
     device = hidden.device
     flat = hidden.contiguous().reshape(bsz * seq, dim)  # [N, D]
     xi = guidance.to(torch.float32).contiguous().reshape(bsz * seq)  # [N]
-    win_index, win_r, lengths, out_lengths = _plan_tensors(plan, device)
+    win_index, win_r, lengths, out_lengths = plan.win_index, plan.win_r, plan.lengths, plan.out_lengths
+    out_seq = plan.out_seq
     n_win, n_max = win_index.shape
     na, nb = (n_max + 1) // 2, n_max // 2
-    out_seq = plan.out_seq_len
     c = config
 
     best = torch.empty(n_win, na, dtype=torch.float32, device=device)  # [W, na]
@@ -126,6 +151,4 @@ def lightkv_merge_triton(
             BLOCK_S=c.emit_s, BLOCK_B=c.emit_b, BLOCK_A=c.emit_a, BLOCK_D=c.emit_d, num_warps=c.num_warps,
             num_stages=c.num_stages,
         )  # fmt: skip
-    if int(out_len.item()) != out_seq:  # the kernels and the host plan disagree: a bug, not a user error
-        raise AssertionError(f"plan_kernel computed S' = {int(out_len.item())}, the plan says {out_seq}")
-    return out, kept
+    return out, kept, out_len
