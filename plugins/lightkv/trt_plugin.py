@@ -10,7 +10,9 @@ passes/lower_trt_plugin.py:
                                               -> kept [B, S'] i64, S' (size tensor), dest [B*S] i32, assign [W, na] i32
     LightKVEmit  (hidden, guidance, win_index, kept, dest, assign)            -> hidden_out [B, S', D]
 
-S' = max(out_lengths) depends on data, so LightKVPlan declares it as a size tensor (upper bound S) and writes it.
+S' = max(out_lengths) depends on data, so LightKVPlan declares it as a size tensor (upper bound S), and its kernel
+computes it (TensorRT knows a data-dependent size only after the kernel that writes it has run) and writes it.
+Needs TensorRT >= 10.9 (`tensorrt.plugin.aot_impl`); targets/trt.check_trt_available says so when it is older.
 Each plugin has an `aot_impl` returning the Triton kernel as PTX (so the engine runs without Python: trtexec, Triton
 Inference Server) and an `autotune` offering the kernel configurations of TACTICS for TensorRT to time.
 W must be >= 1: a stage with no windows is fed one dummy window of -1 with r = 0, which merges nothing.
