@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ import numpy as np
 
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.triton_backend.codec import encode_images
+
+INT32_MAX = 2**31 - 1  # max_new_tokens travels as INT32
+_HOST_PORT = re.compile(r"(?P<host>[^/:\s]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
 
 
 class ClientError(LightKVError):
@@ -37,14 +41,22 @@ class Answer:
 
 
 def address(url: str) -> str:
-    """host:port from a URL (tritonclient.http wants no scheme); https is refused (the server is plain HTTP)."""
+    """host:port from http://HOST:PORT (tritonclient.http wants no scheme); https is refused (plain HTTP server)."""
     url = url.strip().rstrip("/")
     if url.startswith("https://"):
         raise InputError(f"{url}: the server speaks plain HTTP on loopback; use http://")
-    host = url.removeprefix("http://")
-    if not host or "/" in host:
-        raise InputError(f"{url}: expected http://HOST:PORT")
-    return host
+    host_port = url.removeprefix("http://")
+    m = _HOST_PORT.fullmatch(host_port)
+    if m is None or not 1 <= int(m["port"]) <= 65535:
+        raise InputError(f"{url}: expected http://HOST:PORT with a port from 1 to 65535, e.g. http://127.0.0.1:8000")
+    return host_port
+
+
+def check_max_new_tokens(n: int | None) -> int | None:
+    """None (the model's default) or 1 <= n <= 2**31 - 1; the server then applies the engine's own limit."""
+    if n is not None and not 1 <= n <= INT32_MAX:
+        raise InputError(f"--max-new-tokens must be from 1 to {INT32_MAX}, got {n}")
+    return n
 
 
 def read_images(paths: Sequence[Path]) -> list[bytes]:
@@ -128,6 +140,7 @@ def ask(
     """(model name, Answer) for one request; server-side refusals become a ClientError with the server's message."""
     from tritonclient.utils import InferenceServerException
 
+    check_max_new_tokens(max_new_tokens)  # before connecting: a bad argument is not a server problem
     client = connect(url)
     try:
         name = choose_model(client, model, url)
@@ -165,9 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's default")
     args = parser.parse_args(argv)
     try:
+        address(args.url)
         images = read_images(args.image)
-        if args.max_new_tokens is not None and args.max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         model, answer = ask(args.url, images, args.prompt, model=args.model, max_new_tokens=args.max_new_tokens)
     except LightKVError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -193,6 +193,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port(port: int | None) -> int | None:
+    """A port to bind: 1-65535, or None / 0 for a free one (returned as None)."""
+    if port is None or port == 0:
+        return None
+    if not 1 <= port <= 65535:
+        raise InputError(f"--port must be from 1 to 65535 (or 0 for a free port), got {port}")
+    return port
+
+
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     try:
         text = path.read_text(errors="replace")
@@ -224,7 +233,7 @@ class Server:
 
     def __init__(self, repo_dir: Path, *, port: int | None = None, startup_timeout_s: float = 180.0) -> None:
         self.repo_dir = Path(repo_dir).resolve()
-        self.requested_port = port
+        self.requested_port = check_port(port)
         self.startup_timeout_s = startup_timeout_s
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
@@ -362,7 +371,7 @@ def serve_forever(server: Server) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightkv_export.serve", description=__doc__.splitlines()[0])
     parser.add_argument("target", type=Path, metavar="ENGINE_DIR_OR_REPO")
-    parser.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default or 0: a free one)")
     parser.add_argument("--repo-dir", type=Path, default=None, help="where to write the repository for an engine")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness")
     args = parser.parse_args(argv)
@@ -370,9 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     temp_repo = None
     try:
+        port = check_port(args.port)  # before writing a repository for a server that cannot start
         repo, is_temp = resolve_repository(args.target, args.repo_dir)
         temp_repo = repo.parent if is_temp else None
-        server = Server(repo, port=args.port, startup_timeout_s=args.startup_timeout)
+        server = Server(repo, port=port, startup_timeout_s=args.startup_timeout)
         try:
             server.start()
             print(f"serving {', '.join(server.models())} from {repo}", flush=True)

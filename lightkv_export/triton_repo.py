@@ -1,6 +1,6 @@
 """Triton Inference Server model repository for lightkv_export engines: one model per engine directory.
 
-    python -m lightkv_export.triton_repo engines/tiny-qwen-vl/0.55/ort-cpu [ENGINE_DIR ...] --out repo
+    python -m lightkv_export.triton_repo engines/tiny-qwen-vl/r0.55/ort-cpu [ENGINE_DIR ...] --out repo
 
 Layout written (atomically: a temporary sibling directory, then a rename):
 
@@ -175,11 +175,12 @@ def write_repository(engine_dirs: Sequence[Path], repo_dir: Path, *, instances: 
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InputError(f"two engine directories give the same model name: {', '.join(duplicates)}")
+    if repo_dir.exists() and not repo_dir.is_dir():
+        raise InputError(f"{repo_dir} is a file, not a directory: choose another --out")
     if repo_dir.exists() and not is_repository(repo_dir) and any(repo_dir.iterdir()):
         raise InputError(f"{repo_dir} exists and is not a lightkv_export repository: choose another --out")
 
-    repo_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.tmp-", dir=repo_dir.parent))
+    tmp = _make_staging_dir(repo_dir)
     try:
         for engine_dir, manifest in zip(engine_dirs, manifests, strict=True):
             _write_model(engine_dir, manifest, tmp, instances)
@@ -189,6 +190,20 @@ def write_repository(engine_dirs: Sequence[Path], repo_dir: Path, *, instances: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return repo_dir
+
+
+def _make_staging_dir(repo_dir: Path) -> Path:
+    """The temporary sibling the repository is written into; creating it is the writability probe.
+
+    os.access is no probe: it says yes to root on /proc. Actually creating a directory is.
+    """
+    try:
+        repo_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{repo_dir.name}.tmp-", dir=repo_dir.parent))
+    except OSError as e:
+        blocker = next((a for a in repo_dir.parents if a.exists()), None)
+        why = f"{blocker} is a file" if blocker is not None and not blocker.is_dir() else (e.strerror or str(e))
+        raise InputError(f"cannot write a repository at {repo_dir}: {why}; choose another --out") from None
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -223,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LightKVError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # last resort: a write failing midway (disk full, permissions changed under us)
+        print(f"error: writing {args.out} failed: {e}", file=sys.stderr)
+        return 2
     for name in repository_models(repo):
         print(f"{repo / name}")
     return 0

@@ -195,6 +195,14 @@ def test_client_messages(echo_server, tmp_path, capsys):
     assert f"cannot reach a Triton server at http://127.0.0.1:{port}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("port", ["-1", "65536", "99999"])
+def test_serve_refuses_a_bad_port_before_writing_anything(port, tmp_path, capsys):
+    repo = write_echo_repo(tmp_path)
+    assert serve.main([str(repo), "--port", port]) == 2
+    assert f"--port must be from 1 to 65535 (or 0 for a free port), got {port}" in capsys.readouterr().err
+    assert serve.check_port(0) is None and serve.check_port(None) is None and serve.check_port(8000) == 8000
+
+
 # ---------------------------------------------------------------- part 2: the engines
 
 

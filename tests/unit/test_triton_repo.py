@@ -226,3 +226,38 @@ def test_client_arguments(tmp_path, capsys):
     assert "image file not found" in capsys.readouterr().err
     assert client.main(["--url", "http://127.0.0.1:9", "--image", str(img), "--prompt", "hi"]) == 1  # nothing there
     assert "cannot reach a Triton server at http://127.0.0.1:9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["http://127.0.0.1:abc", "http://127.0.0.1:99999", "http://127.0.0.1:0", "http://127.0.0.1", "http://h:80/v2"],
+)
+def test_client_refuses_malformed_urls(url, tmp_path, capsys):
+    with pytest.raises(InputError, match="expected http://HOST:PORT with a port from 1 to 65535"):
+        client.address(url)
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes())
+    assert client.main(["--url", url, "--image", str(img), "--prompt", "hi"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+
+
+def test_client_bounds_max_new_tokens(tmp_path, capsys):
+    assert client.address("http://[::1]:8000") == "[::1]:8000"
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes())
+    for n in ("0", str(2**31)):  # 2**31 does not fit the INT32 input
+        args = ["--url", "http://127.0.0.1:9", "--image", str(img), "--prompt", "hi", "--max-new-tokens", n]
+        assert client.main(args) == 2  # refused before connecting (nothing listens on port 9)
+        assert f"--max-new-tokens must be from 1 to {2**31 - 1}, got {n}" in capsys.readouterr().err
+
+
+def test_cli_out_that_cannot_be_written(tmp_path, capsys):
+    a = fake_engine(tmp_path / "e", MANIFESTS["ort_cpu_lightkv"])
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = {a_file: "is a file, not a directory", a_file / "sub": f"{a_file} is a file", Path("/proc/r"): "/proc/r"}
+    for out, message in cases.items():
+        assert triton_repo.main([str(a), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "choose another --out" in err and "Traceback" not in err
+    assert a_file.read_text() == "x"
