@@ -103,6 +103,21 @@ def merge_count(n: int, ratio: float) -> int:
     return min(math.floor(round(ratio * n, 9)), n // 2)
 
 
+# floor(round(p, 9)) is floor(p) + 1 exactly when p's fractional part exceeds the decimal 0.9999999995 (round()
+# is correctly rounded). The nearest double to that decimal lies just below it with no double in between, so a
+# strict `>` against it gives round()'s answer bit for bit.
+ROUND_UP_FRACTION = 0.9999999995
+
+
+def merge_counts(sizes: torch.Tensor, ratio: float) -> torch.Tensor:
+    """merge_count over a tensor of window sizes [W] -> r [W] int64, with identical results."""
+    n = sizes.to(torch.int64)
+    p = n.to(torch.float64) * ratio  # the same IEEE product as ratio * n in Python
+    whole = torch.floor(p)
+    r = whole.to(torch.int64) + ((p - whole) > ROUND_UP_FRACTION).to(torch.int64)  # p - floor(p) is exact
+    return torch.minimum(r, n // 2)
+
+
 def band_sizes(side: int, parts: int) -> list[int]:
     """Split `side` cells into `parts` bands, the first `side % parts` one cell longer."""
     base, rem = divmod(side, parts)
@@ -203,7 +218,7 @@ def plan_stage(
                 continue
             grid = span.grid if grid_mode == "true" else pseudo_square(span.length)
             members, sizes = window_layout(span.length, grid, windows)
-            r = torch.tensor([merge_count(int(n), ratio) for n in sizes.tolist()], dtype=torch.long)  # [p*p]
+            r = merge_counts(sizes, ratio)  # [p*p]
             base = b * seq_len + span.start
             blocks.append(torch.where(members >= 0, members + base, members))
             rs.append(r)
