@@ -402,6 +402,227 @@ def plan_request(
 
 
 # ---------------------------------------------------------------------------------------------------------
+# A built engine: what LightKV bought on its reference request (report.md "## Accounting")
+# ---------------------------------------------------------------------------------------------------------
+
+ACCOUNTING_HEADING = "## Accounting"
+# Decoder sizes the FLOPs need; pipeline.base_manifest writes them (older manifests lack the last three).
+MANIFEST_SHAPE_KEYS = (
+    "num_layers",
+    "hidden_size",
+    "num_kv_heads",
+    "head_dim",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
+
+
+@dataclass(frozen=True)
+class EngineAccount:
+    """Vanilla vs this engine on the manifest's reference request, layer by layer (layers 1..L)."""
+
+    dtype: str
+    seq_len: int
+    vision_tokens: int
+    text_tokens: int
+    kv_lengths: tuple[int, ...]  # tokens each layer caches after prefill
+    vision_per_layer: tuple[int, ...]
+    kv_bytes_vanilla: tuple[int, ...]
+    kv_bytes: tuple[int, ...]
+    retention: float  # Eq. 9 as the reference request achieved it
+    nominal_retention: float  # the schedule's, from per-stage ratios (ignores per-window floors)
+    flops_vanilla: dict
+    flops: dict  # includes "guidance" and "merge" (0 for a vanilla engine)
+    convention: FlopConvention
+    plan_matches: bool  # the host-side plan traced here gives the manifest's kv_lengths
+
+    @property
+    def kv_total_vanilla(self) -> int:
+        return sum(self.kv_bytes_vanilla)
+
+    @property
+    def kv_total(self) -> int:
+        return sum(self.kv_bytes)
+
+    @property
+    def flops_total_vanilla(self) -> int:
+        return sum(self.flops_vanilla.values())
+
+    @property
+    def flops_total(self) -> int:
+        return sum(self.flops.values())
+
+
+def manifest_shape(manifest: dict) -> ArchShape:
+    """The decoder's sizes from an engine manifest, as an ArchShape (vision fields unused by the accounting)."""
+    missing = [k for k in MANIFEST_SHAPE_KEYS if k not in manifest]
+    if missing:
+        raise InputError(
+            f"the engine's manifest.json lacks {', '.join(missing)} (needed for the FLOPs accounting); it was "
+            "written by an older build: rebuild the engine with build.py --force."
+        )
+    shape = ArchShape(
+        key=str(manifest.get("model", "?")),
+        hf_id=str(manifest.get("model_source", "")),
+        vision="qwen",
+        num_layers=int(manifest["num_layers"]),
+        hidden=int(manifest["hidden_size"]),
+        heads=int(manifest["num_attention_heads"]),
+        kv_heads=int(manifest["num_kv_heads"]),
+        intermediate=int(manifest["intermediate_size"]),
+        vocab=int(manifest["vocab_size"]),
+        tie_embeddings=False,
+        qkv_bias=False,
+        vision_params=0,
+        default_windows=(),
+        default_image_size=(0, 0),
+    )
+    if shape.head_dim != int(manifest["head_dim"]):
+        raise InputError(
+            f"manifest.json: head_dim {manifest['head_dim']} is not hidden_size / num_attention_heads "
+            f"({shape.hidden} / {shape.heads}); the FLOPs accounting assumes it is."
+        )
+    return shape
+
+
+def manifest_layout(manifest: dict, ref: dict) -> TokenLayout:
+    """The reference request's layout: one image on its LLM token grid (grid_thw / spatial_merge), then text."""
+    t, h, w = (int(n) for n in manifest["grid_thw"])
+    merge = int(manifest["spatial_merge"])
+    grid = (h // merge, w // merge)
+    vision, seq = int(ref["vision_tokens"]), int(ref["seq_len"])
+    if t * grid[0] * grid[1] != vision:
+        raise InputError(
+            f"manifest.json: grid_thw {manifest['grid_thw']} / spatial_merge {merge} gives {t * grid[0] * grid[1]} "
+            f"vision tokens, the reference request has {vision}; rebuild the engine with build.py --force."
+        )
+    return TokenLayout(0, (grid,) * t, seq - vision)
+
+
+def engine_account(manifest: dict, convention: FlopConvention = FlopConvention()) -> EngineAccount:
+    """KV bytes, Eq. 9 retention and prefill FLOPs of an engine's reference request, vanilla vs the engine.
+
+    KV bytes come from the per-layer cache shapes [1, Hkv, S_l, d] the manifest records (kv_lengths, checked by
+    parity against the engine), in the engine's dtype. FLOPs are counted at those same lengths; the guidance and
+    merge overheads come from the host-side merge plan of the schedule on the request's grid.
+    """
+    from lightkv_export.method.schedule import parse_schedule
+
+    ref = _reference_request(manifest)
+    shape = manifest_shape(manifest)
+    layout = manifest_layout(manifest, ref)
+    lengths = tuple(int(n) for n in ref.get("kv_lengths", ()))
+    vision = tuple(int(n) for n in ref["vision_tokens_per_layer"])
+    if len(lengths) != shape.num_layers or len(vision) != shape.num_layers:
+        raise InputError(
+            f"manifest.json: reference_request has {len(lengths)} kv_lengths and {len(vision)} vision counts for "
+            f"{shape.num_layers} layers; rebuild the engine with build.py --force."
+        )
+    lightkv = not manifest.get("vanilla") and bool(manifest.get("schedule"))
+    schedule = parse_schedule(str(manifest["schedule"]), shape.num_layers) if lightkv else None
+    planned = trace_schedule(schedule, layout, shape.num_layers, manifest.get("grid_mode", "true"))
+    measured = SequenceTrace(lengths, vision, planned.stages, layout.vision, layout.text)
+    vanilla = trace_schedule(None, layout, shape.num_layers)
+    nbytes = dtype_bytes(str(manifest["dtype"]))
+
+    def kv(trace: SequenceTrace) -> tuple[int, ...]:
+        return tuple(analytic_kv_bytes_per_layer(shape, trace, nbytes))
+
+    return EngineAccount(
+        dtype=str(manifest["dtype"]),
+        seq_len=layout.seq_len,
+        vision_tokens=layout.vision,
+        text_tokens=layout.text,
+        kv_lengths=lengths,
+        vision_per_layer=vision,
+        kv_bytes_vanilla=kv(vanilla),
+        kv_bytes=kv(measured),
+        retention=measured.retention,
+        nominal_retention=schedule.retention if schedule is not None else 1.0,
+        flops_vanilla=prefill_flops(shape, vanilla, convention),
+        flops=prefill_flops(shape, measured, convention),
+        convention=convention,
+        plan_matches=planned.seq_per_layer == lengths,
+    )
+
+
+def _pct(a: float, b: float) -> str:
+    return f"{(b / a - 1) * 100:+.1f}%" if a else "-"
+
+
+def accounting_markdown(acc: EngineAccount, engine_label: str = "LightKV") -> str:
+    """The "## Accounting" section: totals, then per layer, then FLOPs by component."""
+    overhead = acc.flops.get("guidance", 0) + acc.flops.get("merge", 0)
+    lines = [
+        ACCOUNTING_HEADING,
+        "",
+        f"Reference request: {acc.seq_len} tokens ({acc.vision_tokens} vision, {acc.text_tokens} text), "
+        f"KV cache in {acc.dtype}, measured after prefill. FLOPs: language-model prefill, {acc.convention.describe()}.",
+        "",
+        f"| | vanilla | {engine_label} | change |",
+        "|---|---:|---:|---:|",
+        f"| KV cache after prefill, bytes | {acc.kv_total_vanilla:,} | {acc.kv_total:,} | "
+        f"{_pct(acc.kv_total_vanilla, acc.kv_total)} |",
+        f"| vision-token KV kept (Eq. 9, achieved) | 100.0% | {acc.retention:.2%} | "
+        f"schedule's nominal {acc.nominal_retention:.2%} |",
+        f"| prefill GFLOPs | {acc.flops_total_vanilla / 1e9:.4g} | {acc.flops_total / 1e9:.4g} | "
+        f"{_pct(acc.flops_total_vanilla, acc.flops_total)} |",
+        f"| of which guidance + merge, GFLOPs | 0 | {overhead / 1e9:.4g} | |",
+        "",
+        f"| layer | tokens cached, vanilla | {engine_label} | vision tokens | KV bytes, vanilla | {engine_label} |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for i, (n, v, kv_v, kv_l) in enumerate(
+        zip(acc.kv_lengths, acc.vision_per_layer, acc.kv_bytes_vanilla, acc.kv_bytes, strict=True), 1
+    ):
+        lines.append(f"| {i} | {acc.seq_len} | {n} | {v} / {acc.vision_tokens} | {kv_v:,} | {kv_l:,} |")
+    lines += ["", f"| prefill FLOPs | vanilla | {engine_label} |", "|---|---:|---:|"]
+    for part in acc.flops:
+        lines.append(f"| {part} | {acc.flops_vanilla.get(part, 0):,} | {acc.flops[part]:,} |")
+    if not acc.plan_matches:
+        lines += ["", "Note: the schedule's host-side plan traced here does not give the manifest's kv_lengths."]
+    return "\n".join(lines) + "\n"
+
+
+def upsert_section(text: str, heading: str, body: str, before: str | None = None) -> str:
+    """`text` with the section `heading` (up to the next "## " heading) replaced by `body`, else inserted
+    before the `before` heading when present, else appended: writing twice gives the same report."""
+    lines = text.rstrip("\n").split("\n")
+    if heading in lines:
+        start = lines.index(heading)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    elif before is not None and before in lines:
+        start = end = lines.index(before)
+    else:
+        start = end = len(lines)
+    head = "\n".join(lines[:start]).rstrip("\n")
+    rest = "\n".join(lines[end:]).strip("\n")
+    parts = [head, body.strip("\n"), rest]
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def write_accounting(engine_dir: Path) -> EngineAccount:
+    """The "## Accounting" section of ENGINE_DIR/report.md (replaced if present, kept before the pictures)."""
+    from lightkv_export.runtime import read_manifest
+
+    engine_dir = Path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    acc = engine_account(manifest)
+    report = engine_dir / REPORT_FILE
+    text = report.read_text() if report.is_file() else f"# Report: {engine_dir}\n"
+    label = "this engine (vanilla)" if manifest.get("vanilla") else "LightKV"
+    report.write_text(upsert_section(text, ACCOUNTING_HEADING, accounting_markdown(acc, label), PICTURES_HEADING))
+    return acc
+
+
+def write_build_report(engine_dir: Path) -> list[Path]:
+    """What a build adds to report.md after parity: the accounting section, then the layer pictures."""
+    write_accounting(engine_dir)
+    return write_build_pictures(engine_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The paper's reported figures, recomputed
 # ---------------------------------------------------------------------------------------------------------
 
