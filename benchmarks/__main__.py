@@ -206,10 +206,11 @@ def readme_section(env: dict, entries: list[dict], modules: dict) -> str:
         + (f", {m['gpu']}" if m["gpu"] else ", no GPU")
         + f"), Python {v['python']}, torch {v['torch']}, onnxruntime {v['onnxruntime']}, "
         f"transformers {v['transformers']}. Ratios are baseline / ours, measured side by side in one run.",
-        "",
-        "| benchmark | ratio | value |",
-        "|---|---|---:|",
     ]
+    carried = [f"{e['name']} ({e['result'].get('date', '?')[:10]})" for e in entries if e.get("carried_over")]
+    if carried:  # --only: the others' last recorded results, so the section stays whole; say they are older
+        out += ["", f"Carried over from earlier runs, not re-measured in this one: {', '.join(carried)}."]
+    out += ["", "| benchmark | ratio | value |", "|---|---|---:|"]
     for e in entries:
         if e["status"] == "ok":
             out += [f"| {e['name']} | {k} | {val:.2f}x |" for k, val in e["ratios"].items()]

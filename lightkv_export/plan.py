@@ -36,6 +36,7 @@ from lightkv_export.report import (
     request_layout,
 )
 
+MAX_IMAGES = 64  # far beyond any served request; more only makes the host-side plan slow
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
 
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", help="explicit stages LAYER:WINDOWS:RATIO,... instead of --ratio")
     p.add_argument("--windows", help="windows per side of each stage for --ratio (default: the paper's)")
     p.add_argument("--image-size", help="WIDTHxHEIGHT in pixels (default: the model's typical image)")
-    p.add_argument("--images", type=int, default=1, help="images per request (default 1)")
+    p.add_argument("--images", type=int, default=1, help=f"images per request, 1 to {MAX_IMAGES} (default 1)")
     p.add_argument("--prompt-tokens", type=int, default=64, help="text tokens in the prompt (default 64)")
     p.add_argument("--gen-tokens", type=int, default=100, help="generated tokens per request (default 100)")
     p.add_argument("--gpu-memory", default="80GB", help="memory budget: weights + KV, e.g. 80GB, 79.6GiB")
@@ -82,8 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_plan(args: argparse.Namespace) -> PlanResult:
     shape = get_shape(args.model)
-    if args.prompt_tokens < 0 or args.gen_tokens < 0 or args.images < 0:
-        raise InputError("--prompt-tokens, --gen-tokens and --images must be >= 0.")
+    if args.prompt_tokens < 0 or args.gen_tokens < 0:
+        raise InputError("--prompt-tokens and --gen-tokens must be >= 0.")
+    if not 1 <= args.images <= MAX_IMAGES:
+        raise InputError(f"--images must be from 1 to {MAX_IMAGES}, got {args.images}: vision tokens come from images.")
     height, width = parse_image_size(args.image_size) if args.image_size else shape.default_image_size
     windows = parse_windows(args.windows) if args.windows else shape.default_windows
     schedule = resolve(shape.num_layers, ratio=args.ratio, schedule=args.schedule, windows=windows)

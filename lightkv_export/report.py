@@ -122,8 +122,8 @@ class TokenLayout:
 
 def request_layout(shape: ArchShape, height: int, width: int, prompt_tokens: int, images: int = 1) -> TokenLayout:
     """`images` images of height x width followed by `prompt_tokens` text tokens (template and question)."""
-    if prompt_tokens < 0 or images < 0:
-        raise InputError(f"prompt tokens ({prompt_tokens}) and images ({images}) must be >= 0.")
+    if prompt_tokens < 0 or images < 1:
+        raise InputError(f"a request needs prompt tokens >= 0 and images >= 1, got {prompt_tokens} and {images}.")
     return TokenLayout(0, tuple(image_grids(shape, height, width) * images), prompt_tokens)
 
 
@@ -169,7 +169,10 @@ def _trace_vision(
     seq = sum(h * w for h, w in grids)
     per_stage = []
     for stage in stages:
-        plan = plan_stage([spans], max(seq, 1), windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode)
+        if not spans:  # no image: nothing to plan or merge
+            per_stage.append((0, 0, 0))
+            continue
+        plan = plan_stage([spans], seq, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode)
         valid = plan.win_index >= 0  # [W, n_max]
         pairs = int((valid[:, 0::2].sum(1) * valid[:, 1::2].sum(1)).sum()) if plan.win_index.numel() else 0
         spans = list(plan.spans[0])
@@ -681,7 +684,8 @@ def fit_text_tokens(
 def paper_comparison(convention: FlopConvention = PAPER_CONVENTION, *, search_schedules: bool = False) -> list[dict]:
     """Each paper figure next to ours: the prompt length is fitted to the vanilla figure, then LightKV follows.
 
-    search_schedules: for a figure not reproduced, also list the evenly spaced schedules that would (~15 s).
+    search_schedules: for a figure not reproduced, also list the evenly spaced schedules that would (some
+    tens of seconds: one trace per candidate schedule).
     """
     from lightkv_export.method.schedule import parse_schedule
     from lightkv_export.models.shapes import get_shape

@@ -59,3 +59,19 @@ def test_bad_input_exits_2_without_traceback(args, message):
     assert out.returncode == 2
     assert message in out.stderr
     assert "Traceback" not in out.stderr + out.stdout
+
+
+@pytest.mark.slow
+def test_paper_json_is_the_recorded_comparison():
+    """--paper searches schedules for the figures it does not reproduce (tens of seconds), as the benchmark did."""
+    out = plan("--paper", "--json")
+    assert out.returncode == 0, out.stderr
+    recorded = json.loads((ROOT / "benchmarks" / "results" / "paper_comparison.json").read_text())
+    assert json.loads(out.stdout) == recorded["rows"]
+
+
+@pytest.mark.parametrize("images", ["0", "-1", "65"])
+def test_images_must_be_between_1_and_64(images):
+    out = plan("--ratio", "0.55", "--images", images)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"--images must be from 1 to 64, got {images}" in out.stderr

@@ -1,0 +1,101 @@
+"""`python -m benchmarks`: discovery, --list, a --quick smoke of a cheap benchmark, the README section it generates,
+and the recorded paper comparison against the accounting as it computes today."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks import __main__ as bench
+from benchmarks import bench_paper
+from lightkv_export.report import PAPER_FIGURES, paper_comparison, paper_metric
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+BENCH_FILES = sorted(p.stem for p in (ROOT / "benchmarks").glob("bench_*.py"))
+
+
+def test_discovery_finds_every_bench_module():
+    modules = bench.discover()
+    assert sorted(m.__name__.removeprefix("benchmarks.") for m in modules) == BENCH_FILES
+    assert {"paper_comparison", "reference_op", "ort_prefill", "serving", "kernels_gpu"} <= {m.NAME for m in modules}
+
+
+def test_list(capsys):
+    assert bench.main(["--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(BENCH_FILES)
+    assert any(ln.startswith("paper_comparison") and ln.endswith("runs here") for ln in lines)
+
+
+def test_unknown_benchmark_is_exit_2(capsys):
+    assert bench.main(["--only", "nope"]) == 2
+    assert "unknown benchmark(s) ['nope']" in capsys.readouterr().err
+
+
+def test_quick_smoke_writes_only_where_told(tmp_path):
+    """The paper comparison is cheap (no server, no build): it goes through run_one, the JSON and the README."""
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--only", "paper_comparison", "--out", str(out)]) == 0
+    record = json.loads((out / "paper_comparison.json").read_text())
+    assert record["quick"] is True and record["benchmark"] == "paper_comparison"
+    assert len(record["rows"]) == len(PAPER_FIGURES) and len(record["ratios"]) == len(PAPER_FIGURES)
+    summary = json.loads((out / "summary.json").read_text())
+    assert [e["name"] for e in summary["benchmarks"]] == ["paper_comparison"]
+    section = (out / "README_SECTION.md").read_text()
+    assert section.startswith("## Performance\n") and "### paper_comparison: " in section
+    assert "| paper_comparison | LLaVA-NeXT-13B KV, GiB (paper 1.67x) | 1.66x |" in section
+
+
+def test_readme_section_marks_carried_over_results():
+    env = {
+        "date": "2026-12-01T00:00:00+00:00",
+        "machine": {"cpu": "cpu", "cores": 2, "torch_threads": 2, "gpu": None},
+        "versions": {"python": "3", "torch": "t", "onnxruntime": "o", "transformers": "x"},
+    }
+    entries = [
+        {"name": "a", "status": "ok", "title": "A", "ratios": {"r": 2.0}, "result": {"ratios": {"r": 2.0}}},
+        {"name": "b", "status": "ok", "title": "B", "ratios": {"s": 1.5}, "carried_over": True,
+         "result": {"ratios": {"s": 1.5}, "date": "2026-11-25T00:00:00+00:00"}},
+        {"name": "c", "status": "skipped", "reason": "needs a CUDA GPU"},
+    ]  # fmt: skip
+    text = bench.readme_section(env, entries, {"a": object(), "b": object()})
+    assert "Measured 2026-12-01 on cpu (2 cores, 2 torch threads, no GPU)" in text
+    assert "Carried over from earlier runs, not re-measured in this one: b (2026-11-25)." in text
+    assert "| a | r | 2.00x |" in text and "| c | skipped: needs a CUDA GPU | |" in text
+    assert "### a: A\n\n| ratio | value |" in text
+
+
+def readme_benchmarks_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("\n## Benchmarks\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else None]
+
+
+def test_readme_embeds_the_generated_section():
+    """The README's numbers are the recorded ones: README_SECTION.md, its own heading aside, verbatim."""
+    generated = (RESULTS / "README_SECTION.md").read_text()
+    heading, body = generated.split("\n", 1)
+    assert heading == "## Performance"
+    assert body.strip() in readme_benchmarks_section()
+
+
+def test_recorded_paper_comparison_is_what_the_accounting_computes():
+    record = json.loads((RESULTS / "paper_comparison.json").read_text())
+    assert record["schedules_searched"] is True and record["quick"] is False
+    today = paper_comparison()  # without the schedule search (tens of seconds); its output is checked below
+    key = "evenly_spaced_schedules_reproducing"
+    assert [{k: v for k, v in r.items() if k != key} for r in record["rows"]] == [
+        {k: v for k, v in r.items() if k != key} for r in today
+    ]
+    assert record["ratios"] == bench_paper.run(quick=True)["ratios"]
+    from lightkv_export.method.schedule import parse_schedule
+    from lightkv_export.models.shapes import get_shape
+
+    for row, fig in zip(record["rows"], PAPER_FIGURES, strict=True):
+        depth = get_shape(fig.model).num_layers
+        for text in row[key]:  # every schedule listed really reproduces the paper's LightKV figure
+            light = paper_metric(fig, parse_schedule(text, depth), row["text_tokens"])[1]
+            assert round(light, fig.decimals) == fig.lightkv, (fig.model, text)
+        assert bool(row[key]) == (not row["reproduced"])  # found for both unreproduced figures, here
