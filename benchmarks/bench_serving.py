@@ -3,9 +3,12 @@
 Both engines are built by the pipeline into a temporary directory and served side by side by one tritonserver
 on 127.0.0.1 (one CPU instance each, no batching: see triton_repo.py). For each engine and each concurrency
 (1, 4, 16 client threads, each with its own HTTP connection) the same request (one image, a fixed prompt,
-max_new_tokens fixed) is sent a bounded number of times, with a bounded wall time per cell, after warm-up.
-Reported: requests per second, p50 and p99 latency (client side, full round trip), and LightKV / vanilla
-ratios. Results go to benchmarks/results/serving.json.
+max_new_tokens fixed) is sent a bounded number of times, with a bounded wall time per cell, after warm-up. The
+whole grid is repeated ROUNDS times, interleaved, so one burst of load elsewhere on a shared machine lands in
+one round of both engines, not in one engine. Reported per cell: the median requests per second over rounds
+with their min-max, p50 and p99 latency over every request of every round (client side, full round trip);
+headline ratios are the median over rounds of the paired LightKV / vanilla ratios, with their min-max.
+Results go to benchmarks/results/serving.json.
 
     python benchmarks/bench_serving.py [--quick]
 """
@@ -35,8 +38,10 @@ CONCURRENCY = (1, 4, 16)
 PROMPT = "Describe the image in one sentence."
 MAX_NEW_TOKENS = 8
 IMAGE_SIZE = (224, 224)  # (width, height) sent; the engine resizes to its own profile
-# Per cell: (requests, wall-time budget in seconds); the cell stops at whichever comes first.
-BUDGET = {False: (48, 40.0), True: (8, 8.0)}
+# Per cell and round: (requests, wall-time budget in seconds); the cell stops at whichever comes first. Full run:
+# 5 rounds x 6 cells x ~4 s of requests, about 2 minutes of load plus the build and the server's start.
+BUDGET = {False: (96, 20.0), True: (8, 8.0)}
+ROUNDS = {False: 5, True: 1}
 WARMUP = 2
 
 
@@ -93,7 +98,6 @@ def load_cell(url: str, model: str, concurrency: int, n_requests: int, budget_s:
     with ThreadPoolExecutor(concurrency) as pool:
         results = [r for chunk in pool.map(worker, range(concurrency)) for r in chunk]
     wall = time.perf_counter() - t0
-    latencies = [r[0] * 1e3 for r in results]
     answers = [r[1] for r in results]
     if len({(a.text, tuple(a.token_ids)) for a in answers}) != 1:
         raise RuntimeError(f"{model}: the same request got different answers under load")
@@ -102,15 +106,44 @@ def load_cell(url: str, model: str, concurrency: int, n_requests: int, budget_s:
         "requests": len(results),
         "wall_s": round(wall, 3),
         "rps": round(len(results) / wall, 3),
-        "p50_ms": round(percentile(latencies, 50), 2),
-        "p99_ms": round(percentile(latencies, 99), 2),
-        "server_prefill_ms_p50": round(percentile([a.prefill_ms for a in answers], 50), 2),
-        "server_decode_ms_p50": round(percentile([a.decode_ms for a in answers], 50), 2),
+        "latencies_ms": [r[0] * 1e3 for r in results],
+        "server_prefill_ms": [a.prefill_ms for a in answers],
+        "server_decode_ms": [a.decode_ms for a in answers],
         "tokens": len(answers[0].token_ids),
         "kv_bytes": answers[0].kv_bytes,
         "vision_tokens_in": answers[0].vision_tokens_in,
         "vision_tokens_per_group": answers[0].vision_tokens_per_group,
     }
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(float(np.median(values)), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """One (engine, concurrency) cell over its rounds: rps per round and latency percentiles over all requests."""
+    latencies = [t for r in rounds for t in r["latencies_ms"]]
+    first = rounds[0]
+    return {
+        "concurrency": first["concurrency"],
+        "rounds": len(rounds),
+        "requests": sum(r["requests"] for r in rounds),
+        "rps_per_round": [r["rps"] for r in rounds],
+        "rps": spread([r["rps"] for r in rounds]),
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "p50_ms_per_round": [round(percentile(r["latencies_ms"], 50), 2) for r in rounds],
+        "server_prefill_ms_p50": round(percentile([t for r in rounds for t in r["server_prefill_ms"]], 50), 2),
+        "server_decode_ms_p50": round(percentile([t for r in rounds for t in r["server_decode_ms"]], 50), 2),
+        **{k: first[k] for k in ("tokens", "kv_bytes", "vision_tokens_in", "vision_tokens_per_group")},
+    }
+
+
+def paired(lightkv: dict, vanilla: dict) -> dict:
+    """Per-round ratios of one concurrency, in the benchmarks' convention (higher is better for LightKV)."""
+    rps = [a / b for a, b in zip(lightkv["rps_per_round"], vanilla["rps_per_round"], strict=True)]
+    p50 = [b / a for a, b in zip(lightkv["p50_ms_per_round"], vanilla["p50_ms_per_round"], strict=True)]
+    return {"rps": spread(rps), "p50": spread(p50), "p99": round(vanilla["p99_ms"] / lightkv["p99_ms"], 3)}
 
 
 def run(quick: bool = False) -> dict:
@@ -129,30 +162,26 @@ def run(quick: bool = False) -> dict:
         names = {
             kind: triton_repo.model_name(json.loads((d / "manifest.json").read_text())) for kind, d in engines.items()
         }
-        cells: dict[str, list[dict]] = {kind: [] for kind in names}
+        raw: dict[tuple[str, int], list[dict]] = {(k, c): [] for k in names for c in CONCURRENCY}
+        loadavg = []
         with Server(repo) as server:
             for name in names.values():
                 for _ in range(WARMUP):
                     ask(server.url, [png], PROMPT, model=name, max_new_tokens=MAX_NEW_TOKENS)
-            # Interleaved, order alternating per concurrency: a burst of load from elsewhere on a shared machine
-            # then hits both engines alike. The 1-minute load average is recorded with every cell.
-            for i, c in enumerate(CONCURRENCY):
-                for kind in list(names)[:: 1 if i % 2 == 0 else -1]:
-                    cell = load_cell(server.url, names[kind], c, n_requests, budget_s, png)
-                    cells[kind].append(cell | {"loadavg_1min_after": round(os.getloadavg()[0], 2)})
-    by_concurrency = {}
-    for lk, va in zip(cells["lightkv"], cells["vanilla"], strict=True):
-        by_concurrency[str(lk["concurrency"])] = {  # LightKV / vanilla
-            "rps": round(lk["rps"] / va["rps"], 3),
-            "p50": round(lk["p50_ms"] / va["p50_ms"], 3),
-            "p99": round(lk["p99_ms"] / va["p99_ms"], 3),
-        }
+            for r in range(ROUNDS[quick]):
+                for i, c in enumerate(CONCURRENCY):  # engine order alternates per cell and round
+                    for kind in list(names)[:: 1 if (i + r) % 2 == 0 else -1]:
+                        raw[kind, c].append(load_cell(server.url, names[kind], c, n_requests, budget_s, png))
+                loadavg.append(round(os.getloadavg()[0], 2))
+    cells = {k: [summarise(raw[k, c]) for c in CONCURRENCY] for k in names}
+    by_concurrency = {
+        str(lk["concurrency"]): paired(lk, va) for lk, va in zip(cells["lightkv"], cells["vanilla"], strict=True)
+    }
     # Headline ratios in the benchmarks' convention: baseline (vanilla) / ours, higher is better for LightKV.
     ratios = {"KV cache bytes (vanilla / LightKV)": cells["vanilla"][0]["kv_bytes"] / cells["lightkv"][0]["kv_bytes"]}
-    for lk, va in zip(cells["lightkv"], cells["vanilla"], strict=True):
-        c = lk["concurrency"]
-        ratios[f"throughput at concurrency {c} (LightKV / vanilla req/s)"] = lk["rps"] / va["rps"]
-        ratios[f"p50 latency at concurrency {c} (vanilla / LightKV)"] = va["p50_ms"] / lk["p50_ms"]
+    for c, pair in by_concurrency.items():
+        ratios[f"throughput at concurrency {c} (LightKV / vanilla req/s)"] = pair["rps"]["median"]
+        ratios[f"p50 latency at concurrency {c} (vanilla / LightKV)"] = pair["p50"]["median"]
     return {
         "name": NAME,
         "title": (
@@ -172,42 +201,50 @@ def run(quick: bool = False) -> dict:
             "prompt": PROMPT,
             "image_size": list(IMAGE_SIZE),
             "max_new_tokens": MAX_NEW_TOKENS,
-            "max_requests_per_cell": n_requests,
-            "budget_s_per_cell": budget_s,
+            "rounds": ROUNDS[quick],
+            "max_requests_per_cell_and_round": n_requests,
+            "budget_s_per_cell_and_round": budget_s,
             "warmup": WARMUP,
             "engine_build_s": round(build_s, 1),
         },
         "cells": cells,
         "lightkv_over_vanilla_by_concurrency": by_concurrency,
+        "loadavg_1min_after_each_round": loadavg,
     }
 
 
 def markdown(result: dict) -> str:
-    """The README subsection: one row per (engine, concurrency), then the headline ratios."""
+    """The README subsection: one row per (engine, concurrency), then the ratios with their spread over rounds."""
+    rounds = result["setup"]["rounds"]
     lines = [
-        result["title"] + ".",
+        f"{rounds} interleaved rounds per cell; req/s: median over rounds (min-max); p50 and p99: over every "
+        "request of every round.",
         "",
         "| engine | concurrency | requests | req/s | p50 ms | p99 ms | KV bytes |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for kind, cells in result["cells"].items():
         lines += [
-            f"| {kind} | {c['concurrency']} | {c['requests']} | {c['rps']:.2f} | {c['p50_ms']:.1f} | "
-            f"{c['p99_ms']:.1f} | {c['kv_bytes']} |"
+            f"| {kind} | {c['concurrency']} | {c['requests']} | {c['rps']['median']:.2f} "
+            f"({c['rps']['min']:.2f}-{c['rps']['max']:.2f}) | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | {c['kv_bytes']} |"
             for c in cells
         ]
-    lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.2f}x |" for k, v in result["ratios"].items()]
+    lines += ["", "| LightKV vs vanilla | median over rounds | min-max |", "|---|---:|---:|"]
+    for c, pair in result["lightkv_over_vanilla_by_concurrency"].items():
+        for label, key in (("throughput, LightKV / vanilla", "rps"), ("p50 latency, vanilla / LightKV", "p50")):
+            r = pair[key]
+            lines.append(f"| {label}, concurrency {c} | {r['median']:.2f}x | {r['min']:.2f}-{r['max']:.2f}x |")
     return "\n".join(lines)
 
 
 def table(result: dict) -> str:
-    rows = [f"{'engine':8} {'conc':>4} {'reqs':>5} {'req/s':>8} {'p50 ms':>9} {'p99 ms':>9} {'KV bytes':>10}"]
+    rows = [f"{'engine':8} {'conc':>4} {'reqs':>5} {'req/s':>8} {'min-max':>13} {'p50 ms':>9} {'p99 ms':>9}"]
     for kind, cells in result["cells"].items():
         for c in cells:
+            rps = c["rps"]
             rows.append(
-                f"{kind:8} {c['concurrency']:>4} {c['requests']:>5} {c['rps']:>8.2f} {c['p50_ms']:>9.1f} "
-                f"{c['p99_ms']:>9.1f} {c['kv_bytes']:>10}"
+                f"{kind:8} {c['concurrency']:>4} {c['requests']:>5} {rps['median']:>8.2f} "
+                f"{rps['min']:>6.2f}-{rps['max']:<6.2f} {c['p50_ms']:>9.1f} {c['p99_ms']:>9.1f}"
             )
     for label, v in result["ratios"].items():
         rows.append(f"{label}: {v:.3f}x")

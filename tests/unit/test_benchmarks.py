@@ -99,3 +99,25 @@ def test_recorded_paper_comparison_is_what_the_accounting_computes():
             light = paper_metric(fig, parse_schedule(text, depth), row["text_tokens"])[1]
             assert round(light, fig.decimals) == fig.lightkv, (fig.model, text)
         assert bool(row[key]) == (not row["reproduced"])  # found for both unreproduced figures, here
+
+
+def test_serving_cells_summarise_rounds_and_pair_them():
+    from benchmarks import bench_serving as serving
+
+    def cell(rps: float, latencies: list[float]) -> dict:
+        return {"concurrency": 1, "requests": len(latencies), "rps": rps, "latencies_ms": latencies,
+                "server_prefill_ms": [1.0], "server_decode_ms": [2.0], "tokens": 8, "kv_bytes": 10,
+                "vision_tokens_in": 4, "vision_tokens_per_group": [4]}  # fmt: skip
+
+    light = serving.summarise([cell(10.0, [1.0, 3.0]), cell(20.0, [2.0, 2.0]), cell(30.0, [4.0, 4.0])])
+    vanilla = serving.summarise([cell(20.0, [2.0, 2.0]), cell(20.0, [2.0, 2.0]), cell(20.0, [2.0, 2.0])])
+    assert light["requests"] == 6 and light["rps"] == {"median": 20.0, "min": 10.0, "max": 30.0}
+    assert light["p50_ms_per_round"] == [2.0, 2.0, 4.0] and light["p50_ms"] == 2.5  # over all six requests
+    pair = serving.paired(light, vanilla)
+    assert pair["rps"] == {"median": 1.0, "min": 0.5, "max": 1.5}
+    assert pair["p50"] == {"median": 1.0, "min": 0.5, "max": 1.0}
+    result = {"setup": {"rounds": 3}, "cells": {"lightkv": [light], "vanilla": [vanilla]},
+              "lightkv_over_vanilla_by_concurrency": {"1": pair}}  # fmt: skip
+    text = serving.markdown(result)
+    assert "| lightkv | 1 | 6 | 20.00 (10.00-30.00) |" in text
+    assert "| throughput, LightKV / vanilla, concurrency 1 | 1.00x | 0.50-1.50x |" in text
