@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,12 +10,13 @@ from pathlib import Path
 import torch
 
 from lightkv_export.errors import InputError
+from lightkv_export.targets.trt import LOCAL_TARGET, TRT_TARGETS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 POSITIONS = ("preserve", "official")
 COMPAT = ("none", "official")
-TARGET_PATTERN = re.compile(r"^(ort-cpu|trt|trt-sm\d{2,3})$")
+TARGETS = ("ort-cpu", LOCAL_TARGET, *TRT_TARGETS)  # the compute capabilities the plugin kernels are compiled for
 DEFAULT_RATIO = 0.55
 
 
@@ -51,11 +53,16 @@ class BuildConfig:
         if not self.targets:
             raise InputError("no target given; for example --target ort-cpu or --target trt-sm90.")
         for target in self.targets:
-            if not TARGET_PATTERN.match(target):
+            if target not in TARGETS:
                 raise InputError(
-                    f"unknown target {target!r}; expected ort-cpu, trt (the local GPU) or trt-smXY "
-                    "(a GPU compute capability, e.g. trt-sm80, trt-sm86, trt-sm89, trt-sm90, trt-sm100, trt-sm120)."
+                    f"unknown target {target!r}; expected one of {', '.join(TARGETS)} (trt is the local GPU; "
+                    "trt-smXY a GPU compute capability the LightKV kernels are compiled for)."
                 )
+        if self.ratio is not None and not (math.isfinite(self.ratio) and 0 <= self.ratio <= 1):
+            raise InputError(
+                f"--ratio {self.ratio} is not a fraction in [0, 1]: it is the share of vision-token KV kept "
+                "(0.55 keeps 55%). Give e.g. --ratio 0.55."
+            )
         if self.max_new_tokens_limit < 1:
             raise InputError("max_new_tokens_limit must be >= 1.")
 
