@@ -72,6 +72,11 @@ def copy_graph(src: Path, dst: Path) -> None:
             shutil.copy2(a, b)
 
 
+def file_hashes(directory: Path) -> dict[str, str]:
+    """SHA-256 of every file under `directory` by relative path: graphs, their external data, processor files."""
+    return {p.relative_to(directory).as_posix(): file_digest(p) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
 def transform_prefill(
     exported: ExportedGraphs, schedule, *, positions: str, grid_mode: str
 ) -> tuple[onnx.ModelProto, PassReport | None]:
@@ -96,6 +101,6 @@ def build_ort_engine(
             copy_graph(getattr(exported, name), tmp / f"{name}.onnx")
         save_graph(prefill, tmp / "prefill.onnx")
         processor.save_pretrained(str(tmp / PROCESSOR_DIR))
-        files = {p.name: file_digest(p) for p in sorted(tmp.glob("*.onnx"))}
+        files = file_hashes(tmp)
         (tmp / MANIFEST).write_text(json.dumps({**manifest, "target": "ort-cpu", "files": files}, indent=2) + "\n")
     return destination
