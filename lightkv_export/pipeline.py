@@ -28,11 +28,10 @@ from lightkv_export.config import DTYPES, BuildConfig
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.export import ExportedGraphs, export_model, patch_grid
 from lightkv_export.method.merge_plan import layer_lengths, plan_request
-from lightkv_export.method.schedule import Schedule, resolve
+from lightkv_export.method.schedule import MAX_STAGE_RATIO, Schedule, resolve
 from lightkv_export.models.base import LoadedModel
-from lightkv_export.parity import ParityReport, parity_images, run_parity
+from lightkv_export.parity import EXPORT_CACHE, ParityReport, parity_images, run_parity
 
-EXPORT_CACHE = ".cache/export"
 REFERENCE_PROMPT = "Describe this image."
 
 
@@ -149,6 +148,31 @@ def reference_request(loaded: LoadedModel, schedule: Schedule | None, image_size
         "kv_bytes_per_layer": [n * per_token for n in lengths],
         "kv_bytes_vanilla_per_layer": [seq * per_token] * n_layers,
     }
+
+
+def silent_noops(schedule: Schedule | None, reference: dict) -> list[str]:
+    """Warnings for what a schedule asks and the engine will not do: ratios above the per-stage cap, and
+    stages that remove nothing from the reference request (its image is too small for their windows)."""
+    if schedule is None:
+        return []
+    notes = []
+    capped = schedule.capped_stages()
+    if capped:
+        notes.append(
+            f"stage(s) {', '.join(map(str, capped))} ask to merge more than {MAX_STAGE_RATIO:g} of each window; a "
+            f"stage removes at most half (r = min(floor(ratio * n), n // 2)), so they merge {MAX_STAGE_RATIO:g}."
+        )
+    lengths = reference["kv_lengths"]  # per layer, 0-based; stage `layer` shortens layer + 1 onwards
+    idle = [s for s in schedule.stages if s.ratio > 0 and lengths[s.layer] == lengths[s.layer - 1]]
+    active = [s for s in schedule.stages if s.ratio > 0]
+    if idle:
+        which = "no stage merges" if idle == active else f"stage(s) {', '.join(map(str, idle))} merge"
+        notes.append(
+            f"{which} anything for the reference request ({reference['vision_tokens']} vision tokens): an "
+            "image needs at least 8 w^2 vision tokens for w x w windows, else the stage skips it. Use a larger "
+            "--image-size, or fewer windows with --schedule."
+        )
+    return notes
 
 
 def versions() -> dict[str, str]:
@@ -275,7 +299,10 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
             progress.log(f"inserted {report.stages} LightKV stages ({report.cloned_nodes} rewired nodes)")
     reference = reference_request(loaded, schedule, image_size, torch.empty(0, dtype=torch_dtype).element_size())
     result.reference = result.reference or reference
-    manifest = base_manifest(config, loaded, schedule, exported, reference) | {"dtype": dtype}
+    notes = silent_noops(schedule, reference)
+    for note in notes:
+        progress.log(f"[yellow]warning:[/] {note}")
+    manifest = base_manifest(config, loaded, schedule, exported, reference) | {"dtype": dtype, "notes": notes}
     for target in targets:
         destination = config.out / loaded.spec.key / config.engine_tag() / target
         try:

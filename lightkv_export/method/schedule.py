@@ -26,6 +26,7 @@ PAPER_RATIO = 0.5
 PAPER_GAP = 0.18  # the paper's stage spacing as a fraction of depth: 5 of 28 (Qwen2.5-VL), 6 of 32 (LLaVA)
 RATIO_GRID = tuple(round(0.5 - 0.05 * i, 2) for i in range(10))  # 0.5, 0.45, ..., 0.05
 NOMINAL_RATIO = 0.55  # where the identity schedule puts its (ratio-0) stages
+MAX_STAGE_RATIO = 0.5  # r = min(floor(ratio * n), n // 2): a stage merges at most half of each window
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,12 @@ class Schedule:
         frac = 1.0
         for s in self.stages:
             if s.layer < layer:
-                frac *= 1.0 - min(s.ratio, 0.5)
+                frac *= 1.0 - min(s.ratio, MAX_STAGE_RATIO)
         return frac
+
+    def capped_stages(self) -> tuple[Stage, ...]:
+        """Stages that ask for more than a stage can merge: they merge MAX_STAGE_RATIO, not their ratio."""
+        return tuple(s for s in self.stages if s.ratio > MAX_STAGE_RATIO)
 
     @property
     def retention(self) -> float:
@@ -117,7 +122,7 @@ def retention_of(num_layers: int, layers: Sequence[int], ratio: float) -> float:
     keep, frac, prev = 0.0, 1.0, 0
     for layer in (*layers, num_layers):
         keep += frac * (layer - prev)
-        frac *= 1.0 - min(ratio, 0.5)
+        frac *= 1.0 - min(ratio, MAX_STAGE_RATIO)
         prev = layer
     return keep / num_layers
 

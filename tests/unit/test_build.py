@@ -95,7 +95,7 @@ def test_ratio_zero_engine_generates_like_hugging_face(builds, tiny_qwen_vl):
     with torch.no_grad():
         out = tiny_qwen_vl.model.generate(**processed, max_new_tokens=8, do_sample=False)
     hf_tokens = out[0, processed["input_ids"].shape[1] :].tolist()
-    assert gen.token_ids == hf_tokens[: len(gen.token_ids)]
+    assert hf_tokens and gen.token_ids == hf_tokens  # the whole generation, up to the same EOS or 8 tokens
 
 
 def test_vanilla_engine_and_official_compat(builds):
@@ -147,6 +147,28 @@ def test_export_cache_is_reused_and_a_corrupt_one_is_rebuilt(builds, engines_out
     assert file_digest(cache / "decode.onnx") == meta["sha256"]["decode"]
 
 
+def test_cli_detects_a_corrupt_cached_export_and_rebuilds_it(builds, engines_out, tmp_path):
+    """A cached graph damaged in place (bit rot, a half-finished copy): the CLI notices by hash and exports again."""
+    import shutil
+
+    from lightkv_export.export import graph_digest
+
+    builds("tiny-qwen-vl", 0.55)
+    (cache,) = (engines_out / ".cache" / "export").glob("tiny-qwen-vl-*")
+    out = tmp_path / "out"
+    copy = out / ".cache" / "export" / cache.name
+    shutil.copytree(cache, copy)  # a real copy: the shared cache's files are hard-linked into engines
+    with open(copy / "decode.onnx", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00" * 64)
+    proc = cli("--model", "tiny-qwen-vl", "--ratio", "0.55", "--no-parity", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "is corrupt (hash mismatch): exporting again" in " ".join(proc.stderr.split())
+    meta = json.loads((copy / "export.json").read_text())
+    assert all(graph_digest(copy / f"{g}.onnx") == meta["sha256"][g] for g in ("vision", "embed", "prefill", "decode"))
+    assert (out / "tiny-qwen-vl" / "r0.55" / "ort-cpu" / "manifest.json").is_file()
+
+
 def test_interrupted_build_leaves_no_engine_directory(builds, engines_out, monkeypatch):
     builds("tiny-qwen-vl", 0.55)  # export cached
     from lightkv_export.targets import ort as ort_target
@@ -195,6 +217,10 @@ def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
         (["--model", "/nonexistent/checkpoint"], "neither a model key nor a checkpoint directory"),
         (["--ratio", "0.05"], "cannot be reached"),
         (["--target", "cuda"], "unknown target"),
+        (["--target", "trt-sm75"], "unknown target 'trt-sm75'; expected one of"),  # no kernels for sm75
+        (["--ratio", "1.5"], "--ratio 1.5 is not a fraction in [0, 1]"),
+        (["--ratio", "-0.2"], "--ratio -0.2 is not a fraction in [0, 1]"),
+        (["--ratio", "nan"], "--ratio nan is not a fraction in [0, 1]"),
         (["--image-size", "100x100"], "not a positive multiple of 28"),
         (["--image-size", "big"], "WIDTHxHEIGHT"),
         (["--schedule", "3:2"], "LAYER:WINDOWS:RATIO"),
@@ -207,6 +233,7 @@ def test_cli_bad_input_is_one_clear_message(tmp_path, args, message):
     assert message in " ".join(proc.stderr.split()), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "engines" / "tiny-qwen-vl").exists()
+    assert not (tmp_path / "engines" / ".cache").exists()  # refused before the (expensive) export
 
 
 @pytest.mark.parametrize(
@@ -231,6 +258,24 @@ def test_cli_unwritable_output(tmp_path, args, option):
     assert blocker.read_text() == "not a directory"
 
 
+def test_cli_turns_an_unforeseen_os_error_into_one_message(tmp_path, monkeypatch, capsys):
+    """A file-system failure no check foresaw (the disk fills mid-build): one line, exit 2, no traceback."""
+    import errno
+
+    from lightkv_export import pipeline
+
+    def disk_full(config, console=None):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "prefill.onnx"))
+
+    monkeypatch.setattr(pipeline, "run", disk_full)
+    monkeypatch.syspath_prepend(str(ROOT))
+    import build
+
+    assert build.main(["--out", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: No space left on device ({tmp_path / 'prefill.onnx'})" in err and "Traceback" not in err
+
+
 def test_cli_builds_and_the_parity_command_rechecks(builds, engines_out):
     builds("tiny-qwen-vl", 0.55)  # the export is cached: the CLI only transforms, builds and checks
     proc = cli("--model", "tiny-qwen-vl", "--ratio", "0.55", "--out", str(engines_out))
@@ -241,7 +286,88 @@ def test_cli_builds_and_the_parity_command_rechecks(builds, engines_out):
         [sys.executable, "-m", "lightkv_export.parity", str(engine_dir)], capture_output=True, text=True, timeout=240
     )
     assert check.returncode == 0, check.stderr[-3000:]
-    assert "parity PASS" in check.stderr
+    assert "parity PASS" in check.stderr and "skipped" not in check.stderr
+    checks = json.loads((engine_dir / "parity.json").read_text())["checks"]
+    assert any(c["output"] == "vanilla-export-logits" for c in checks)  # found the cached export by export_key
+
+
+def test_parity_command_says_when_the_vanilla_export_is_gone(builds, tmp_path):
+    """An engine moved away from its build output: the identity check against the vanilla export cannot run,
+    and the report says so instead of passing silently."""
+    import shutil
+
+    engine_dir = tmp_path / "elsewhere" / "tiny-qwen-vl" / "r0.55" / "ort-cpu"
+    shutil.copytree(builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"], engine_dir)
+    check = subprocess.run(
+        [sys.executable, "-m", "lightkv_export.parity", str(engine_dir)], capture_output=True, text=True, timeout=240
+    )
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "vanilla-export check was skipped" in " ".join(check.stderr.split())
+    report = json.loads((engine_dir / "parity.json").read_text())
+    assert any("vanilla-export check was skipped" in note for note in report["notes"])
+    assert not any(c["output"] == "vanilla-export-logits" for c in report["checks"])
+    assert "vanilla-export check was skipped" in (engine_dir / "report.md").read_text()
+
+
+def test_parity_failure_lists_every_failing_output_and_fails_the_build(builds, engines_out, monkeypatch, capsys):
+    """Impossible tolerances: build.py exits 1 and names every failing output with its errors and the tolerance
+    that would have passed; --no-parity-gate reports the same failure and exits 0."""
+    from lightkv_export.models.registry import get_spec
+    from lightkv_export.parity import would_pass
+
+    builds("tiny-qwen-vl", 0.55)  # export cached
+    spec = get_spec("tiny-qwen-vl")
+    for key in list(spec.tolerances):
+        monkeypatch.setitem(spec.tolerances, key, 1e-12)
+    monkeypatch.syspath_prepend(str(ROOT))
+    import build
+
+    args = ["--model", "tiny-qwen-vl", "--ratio", "0.35", "--out", str(engines_out)]
+    assert build.main(args) == 1
+    console = " ".join(capsys.readouterr().err.split())
+    report = json.loads((engines_out / "tiny-qwen-vl" / "r0.35" / "ort-cpu" / "parity.json").read_text())
+    assert not report["passed"]
+    failing = [c for c in report["checks"] if not c["passed"]]
+    assert {"model", "identity"} <= {c["level"] for c in failing}  # (the op level is exact on these inputs)
+    # Failing is exactly "over the tolerance" (exact checks such as kept and greedy tokens still pass).
+    assert failing == [c for c in report["checks"] if c["tolerance"] and c["max_abs"] > c["tolerance"]]
+    for c in failing:
+        assert c["tolerance"] == 1e-12 and c["max_abs"] <= would_pass(c["max_abs"])
+        line = (
+            f"{c['level']}/{c['case']}/{c['output']}: max abs {c['max_abs']:.3g}, max rel {c['max_rel']:.3g} > "
+            f"tolerance 1e-12 (would pass at {would_pass(c['max_abs']):.3g})"
+        )
+        assert line in console, line
+    assert build.main([*args, "--no-parity-gate"]) == 0
+    assert "FAIL" in capsys.readouterr().err
+
+
+def test_silent_noops_are_named():
+    from lightkv_export.method.schedule import parse_schedule
+    from lightkv_export.pipeline import silent_noops
+
+    schedule = parse_schedule("2:2:0.5,4:2:0.7,6:1:0.5", 8)
+    merging = {"vision_tokens": 192, "kv_lengths": [240, 240, 144, 144, 96, 96, 72, 72]}
+    (capped,) = silent_noops(schedule, merging)
+    assert "4:2:0.7" in capped and "2:2:0.5" not in capped and "merge 0.5" in capped
+    # Stage 4:2 removes nothing (too few tokens for 2 x 2 windows); the others do.
+    partly = {"vision_tokens": 192, "kv_lengths": [240, 240, 144, 144, 144, 144, 120, 120]}
+    assert "stage(s) 4:2:0.7 merge anything" in silent_noops(schedule, partly)[1]
+    tiny_image = {"vision_tokens": 1, "kv_lengths": [49] * 8}
+    assert "no stage merges anything" in silent_noops(schedule, tiny_image)[1]
+    assert silent_noops(parse_schedule("2:2:0,4:2:0", 8), tiny_image) == []  # ratio 0 asks for nothing
+    assert silent_noops(None, tiny_image) == []
+
+
+def test_capped_schedule_is_a_warning_and_a_manifest_note(builds, engines_out, capsys):
+    from rich.console import Console
+
+    builds("tiny-qwen-vl", 0.55)  # export cached
+    config = BuildConfig(model="tiny-qwen-vl", schedule="3:2:0.8,5:1:0.5", out=engines_out, parity=False)
+    result = run(config, console=Console(stderr=True, width=200))
+    notes = json.loads((result.engine_dirs["ort-cpu"] / "manifest.json").read_text())["notes"]
+    assert len(notes) == 1 and "3:2:0.8" in notes[0]
+    assert "warning: stage(s) 3:2:0.8" in capsys.readouterr().err
 
 
 def test_tensorrt_target_without_tensorrt_fails_alone_and_keeps_its_kernels(builds, engines_out):
@@ -269,6 +395,12 @@ def test_large_model_graphs_use_external_data(builds, engines_out, monkeypatch):
     engine_dir = result.engine_dirs["ort-cpu"]
     assert (engine_dir / "prefill.onnx.data").is_file()
     assert (engine_dir / "prefill.onnx").stat().st_size < (engine_dir / "prefill.onnx.data").stat().st_size
+    from lightkv_export.export import file_digest
+
+    files = json.loads((engine_dir / "manifest.json").read_text())["files"]
+    assert files["prefill.onnx.data"] == file_digest(engine_dir / "prefill.onnx.data")  # the weights are covered
+    on_disk = {p.relative_to(engine_dir).as_posix() for p in engine_dir.rglob("*") if p.is_file()}
+    assert {n for n in on_disk if ".onnx" in n or n.startswith("processor/")} <= set(files) <= on_disk
     gen = Engine.load(engine_dir).generate([parity_images((336, 448), 0)], "Describe this image.", max_new_tokens=2)
     assert gen.kv_lengths == result.reference["kv_lengths"]
 

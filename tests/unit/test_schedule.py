@@ -94,3 +94,10 @@ def test_kept_per_layer_and_identity_flag():
     s = Schedule(4, (Stage(1, 2, 0.5), Stage(3, 1, 0.5)))
     assert s.kept_per_layer() == [1.0, 0.5, 0.5, 0.25]
     assert not s.is_identity
+
+
+def test_capped_stages_are_the_ones_above_half():
+    schedule = parse_schedule("2:2:0.5,4:2:0.7,6:1:0.95", 8)
+    assert [str(s) for s in schedule.capped_stages()] == ["4:2:0.7", "6:1:0.95"]
+    assert schedule.kept_before(8) == 0.5**3  # a capped stage keeps half, not 1 - its ratio
+    assert parse_schedule("2:2:0.5,4:1:0.3", 8).capped_stages() == ()
