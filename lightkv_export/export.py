@@ -29,8 +29,12 @@ import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
+import sys
+import traceback
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -396,6 +400,60 @@ def export_key(loaded: LoadedModel, *, dtype: torch.dtype, image_size: tuple[int
     return h.hexdigest()[:16]
 
 
+PARALLEL_EXPORT_MAX_BYTES = 2**30  # past this, writing the weights dominates and two copies in flight cost memory
+
+
+def parallel_export_ok(model: torch.nn.Module) -> bool:
+    """Export in two processes: the graphs are independent and torch.export is single-threaded Python, so a
+    second core halves a small model's cold export. Needs fork (the child shares the loaded model without
+    pickling it). LIGHTKV_EXPORT_PARALLEL=0 turns it off."""
+    if os.environ.get("LIGHTKV_EXPORT_PARALLEL", "1") == "0" or (os.cpu_count() or 1) < 2:
+        return False
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    return sum(p.numel() * p.element_size() for p in model.parameters()) <= PARALLEL_EXPORT_MAX_BYTES
+
+
+def _child_export(job: Callable[[], None], conn: Any) -> None:
+    torch.set_num_threads(1)  # the parent keeps the other core busy
+    try:
+        job()
+        conn.send(None)
+    except BaseException:  # reported to the parent, which raises it
+        conn.send(traceback.format_exc())
+    finally:
+        conn.close()
+
+
+def run_exports(jobs: list[Callable[[], None]], *, parallel: bool) -> None:
+    """Run the export jobs; with `parallel`, the first in a forked child while this process runs the rest."""
+    if not parallel or len(jobs) < 2:
+        for job in jobs:
+            job()
+        return
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    sys.stdout.flush(), sys.stderr.flush()  # else the child inherits, and writes again, what is buffered
+    child = ctx.Process(target=_child_export, args=(jobs[0], send), daemon=True)
+    child.start()
+    send.close()  # the child holds the only writer: its exit without a report reads as EOF
+    try:
+        for job in jobs[1:]:
+            job()
+        failure = receive.recv()  # None, or the child's traceback
+    except EOFError:
+        failure = "the export process ended without a report"
+    except BaseException:  # this process failed or was interrupted: the child's graph is of no use
+        child.kill()
+        child.join()
+        raise
+    child.join()
+    if failure is None and child.exitcode != 0:
+        failure = f"the export process exited with code {child.exitcode}"
+    if failure is not None:
+        raise RuntimeError(f"exporting in a second process failed (exit code {child.exitcode}):\n{failure}")
+
+
 def export_model(
     loaded: LoadedModel,
     cache_root: Path,
@@ -409,7 +467,7 @@ def export_model(
     A cached export whose files no longer match their recorded hashes (a crash, a truncated copy) is rebuilt.
     """
     key = export_key(loaded, dtype=dtype, image_size=image_size)
-    directory = cache_root / f"{loaded.spec.key}-{key}"
+    directory = cache_root / f"{loaded.spec.dir_name}-{key}"
     record = directory / "export.json"
     if record.exists():
         try:
@@ -427,10 +485,15 @@ def export_model(
     shutil.rmtree(directory, ignore_errors=True)
     tmp.mkdir(parents=True)
     text, head = loaded.family.text_model(loaded.model), loaded.family.lm_head(loaded.model)
-    export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype)
-    export_embed(text, tmp / "embed.onnx")
-    export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype)
-    export_decode(text, head, tmp / "decode.onnx", dtype=dtype)
+    run_exports(
+        [
+            lambda: export_decode(text, head, tmp / "decode.onnx", dtype=dtype),  # the longest: in the child
+            lambda: export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype),
+            lambda: export_embed(text, tmp / "embed.onnx"),
+            lambda: export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype),
+        ],
+        parallel=parallel_export_ok(loaded.model),
+    )
     meta = {
         "model": loaded.spec.key,
         "key": key,

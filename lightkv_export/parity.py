@@ -301,16 +301,15 @@ def check_identity(report, engine: Engine, loaded: LoadedModel, exported: Export
 
 
 def cached_export(engine_dir: Path, manifest: dict[str, Any]) -> tuple[ExportedGraphs | None, str]:
-    """The vanilla export an engine was built from, if still intact in OUT/.cache/export/<model>-<export_key>/
-    (the engine lives in OUT/<model>/<tag>/<target>); else None and why."""
-    key, model = manifest.get("export_key"), str(manifest.get("model", ""))
-    if not key or not model or Path(model).is_absolute():
+    """The vanilla export an engine was built from, if still intact in OUT/.cache/export/<model_dir>-<export_key>/
+    (the engine lives in OUT/<model_dir>/<tag>/<target>); else None and why."""
+    key, model = manifest.get("export_key"), str(manifest.get("model_dir", ""))
+    if not key or not model or len(Path(model).parts) != 1:
         return None, "the manifest does not say which export the engine was built from"
-    depth = len(Path(model).parts) + 2  # <model> may be a hub id, Org/Name
     parents = engine_dir.resolve().parents
-    if len(parents) < depth:
+    if len(parents) < 3:
         return None, f"{engine_dir} is not inside a build output (OUT/{model}/<tag>/<target>)"
-    directory = parents[depth - 1] / EXPORT_CACHE / f"{model}-{key}"
+    directory = parents[2] / EXPORT_CACHE / f"{model}-{key}"
     try:
         meta = json.loads((directory / "export.json").read_text())
         intact = all(graph_digest(directory / f"{g}.onnx") == meta["sha256"][g] for g in GRAPHS)
@@ -358,9 +357,9 @@ def run_parity(
     check_identity(report, engine, loaded, exported, cases, tolerances)
     (engine_dir / "parity.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
     (engine_dir / "report.md").write_text(report.to_markdown() + "\n")
-    from lightkv_export.report import write_build_pictures
+    from lightkv_export.report import write_build_report
 
-    write_build_pictures(engine_dir)  # the layer pictures, linked from report.md
+    write_build_report(engine_dir)  # accounting and the layer pictures, after the parity tables
     return report
 
 

@@ -201,6 +201,7 @@ def base_manifest(
     return {
         "format": 1,
         "model": loaded.spec.key,
+        "model_dir": loaded.spec.dir_name,  # OUT/<model_dir>/<tag>/<target>, and the export cache's prefix
         "model_source": config.model,
         "family": loaded.spec.family,
         "random_weights": config.random_weights,
@@ -216,6 +217,9 @@ def base_manifest(
         "hidden_size": text.hidden_size,
         "num_kv_heads": text.num_key_value_heads,
         "head_dim": text.hidden_size // text.num_attention_heads,
+        "num_attention_heads": text.num_attention_heads,
+        "intermediate_size": text.intermediate_size,
+        "vocab_size": text.vocab_size,
         "image_token_id": int(loaded.model.config.image_token_id),
         "vision_patch_dim": 3 * features.temporal_patch_size * features.patch_size**2,
         "spatial_merge": loaded.family.spatial_merge(loaded.model),
@@ -304,7 +308,7 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
         progress.log(f"[yellow]warning:[/] {note}")
     manifest = base_manifest(config, loaded, schedule, exported, reference) | {"dtype": dtype, "notes": notes}
     for target in targets:
-        destination = config.out / loaded.spec.key / config.engine_tag() / target
+        destination = config.out / loaded.spec.dir_name / config.engine_tag() / target
         try:
             with progress.stage(f"engine {target}"):
                 result.engine_dirs[target] = build_target(
@@ -321,6 +325,6 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
                     result.engine_dirs[target], loaded=loaded, exported=exported, log=progress.log
                 )
         else:
-            from lightkv_export.report import write_build_pictures
+            from lightkv_export.report import write_build_report
 
-            write_build_pictures(result.engine_dirs[target])  # parity draws them otherwise
+            write_build_report(result.engine_dirs[target])  # parity writes it otherwise

@@ -40,6 +40,17 @@ class ModelSpec:
     # Parity tolerances per output name ("logits", "kv", "hidden", ...), with "default".
     tolerances: dict[str, float] = field(default_factory=lambda: {"default": 1e-4})
 
+    @property
+    def dir_name(self) -> str:
+        """One safe path component for engine and cache directories: a key may be a hub id ("Org/Name") or a
+        checkpoint path, which joined under --out would nest, or escape it when absolute."""
+        if "/" not in self.key and "\\" not in self.key:
+            return self.key
+        parts = [p for p in self.key.replace("\\", "/").split("/") if p not in ("", ".", "..")]
+        if self.key.startswith(("/", ".", "~")) or len(parts) != 2:  # a directory: its name
+            return parts[-1] if parts else "model"
+        return "--".join(parts)  # a hub id, spelled as the HF cache does
+
 
 @dataclass
 class PrefillInputs:

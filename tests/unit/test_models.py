@@ -6,6 +6,7 @@ import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,7 @@ def test_load_local_directory(tiny_qwen2_vl, test_image, tmp_path):
     loaded = load_model(str(path))
     assert loaded.family is qwen2_vl
     assert loaded.spec.key == str(path) and loaded.spec.family == "qwen2_vl"
+    assert loaded.spec.dir_name == "ckpt"  # engines go to OUT/ckpt/..., never into the checkpoint itself
     assert loaded.spec.default_windows == get_spec("tiny-qwen2-vl").default_windows  # tiny-shaped checkpoint
     assert not loaded.model.training
     assert_same_model(loaded, tiny_qwen2_vl, test_image)
@@ -302,6 +304,7 @@ def test_unregistered_hub_id_loads_from_the_cache_by_its_model_type(tiny_qwen2_v
     loaded = load_model("someone/Qwen2-VL-finetune")
     assert loaded.family is qwen2_vl
     assert loaded.spec.key == "someone/Qwen2-VL-finetune" and loaded.spec.family == "qwen2_vl"
+    assert loaded.spec.dir_name == "someone--Qwen2-VL-finetune"
     assert loaded.spec.default_windows == get_spec("tiny-qwen2-vl").default_windows  # tiny-shaped checkpoint
     assert_same_model(loaded, tiny_qwen2_vl, test_image)
 
@@ -379,3 +382,20 @@ def test_random_weights_without_checkpoint(tmp_path, monkeypatch):
         "<|vision_start|>"
     )
     assert loaded.processor.image_processor.size["longest_edge"] == qwen2_vl.REAL_MAX_PIXELS
+
+
+@pytest.mark.parametrize(
+    ("key", "dir_name"),
+    [
+        ("tiny-qwen-vl", "tiny-qwen-vl"),
+        ("Org/Name", "Org--Name"),
+        ("/abs/path/ckpt", "ckpt"),
+        ("/abs/path/ckpt/", "ckpt"),
+        ("./rel/ckpt", "ckpt"),
+        ("rel/deeper/ckpt", "ckpt"),
+        ("../ckpt", "ckpt"),
+    ],
+)
+def test_dir_name_is_one_safe_path_component(key, dir_name):
+    spec = replace(get_spec("tiny-qwen-vl"), key=key)
+    assert spec.dir_name == dir_name and len(Path(spec.dir_name).parts) == 1
