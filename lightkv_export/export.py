@@ -186,7 +186,11 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names, ou
 
 def _is_large(module: torch.nn.Module) -> bool:
     """Past 1 GiB of weights the 2 GiB protobuf limit comes into view: use external data."""
-    return sum(p.numel() * p.element_size() for p in module.parameters()) > 2**30
+    return weight_bytes(module) > 2**30
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def export_prefill(text_model, lm_head, path: Path, *, dtype: torch.dtype, example_len: int = 24) -> None:
@@ -411,7 +415,7 @@ def parallel_export_ok(model: torch.nn.Module) -> bool:
         return False
     if "fork" not in multiprocessing.get_all_start_methods():
         return False
-    return sum(p.numel() * p.element_size() for p in model.parameters()) <= PARALLEL_EXPORT_MAX_BYTES
+    return weight_bytes(model) <= PARALLEL_EXPORT_MAX_BYTES
 
 
 def _child_export(job: Callable[[], None], conn: Any) -> None:
