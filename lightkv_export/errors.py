@@ -16,3 +16,10 @@ class InputError(LightKVError, ValueError):
 
 class ModelNotFoundError(LightKVError, FileNotFoundError):
     """A checkpoint that is not on disk (no network here: it must be downloaded beforehand)."""
+
+
+class VerificationError(LightKVError):
+    """A built engine failed its check (parity with the gate on, or a real request through it): it was not
+    promoted, and the engine that was there before is untouched."""
+
+    exit_code = 1

@@ -29,12 +29,12 @@ import contextlib
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
+import subprocess
 import sys
-import traceback
+import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,14 @@ import onnx
 import torch
 from transformers import AttentionInterface
 
+from lightkv_export.artifacts import (
+    graph_digest,
+    locked,
+    promote,
+    remove_stale_partials,
+    staging,
+    write_text_atomic,
+)
 from lightkv_export.errors import InputError
 from lightkv_export.models.base import LoadedModel
 
@@ -50,7 +58,7 @@ EXPORT_ATTENTION = "lightkv_export_attention"
 ROLE_PREFIX = "lightkv.role."
 ROLE_META_KEY = "lightkv.roles"
 OPSET = 21
-EXPORT_VERSION = 1  # bump when the graph contract changes: part of the export cache key
+EXPORT_VERSION = 2  # bump when the graph contract changes: part of the export cache key
 
 
 def export_attention(module, query, key, value, attention_mask, *, scaling=None, lightkv=None, **_kwargs):
@@ -181,7 +189,22 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names, ou
             optimize=True,
             verbose=False,
         )
+    strip_stack_traces(program.model)
     program.save(str(path), external_data=program.model.graph.num_nodes() > 0 and _is_large(module))
+
+
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(model) -> None:
+    """Drop the exporter's per-node Python stack traces (source paths and line numbers of this checkout and its
+    virtualenv): they would make the same graph differ byte for byte between checkouts and code edits. The
+    node names, namespaces and FX node records stay."""
+    for node in model.graph.all_nodes():
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
+    for function in model.functions.values():
+        for node in function.all_nodes():
+            node.metadata_props.pop(STACK_TRACE_KEY, None)
 
 
 def _is_large(module: torch.nn.Module) -> bool:
@@ -261,21 +284,6 @@ def strip_roles(model: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.output[:]
     model.graph.output.extend(keep)
     return model
-
-
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def graph_digest(path: Path) -> str:
-    """SHA-256 of a graph file and, for large models, its external data file."""
-    data = path.with_name(path.name + ".data")
-    digest = file_digest(path)
-    return digest if not data.exists() else hashlib.sha256((digest + file_digest(data)).encode()).hexdigest()
 
 
 class EmbedGraph(torch.nn.Module):
@@ -405,57 +413,64 @@ def export_key(loaded: LoadedModel, *, dtype: torch.dtype, image_size: tuple[int
 
 
 PARALLEL_EXPORT_MAX_BYTES = 2**30  # past this, writing the weights dominates and two copies in flight cost memory
+WORKER_TIMEOUT_S = 600.0  # LIGHTKV_EXPORT_TIMEOUT_S: past this the worker is stopped and the graph exported here
 
 
-def parallel_export_ok(model: torch.nn.Module) -> bool:
-    """Export in two processes: the graphs are independent and torch.export is single-threaded Python, so a
-    second core halves a small model's cold export. Needs fork (the child shares the loaded model without
-    pickling it). LIGHTKV_EXPORT_PARALLEL=0 turns it off."""
-    if os.environ.get("LIGHTKV_EXPORT_PARALLEL", "1") == "0" or (os.cpu_count() or 1) < 2:
-        return False
-    if "fork" not in multiprocessing.get_all_start_methods():
+@dataclass(frozen=True)
+class ModelSource:
+    """How to load the same model again in another process (what build.py was given)."""
+
+    model: str
+    random_weights: bool = False
+
+
+def parallel_export_ok(model: torch.nn.Module, source: ModelSource | None) -> bool:
+    """Export the decode graph in a second, freshly started process while this one exports the rest: the graphs
+    are independent and torch.export is single-threaded Python, so a second core halves a small model's cold
+    export. The worker loads the model itself from `source` (nothing is forked: a fork of a process that holds
+    ONNX Runtime or torch threads can deadlock). LIGHTKV_EXPORT_PARALLEL=0 turns it off."""
+    if source is None or os.environ.get("LIGHTKV_EXPORT_PARALLEL", "1") == "0" or (os.cpu_count() or 1) < 2:
         return False
     return weight_bytes(model) <= PARALLEL_EXPORT_MAX_BYTES
 
 
-def _child_export(job: Callable[[], None], conn: Any) -> None:
-    torch.set_num_threads(1)  # the parent keeps the other core busy
+def worker_timeout_s() -> float:
     try:
-        job()
-        conn.send(None)
-    except BaseException:  # reported to the parent, which raises it
-        conn.send(traceback.format_exc())
-    finally:
-        conn.close()
+        return float(os.environ.get("LIGHTKV_EXPORT_TIMEOUT_S", WORKER_TIMEOUT_S))
+    except ValueError:
+        return WORKER_TIMEOUT_S
 
 
-def run_exports(jobs: list[Callable[[], None]], *, parallel: bool) -> None:
-    """Run the export jobs; with `parallel`, the first in a forked child while this process runs the rest."""
-    if not parallel or len(jobs) < 2:
-        for job in jobs:
-            job()
-        return
-    ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    sys.stdout.flush(), sys.stderr.flush()  # else the child inherits, and writes again, what is buffered
-    child = ctx.Process(target=_child_export, args=(jobs[0], send), daemon=True)
-    child.start()
-    send.close()  # the child holds the only writer: its exit without a report reads as EOF
+def start_worker(spec: dict[str, Any], log_path: Path) -> subprocess.Popen:
+    """`python -m lightkv_export.export_worker SPEC` with its output in `log_path`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # this process keeps the other core busy
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lightkv_export.export_worker", json.dumps(spec)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+
+
+def wait_worker(worker: subprocess.Popen, log_path: Path, deadline: float) -> str | None:
+    """None when the worker exported its graph; else why not (it is stopped and reaped either way)."""
     try:
-        for job in jobs[1:]:
-            job()
-        failure = receive.recv()  # None, or the child's traceback
-    except EOFError:
-        failure = "the export process ended without a report"
-    except BaseException:  # this process failed or was interrupted: the child's graph is of no use
-        child.kill()
-        child.join()
-        raise
-    child.join()
-    if failure is None and child.exitcode != 0:
-        failure = f"the export process exited with code {child.exitcode}"
-    if failure is not None:
-        raise RuntimeError(f"exporting in a second process failed (exit code {child.exitcode}):\n{failure}")
+        code = worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        stop_worker(worker)
+        return f"it gave no answer within {worker_timeout_s():g} s (LIGHTKV_EXPORT_TIMEOUT_S) and was stopped"
+    if code == 0:
+        return None
+    try:
+        lines = log_path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    return f"it exited with code {code}" + (f": {lines[-1]}" if lines else "")
+
+
+def stop_worker(worker: subprocess.Popen) -> None:
+    if worker.poll() is None:
+        worker.kill()
+    worker.wait()
 
 
 def export_model(
@@ -464,41 +479,80 @@ def export_model(
     *,
     dtype: torch.dtype,
     image_size: tuple[int, int],
+    source: ModelSource | None = None,
     log=lambda msg: None,
 ) -> ExportedGraphs:
     """The vanilla graphs of `loaded`, exported once into cache_root/<model>-<key>/ and verified on reuse.
 
     A cached export whose files no longer match their recorded hashes (a crash, a truncated copy) is rebuilt.
+    Builds of the same export wait for each other (a lock per key); the export is written under a temporary
+    name and renamed into place complete. With `source`, small models export the decode graph in a worker.
     """
     key = export_key(loaded, dtype=dtype, image_size=image_size)
     directory = cache_root / f"{loaded.spec.dir_name}-{key}"
-    record = directory / "export.json"
-    if record.exists():
-        try:
-            meta = json.loads(record.read_text())
-            if all(graph_digest(directory / f"{g}.onnx") == meta["sha256"][g] for g in GRAPHS):
-                log(f"reusing cached export {directory}")
-                return _graphs(directory, meta)
-            log(f"cached export {directory} is corrupt (hash mismatch): exporting again")
-        except (OSError, ValueError, KeyError):
-            log(f"cached export {directory} is unreadable: exporting again")
-    tmp = directory.with_name(directory.name + ".tmp")
-    import shutil
+    cache_root.mkdir(parents=True, exist_ok=True)
+    with locked(directory, what="the export cache entry", log=log):
+        cached = _cached(directory, log)
+        if cached is not None:
+            return cached
+        for stale in remove_stale_partials(directory):
+            log(f"removed {stale}, left by an interrupted export")
+        with staging(directory) as tmp:
+            meta = _export_all(loaded, tmp, key=key, dtype=dtype, image_size=image_size, source=source, log=log)
+            write_text_atomic(tmp / "export.json", json.dumps(meta, indent=2))
+            promote(tmp, directory)
+    return _graphs(directory, meta)
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.mkdir(parents=True)
+
+def _cached(directory: Path, log) -> ExportedGraphs | None:
+    record = directory / "export.json"
+    if not record.exists():
+        return None
+    try:
+        meta = json.loads(record.read_text())
+        if all(graph_digest(directory / f"{g}.onnx") == meta["sha256"][g] for g in GRAPHS):
+            log(f"reusing cached export {directory}")
+            return _graphs(directory, meta)
+        log(f"cached export {directory} is corrupt (hash mismatch): exporting again")
+    except (OSError, ValueError, KeyError, TypeError):
+        log(f"cached export {directory} is unreadable: exporting again")
+    return None
+
+
+def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: ModelSource | None, log) -> dict:
     text, head = loaded.family.text_model(loaded.model), loaded.family.lm_head(loaded.model)
-    run_exports(
-        [
-            lambda: export_decode(text, head, tmp / "decode.onnx", dtype=dtype),  # the longest: in the child
-            lambda: export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype),
-            lambda: export_embed(text, tmp / "embed.onnx"),
-            lambda: export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype),
-        ],
-        parallel=parallel_export_ok(loaded.model),
-    )
-    meta = {
+    decode = tmp / "decode.onnx"
+    worker = None
+    if parallel_export_ok(loaded.model, source):
+        spec = {
+            "model": source.model,
+            "random_weights": source.random_weights,
+            "dtype": str(dtype).removeprefix("torch."),
+            "image_size": list(image_size),
+            "key": key,
+            "path": str(decode),
+            "parent": os.getpid(),
+        }
+        worker_log = tmp / "decode-worker.log"
+        worker, deadline = start_worker(spec, worker_log), time.monotonic() + worker_timeout_s()
+    try:
+        export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype)
+        export_embed(text, tmp / "embed.onnx")
+        export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype)
+        why = "" if worker is None else wait_worker(worker, worker_log, deadline)
+    except BaseException:  # failed or interrupted here: the worker's graph is of no use
+        if worker is not None:
+            stop_worker(worker)
+        raise
+    finally:
+        if worker is not None:
+            worker_log.unlink(missing_ok=True)
+    if worker is None or why:
+        if why:
+            log(f"the decode-graph export in a second process failed ({why}); exporting it in this process")
+            decode.unlink(missing_ok=True)
+        export_decode(text, head, decode, dtype=dtype)
+    return {
         "model": loaded.spec.key,
         "key": key,
         "dtype": str(dtype).removeprefix("torch."),
@@ -507,9 +561,6 @@ def export_model(
         "num_layers": len(text.layers),
         "sha256": {g: graph_digest(tmp / f"{g}.onnx") for g in GRAPHS},
     }
-    (tmp / "export.json").write_text(json.dumps(meta, indent=2))
-    tmp.rename(directory)
-    return _graphs(directory, meta)
 
 
 def _graphs(directory: Path, meta: dict[str, Any]) -> ExportedGraphs:

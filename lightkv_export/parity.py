@@ -26,8 +26,9 @@ import onnxruntime as ort
 import torch
 from PIL import Image
 
+from lightkv_export.artifacts import graph_digest, write_text_atomic
 from lightkv_export.errors import LightKVError
-from lightkv_export.export import GRAPHS, ExportedGraphs, graph_digest
+from lightkv_export.export import GRAPHS, ExportedGraphs
 from lightkv_export.method.merge_plan import plan_request
 from lightkv_export.method.onnx_function import run_ort
 from lightkv_export.method.reference import lightkv_merge, plan_stage
@@ -328,16 +329,20 @@ def run_parity(
     *,
     loaded: LoadedModel | None = None,
     exported: ExportedGraphs | None = None,
+    name: str | Path | None = None,
+    full_hash: bool = True,
     log=lambda msg: None,
 ) -> ParityReport:
-    """All three levels on `engine_dir`; writes parity.json and report.md there.
+    """All three levels on `engine_dir`; writes parity.json and report.md there. `name`: what the report calls
+    the engine (the build checks a staging directory that becomes `name` only once it passed).
 
-    Without `exported`, the vanilla export is looked up in the build's cache; when it is gone, the identity
-    check against it is skipped and the report says so.
+    The engine's files are verified against its manifest first (`full_hash`: SHA-256, else sizes). Without
+    `exported`, the vanilla export is looked up in the build's cache; when it is gone, the identity check against
+    it is skipped and the report says so.
     """
-    engine = Engine.load(engine_dir)
+    engine = Engine.load(engine_dir, full_hash=full_hash)
     manifest = engine.manifest
-    report = ParityReport(engine=str(engine_dir))
+    report = ParityReport(engine=str(name or engine_dir))
     if exported is None:
         exported, why = cached_export(engine_dir, manifest)
         if exported is None:
@@ -355,8 +360,8 @@ def run_parity(
     check_model(report, engine, loaded, cases, tolerances)
     log("parity: identity (merge-nothing vs vanilla export vs Hugging Face)")
     check_identity(report, engine, loaded, exported, cases, tolerances)
-    (engine_dir / "parity.json").write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    (engine_dir / "report.md").write_text(report.to_markdown() + "\n")
+    write_text_atomic(engine_dir / "parity.json", json.dumps(report.to_json(), indent=2) + "\n")
+    write_text_atomic(engine_dir / "report.md", report.to_markdown() + "\n")
     from lightkv_export.report import write_build_report
 
     write_build_report(engine_dir)  # accounting and the layer pictures, after the parity tables
@@ -372,10 +377,18 @@ def main(argv: list[str] | None = None) -> int:
         "levels); writes parity.json and report.md into it.",
     )
     parser.add_argument("engine_dir", type=Path, help="an engine directory written by build.py")
+    parser.add_argument(
+        "--no-verify-hash",
+        action="store_true",
+        help="check the engine's file sizes against its manifest but skip the SHA-256 of every file (for very "
+        "large engines; a damaged file of the right size then goes unnoticed until its outputs differ)",
+    )
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     try:
-        report = run_parity(args.engine_dir, log=lambda m: console.print(f"[dim]{m}[/]"))
+        report = run_parity(
+            args.engine_dir, full_hash=not args.no_verify_hash, log=lambda m: console.print(f"[dim]{m}[/]")
+        )
     except LightKVError as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return exc.exit_code

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import platform
 import time
@@ -24,9 +25,21 @@ from typing import Any
 import torch
 
 from lightkv_export import __version__
+from lightkv_export.artifacts import (
+    MANIFEST,
+    MANIFEST_FORMAT,
+    enclosing_engine,
+    file_records,
+    locked,
+    promote,
+    remove_stale_partials,
+    remove_stale_under,
+    staging,
+    write_text_atomic,
+)
 from lightkv_export.config import DTYPES, BuildConfig
-from lightkv_export.errors import InputError, LightKVError
-from lightkv_export.export import ExportedGraphs, export_model, patch_grid
+from lightkv_export.errors import InputError, LightKVError, VerificationError
+from lightkv_export.export import ExportedGraphs, ModelSource, export_model, patch_grid
 from lightkv_export.method.merge_plan import layer_lengths, plan_request
 from lightkv_export.method.schedule import MAX_STAGE_RATIO, Schedule, resolve
 from lightkv_export.models.base import LoadedModel
@@ -45,6 +58,7 @@ class BuildResult:
     reference: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     triton_repo: Path | None = None
+    rejected: dict[str, Path] = field(default_factory=dict)  # parity failed: kept as <target>.rejected, not promoted
 
     @property
     def exit_code(self) -> int:
@@ -101,6 +115,26 @@ def check_triton_repo(repo: Path) -> None:
     if repo.exists() and not repo.is_dir():
         raise InputError(f"--triton-repo {repo} is a file, not a directory. Choose another --triton-repo.")
     check_writable(repo.parent, "--triton-repo")
+
+
+def check_out(out: Path) -> None:
+    """--out must not be (inside) an engine directory: a build there would write engines into an engine."""
+    engine = enclosing_engine(out)
+    if engine is not None:
+        raise InputError(
+            f"--out {out} is inside the engine directory {engine} (it has a {MANIFEST}); builds write engines "
+            "under OUT/<model>/<ratio>/<target>. Choose another --out, e.g. engines/."
+        )
+
+
+def remove_cached_export(cache: Path, model_dir: str, *, log) -> None:
+    """--force: drop this model's cached exports (each under its lock: a concurrent build keeps a whole one)."""
+    import shutil
+
+    for entry in sorted(cache.glob(f"{model_dir}-*")):
+        if entry.is_dir():
+            with locked(entry, what="the export cache entry", log=log):
+                shutil.rmtree(entry)
 
 
 def load(config: BuildConfig, dtype: torch.dtype) -> LoadedModel:
@@ -199,7 +233,7 @@ def base_manifest(
     eos = loaded.model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
     return {
-        "format": 1,
+        "format": MANIFEST_FORMAT,
         "model": loaded.spec.key,
         "model_dir": loaded.spec.dir_name,  # OUT/<model_dir>/<tag>/<target>, and the export cache's prefix
         "model_source": config.model,
@@ -232,16 +266,84 @@ def base_manifest(
     }
 
 
-def build_target(target: str, destination: Path, *, exported, prefill, processor, manifest, config) -> Path:
+def build_target(target: str, directory: Path, *, destination: Path, exported, prefill, processor, manifest, config):
+    """Write `target`'s engine files into `directory` (staging for `destination`); returns the manifest record."""
     if target == "ort-cpu":
-        from lightkv_export.targets.ort import build_ort_engine
+        from lightkv_export.targets.ort import write_ort_engine
 
-        return build_ort_engine(destination, exported=exported, prefill=prefill, processor=processor, manifest=manifest)
+        return write_ort_engine(directory, exported=exported, prefill=prefill, processor=processor, manifest=manifest)
     from lightkv_export.targets import trt
 
     return trt.build_engine(
-        target, destination, exported=exported, prefill=prefill, processor=processor, manifest=manifest, config=config
-    )
+        target, directory, destination=destination, exported=exported, prefill=prefill, processor=processor,
+        manifest=manifest, config=config,
+    )  # fmt: skip
+
+
+def write_manifest(directory: Path, record: dict[str, Any]) -> None:
+    """manifest.json with the SHA-256 and size of every file already in `directory` (what the engine runs from)."""
+    record = {**record, **file_records(directory)}
+    write_text_atomic(directory / MANIFEST, json.dumps(record, indent=2) + "\n")
+
+
+def smoke_request(directory: Path, reference: dict[str, Any], image_size: tuple[int, int]) -> None:
+    """One real request through the staged engine, as a user would send it: it must answer, and hold the KV
+    lengths per layer that its manifest promises for the reference request."""
+    from lightkv_export.runtime import Engine
+
+    engine = Engine.load(directory, full_hash=False)  # just written and hashed: sizes are enough
+    gen = engine.generate([parity_images(image_size, 0)], reference["prompt"], max_new_tokens=2)
+    if gen.kv_lengths != reference["kv_lengths"]:
+        raise VerificationError(
+            f"the engine's KV lengths per layer {gen.kv_lengths} differ from the planned {reference['kv_lengths']}"
+        )
+
+
+def check_and_promote(
+    target: str, staged: Path, destination: Path, *, config: BuildConfig, loaded, exported, reference, result,
+    progress: Progress,
+) -> None:  # fmt: skip
+    """Verify the staged engine (parity unless --no-parity, and a real request), then put it in place.
+
+    A parity failure with the gate on keeps the new engine beside the old one as `<target>.rejected` for
+    inspection. Any other failure while checking leaves nothing but the previous engine."""
+    try:
+        if config.parity:
+            with progress.stage(f"parity {target}"):
+                report = run_parity(
+                    staged, loaded=loaded, exported=exported, name=destination, full_hash=False, log=progress.log
+                )
+            result.parity[target] = report
+        else:
+            from lightkv_export.report import write_build_report
+
+            write_text_atomic(staged / "report.md", f"# Report: {destination}\n\nParity was skipped (--no-parity).\n")
+            write_build_report(staged)
+        with progress.stage(f"check request {target}"):
+            smoke_request(staged, reference, loaded_image_size(config, loaded))
+    except (LightKVError, OSError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # the engine does not run: a failed check, not a crash of the build
+        detail = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:400] if str(exc).strip() else ''}"
+        raise VerificationError(
+            f"the {target} engine failed its check run ({detail}); nothing was replaced at {destination}."
+        ) from exc
+    if config.parity and config.parity_gate and not result.parity[target].passed:
+        rejected = destination.with_name(f"{destination.name}.rejected")
+        promote(staged, rejected)
+        result.engine_dirs[target] = result.rejected[target] = rejected
+        kept = "the previous engine there is untouched" if destination.exists() else "no engine was written there"
+        progress.log(
+            f"[red]parity failed:[/] {destination} was not replaced ({kept}); the failing engine is kept at "
+            f"{rejected} for inspection. --no-parity-gate accepts it."
+        )
+        return
+    promote(staged, destination)
+    result.engine_dirs[target] = destination
+
+
+def loaded_image_size(config: BuildConfig, loaded: LoadedModel) -> tuple[int, int]:
+    return tuple(config.image_size or loaded.spec.default_image_size)
 
 
 def target_dtype(config: BuildConfig, target: str) -> str:
@@ -255,9 +357,12 @@ def run(config: BuildConfig, console=None) -> BuildResult:
     """The whole build. Raises LightKVError for bad input that stops everything (unknown model, bad ratio, ...);
     per-target failures are collected in the result instead."""
     progress = Progress(console)
+    check_out(config.out)
     check_writable(config.out)
     if config.triton_repo is not None:
         check_triton_repo(config.triton_repo)
+    for stale in remove_stale_under(config.out, EXPORT_CACHE):
+        progress.log(f"removed {stale}, left by an interrupted build")
     result = BuildResult(config=config, schedule=None)
     groups: dict[str, list[str]] = {}
     for target in config.targets:
@@ -266,11 +371,12 @@ def run(config: BuildConfig, console=None) -> BuildResult:
         progress.log(f"note: ort-cpu engines are float32; --dtype {config.dtype} applies to TensorRT targets only")
     for dtype, targets in groups.items():
         build_group(config, dtype, targets, result, progress)
-    if config.triton_repo is not None and result.engine_dirs:
+    accepted = [d for t, d in result.engine_dirs.items() if t not in result.rejected]
+    if config.triton_repo is not None and accepted:
         from lightkv_export.triton_repo import write_repository
 
         with progress.stage("Triton model repository"):
-            result.triton_repo = write_repository(list(result.engine_dirs.values()), config.triton_repo)
+            result.triton_repo = write_repository(accepted, config.triton_repo)
     result.timings = progress.timings
     return result
 
@@ -282,7 +388,7 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
     torch_dtype = DTYPES[dtype]
     with progress.stage(f"load {config.model} ({dtype})"):
         loaded = load(config, torch_dtype)
-    image_size = tuple(config.image_size or loaded.spec.default_image_size)
+    image_size = loaded_image_size(config, loaded)
     patch_grid(loaded, image_size)  # validate the profile before the expensive steps
     schedule = schedule_for(config, loaded)
     if result.schedule is None and schedule is not None:
@@ -291,10 +397,11 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
     with progress.stage(f"export ({dtype} vanilla graphs, cached per model)"):
         cache = config.out / EXPORT_CACHE
         if config.force:
-            import shutil
-
-            shutil.rmtree(cache, ignore_errors=True)
-        exported = export_model(loaded, cache, dtype=torch_dtype, image_size=image_size, log=progress.log)
+            remove_cached_export(cache, loaded.spec.dir_name, log=progress.log)
+        exported = export_model(
+            loaded, cache, dtype=torch_dtype, image_size=image_size, log=progress.log,
+            source=ModelSource(config.model, config.random_weights),
+        )  # fmt: skip
     with progress.stage("LightKV transform" if schedule is not None else "vanilla prefill"):
         prefill, report = transform_prefill(
             exported, schedule, positions=config.position_mode, grid_mode=config.grid_mode
@@ -310,21 +417,20 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
     for target in targets:
         destination = config.out / loaded.spec.dir_name / config.engine_tag() / target
         try:
-            with progress.stage(f"engine {target}"):
-                result.engine_dirs[target] = build_target(
-                    target, destination, exported=exported, prefill=prefill, processor=loaded.processor,
-                    manifest=manifest, config=config,
-                )  # fmt: skip
+            with locked(destination, what=f"the engine directory {destination}", log=progress.log):
+                for stale in remove_stale_partials(destination):
+                    progress.log(f"removed {stale}, left by an interrupted build")
+                with staging(destination) as staged:
+                    with progress.stage(f"engine {target}"):
+                        record = build_target(
+                            target, staged, destination=destination, exported=exported, prefill=prefill,
+                            processor=loaded.processor, manifest=manifest, config=config,
+                        )  # fmt: skip
+                        write_manifest(staged, record)
+                    check_and_promote(
+                        target, staged, destination, config=config, loaded=loaded, exported=exported,
+                        reference=reference, result=result, progress=progress,
+                    )  # fmt: skip
         except LightKVError as exc:
             result.failed_targets[target] = exc
             progress.log(f"[red]target {target} not built:[/] {exc}")
-            continue
-        if config.parity:
-            with progress.stage(f"parity {target}"):
-                result.parity[target] = run_parity(
-                    result.engine_dirs[target], loaded=loaded, exported=exported, log=progress.log
-                )
-        else:
-            from lightkv_export.report import write_build_report
-
-            write_build_report(result.engine_dirs[target])  # parity writes it otherwise

@@ -36,6 +36,7 @@ from typing import Literal
 
 import numpy as np
 
+from lightkv_export.artifacts import write_text_atomic
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.method.reference import GridMode, plan_stage
 from lightkv_export.method.schedule import Schedule
@@ -607,7 +608,7 @@ def upsert_section(text: str, heading: str, body: str, before: str | None = None
 
 def write_accounting(engine_dir: Path) -> EngineAccount:
     """The "## Accounting" section of ENGINE_DIR/report.md (replaced if present, kept before the pictures)."""
-    from lightkv_export.runtime import read_manifest
+    from lightkv_export.artifacts import read_manifest
 
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
@@ -615,7 +616,9 @@ def write_accounting(engine_dir: Path) -> EngineAccount:
     report = engine_dir / REPORT_FILE
     text = report.read_text() if report.is_file() else f"# Report: {engine_dir}\n"
     label = "this engine (vanilla)" if manifest.get("vanilla") else "LightKV"
-    report.write_text(upsert_section(text, ACCOUNTING_HEADING, accounting_markdown(acc, label), PICTURES_HEADING))
+    write_text_atomic(
+        report, upsert_section(text, ACCOUNTING_HEADING, accounting_markdown(acc, label), PICTURES_HEADING)
+    )
     return acc
 
 
@@ -946,7 +949,7 @@ def write_layer_pictures(
 
 def write_build_pictures(engine_dir: Path) -> list[Path]:
     """Pictures 1 and 2 into ENGINE_DIR/pictures (manifest.json only) and a "## Pictures" section in report.md."""
-    from lightkv_export.runtime import read_manifest
+    from lightkv_export.artifacts import read_manifest
 
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
@@ -956,7 +959,7 @@ def write_build_pictures(engine_dir: Path) -> list[Path]:
     if PICTURES_HEADING not in text.splitlines():
         links = [f"![{p.quantity} per layer, vanilla vs LightKV]({PICTURES_DIR}/{p.path.name})" for p in pictures]
         text = text.rstrip("\n") + "\n\n" + "\n\n".join([PICTURES_HEADING, *links]) + "\n"
-        report.write_text(text)
+        write_text_atomic(report, text)
     return [p.path for p in pictures]
 
 
@@ -1149,8 +1152,9 @@ def request_pictures(
     `loaded`: the engine's model, already loaded (tests); default load_model(manifest["model_source"]).
     """
     from lightkv_export import torch_runtime
+    from lightkv_export.artifacts import read_manifest
     from lightkv_export.parity import parity_images, torch_inputs
-    from lightkv_export.runtime import Engine, read_manifest
+    from lightkv_export.runtime import Engine
 
     engine_dir, out = Path(engine_dir), Path(out)
     manifest = read_manifest(engine_dir)
@@ -1212,7 +1216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help=f"output directory (default: ENGINE_DIR/{PICTURES_DIR})")
     args = parser.parse_args(argv)
     try:
-        from lightkv_export.runtime import read_manifest
+        from lightkv_export.artifacts import read_manifest
 
         read_manifest(args.engine_dir)  # first: "not an engine directory" before any other complaint
         image = load_image(args.image) if args.image is not None else None

@@ -11,7 +11,6 @@ caches whose lengths differ by layer group. Decode positions continue from the u
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,13 +19,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lightkv_export.artifacts import verify_engine
 from lightkv_export.errors import InputError
 from lightkv_export.method.merge_plan import RequestPlan, layer_lengths, plan_request, stage_kept_name
 from lightkv_export.method.schedule import Schedule, parse_schedule
 from lightkv_export.models.base import LoadedModel, VisionSpan
 from lightkv_export.models.mrope import mrope_positions
 
-MANIFEST = "manifest.json"
 PROCESSOR_DIR = "processor"
 
 
@@ -75,19 +74,6 @@ class Generation:
     kv_lengths: list[int] = field(default_factory=list)  # per layer, after prefill
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
-        raise InputError(
-            f"{directory} is not an engine directory (no {MANIFEST}); build one with "
-            "`python build.py --model tiny-qwen-vl --ratio 0.55`."
-        )
-    try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise InputError(f"{path} is not valid JSON ({exc}); rebuild the engine with --force.") from None
-
-
 def open_sessions(directory: Path, manifest: dict[str, Any]) -> dict[str, Session]:
     """One session per graph, for the engine's target."""
     target = manifest["target"]
@@ -131,11 +117,14 @@ class Engine:
         self.outputs = {name: [o.name for o in s.get_outputs()] for name, s in sessions.items()}
 
     @classmethod
-    def load(cls, directory: str | Path) -> Engine:
+    def load(cls, directory: str | Path, *, full_hash: bool = True) -> Engine:
+        """Open an engine directory once its files match the manifest (sizes always; SHA-256 unless `full_hash`
+        is False, for very large engines whose files were just verified): a damaged engine is an InputError
+        naming the file, never a session that answers with other tokens."""
         from lightkv_export.models.registry import load_processor
 
         directory = Path(directory)
-        manifest = read_manifest(directory)
+        manifest = verify_engine(directory, full_hash=full_hash)
         processor = load_processor(directory / PROCESSOR_DIR, manifest["family"])
         return cls(directory, manifest, open_sessions(directory, manifest), processor)
 

@@ -247,7 +247,7 @@ def insert_lightkv(
         derived = _forward_values([state["pos"], state["len"]])
         fresh = _forward_values([merged])
         cloner = _Cloner(b, {state["pos"]: new_pos, state["len"]: out_lengths})
-        for node in list(downstream):
+        for node in [n for n in graph if n in downstream]:  # graph order, not set order: reproducible graphs
             for idx, v in enumerate(node.inputs):
                 if v is not None and v in derived and v not in fresh:
                     node.replace_input_with(idx, cloner(v))

@@ -315,47 +315,56 @@ def engine_profiles(manifest: Mapping[str, Any]) -> dict[str, Profile]:
 
 
 def build_engine(
-    target: str, destination: Path, *, exported, prefill: onnx.ModelProto, processor, manifest: dict, config
-) -> Path:
-    """pipeline.build_target for trt-*: kernels first (kept whatever happens), then one TensorRT plan per graph.
+    target: str,
+    directory: Path,
+    *,
+    destination: Path,
+    exported,
+    prefill: onnx.ModelProto,
+    processor,
+    manifest: dict,
+    config,
+) -> dict:
+    """pipeline.build_target for trt-*: kernels first (kept whatever happens), then one TensorRT plan per graph
+    written into `directory` (the pipeline's staging directory for `destination`). Returns the manifest record.
 
-    The kernels land in `<destination>-kernels/` (complete or absent); the engine directory is staged and renamed
-    into place like ort-cpu's, so a missing TensorRT or GPU leaves no half-written engine.
+    The kernels land in `<destination>-kernels/` (complete or absent), so a missing TensorRT or GPU still leaves
+    the compiled plugin kernels for the target.
     """
-    from lightkv_export.runtime import MANIFEST, PROCESSOR_DIR
-    from lightkv_export.targets.ort import save_graph, staging
+    from lightkv_export.artifacts import promote, staging
+    from lightkv_export.runtime import PROCESSOR_DIR
+    from lightkv_export.targets.ort import save_graph
 
     precision: Precision = "bf16" if manifest["dtype"] == "bfloat16" else "fp16"
     kernels_dir = destination.with_name(f"{destination.name}-kernels")
     if parse_trt_target(target) is not None:
         with staging(kernels_dir) as tmp:
             compile_target_kernels(target, tmp, [precision])
+            promote(tmp, kernels_dir)
     try:
         capability = check_trt_available(target)
     except TargetUnavailableError as exc:
         where = f" Kernels for {target}: {kernels_dir}." if kernels_dir.exists() else ""
         raise TargetUnavailableError(f"{exc}{where}") from None
     profiles = engine_profiles(manifest)
-    with staging(destination) as tmp:
-        infos = {}
-        for name in GRAPHS:
-            source = tmp / "onnx" / f"{name}.onnx"
-            source.parent.mkdir(exist_ok=True)
-            save_graph(prefill if name == "prefill" else onnx.load(str(getattr(exported, name))), source)
-            infos[name] = build_trt_engine(
-                source,
-                tmp / name,
-                target=target,
-                precision=precision,
-                profiles=[profiles[name]],
-                schedule=manifest["schedule"],
-                timing_cache=destination.parent / f".{target}.timing-cache",
-            ).__dict__
-        processor.save_pretrained(str(tmp / PROCESSOR_DIR))
-        record = {**manifest, "target": target, "compute_capability": f"{capability[0]}.{capability[1]}"}
-        record["tensorrt"] = infos
-        (tmp / MANIFEST).write_text(json.dumps(record, indent=2, default=str) + "\n")
-    return destination
+    infos = {}
+    for name in GRAPHS:
+        source = directory / "onnx" / f"{name}.onnx"
+        source.parent.mkdir(exist_ok=True)
+        save_graph(prefill if name == "prefill" else onnx.load(str(getattr(exported, name))), source)
+        infos[name] = build_trt_engine(
+            source,
+            directory / name,
+            target=target,
+            precision=precision,
+            profiles=[profiles[name]],
+            schedule=manifest["schedule"],
+            timing_cache=destination.parent / f".{target}.timing-cache",
+        ).__dict__
+    processor.save_pretrained(str(directory / PROCESSOR_DIR))
+    record = {**manifest, "target": target, "compute_capability": f"{capability[0]}.{capability[1]}"}
+    record["tensorrt"] = infos
+    return json.loads(json.dumps(record, default=str))
 
 
 # TensorRT DataType name -> torch dtype. Through torch, not trt.nptype: numpy has no bfloat16, and bf16 engines are

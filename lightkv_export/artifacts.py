@@ -1,0 +1,285 @@
+"""Build artifacts on disk, the bottom layer: digests, engine manifests and their verification, locks, copies,
+and staging (write under a temporary name, verify, then promote in one rename).
+
+The rules every writer follows:
+* A directory is written complete under a hidden temporary sibling (`.<name>.partial-<pid>`), checked, and only
+  then put in place by one atomic exchange (renameat2 RENAME_EXCHANGE; two renames where the kernel lacks it).
+  Until that moment an existing directory of the same name stays byte-for-byte as it was.
+* Temporary siblings are created only while holding the lock of what they will become, so a temporary directory
+  whose lock can be taken belongs to a build that died (SIGKILL, power loss): the next build removes it.
+* Files are never hard-linked between engines, caches and repositories: a copy (a reflink where the file system
+  can share blocks copy-on-write) so that writing through one path never changes another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from lightkv_export.errors import InputError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 2  # 2: files (SHA-256) and file_sizes (bytes) cover every file the engine runs from
+PARTIAL = ".partial-"
+LOCK_SUFFIX = ".lock"
+
+
+# --- digests ----------------------------------------------------------------------------------------------------
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def graph_digest(path: Path) -> str:
+    """SHA-256 of a graph file and, for large models, its external data file."""
+    data = path.with_name(path.name + ".data")
+    digest = file_digest(path)
+    return digest if not data.exists() else hashlib.sha256((digest + file_digest(data)).encode()).hexdigest()
+
+
+def file_records(directory: Path) -> dict[str, dict[str, Any]]:
+    """{"files": {relative path: SHA-256}, "file_sizes": {relative path: bytes}} of every file under `directory`."""
+    paths = [p for p in sorted(directory.rglob("*")) if p.is_file()]
+    names = [p.relative_to(directory).as_posix() for p in paths]
+    return {
+        "files": {n: file_digest(p) for n, p in zip(names, paths, strict=True)},
+        "file_sizes": {n: p.stat().st_size for n, p in zip(names, paths, strict=True)},
+    }
+
+
+# --- manifests and verification ---------------------------------------------------------------------------------
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise InputError(
+            f"{directory} is not an engine directory (no {MANIFEST}); build one with "
+            "`python build.py --model tiny-qwen-vl --ratio 0.55`."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path} is not valid JSON ({exc}); rebuild the engine with build.py.") from None
+    if not isinstance(manifest, dict):
+        raise InputError(f"{path} is not a JSON object; rebuild the engine with build.py.")
+    return manifest
+
+
+def verify_engine(directory: str | Path, *, full_hash: bool = True) -> dict[str, Any]:
+    """The engine's manifest, once every file it lists is present with its recorded size and (with `full_hash`)
+    SHA-256. Anything else is an InputError naming the file: a damaged engine is refused, never run."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    files, sizes = manifest.get("files"), manifest.get("file_sizes")
+    if not isinstance(files, dict) or not isinstance(sizes, dict) or not files or set(files) != set(sizes):
+        raise InputError(
+            f"{directory / MANIFEST} does not list the engine's files with their sizes and hashes (built by an "
+            "older lightkv_export, or edited); rebuild the engine with build.py."
+        )
+    rebuild = "The engine is damaged; rebuild it with build.py (add --force if the export cache is damaged too)."
+    for name in sorted(files):
+        path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise InputError(f"{directory / MANIFEST} lists {name!r}, which is outside the engine directory.")
+        if not path.is_file():
+            raise InputError(f"{path} is missing: the manifest lists it. {rebuild}")
+        size = path.stat().st_size
+        if size != sizes[name]:
+            raise InputError(f"{path} has {size:,} bytes, the manifest records {sizes[name]:,}. {rebuild}")
+    if full_hash:
+        for name in sorted(files):
+            if file_digest(directory / name) != files[name]:
+                raise InputError(f"{directory / name} does not match its SHA-256 in the manifest. {rebuild}")
+    return manifest
+
+
+def enclosing_engine(path: Path) -> Path | None:
+    """The nearest of `path` and its parents that holds a manifest.json (an engine directory), or None."""
+    path = Path(path).resolve()
+    return next((p for p in (path, *path.parents) if (p / MANIFEST).is_file()), None)
+
+
+# --- copies -----------------------------------------------------------------------------------------------------
+
+FICLONE = 0x40049409  # linux/fs.h: share the source's blocks copy-on-write (btrfs, XFS, overlayfs on those)
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """An independent copy of `src` at `dst`: a reflink where the file system offers one, else a full copy.
+    Never a hard link: writing one must not change the other."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        try:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+        except OSError:
+            shutil.copyfileobj(fin, fout, 1 << 24)
+    shutil.copystat(src, dst)
+
+
+def clone_tree(src: Path, dst: Path) -> None:
+    shutil.copytree(src, dst, copy_function=lambda a, b: clone_file(Path(a), Path(b)))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a sibling temporary file, fsync it, then rename it over `path`: a full disk or a kill leaves the
+    old file (or none), never a truncated one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- locks ------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(target: Path, *, what: str, log: Callable[[str], None] = lambda m: None) -> Iterator[None]:
+    """Hold an exclusive flock on `<target>.lock` (hidden sibling); wait for another holder, saying so.
+
+    flock belongs to the open file: it goes away with the process however it ends (kill -9 included), and is
+    not inherited by spawned children.
+    """
+    lock = lock_path(target)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            log(f"waiting for another build (pid {holder}) that holds {what} ({lock}) ...")
+            t0 = time.monotonic()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            log(f"got {what} after {time.monotonic() - t0:.1f} s")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def lock_path(target: Path) -> Path:
+    return target.with_name(f".{target.name}{LOCK_SUFFIX}")
+
+
+def is_locked(target: Path) -> bool:
+    """Whether a live process holds `target`'s lock right now."""
+    lock = lock_path(target)
+    if not lock.exists():
+        return False
+    fd = os.open(lock, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# --- staging and promotion --------------------------------------------------------------------------------------
+
+
+def partial_name(destination: Path) -> Path:
+    return destination.with_name(f".{destination.name}{PARTIAL}{os.getpid()}")
+
+
+def remove_stale_partials(destination: Path) -> list[Path]:
+    """Remove the temporary siblings of `destination` left by builds that died. Call with its lock held."""
+    stale = sorted(destination.parent.glob(f".{destination.name}{PARTIAL}*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def remove_stale_under(out: Path, cache: str) -> list[Path]:
+    """Temporary directories in a build output (OUT/<model>/<tag>/.<target>.partial-*, the export cache's
+    .<model>-<key>.partial-*) whose owner's lock is free: the build that made them is gone. `cache` is the export
+    cache's path relative to OUT; its `<key>.tmp` directories were left by versions before locking."""
+    removed = []
+    candidates = [*Path(out).glob(f"*/*/.*{PARTIAL}*"), *Path(out, cache).glob(f".*{PARTIAL}*")]
+    for path in sorted(candidates):
+        name = path.name[1:].rsplit(PARTIAL, 1)[0]
+        if path.is_dir() and not is_locked(path.with_name(name)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    for path in sorted(Path(out, cache).glob("*.tmp")):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def promote(staged: Path, destination: Path) -> None:
+    """Put the complete directory `staged` at `destination` in one step; the previous one is then removed.
+
+    With an existing destination the two are exchanged atomically, so every reader sees either the old or the
+    new directory, never a mix or nothing."""
+    if destination.exists() and _exchange(staged, destination):
+        shutil.rmtree(staged)  # now the old directory
+        return
+    if destination.exists():  # no atomic exchange here: the old one steps aside for the shortest moment
+        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        destination.rename(old)
+        try:
+            staged.rename(destination)
+        except BaseException:
+            old.rename(destination)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    staged.rename(destination)
+
+
+@contextlib.contextmanager
+def staging(destination: Path) -> Iterator[Path]:
+    """A fresh temporary sibling of `destination` that is removed unless the caller promoted it. Hold the
+    destination's lock around it."""
+    tmp = partial_name(destination)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
