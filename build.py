@@ -10,6 +10,7 @@ Exit codes: 0 built and parity passed, 1 parity failed, 2 bad input or an unavai
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -73,8 +74,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: temporary directories go, the previous engine stays.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return build(args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def build(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from lightkv_export.errors import LightKVError
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: nothing half-written was left behind[/]")
+        console.print("[yellow]interrupted: no engine was replaced and nothing half-written was left behind[/]")
         return 130
     print_summary(result, console)
     return result.exit_code

@@ -380,18 +380,38 @@ def export_vision(loaded: LoadedModel, path: Path, *, image_size: tuple[int, int
 
 
 def patch_grid(loaded: LoadedModel, image_size: tuple[int, int]) -> tuple[int, int, int]:
-    """(t, h, w) patch grid of one image of exactly `image_size` pixels; the size must be a multiple of
-    patch * merge (28 for Qwen-VL) on each side."""
+    """(t, h, w) patch grid of one image of exactly `image_size` pixels (height, width).
+
+    The engine's vision graph is built for one grid, so the processor must keep the profile's size as it is:
+    each side a multiple of patch * merge (28 for Qwen-VL), the pixel count within the processor's budget, the
+    aspect ratio at most 200. Anything else is refused before any work, with a size that would be served.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
     features = loaded.processor.image_processor
     factor = features.patch_size * features.merge_size
+    size = features.size
+    low, high = int(size["shortest_edge"]), int(size["longest_edge"])  # the processor's min / max pixels
     h, w = image_size
-    if h % factor or w % factor or h < factor or w < factor:
-        raise InputError(
-            f"image size {w}x{h} (width x height) is not a positive multiple of {factor} on each side (patch "
-            f"{features.patch_size} x merge {features.merge_size}); try {max(factor, round(w / factor) * factor)}x"
-            f"{max(factor, round(h / factor) * factor)}."
+    problem = None
+    if h < 1 or w < 1 or max(h, w) / min(h, w) > 200:
+        problem = "its aspect ratio is above 200 (the processor's limit)" if min(h, w) >= 1 else "it is empty"
+    elif h % factor or w % factor:
+        problem = (
+            f"a side is not a positive multiple of {factor} (patch {features.patch_size} x merge {features.merge_size})"
         )
-    return 1, h // features.patch_size, w // features.patch_size
+    elif not low <= h * w <= high:
+        problem = f"{h * w:,} pixels are outside the processor's {low:,} to {high:,}"
+    if problem is None:
+        return 1, h // features.patch_size, w // features.patch_size
+    hint = ""
+    if min(h, w) >= 1 and max(h, w) / min(h, w) <= 200:
+        sh, sw = smart_resize(h, w, factor=factor, min_pixels=low, max_pixels=high)
+        hint = f" The nearest size this model serves is {sw}x{sh}."
+    raise InputError(
+        f"image size {w}x{h} (width x height) cannot be an engine profile: {problem}. Use a WIDTHxHEIGHT with "
+        f"both sides multiples of {factor} and {low:,} to {high:,} pixels in all.{hint}"
+    )
 
 
 GRAPHS = ("vision", "embed", "prefill", "decode")

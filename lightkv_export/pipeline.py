@@ -137,6 +137,13 @@ def remove_cached_export(cache: Path, model_dir: str, *, log) -> None:
                 shutil.rmtree(entry)
 
 
+def source_path(model: str) -> str:
+    """--model as the manifest records it: a checkpoint directory by its absolute path (parity and tools reload
+    it from anywhere), a key or hub id as given."""
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.is_dir() else model
+
+
 def load(config: BuildConfig, dtype: torch.dtype) -> LoadedModel:
     from lightkv_export.models.registry import load_model
 
@@ -236,7 +243,7 @@ def base_manifest(
         "format": MANIFEST_FORMAT,
         "model": loaded.spec.key,
         "model_dir": loaded.spec.dir_name,  # OUT/<model_dir>/<tag>/<target>, and the export cache's prefix
-        "model_source": config.model,
+        "model_source": source_path(config.model),
         "family": loaded.spec.family,
         "random_weights": config.random_weights,
         "vanilla": config.vanilla,

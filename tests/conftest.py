@@ -35,3 +35,27 @@ def test_image():
     from lightkv_export.torch_runtime import test_pattern
 
     return test_pattern((336, 448))
+
+
+@pytest.fixture(scope="session")
+def engines_out(tmp_path_factory):
+    """One build output (engines and the export cache) for the whole test session."""
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="session")
+def builds(engines_out):
+    """builds(model, ratio, **config) -> BuildResult, built once per session into `engines_out`: every build
+    after a family's first reuses its cached export and only transforms, writes the engine and runs parity."""
+    from lightkv_export.config import BuildConfig
+    from lightkv_export.pipeline import run
+
+    cache: dict = {}
+
+    def get(model: str, ratio: float | None = None, **kwargs):
+        key = (model, ratio, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = run(BuildConfig(model=model, ratio=ratio, out=engines_out, **kwargs))
+        return cache[key]
+
+    return get

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +44,14 @@ class ModelSpec:
     @property
     def dir_name(self) -> str:
         """One safe path component for engine and cache directories: a key may be a hub id ("Org/Name") or a
-        checkpoint path, which joined under --out would nest, or escape it when absolute."""
+        checkpoint path, which joined under --out would nest, or escape it when absolute. A checkpoint directory
+        is its name plus a short hash of its path: /a/ckpt and /b/ckpt are two models, never one engine."""
         if "/" not in self.key and "\\" not in self.key:
             return self.key
         parts = [p for p in self.key.replace("\\", "/").split("/") if p not in ("", ".", "..")]
-        if self.key.startswith(("/", ".", "~")) or len(parts) != 2:  # a directory: its name
-            return parts[-1] if parts else "model"
+        if self.key.startswith(("/", ".", "~")) or len(parts) != 2:  # a directory: its name and where it is
+            digest = hashlib.sha256(self.key.rstrip("/").encode()).hexdigest()[:8]
+            return f"{parts[-1] if parts else 'model'}-{digest}"
         return "--".join(parts)  # a hub id, spelled as the HF cache does
 
 

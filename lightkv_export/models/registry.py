@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from lightkv_export.errors import InputError, ModelNotFoundError
+from lightkv_export.errors import InputError, LightKVError, ModelNotFoundError
 from lightkv_export.models import qwen2_5_vl, qwen2_vl, tiny
 from lightkv_export.models.base import LoadedModel, ModelSpec
 
@@ -78,7 +78,6 @@ ALIASES = {
     qwen2_vl.HF_ID.lower(): "qwen2-vl",
     "tiny-qwen2.5-vl": "tiny-qwen-vl",
 }
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
 def known_keys() -> str:
@@ -109,8 +108,8 @@ def load_model(
     instead (from the local config when there is one, else from the known hyper-parameters).
     """
     path = Path(key_or_local_dir).expanduser()
-    if path.is_dir():
-        return load_local(path, random_weights=random_weights, dtype=dtype)
+    if path.is_dir():  # keyed by its resolved path: the same folder is one model however it is spelled
+        return load_local(path.resolve(), random_weights=random_weights, dtype=dtype)
     name = key_or_local_dir.strip().lower()
     if ALIASES.get(name, name) not in SPECS and ("/" in name or name.startswith((".", "~"))):
         if is_hub_id(key_or_local_dir.strip()):
@@ -292,7 +291,11 @@ def load_local(
     """
     family_name = read_model_type(path)
     family = FAMILIES[family_name]
-    config = family.config_class().from_pretrained(str(path), local_files_only=True)
+    config = damaged_as_input_error(
+        lambda: family.config_class().from_pretrained(str(path), local_files_only=True),
+        f"{path / 'config.json'} is inconsistent",
+        "Fix it, or copy the checkpoint's config.json again.",
+    )
     spec = spec or spec_for_local(key or str(path), family_name, config)
     if random_weights:
         processor = load_processor(path, family_name) if has_processor_files(path) else None
@@ -301,15 +304,65 @@ def load_local(
         align_token_ids(config, processor.tokenizer)
         return LoadedModel(spec, build_seeded(family, config, dtype), processor, family)
     source = key or spec.hf_id  # the hub id to download: the one asked for, else the registry's
-    if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
+        if pickled:
+            raise InputError(
+                f"{path} holds only pickled weights ({', '.join(pickled[:3])}): they can run arbitrary code when "
+                "loaded, so only *.safetensors are read. Convert them on a trusted machine (load the model with "
+                "transformers and call save_pretrained(..., safe_serialization=True)), or download the "
+                "checkpoint's safetensors files."
+            )
         raise ModelNotFoundError(f"{path} has a config.json but no weights (*.safetensors). {how_to_get(source)}")
     if not has_processor_files(path):
         raise ModelNotFoundError(f"{path} has weights but no tokenizer files (tokenizer.json). {how_to_get(source)}")
-    model = family.model_class().from_pretrained(
-        str(path), dtype=dtype, attn_implementation="sdpa", local_files_only=True
+    model, info = damaged_as_input_error(
+        lambda: family.model_class().from_pretrained(
+            str(path),
+            dtype=dtype,
+            attn_implementation="sdpa",
+            local_files_only=True,
+            use_safetensors=True,
+            output_loading_info=True,
+        ),
+        f"the weights in {path} cannot be read",
+        f"A *.safetensors file is damaged or incomplete, or config.json is from another checkpoint: copy or "
+        f"download them again ({how_to_get(source)}).",
     )
+    check_loading_info(path, info)
     model.eval()
-    return LoadedModel(spec, model, load_processor(path, family_name), family)
+    processor = load_processor(path, family_name)
+    return LoadedModel(spec, model, processor, family)
+
+
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def damaged_as_input_error(load, what: str, advice: str):
+    """`load()`, with any failure of the third-party loader (a truncated file, invalid JSON, a config that
+    contradicts itself) turned into one InputError: these are damaged inputs, not bugs of this tool."""
+    try:
+        return load()
+    except LightKVError:
+        raise
+    except Exception as exc:
+        detail = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise InputError(f"{what} ({type(exc).__name__}: {detail}). {advice}") from None
+
+
+def check_loading_info(path: Path, info: dict[str, Any]) -> None:
+    """Weights and config.json must describe the same model: transformers would otherwise initialise missing
+    weights at random (or drop unexpected ones) with only a log line."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            problems.append(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {', '.join(keys[:3])})")
+    if problems:
+        raise InputError(
+            f"the weights in {path} do not match its config.json: {'; '.join(problems)}. Is config.json from "
+            "another checkpoint (num_hidden_layers, hidden_size ...)? Copy the matching config.json."
+        )
 
 
 def load_processor(path: Path, family_name: str) -> Any:
@@ -317,8 +370,17 @@ def load_processor(path: Path, family_name: str) -> Any:
     needs torchvision, and only images are fed)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    image_processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True, backend="pil")
+    advice = "Copy the checkpoint's tokenizer.json, tokenizer_config.json and preprocessor_config.json again."
+    tokenizer = damaged_as_input_error(
+        lambda: AutoTokenizer.from_pretrained(str(path), local_files_only=True),
+        f"the tokenizer files in {path} cannot be read",
+        advice,
+    )
+    image_processor = damaged_as_input_error(
+        lambda: AutoImageProcessor.from_pretrained(str(path), local_files_only=True, backend="pil"),
+        f"the image processor files in {path} cannot be read",
+        advice,
+    )
     template = None
     if (path / "chat_template.jinja").is_file():
         template = (path / "chat_template.jinja").read_text()
