@@ -30,6 +30,7 @@ from typing import Any
 from lightkv_export.errors import InputError
 
 MANIFEST = "manifest.json"
+PROCESSOR_DIR = "processor"  # the checkpoint's tokenizer and image processor files, inside every engine
 MANIFEST_FORMAT = 2  # 2: files (SHA-256) and file_sizes (bytes) cover every file the engine runs from
 PARTIAL = ".partial-"
 LOCK_SUFFIX = ".lock"
@@ -163,21 +164,40 @@ def locked(target: Path, *, what: str, log: Callable[[str], None] = lambda m: No
     """
     lock = lock_path(target)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    waited = None
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
             log(f"waiting for another build (pid {holder}) that holds {what} ({lock}) ...")
-            t0 = time.monotonic()
+            waited = waited or time.monotonic()
             fcntl.flock(fd, fcntl.LOCK_EX)
-            log(f"got {what} after {time.monotonic() - t0:.1f} s")
+        if _same_file(fd, lock):
+            break
+        os.close(fd)  # the holder removed that lock file as it let go: lock the one at the path now
+    if waited is not None:
+        log(f"got {what} after {time.monotonic() - waited:.1f} s")
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        # Removed while still held, so no build is left behind a lock file; a waiter that opened it re-opens.
+        with contextlib.suppress(FileNotFoundError):
+            if _same_file(fd, lock):
+                lock.unlink()
         os.close(fd)  # releases the lock
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def lock_path(target: Path) -> Path:

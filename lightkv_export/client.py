@@ -2,12 +2,19 @@
 
     python -m lightkv_export.client --url http://127.0.0.1:8000 --image photo.png --prompt "What is this?"
 
---model may be left out when the server serves exactly one model. Prints the answer, then the stats.
+--model may be left out when the server serves exactly one model. Prints the answer, then the stats (--json: one
+JSON object with every output, token ids included).
+
+Timeouts: --connect-timeout (default 10 s) bounds connecting and every short call (liveness, the model list);
+--timeout (default 300 s) bounds waiting for the answer to the request itself (a generation). A server that accepts
+the connection and never answers is reported within those bounds, with a message saying which one ran out.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import re
 import sys
 from collections.abc import Sequence
@@ -20,6 +27,8 @@ from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.triton_backend.codec import encode_images
 
 INT32_MAX = 2**31 - 1  # max_new_tokens travels as INT32
+CONNECT_TIMEOUT_S = 10.0
+TIMEOUT_S = 300.0
 _HOST_PORT = re.compile(r"(?P<host>[^/:\s]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
 
 
@@ -106,14 +115,33 @@ def parse_answer(result) -> Answer:
     )
 
 
-def connect(url: str, timeout_s: float = 300.0):
-    """A tritonclient.http client for a live server, or a ClientError that says the server is down."""
+def check_timeout(seconds: float, flag: str) -> float:
+    if not seconds > 0:
+        raise InputError(f"{flag} must be a positive number of seconds, got {seconds}")
+    return float(seconds)
+
+
+def _client(url: str, connect_timeout_s: float, read_timeout_s: float):
     import tritonclient.http as httpclient
 
-    client = httpclient.InferenceServerClient(address(url), connection_timeout=timeout_s, network_timeout=timeout_s)
+    return httpclient.InferenceServerClient(
+        address(url), connection_timeout=connect_timeout_s, network_timeout=read_timeout_s
+    )
+
+
+def connect(url: str, timeout_s: float = CONNECT_TIMEOUT_S):
+    """A tritonclient.http client for a live server (connect and read timeouts of timeout_s), or a ClientError that
+    says the server is down or does not answer."""
+    client = _client(url, timeout_s, timeout_s)
     try:
         live = client.is_server_live()
-    except Exception as e:  # connection refused, DNS, timeout: all mean "not reachable"
+    except TimeoutError:
+        client.close()
+        raise ClientError(
+            f"no answer from {url} within {timeout_s:g} s (--connect-timeout): something listens there but does not "
+            "answer like a Triton server; is it the URL lightkv_export.serve printed?"
+        ) from None
+    except Exception as e:  # connection refused, DNS: all mean "not reachable"
         client.close()
         raise ClientError(f"cannot reach a Triton server at {url} ({type(e).__name__}: {e}); is it running?") from None
     if not live:
@@ -135,19 +163,44 @@ def choose_model(client, model: str | None, url: str) -> str:
 
 
 def ask(
-    url: str, images: Sequence[bytes], prompt: str, *, model: str | None = None, max_new_tokens: int | None = None
+    url: str,
+    images: Sequence[bytes],
+    prompt: str,
+    *,
+    model: str | None = None,
+    max_new_tokens: int | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = TIMEOUT_S,
 ) -> tuple[str, Answer]:
-    """(model name, Answer) for one request; server-side refusals become a ClientError with the server's message."""
+    """(model name, Answer) for one request; server-side refusals and timeouts become a ClientError."""
     from tritonclient.utils import InferenceServerException
 
     check_max_new_tokens(max_new_tokens)  # before connecting: a bad argument is not a server problem
-    client = connect(url)
+    check_timeout(connect_timeout_s, "--connect-timeout")
+    check_timeout(timeout_s, "--timeout")
+    client = connect(url, connect_timeout_s)
     try:
-        name = choose_model(client, model, url)
+        try:
+            name = choose_model(client, model, url)
+        except TimeoutError:
+            raise ClientError(
+                f"{url} did not list its models within {connect_timeout_s:g} s (--connect-timeout)"
+            ) from None
+    finally:
+        client.close()
+    client = _client(url, connect_timeout_s, timeout_s)
+    try:
         try:
             result = client.infer(name, build_inputs(images, prompt, max_new_tokens))
         except InferenceServerException as e:
             raise ClientError(f"{name} refused the request: {e.message()}") from None
+        except TimeoutError:
+            raise ClientError(
+                f"{name} at {url} gave no answer within {timeout_s:g} s (--timeout); the request may still be running "
+                "on the server"
+            ) from None
+        except OSError as e:  # the connection was reset or refused: the server went away mid-request
+            raise ClientError(f"the connection to {url} failed during the request ({type(e).__name__}: {e})") from None
         return name, parse_answer(result)
     finally:
         client.close()
@@ -176,15 +229,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image", type=Path, action="append", default=[], help="PNG or JPEG file (repeatable)")
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's default")
+    parser.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=CONNECT_TIMEOUT_S,
+        help=f"seconds to connect and for each short call (default {CONNECT_TIMEOUT_S:g})",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=TIMEOUT_S, help=f"seconds to wait for the answer (default {TIMEOUT_S:g})"
+    )
+    parser.add_argument("--json", action="store_true", help="print the answer as one JSON object (token ids too)")
     args = parser.parse_args(argv)
     try:
         address(args.url)
+        check_timeout(args.connect_timeout, "--connect-timeout")
+        check_timeout(args.timeout, "--timeout")
         images = read_images(args.image)
-        model, answer = ask(args.url, images, args.prompt, model=args.model, max_new_tokens=args.max_new_tokens)
+        model, answer = ask(
+            args.url,
+            images,
+            args.prompt,
+            model=args.model,
+            max_new_tokens=args.max_new_tokens,
+            connect_timeout_s=args.connect_timeout,
+            timeout_s=args.timeout,
+        )
     except LightKVError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    print(format_answer(model, answer))
+    if args.json:
+        print(json.dumps({"model": model, **dataclasses.asdict(answer)}))
+    else:
+        print(format_answer(model, answer))
     return 0
 
 

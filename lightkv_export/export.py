@@ -417,6 +417,18 @@ def patch_grid(loaded: LoadedModel, image_size: tuple[int, int]) -> tuple[int, i
 GRAPHS = ("vision", "embed", "prefill", "decode")
 
 
+# Config fields that name or describe a checkpoint but do not change a graph; `save_pretrained` sets
+# `architectures` on the config in place, which must not make a model that was saved export again.
+NON_GRAPH_CONFIG_KEYS = frozenset({"architectures", "_name_or_path", "transformers_version"})
+
+
+def graph_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as the graphs see it: NON_GRAPH_CONFIG_KEYS dropped at every level."""
+    return {
+        k: graph_config(v) if isinstance(v, dict) else v for k, v in config.items() if k not in NON_GRAPH_CONFIG_KEYS
+    }
+
+
 def export_key(loaded: LoadedModel, *, dtype: torch.dtype, image_size: tuple[int, int]) -> str:
     """Cache key: the weights, the architecture, the export settings and the toolchain."""
     import transformers
@@ -426,7 +438,7 @@ def export_key(loaded: LoadedModel, *, dtype: torch.dtype, image_size: tuple[int
         h.update(name.encode())
         h.update(tensor.detach().float().flatten()[:: max(1, tensor.numel() // 4096)].numpy().tobytes())
         h.update(str(tuple(tensor.shape)).encode())
-    h.update(loaded.model.config.to_json_string().encode())
+    h.update(json.dumps(graph_config(loaded.model.config.to_dict()), sort_keys=True, default=str).encode())
     settings = (str(dtype), image_size, EXPORT_VERSION, OPSET, torch.__version__, transformers.__version__)
     h.update(repr(settings).encode())
     return h.hexdigest()[:16]

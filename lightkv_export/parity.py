@@ -1,6 +1,7 @@
 """Parity: proof that an engine computes what the PyTorch reference computes (DESIGN.md section 6).
 
-Three levels, each a list of checks with a max abs / rel error against a tolerance from the model spec:
+Three levels (run model, identity, then op), each a list of checks with a max abs / rel error against a tolerance
+from the model spec:
 1. op: the LightKVMerge ONNX function (ONNX Runtime) vs the reference op: identical `kept`, hidden within
    tolerance, on batches with several images of different grids, uneven windows and skipped stages;
 2. model: the engine vs the PyTorch LightKV runtime (torch_runtime.py) on the same inputs: vision embeddings,
@@ -24,17 +25,17 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import Image
 
 from lightkv_export.artifacts import graph_digest, write_text_atomic
 from lightkv_export.errors import LightKVError
 from lightkv_export.export import GRAPHS, ExportedGraphs
+from lightkv_export.inputs import parity_cases, torch_inputs
 from lightkv_export.method.merge_plan import plan_request
 from lightkv_export.method.onnx_function import run_ort
 from lightkv_export.method.reference import lightkv_merge, plan_stage
 from lightkv_export.method.schedule import Schedule, Stage
-from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionSpan
-from lightkv_export.runtime import Engine, Request
+from lightkv_export.models.base import LoadedModel, VisionSpan
+from lightkv_export.runtime import Engine
 
 DECODE_STEPS = 16
 EXPORT_CACHE = ".cache/export"  # under the build's --out, as pipeline.py writes it
@@ -147,26 +148,6 @@ def exact(level: str, case: str, output: str, got: Any, want: Any) -> Check:
 # --- inputs ---------------------------------------------------------------------------------------------------
 
 
-def parity_images(size: tuple[int, int], seed: int) -> Image.Image:
-    """Deterministic natural-ish images: smooth gradients, blocks and a little noise, different per seed."""
-    h, w = size
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
-    freq = rng.uniform(2, 8, size=3)
-    channels = [np.sin(freq[c] * (xx * (c + 1) + yy * (3 - c)) + rng.uniform(0, 6)) for c in range(3)]
-    img = (np.stack(channels, -1) * 0.5 + 0.5) * 200 + rng.normal(0, 12, (h, w, 3))
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
-
-
-def parity_cases(image_size: tuple[int, int]) -> list[tuple[str, list[Image.Image], str]]:
-    h, w = image_size
-    return [
-        ("one-image", [parity_images(image_size, 0)], "Describe this image."),
-        ("other-prompt", [parity_images((h * 3 // 4, w), 1)], "What colours dominate the picture, and where?"),
-        ("two-images", [parity_images(image_size, 2), parity_images(image_size, 3)], "Compare the two images."),
-    ]
-
-
 # --- levels ---------------------------------------------------------------------------------------------------
 
 
@@ -203,17 +184,6 @@ def check_op(report: ParityReport, tolerances: dict[str, float]) -> None:
             case = f"{name}-{str(dtype).removeprefix('torch.')}"
             report.checks.append(exact("op", case, "kept", kept.numpy(), ref.kept.numpy()))
             report.checks.append(compare("op", case, "hidden", out.float(), ref.hidden.float(), tolerances))
-
-
-def torch_inputs(request: Request) -> PrefillInputs:
-    return PrefillInputs(
-        inputs_embeds=torch.from_numpy(request.inputs_embeds),
-        position_ids=torch.from_numpy(request.position_ids),
-        attention_mask=torch.ones(request.input_ids.shape, dtype=torch.long),
-        input_ids=torch.from_numpy(request.input_ids),
-        spans=request.spans,
-        rope_deltas=torch.tensor([[request.rope_delta]]),
-    )
 
 
 def check_model(report: ParityReport, engine: Engine, loaded: LoadedModel, cases, tolerances) -> None:
@@ -354,12 +324,14 @@ def run_parity(
         loaded = load_model(manifest["model_source"], random_weights=bool(manifest.get("random_weights")))
     tolerances = dict(loaded.spec.tolerances)
     cases = parity_cases(tuple(manifest["image_size"]))
-    log("parity: op level (ONNX function vs reference)")
-    check_op(report, tolerances)
     log("parity: model level (engine vs PyTorch LightKV runtime)")
     check_model(report, engine, loaded, cases, tolerances)
     log("parity: identity (merge-nothing vs vanilla export vs Hugging Face)")
     check_identity(report, engine, loaded, exported, cases, tolerances)
+    # The op level last: on torch 2.13 CPU the first PyTorch vision forward after its float16 reference cases can
+    # be off by ~2e-4 (depending on PYTHONHASHSEED), which failed the model level's vision check at random.
+    log("parity: op level (ONNX function vs reference)")
+    check_op(report, tolerances)
     write_text_atomic(engine_dir / "parity.json", json.dumps(report.to_json(), indent=2) + "\n")
     write_text_atomic(engine_dir / "report.md", report.to_markdown() + "\n")
     from lightkv_export.report import write_build_report

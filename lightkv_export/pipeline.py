@@ -40,10 +40,11 @@ from lightkv_export.artifacts import (
 from lightkv_export.config import DTYPES, BuildConfig
 from lightkv_export.errors import InputError, LightKVError, VerificationError
 from lightkv_export.export import ExportedGraphs, ModelSource, export_model, patch_grid
+from lightkv_export.inputs import parity_images
 from lightkv_export.method.merge_plan import layer_lengths, plan_request
 from lightkv_export.method.schedule import MAX_STAGE_RATIO, Schedule, resolve
 from lightkv_export.models.base import LoadedModel
-from lightkv_export.parity import EXPORT_CACHE, ParityReport, parity_images, run_parity
+from lightkv_export.parity import EXPORT_CACHE, ParityReport, run_parity
 
 REFERENCE_PROMPT = "Describe this image."
 
@@ -162,7 +163,9 @@ def schedule_for(config: BuildConfig, loaded: LoadedModel) -> Schedule | None:
     )
 
 
-def reference_request(loaded: LoadedModel, schedule: Schedule | None, image_size, dtype_bytes: int) -> dict:
+def reference_request(
+    loaded: LoadedModel, schedule: Schedule | None, image_size, dtype_bytes: int, grid_mode: str = "true"
+) -> dict:
     """Token layout, vision tokens per layer group and KV bytes per layer for one image of the profile and the
     reference prompt: what the manifest promises and parity checks the engine against."""
     family = loaded.family
@@ -176,7 +179,7 @@ def reference_request(loaded: LoadedModel, schedule: Schedule | None, image_size
     text = loaded.text_config
     per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * dtype_bytes
     schedule = schedule if schedule is not None else Schedule(n_layers, ())
-    plan = plan_request(spans, [seq], schedule) if schedule.stages else None
+    plan = plan_request(spans, [seq], schedule, grid_mode=grid_mode) if schedule.stages else None
     lengths = [int(n) for n in layer_lengths(schedule, plan, [seq])[:, 0]]
     # Vision tokens per layer: what the tokens lost from the prompt were (only vision tokens merge).
     vision = [sum(s.length for s in spans[0]) - (seq - n) for n in lengths]
@@ -415,7 +418,8 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
         )
         if report is not None:
             progress.log(f"inserted {report.stages} LightKV stages ({report.cloned_nodes} rewired nodes)")
-    reference = reference_request(loaded, schedule, image_size, torch.empty(0, dtype=torch_dtype).element_size())
+    dtype_bytes = torch.empty(0, dtype=torch_dtype).element_size()
+    reference = reference_request(loaded, schedule, image_size, dtype_bytes, grid_mode=config.grid_mode)
     result.reference = result.reference or reference
     notes = silent_noops(schedule, reference)
     for note in notes:

@@ -1153,7 +1153,7 @@ def request_pictures(
     """
     from lightkv_export import torch_runtime
     from lightkv_export.artifacts import read_manifest
-    from lightkv_export.parity import parity_images, torch_inputs
+    from lightkv_export.inputs import parity_images, torch_inputs
     from lightkv_export.runtime import Engine
 
     engine_dir, out = Path(engine_dir), Path(out)

@@ -19,14 +19,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from lightkv_export.artifacts import verify_engine
+from lightkv_export.artifacts import PROCESSOR_DIR, verify_engine
 from lightkv_export.errors import InputError
 from lightkv_export.method.merge_plan import RequestPlan, layer_lengths, plan_request, stage_kept_name
 from lightkv_export.method.schedule import Schedule, parse_schedule
 from lightkv_export.models.base import LoadedModel, VisionSpan
 from lightkv_export.models.mrope import mrope_positions
-
-PROCESSOR_DIR = "processor"
 
 
 class Session(Protocol):

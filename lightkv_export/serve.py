@@ -1,8 +1,24 @@
 """Serve engines with a real Triton Inference Server on 127.0.0.1.
 
-    python -m lightkv_export.serve ENGINE_DIR_OR_REPO [--port N] [--repo-dir DIR]
+    python -m lightkv_export.serve ENGINE_DIR_OR_REPO [--port N] [--repo-dir DIR] [--restarts N] [--no-verify-hash]
 
-Given an engine directory, a model repository is written first (to --repo-dir, or a temporary directory).
+Given an engine directory, a model repository is written first (to --repo-dir, or a temporary directory). Every
+engine served (the directory given, or each `<repo>/<model>/1/engine` of a repository) is verified against its
+manifest first (`runtime.verify_engine`: sizes always, SHA-256 unless --no-verify-hash); a damaged one is refused
+with exit 2 and a message naming the file.
+
+Health means able to answer. tritonserver keeps saying "ready" after a Python backend stub dies (kill -9, an
+out-of-memory kill) although every request to that model then fails with "Stub process is not healthy", and it
+never starts the stub again. So `Server.health()` checks, besides the server process itself and its
+/v2/health/ready endpoint, the stub processes it recorded once the server was ready (the server's children running
+`triton_python_backend_stub`, found in /proc): one gone, or a zombie, is a dead model. `serve_forever` polls it
+every 0.5 s and, on a death, prints the cause and the log tail and restarts the whole server on the same port
+(the models load from the repository again), at most --restarts times (default 3) over the life of the command;
+after that, or if a restart fails, it exits 1 (so a supervisor such as systemd or Kubernetes takes over) with the
+log tail. Restarting the server rather than the one model: with --model-control-mode=none a model cannot be
+reloaded alone, and a fresh process also frees whatever the dead stub left behind; the cost is a few seconds
+without service for every model. The server's /dev/shm regions (prefix unique per server, see below) are removed
+whenever it stops, including after a stub was killed (the server does not remove a dead stub's region).
 
 The server is the `tritonserver` binary (2.51) and its Python backend shipped in the `nvidia-pytriton==0.7.0`
 wheel (installed with --no-deps: the pytriton library itself wants numpy<2 and is not used). Running it from a
@@ -55,7 +71,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightkv_export.errors import InputError, LightKVError
-from lightkv_export.triton_repo import is_repository, repository_models, write_repository
+from lightkv_export.triton_repo import ENGINE_SUBDIR, is_repository, repository_models, write_repository
 
 PYTRITON_PIN = "nvidia-pytriton==0.7.0"
 STUB_NUMPY_PIN = "numpy==1.26.4"
@@ -63,6 +79,14 @@ STUB_SITE_ENV = "LIGHTKV_TRITON_STUB_SITE"
 BOOTSTRAP = Path(__file__).parent / "triton_backend" / "stub_bootstrap.py"
 LOG_TAIL_LINES = 40
 EXIT_TIMEOUT_S = 15
+STUB_NAME = "triton_python_backend_stub"
+FULL_HASH_ENV = "LIGHTKV_ENGINE_FULL_HASH"  # read by triton_backend/model.py
+SHM_DIR = Path("/dev/shm")
+HEALTH_POLL_S = 0.5
+HTTP_PROBE_EVERY = 4  # polls between /v2/health/ready probes (2 s)
+HTTP_PROBE_FAILURES = 3  # consecutive failed probes (5 s timeout each) that mean "not answering"
+DEFAULT_RESTARTS = 3
+_SERVER_COUNT = iter(range(1 << 62))  # makes each server's /dev/shm prefix unique within this process
 
 
 class ServeError(LightKVError):
@@ -179,8 +203,12 @@ def server_command(
 
 
 def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for tritonserver: this interpreter's libpython first, then the wheel's bundled libraries."""
+    """Environment for tritonserver: this interpreter's libpython first, then the wheel's bundled libraries.
+
+    FULL_HASH_ENV=0: the engines were verified here before the start (main), so model.py's Engine.load checks the
+    files' sizes only instead of hashing every engine again in each stub."""
     env = dict(os.environ if base is None else base)
+    env[FULL_HASH_ENV] = "0"
     extra = [str(python_libdir()), str(install.libs)]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(extra + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p])
     return env
@@ -212,6 +240,61 @@ def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(kept[-lines:])
 
 
+@dataclass(frozen=True)
+class ProcState:
+    """What /proc/<pid>/stat says about a process (Linux)."""
+
+    pid: int
+    state: str  # R, S, D, Z (zombie: dead, not yet reaped), ...
+    ppid: int
+    exit_code: int  # waitpid status of a zombie (0 while alive)
+
+
+def proc_state(pid: int) -> ProcState | None:
+    """The process's state, or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = stat.rsplit(")", 1)[1].split()  # the command name (field 2) may hold spaces and parentheses
+    exit_code = int(rest[49]) if len(rest) > 49 else 0
+    return ProcState(pid, rest[0], int(rest[1]), exit_code)
+
+
+def child_stubs(server_pid: int) -> dict[int, str]:
+    """The Python backend stubs the server runs: pid -> model instance name (e.g. echo_0_0)."""
+    stubs = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        st = proc_state(int(entry.name))
+        if st is None or st.ppid != server_pid or st.state in "ZX":
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and Path(argv[0].decode(errors="replace")).name == STUB_NAME:
+            # argv: stub, model.py, shm region, shm sizes (2), parent pid, backend dir, ipc handle, instance name
+            stubs[st.pid] = argv[8].decode(errors="replace") if len(argv) > 8 else f"stub {st.pid}"
+    return stubs
+
+
+def describe_death(st: ProcState | None) -> str:
+    if st is None:
+        return "is gone"
+    status = st.exit_code
+    if status & 0x7F:
+        sig = status & 0x7F
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        oom = " (an out-of-memory kill looks like this)" if sig == signal.SIGKILL else ""
+        return f"was killed by {name}{oom}"
+    return f"exited with code {status >> 8}"
+
+
 def http_ready(url: str, timeout_s: float = 1.0) -> bool:
     """GET /v2/health/ready answered 200."""
     try:
@@ -237,6 +320,8 @@ class Server:
         self.startup_timeout_s = startup_timeout_s
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
+        self.shm_prefix: str | None = None
+        self.stubs: dict[int, str] = {}  # pid -> model instance, recorded once the server is ready
         self._workdir: Path | None = None
 
     @property
@@ -269,8 +354,8 @@ class Server:
         attempts = 1 if self.requested_port else 3
         for attempt in range(attempts):
             self.port = self.requested_port or free_port()
-            shm_prefix = f"lightkv{os.getpid()}_{self.port}_{attempt}_"
-            cmd = server_command(install, self.repo_dir, backends, self.port, shm_prefix)
+            self.shm_prefix = f"lightkv{os.getpid()}_{self.port}_{next(_SERVER_COUNT)}_"
+            cmd = server_command(install, self.repo_dir, backends, self.port, self.shm_prefix)
             with open(self.log_path, "wb") as log:
                 # Own session: a terminal's Ctrl-C reaches us, and we shut the server down in order.
                 self.process = subprocess.Popen(
@@ -278,6 +363,7 @@ class Server:
                 )
             try:
                 self._wait_ready()
+                self.stubs = child_stubs(self.process.pid)
                 return self
             except ServeError:
                 log_text = tail(self.log_path)
@@ -306,8 +392,31 @@ class Server:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def health(self, *, probe_http: bool = False, http_timeout_s: float = 5.0) -> str | None:
+        """None while the server can answer, else why not: the server exited, a model's backend stub died (the
+        server itself keeps saying ready then), or (probe_http) /v2/health/ready did not answer 200."""
+        if self.process is None:
+            return "tritonserver is not started"
+        code = self.process.poll()
+        if code is not None:
+            return f"tritonserver exited with code {code}"
+        for pid, instance in self.stubs.items():
+            st = proc_state(pid)
+            if st is None or st.state in "ZX" or st.ppid != self.process.pid:
+                return f"the Python backend stub of model instance {instance} (pid {pid}) {describe_death(st)}"
+        if probe_http and not http_ready(self.url, timeout_s=http_timeout_s):
+            return f"{self.url}/v2/health/ready did not answer 200 within {http_timeout_s:g} s"
+        return None
+
+    def shm_segments(self) -> list[Path]:
+        """This server's shared-memory regions in /dev/shm (its prefix is unique per server)."""
+        if not self.shm_prefix:
+            return []
+        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+
     def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 15.0) -> int | None:
-        """SIGTERM, wait up to timeout_s, then SIGKILL the server's process group. Returns the exit code."""
+        """SIGTERM, wait up to timeout_s, then SIGKILL the server's process group; then remove the server's /dev/shm
+        regions (a dead stub's region is left behind by the server otherwise). Returns the exit code."""
         proc = self.process
         if proc is None:
             return None
@@ -319,7 +428,21 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)  # the group: the server and its backend stubs
                 proc.wait()
+        for segment in self.shm_segments():
+            with contextlib.suppress(FileNotFoundError):
+                segment.unlink()
+        self.stubs = {}
         return proc.returncode
+
+    def restart(self) -> Server:
+        """Stop, then start again on the same port (clients keep their URL)."""
+        port, requested = self.port, self.requested_port
+        self.close()
+        self.requested_port = port
+        try:
+            return self.start()
+        finally:
+            self.requested_port = requested
 
     def close(self) -> None:
         """stop() and remove the working directory (assembled backends and log)."""
@@ -354,18 +477,67 @@ def _raise_interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def serve_forever(server: Server) -> int:
-    """Block until Ctrl-C / SIGTERM (then stop the server: 0) or until the server dies on its own (1)."""
+def wait_unhealthy(server: Server, poll_s: float = HEALTH_POLL_S) -> str:
+    """Block until the server cannot answer; returns why (see Server.health)."""
+    polls = failures = 0
+    while True:
+        polls += 1
+        probe = polls % HTTP_PROBE_EVERY == 0
+        reason = server.health(probe_http=probe)
+        if reason is not None and probe and "health/ready" in reason:
+            failures += 1  # a slow answer under load is not a death: only several in a row are
+            if failures < HTTP_PROBE_FAILURES:
+                reason = None
+        elif probe:
+            failures = 0
+        if reason is not None:
+            return reason
+        time.sleep(poll_s)
+
+
+def serve_forever(server: Server, *, restarts: int = DEFAULT_RESTARTS) -> int:
+    """Block until Ctrl-C / SIGTERM (then stop the server: 0). When the server cannot answer any more (it exited,
+    or a model's backend stub died), restart it on the same port, at most `restarts` times; then exit 1."""
+    done = 0
     try:
-        while server.alive():
-            time.sleep(0.2)
+        while True:
+            reason = wait_unhealthy(server)
+            print(f"tritonserver cannot answer: {reason}; log tail:\n{tail(server.log_path)}", file=sys.stderr)
+            if done >= restarts:
+                print(f"giving up after {done} restart(s) (--restarts {restarts}); exit code 1", file=sys.stderr)
+                server.stop()
+                return 1
+            done += 1
+            print(f"restarting tritonserver ({done} of at most {restarts}) ...", file=sys.stderr, flush=True)
+            try:
+                server.restart()
+            except ServeError as e:
+                print(f"error: the restart failed: {e}", file=sys.stderr)
+                return 1
+            print(f"url: {server.url}   (tritonserver pid {server.process.pid}; restarted)", flush=True)
     except KeyboardInterrupt:
         print("stopping tritonserver ...", flush=True)
         code = server.stop()
         print(f"stopped (exit code {code})", flush=True)
         return 0
-    print(f"tritonserver exited on its own; log tail:\n{tail(server.log_path)}", file=sys.stderr)
-    return 1
+
+
+def served_engines(target: Path) -> list[Path]:
+    """The engine directories `serve target` would serve: target itself, or each model's engine in a repository."""
+    target = Path(target)
+    if (target / "manifest.json").is_file():
+        return [target]
+    return sorted(p.parent for p in target.glob(f"*/*/{ENGINE_SUBDIR}/manifest.json"))
+
+
+def verify_engines(target: Path, *, full_hash: bool = True) -> list[Path]:
+    """runtime.verify_engine for every engine served; a damaged one is an InputError naming the file."""
+    from lightkv_export.runtime import verify_engine
+
+    engines = served_engines(target)
+    for engine in engines:
+        verify_engine(engine, full_hash=full_hash)
+    return engines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -374,12 +546,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=None, help="HTTP port on 127.0.0.1 (default or 0: a free one)")
     parser.add_argument("--repo-dir", type=Path, default=None, help="where to write the repository for an engine")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for readiness")
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=DEFAULT_RESTARTS,
+        help=f"restart the server at most N times when it cannot answer (a backend stub died); default "
+        f"{DEFAULT_RESTARTS}; 0: exit 1 at the first death",
+    )
+    parser.add_argument(
+        "--no-verify-hash",
+        action="store_true",
+        help="check each engine file's size against its manifest but skip the SHA-256 of its contents (faster for "
+        "very large engines; a damaged file of the right size then goes unnoticed)",
+    )
     args = parser.parse_args(argv)
     # SIGTERM behaves like Ctrl-C, from the first moment: a signal during startup still stops the server.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     temp_repo = None
     try:
         port = check_port(args.port)  # before writing a repository for a server that cannot start
+        if args.restarts < 0:
+            raise InputError(f"--restarts must be >= 0, got {args.restarts}")
+        verify_engines(args.target, full_hash=not args.no_verify_hash)
         repo, is_temp = resolve_repository(args.target, args.repo_dir)
         temp_repo = repo.parent if is_temp else None
         server = Server(repo, port=port, startup_timeout_s=args.startup_timeout)
@@ -387,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.start()
             print(f"serving {', '.join(server.models())} from {repo}", flush=True)
             print(f"url: {server.url}   (tritonserver pid {server.process.pid}; Ctrl-C to stop)", flush=True)
-            return serve_forever(server)
+            return serve_forever(server, restarts=args.restarts)
         finally:
             server.close()
     except LightKVError as e:

@@ -88,7 +88,10 @@ def spatial_merge(model: Any) -> int:
 
 
 def chat_text(processor: Any, num_images: int, prompt: str) -> str:
-    """The chat-formatted prompt: one user turn with the images first, then the text, and the assistant cue."""
+    """The chat-formatted prompt: one user turn with the images first, then the text, and the assistant cue.
+
+    For display and layout checks only: tokenizing this string would read control tokens typed in `prompt` as real
+    ones; `process` tokenizes the user's text as plain text."""
     content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
     messages = [{"role": "user", "content": content}]
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -119,12 +122,26 @@ def check_inputs(processor: Any, images: list, prompt: str) -> None:
 def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
     """Processor outputs for one request (CPU tensors; needs only `loaded.processor`, so engines without a torch
     model use it too): input_ids, attention_mask, mm_token_type_ids [1, S], pixel_values [N_patches, C*T*P*P] fp32,
-    image_grid_thw [N_images, 3]."""
+    image_grid_thw [N_images, 3].
+
+    The user's text is tokenized as plain text (transformers' `sanitize_control_tokens`: control tokens typed in the
+    prompt, such as `<|im_end|>`, `<|im_start|>` or `<|image_pad|>`, become ordinary text tokens), so a prompt can
+    neither open another chat turn nor add image placeholders; the template's own control tokens stay real. For a
+    prompt without such text the token ids are exactly those of tokenizing `chat_text`."""
     processor = loaded.processor
     check_inputs(processor, images, prompt)
-    text = chat_text(processor, len(images), prompt)
+    # The layout of chat_text: one user turn, the images first, then the text.
+    content = [{"type": "image", "image": im.convert("RGB")} for im in images] + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
     try:
-        out = processor(text=[text], images=[im.convert("RGB") for im in images], return_tensors="pt")
+        out = processor.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            sanitize_control_tokens=True,
+        )
     except ValueError as exc:
         raise InputError(f"the processor rejected the request: {exc}") from None
     keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")

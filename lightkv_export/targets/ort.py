@@ -18,10 +18,9 @@ from pathlib import Path
 
 import onnx
 
-from lightkv_export.artifacts import clone_file
+from lightkv_export.artifacts import PROCESSOR_DIR, clone_file
 from lightkv_export.export import ExportedGraphs, strip_roles
 from lightkv_export.passes.insert_lightkv import PassReport, insert_lightkv
-from lightkv_export.runtime import PROCESSOR_DIR
 
 LARGE_MODEL_BYTES = 1 << 30  # past this, graphs are written with external data (protobuf's 2 GiB limit)
 

@@ -331,8 +331,7 @@ def build_engine(
     The kernels land in `<destination>-kernels/` (complete or absent), so a missing TensorRT or GPU still leaves
     the compiled plugin kernels for the target.
     """
-    from lightkv_export.artifacts import promote, staging
-    from lightkv_export.runtime import PROCESSOR_DIR
+    from lightkv_export.artifacts import PROCESSOR_DIR, promote, staging
     from lightkv_export.targets.ort import save_graph
 
     precision: Precision = "bf16" if manifest["dtype"] == "bfloat16" else "fp16"

@@ -1,16 +1,25 @@
-"""Request decoding and response encoding for the served engines (no Triton import: unit-testable).
+"""Request decoding, server limits and response encoding for the served engines (no Triton import: unit-testable).
 
 Wire format (config.pbtxt written by `triton_repo.py`):
   inputs   prompt [1] BYTES (UTF-8), image [-1] BYTES (encoded PNG or JPEG, one element per image),
            max_new_tokens [1] INT32 (optional)
   outputs  text [1] BYTES, token_ids [-1] INT64, vision_tokens_in [1] INT64, vision_tokens_per_group [-1] INT64,
            kv_bytes [1] INT64, prefill_ms [1] FP32, decode_ms [1] FP32
+
+Limits (`Limits`, read from config.pbtxt `parameters`) are checked before any work, cheapest first: the number of
+images and the prompt's characters from the tensors' sizes, then the prompt's tokens, the total sequence length
+(estimated from the template, the engine's vision tokens per image and max_new_tokens), then each image's size from
+its PNG/JPEG header (PIL's lazy open reads only the header), and only then are the pixels decoded. A refusal is an
+InputError (INVALID_ARG on the wire) naming the limit, the value and the config.pbtxt parameter that raises it.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -28,34 +37,156 @@ OUTPUT_DTYPES = {
     "prefill_ms": np.float32,
     "decode_ms": np.float32,
 }
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
-def decode_prompt(values: np.ndarray) -> str:
-    """The prompt tensor ([1] of bytes) as text."""
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a served engine; each field is a config.pbtxt parameter of the same name.
+
+    The defaults keep a request well under 1 GB of working memory on the tiny presets (ONNX Runtime's attention holds
+    S x S scores per head): a 10,000-character prompt or 60 images in one request are refused.
+    """
+
+    max_prompt_chars: int = 8192  # characters of the prompt, checked before it is tokenized
+    max_prompt_tokens: int = 2048  # tokens of the prompt (as plain text), before the template and images
+    max_images: int = 8  # images in one request
+    max_image_pixels: int = 4096 * 4096  # width x height of each image as sent (read from the header)
+    max_sequence_length: int = 4096  # template + prompt + vision tokens + max_new_tokens
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> Limits:
+        """The limits among config.pbtxt's parameters (string values); the rest keep their defaults."""
+        values = {}
+        for f in fields(cls):
+            if f.name not in params:
+                continue
+            raw = str(params[f.name]).strip()
+            try:
+                value = int(raw)
+            except ValueError:
+                value = 0
+            if value < 1:
+                raise InputError(f"config.pbtxt parameter {f.name}: expected a positive integer, got {raw!r}")
+            values[f.name] = value
+        return cls(**values)
+
+    def parameters(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def check(self, name: str, value: int, what: str) -> None:
+        """InputError when `value` (what was asked, e.g. "prompt: 9000 characters") exceeds the limit `name`."""
+        limit = getattr(self, name)
+        if value > limit:
+            raise InputError(
+                f"{what} is over the server's limit of {limit} (config.pbtxt parameter {name}; "
+                "raise it in the model's config.pbtxt to allow more)"
+            )
+
+
+def require(values: np.ndarray | None, name: str) -> np.ndarray:
+    """A required input's array, or an InputError naming the input that is missing."""
+    if values is None:
+        raise InputError(f"missing input {name!r}: every request needs 'prompt' (one string) and 'image' (PNG/JPEG)")
+    return values
+
+
+def decode_prompt(values: np.ndarray, limits: Limits | None = None) -> str:
+    """The prompt tensor ([1] of bytes) as text; its length is checked against the limits before decoding."""
     flat = values.reshape(-1)
     if flat.size != 1:
         raise InputError(f"prompt: expected exactly one string, got {flat.size}")
     raw = flat[0]
+    if limits is not None:
+        # UTF-8 bytes >= characters: a byte count under the limit needs no decoding to pass.
+        size = len(raw) if isinstance(raw, (bytes, str)) else 0
+        if size > limits.max_prompt_chars and isinstance(raw, bytes):
+            size = len(raw.decode("utf-8", errors="replace"))
+        limits.check("max_prompt_chars", size, f"the prompt has {size} characters, which")
     try:
         return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
     except UnicodeDecodeError as e:
         raise InputError(f"prompt: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def decode_images(values: np.ndarray) -> list[Image.Image]:
-    """The image tensor ([N] of encoded bytes) as RGB PIL images; corrupt or unsupported bytes are an InputError."""
-    images = []
-    for i, blob in enumerate(values.reshape(-1)):
-        data = bytes(blob)
+def check_image_count(values: np.ndarray, limits: Limits) -> int:
+    """The number of images in the image tensor, checked before any of them is opened."""
+    n = int(values.size)
+    limits.check("max_images", n, f"the request has {n} images, which")
+    return n
+
+
+def sequence_length(template_tokens: int, per_image_tokens: int, images: int, prompt_tokens: int, new: int) -> int:
+    """The longest sequence a request can reach: chat template + prompt + every image's tokens + the new tokens."""
+    return template_tokens + images * per_image_tokens + prompt_tokens + new
+
+
+def check_sequence(limits: Limits, template_tokens: int, per_image_tokens: int, images: int, prompt: int, new: int):
+    total = sequence_length(template_tokens, per_image_tokens, images, prompt, new)
+    what = (
+        f"the request needs a sequence of {total} tokens ({template_tokens} template + {images} images x "
+        f"{per_image_tokens} + {prompt} prompt + {new} new tokens), which"
+    )
+    limits.check("max_sequence_length", total, what)
+    return total
+
+
+def _open(data: bytes, i: int, limits: Limits | None) -> Image.Image:
+    """PIL's lazy open (header only). PIL's own decompression-bomb guard becomes the limit's InputError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit decides, not PIL's warning
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                fmt = img.format
-                if fmt not in IMAGE_FORMATS:
-                    raise InputError(f"image {i}: {fmt} is not supported (send PNG or JPEG bytes)")
+            return Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as e:
+            m = _BOMB_PIXELS.search(str(e))
+            pixels = int(m.group(1)) if m else None
+            limit = limits.max_image_pixels if limits is not None else Image.MAX_IMAGE_PIXELS
+            size = f"{pixels} pixels" if pixels else f"more than {2 * (Image.MAX_IMAGE_PIXELS or 0)} pixels"
+            raise InputError(
+                f"image {i} has {size}, which is over the server's limit of {limit} (config.pbtxt parameter "
+                "max_image_pixels; raise it in the model's config.pbtxt to allow more)"
+            ) from None
+
+
+def allow_pil_pixels(limits: Limits) -> None:
+    """Raise PIL's process-wide decompression-bomb threshold so it never refuses what max_image_pixels allows."""
+    current = Image.MAX_IMAGE_PIXELS
+    if current is not None and current < limits.max_image_pixels:
+        Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
+
+
+def decode_images(values: np.ndarray, limits: Limits | None = None) -> list[Image.Image]:
+    """The image tensor ([N] of encoded bytes) as RGB PIL images; corrupt or unsupported bytes are an InputError.
+
+    With `limits`, the count is checked before any image is opened and each image's size before its pixels are
+    decoded."""
+    flat = values.reshape(-1)
+    if limits is not None:
+        check_image_count(flat, limits)
+    opened = []
+    try:
+        for i, blob in enumerate(flat):
+            data = bytes(blob)
+            try:
+                img = _open(data, i, limits)
+            except (UnidentifiedImageError, OSError, SyntaxError) as e:
+                raise InputError(f"image {i}: not a readable PNG or JPEG image ({len(data)} bytes: {e})") from None
+            opened.append((img, data))
+            if img.format not in IMAGE_FORMATS:
+                raise InputError(f"image {i}: {img.format} is not supported (send PNG or JPEG bytes)")
+            if limits is not None:
+                w, h = img.size
+                limits.check("max_image_pixels", w * h, f"image {i} is {w}x{h} = {w * h} pixels, which")
+        images = []
+        for i, (img, data) in enumerate(opened):
+            try:
                 images.append(img.convert("RGB"))  # load() happens here: truncated data fails now, not later
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise InputError(f"image {i}: not a readable PNG or JPEG image ({len(data)} bytes: {e})") from None
-    return images
+            except (OSError, SyntaxError, ValueError) as e:
+                raise InputError(f"image {i}: not a readable PNG or JPEG image ({len(data)} bytes: {e})") from None
+        return images
+    finally:
+        for img, _ in opened:
+            img.close()
 
 
 def decode_max_new_tokens(values: np.ndarray | None, default: int) -> int:

@@ -4,13 +4,17 @@ The engine directory sits next to this file (`<repo>/<model>/1/engine`); `runtim
 manifest target (ONNX Runtime on CPU, or the TensorRT engines on a GPU). One request is one `Engine.generate`
 call: requests are not batched (max_batch_size 0), so `execute` answers the requests it is given one by one.
 
-Bad requests (corrupt image, empty prompt, max_new_tokens out of range, ...) come back as a Triton error
-carrying the runtime's InputError message; the model instance stays loaded and the server stays healthy.
+Every request is checked against the server limits (codec.Limits, from config.pbtxt `parameters`) before any work:
+the image count and prompt characters first, then the prompt's tokens and the total sequence length, then each
+image's header size, and only then are the pixels decoded and the engine run. Bad requests (a missing input, a
+limit exceeded, a corrupt image, an empty prompt, max_new_tokens out of range, ...) come back as INVALID_ARG with a
+message that says what to change; the model instance stays loaded and the server stays healthy.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
@@ -19,6 +23,14 @@ from lightkv_export.errors import InputError
 from lightkv_export.triton_backend import codec
 
 ENGINE_SUBDIR = "engine"
+FULL_HASH_ENV = "LIGHTKV_ENGINE_FULL_HASH"  # serve.FULL_HASH_ENV
+
+
+def _template_tokens(processor, images: int) -> int:
+    """Tokens of the chat template around an empty prompt with `images` image placeholders (one token each)."""
+    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": ""}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 class TritonPythonModel:
@@ -28,19 +40,43 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         engine_dir = Path(args["model_repository"]) / args["model_version"] / params.get("engine_dir", ENGINE_SUBDIR)
-        self.engine = Engine.load(engine_dir)
+        # Sizes always, SHA-256 too unless the launcher verified the engine already (serve.py sets this to 0).
+        self.engine = Engine.load(engine_dir, full_hash=os.environ.get(FULL_HASH_ENV, "1") != "0")
         self.default_max_new_tokens = int(params.get("default_max_new_tokens", "16"))
+        self.limits = codec.Limits.from_parameters(params)
+        codec.allow_pil_pixels(self.limits)
+        manifest = self.engine.manifest
+        t, h, w = (int(x) for x in manifest["grid_thw"])  # the image profile's patch grid: every image is resized
+        vision_per_image = t * h * w // int(manifest["spatial_merge"]) ** 2
+        processor = self.engine.processor
+        self.template_tokens = _template_tokens(processor, 0)
+        # Each image adds its wrapper tokens, and its one placeholder becomes vision_per_image tokens.
+        self.per_image_tokens = _template_tokens(processor, 1) - self.template_tokens - 1 + vision_per_image
         self.logger = pb_utils.Logger
-        self.logger.log_info(f"lightkv_export: loaded {engine_dir} ({self.engine.manifest.get('target')})")
+        self.logger.log_info(f"lightkv_export: loaded {engine_dir} ({manifest.get('target')}), {self.limits}")
 
     def execute(self, requests: list) -> list:
         return [self._answer(request) for request in requests]
 
+    def _prompt_tokens(self, prompt: str) -> int:
+        # As plain text, the way the runtime tokenizes the user's content (control-token text is not a token).
+        tokenizer = self.engine.processor.tokenizer
+        return len(tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
     def _answer(self, request) -> pb_utils.InferenceResponse:
+        limits = self.limits
         try:
-            prompt = codec.decode_prompt(_input(request, "prompt"))
-            images = codec.decode_images(_input(request, "image"))
+            prompt_values = codec.require(_input(request, "prompt"), "prompt")
+            image_values = codec.require(_input(request, "image"), "image")
+            n_images = codec.check_image_count(image_values, limits)
+            prompt = codec.decode_prompt(prompt_values, limits)
             max_new = codec.decode_max_new_tokens(_input(request, "max_new_tokens"), self.default_max_new_tokens)
+            prompt_tokens = self._prompt_tokens(prompt)
+            limits.check("max_prompt_tokens", prompt_tokens, f"the prompt has {prompt_tokens} tokens, which")
+            # A max_new_tokens over the engine's own limit is refused by the runtime, with that limit in the message.
+            new = min(max(0, max_new), int(self.engine.manifest["max_new_tokens_limit"]))
+            codec.check_sequence(limits, self.template_tokens, self.per_image_tokens, n_images, prompt_tokens, new)
+            images = codec.decode_images(image_values, limits)
             gen = self.engine.generate(images, prompt, max_new_tokens=max_new)
         except InputError as e:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))

@@ -28,9 +28,16 @@ def test_list(capsys):
     assert any(ln.startswith("paper_comparison") and ln.endswith("runs here") for ln in lines)
 
 
-def test_unknown_benchmark_is_exit_2(capsys):
-    assert bench.main(["--only", "nope"]) == 2
-    assert "unknown benchmark(s) ['nope']" in capsys.readouterr().err
+def test_unknown_benchmark_is_exit_2(tmp_path, capsys):
+    out = tmp_path / "results"
+    assert bench.main(["--only", "nope", "paper_comparison", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: unknown benchmark(s) ['nope']; known: "), captured.err
+    known = lines[0].split("known: ")[1].split(", ")
+    assert sorted(known) == sorted(m.NAME for m in bench.discover())  # every known name, and only those
+    assert captured.out == ""  # nothing ran: not even the one valid name
+    assert not out.exists()  # and nothing was written
 
 
 def test_quick_smoke_writes_only_where_told(tmp_path):

@@ -19,32 +19,13 @@ import torch
 
 from lightkv_export.config import BuildConfig
 from lightkv_export.errors import InputError
+from lightkv_export.inputs import parity_images
 from lightkv_export.models.mrope import mrope_positions
-from lightkv_export.parity import parity_images
 from lightkv_export.pipeline import run
 from lightkv_export.runtime import Engine
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def engines_out(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("engines")
-
-
-@pytest.fixture(scope="session")
-def builds(engines_out):
-    """model/ratio -> BuildResult; built lazily, once per session."""
-    cache: dict = {}
-
-    def get(model: str, ratio: float | None = None, **kwargs):
-        key = (model, ratio, tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = run(BuildConfig(model=model, ratio=ratio, out=engines_out, **kwargs))
-        return cache[key]
-
-    return get
 
 
 @pytest.mark.parametrize(
@@ -68,21 +49,46 @@ def test_build_passes_parity_and_writes_a_complete_engine(builds, model, ratio):
     assert not list(engine_dir.parent.glob(".*partial*"))  # nothing half-written next to it
 
 
-def test_engine_kv_lengths_follow_the_schedule(builds, test_image):
+def reference_run(loaded, engine: Engine, images, prompt: str, max_new_tokens: int):
+    """The PyTorch LightKV runtime on the engine's own prepared inputs, with the engine's schedule and modes."""
+    from lightkv_export import torch_runtime
+    from lightkv_export.inputs import torch_inputs
+    from lightkv_export.method.schedule import Schedule
+
+    manifest = engine.manifest
+    schedule = Schedule(engine.num_layers, ()) if manifest.get("vanilla") else engine.schedule
+    return torch_runtime.generate(
+        loaded, torch_inputs(engine.prepare(images, prompt)), schedule, max_new_tokens=max_new_tokens,
+        positions=manifest["positions"], grid_mode=manifest["grid_mode"],
+    )  # fmt: skip
+
+
+def test_engine_kv_lengths_follow_the_schedule(builds, tiny_qwen_vl):
+    """The KV arrays the engine's prefill really returns have the per-layer lengths of the PyTorch reference's
+    cache, and the lengths the engine reports (and the manifest promises) are those."""
     result = builds("tiny-qwen-vl", 0.55)
     engine = Engine.load(result.engine_dirs["ort-cpu"])
-    gen = engine.generate([parity_images((336, 448), 0)], result.reference["prompt"], max_new_tokens=4)
-    # The manifest's promise for the reference request is what the engine holds.
-    assert gen.kv_lengths == result.reference["kv_lengths"]
-    stages = result.schedule.stages
-    first = stages[0].layer
-    assert gen.kv_lengths[:first] == [result.reference["seq_len"]] * first  # layers <= lambda_1 keep everything
-    groups = result.schedule.layer_groups()
-    assert len(gen.vision_tokens_per_group) == len(groups)
-    assert gen.vision_tokens_per_group == sorted(gen.vision_tokens_per_group, reverse=True)
-    assert gen.vision_tokens_per_group[-1] < gen.vision_tokens_in // 4  # three halvings of 192
-    held = sum(result.reference["kv_bytes_per_layer"])
-    assert gen.kv_bytes == held < sum(result.reference["kv_bytes_vanilla_per_layer"])
+    images, prompt = [parity_images((336, 448), 0)], result.reference["prompt"]
+    request = engine.prepare(images, prompt)
+    pre = engine.prefill(request)
+    shapes = [k.shape for k in pre.keys]
+    assert shapes == [v.shape for v in pre.values]
+    ref = reference_run(tiny_qwen_vl, engine, images, prompt, max_new_tokens=4)
+    text = tiny_qwen_vl.text_config
+    hkv, head_dim = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
+    assert shapes == [(1, hkv, n, head_dim) for n in ref.kv_lengths]  # the arrays, not a bookkeeping list
+    gen = engine.generate(images, prompt, max_new_tokens=4)
+    assert gen.kv_lengths == ref.kv_lengths == result.reference["kv_lengths"]
+    assert gen.token_ids == ref.tokens
+    # Layers up to the first stage hold the whole prompt; every stage removes tokens, and only vision tokens.
+    first = result.schedule.stages[0].layer
+    assert ref.kv_lengths[:first] == [request.seq_len] * first
+    vision_in = sum(s.length for s in request.spans[0])
+    assert request.seq_len - vision_in < ref.kv_lengths[-1] < ref.kv_lengths[first]
+    assert gen.vision_tokens_per_group == [v for _, v in ref.vision_tokens_per_group]
+    assert gen.vision_tokens_per_group[-1] < vision_in // 4  # three halvings of 192
+    per_token = 2 * hkv * head_dim * 4  # K and V, float32
+    assert gen.kv_bytes == sum(ref.kv_lengths) * per_token == ref.kv_bytes < request.seq_len * per_token * len(shapes)
 
 
 def test_ratio_zero_engine_generates_like_hugging_face(builds, tiny_qwen_vl):
@@ -154,7 +160,7 @@ def test_cli_detects_a_corrupt_cached_export_and_rebuilds_it(builds, engines_out
     (cache,) = (engines_out / ".cache" / "export").glob("tiny-qwen-vl-*")
     out = tmp_path / "out"
     copy = out / ".cache" / "export" / cache.name
-    shutil.copytree(cache, copy)  # a real copy: the shared cache's files are hard-linked into engines
+    shutil.copytree(cache, copy)  # a separate cache, damaged below
     with open(copy / "decode.onnx", "r+b") as f:
         f.seek(1000)
         f.write(b"\x00" * 64)
@@ -322,7 +328,9 @@ def test_parity_failure_lists_every_failing_output_and_fails_the_build(builds, e
     args = ["--model", "tiny-qwen-vl", "--ratio", "0.35", "--out", str(engines_out)]
     assert build.main(args) == 1
     console = " ".join(capsys.readouterr().err.split())
-    report = json.loads((engines_out / "tiny-qwen-vl" / "r0.35" / "ort-cpu" / "parity.json").read_text())
+    rejected = engines_out / "tiny-qwen-vl" / "r0.35" / "ort-cpu.rejected"  # kept for inspection, not promoted
+    assert not (rejected.parent / "ort-cpu").exists()
+    report = json.loads((rejected / "parity.json").read_text())
     assert not report["passed"]
     failing = [c for c in report["checks"] if not c["passed"]]
     assert {"model", "identity"} <= {c["level"] for c in failing}  # (the op level is exact on these inputs)
@@ -368,7 +376,6 @@ def test_capped_schedule_is_a_warning_and_a_manifest_note(builds, engines_out, c
 
 
 def test_tensorrt_target_without_tensorrt_fails_alone_and_keeps_its_kernels(builds, engines_out):
-    pytest.importorskip("triton")
     builds("tiny-qwen-vl", 0.55)  # export cached
     result = run(BuildConfig(model="tiny-qwen-vl", ratio=0.5, targets=("ort-cpu", "trt-sm90"), out=engines_out,
                              parity=False))  # fmt: skip
@@ -378,9 +385,16 @@ def test_tensorrt_target_without_tensorrt_fails_alone_and_keeps_its_kernels(buil
     assert "TensorRT" in str(error) or "CUDA GPU" in str(error)
     engine = engines_out / "tiny-qwen-vl" / "r0.5" / "trt-sm90"
     assert not engine.exists()  # nothing half-written
-    summary = json.loads((engine.with_name("trt-sm90-kernels") / "summary.json").read_text())
-    assert summary  # the plugin kernels were still compiled for sm90
-    assert any("sm90" in p.name for p in engine.with_name("trt-sm90-kernels").iterdir())
+    from plugins.lightkv import aot
+
+    kernels = engine.with_name("trt-sm90-kernels")
+    summary = json.loads((kernels / "summary.json").read_text())
+    # Every plugin kernel, compiled for sm90 in the engine's precision (float32 models run the fp16 plugin).
+    assert [(k["kernel"], k["target"], k["dtype"]) for k in summary["kernels"]] == [
+        (k, "sm90", "fp16") for k in aot.KERNELS
+    ]
+    for kernel in aot.KERNELS:
+        assert (kernels / "sm90" / f"{kernel}_fp16.cubin").read_bytes()[:4] == b"\x7fELF"
 
 
 def test_large_model_graphs_use_external_data(builds, engines_out, monkeypatch):
@@ -392,7 +406,7 @@ def test_large_model_graphs_use_external_data(builds, engines_out, monkeypatch):
     engine_dir = result.engine_dirs["ort-cpu"]
     assert (engine_dir / "prefill.onnx.data").is_file()
     assert (engine_dir / "prefill.onnx").stat().st_size < (engine_dir / "prefill.onnx.data").stat().st_size
-    from lightkv_export.export import file_digest
+    from lightkv_export.artifacts import file_digest
 
     files = json.loads((engine_dir / "manifest.json").read_text())["files"]
     assert files["prefill.onnx.data"] == file_digest(engine_dir / "prefill.onnx.data")  # the weights are covered
@@ -403,7 +417,7 @@ def test_large_model_graphs_use_external_data(builds, engines_out, monkeypatch):
 
 
 @pytest.mark.parametrize("ratio", [0.55, None])
-def test_batched_generation_equals_one_request_at_a_time(builds, ratio):
+def test_batched_generation_equals_one_request_at_a_time(builds, ratio, tiny_qwen_vl):
     result = builds("tiny-qwen-vl", ratio) if ratio is not None else builds("tiny-qwen-vl", None, vanilla=True)
     engine = Engine.load(result.engine_dirs["ort-cpu"])
     items = [
@@ -417,4 +431,74 @@ def test_batched_generation_equals_one_request_at_a_time(builds, ratio):
         assert got.token_ids == alone.token_ids
         assert got.kv_lengths == alone.kv_lengths  # each row's valid KV, whatever the batch padded
         assert got.kv_bytes == alone.kv_bytes and got.vision_tokens_per_group == alone.vision_tokens_per_group
+        want = reference_run(tiny_qwen_vl, engine, images, prompt, max_new_tokens=6)  # PyTorch, one row at a time
+        assert got.token_ids == want.tokens, prompt
+        assert got.kv_lengths == want.kv_lengths, prompt
     assert len({tuple(g.kv_lengths) for g in batched}) == 3  # the rows really differ in length
+
+
+def broken_copy(engine_dir: Path, where: Path, *, prefill_from: Path | None = None) -> Path:
+    """A copy of an engine, optionally with another engine's prefill graph, and a manifest that lists the files
+    as they now are: internally consistent (it loads and verifies), but wrong."""
+    import shutil
+
+    from lightkv_export.artifacts import file_records
+
+    shutil.copytree(engine_dir, where)
+    if prefill_from is not None:
+        for f in prefill_from.glob("prefill.onnx*"):
+            shutil.copyfile(f, where / f.name)
+    manifest = json.loads((where / "manifest.json").read_text())
+    records = file_records(where)
+    for key in ("files", "file_sizes"):
+        manifest[key] = {k: v for k, v in records[key].items() if k in manifest[key]}
+    (where / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return where
+
+
+def failing_outputs(report) -> set[tuple[str, str]]:
+    return {(c.level, c.output) for c in report.checks if not c.passed}
+
+
+def test_parity_fails_an_engine_whose_prefill_is_from_another_schedule(builds, tmp_path, tiny_qwen_vl):
+    from lightkv_export.parity import run_parity
+
+    good, other = builds("tiny-qwen-vl", 0.55), builds("tiny-qwen-vl", 0.3)
+    broken = broken_copy(good.engine_dirs["ort-cpu"], tmp_path / "broken", prefill_from=other.engine_dirs["ort-cpu"])
+    report = run_parity(broken, loaded=tiny_qwen_vl)
+    assert not report.passed
+    failing = failing_outputs(report)
+    # Every layer whose length the two schedules disagree on fails (on its shape); the layers before either
+    # schedule's first stage, and the vision encoder, are untouched, and the op level does not depend on the engine.
+    lengths = zip(good.reference["kv_lengths"], other.reference["kv_lengths"], strict=True)
+    differ = [i for i, (a, b) in enumerate(lengths) if a != b]
+    first = min(good.schedule.stages[0].layer, other.schedule.stages[0].layer)
+    assert differ and differ[0] == first
+    assert {("model", f"kv.{i}.key") for i in differ} <= failing
+    assert all(("model", f"kv.{i}.key") not in failing for i in range(first))
+    assert ("model", "vision") not in failing and not any(level == "op" for level, _ in failing)
+    shape_check = next(c for c in report.checks if c.output == f"kv.{differ[-1]}.key" and not c.passed)
+    assert shape_check.detail.startswith("shape ")
+
+
+def test_parity_fails_an_engine_that_decodes_from_the_compressed_length(builds, monkeypatch, tiny_qwen_vl, tmp_path):
+    """Decode positions that continue from the compressed cache length (the classic bug) change the greedy tokens:
+    parity fails on exactly the greedy checks; prefill (logits, K, V, kept) still passes."""
+    import shutil
+
+    from lightkv_export.parity import DECODE_STEPS, run_parity
+
+    engine_dir = tmp_path / "engine"
+    shutil.copytree(builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"], engine_dir)
+    real_step = Engine.decode_step
+
+    def compressed_positions(self, tokens, positions, keys, values, masks):
+        removed = masks[0].sum(axis=1) - masks[-1].sum(axis=1)  # [B] tokens LightKV took from the last layer
+        return real_step(self, tokens, positions - removed, keys, values, masks)
+
+    monkeypatch.setattr(Engine, "decode_step", compressed_positions)
+    report = run_parity(engine_dir, loaded=tiny_qwen_vl)
+    assert not report.passed
+    cases = {c.case for c in report.checks if c.level == "model"}
+    assert failing_outputs(report) == {("model", f"greedy-{DECODE_STEPS}")}
+    assert {c.case for c in report.checks if not c.passed} == cases  # every request's continuation differs

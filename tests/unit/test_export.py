@@ -125,7 +125,7 @@ def test_an_interrupted_export_stops_its_worker_and_leaves_nothing(tmp_path, tin
     assert proc.returncode is not None  # killed and reaped at once, not waited for
     key = export.export_key(tiny_qwen_vl, dtype=torch.float32, image_size=(336, 448))
     entry = cache / f"{tiny_qwen_vl.spec.dir_name}-{key}"
-    assert [p.name for p in cache.iterdir()] == [f".{entry.name}.lock"]  # no partial export, no worker log
+    assert list(cache.iterdir()) == []  # no partial export, no worker log, no lock file
     assert not is_locked(entry)
 
 
@@ -138,3 +138,25 @@ def test_parallel_only_for_small_models_with_a_source(monkeypatch: pytest.Monkey
     assert not parallel_export_ok(big, source)
     monkeypatch.setenv("LIGHTKV_EXPORT_PARALLEL", "0")
     assert not parallel_export_ok(small, source)
+
+
+def test_the_export_key_ignores_what_saving_a_checkpoint_writes(tmp_path, tiny_qwen2_vl) -> None:
+    """save_pretrained sets `architectures` on the config in place: that must not change the key (a suite that
+    saved a checkpoint once made every later build in the process export again), and the checkpoint, loaded back,
+    is the same model with the same key. What changes a graph still changes it."""
+    from lightkv_export.models.registry import load_model
+
+    def key(loaded, image_size=(336, 448)):
+        return export.export_key(loaded, dtype=torch.float32, image_size=image_size)
+
+    before, config = key(tiny_qwen2_vl), tiny_qwen2_vl.model.config
+    architectures = getattr(config, "architectures", None)
+    try:
+        tiny_qwen2_vl.model.save_pretrained(tmp_path / "ckpt")
+        tiny_qwen2_vl.processor.save_pretrained(tmp_path / "ckpt")
+        assert config.architectures == ["Qwen2VLForConditionalGeneration"]  # changed in place
+        assert key(tiny_qwen2_vl) == before
+    finally:
+        config.architectures = architectures
+    assert key(load_model(str(tmp_path / "ckpt"))) == before
+    assert key(tiny_qwen2_vl, (336, 420)) != before

@@ -62,18 +62,39 @@ def test_key_softmax_streams_over_key_chunks(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_gqa_groups_map_to_their_kv_head():
-    q, k, vision = make(3, hq=6, hkv=3)
-    # Changing KV head 2 must only change the contribution of query heads 4 and 5.
-    base = text_guidance(q, k, vision)
-    k2 = k.clone()
-    k2[:, 2] += 1.0
-    q_only01 = q.clone()
-    q_only01[:, 2:] = 0  # zero queries: uniform softmax over queries, independent of k
-    a = text_guidance(q_only01, k, vision)
-    b = text_guidance(q_only01[:, :], k2, vision)
-    torch.testing.assert_close(a, b)
-    assert not torch.allclose(base, text_guidance(q, k2, vision))
+def only_head(q: torch.Tensor, h: int) -> torch.Tensor:
+    """q with every query head but `h` zeroed. A zero query's softmax is uniform whatever the keys (over the
+    valid queries, or over all keys), so the other heads add a constant and xi isolates head h's own term."""
+    out = torch.zeros_like(q)
+    out[:, h] = q[:, h]
+    return out
+
+
+@pytest.mark.parametrize("softmax_over", ["query", "key"])
+@pytest.mark.parametrize(("hq", "hkv"), [(6, 3), (8, 2), (6, 2)])
+def test_gqa_query_heads_read_exactly_their_kv_head(softmax_over, hq, hkv):
+    """Changing KV head j changes exactly the terms of query heads j*G .. (j+1)*G-1 (G = Hq / Hkv), and each query
+    head's term is the single-head guidance of (that query head, KV head h // G)."""
+    q, k, vision = make(3, hq=hq, hkv=hkv)
+    group = hq // hkv
+    seq = q.shape[2]
+    n_text = (~vision).sum(dim=1, keepdim=True).float()  # [B, 1]
+    others = (hq - 1) * n_text / seq  # the zeroed heads' uniform contribution at every position
+    g = torch.Generator().manual_seed(30)
+    changed = torch.zeros(hkv, hq, dtype=torch.bool)  # [KV head j, query head h]
+    for h in range(hq):
+        base = text_guidance(only_head(q, h), k, vision, softmax_over=softmax_over)
+        single = text_guidance(q[:, h : h + 1], k[:, h // group : h // group + 1], vision, softmax_over=softmax_over)
+        torch.testing.assert_close(base, single + others, rtol=1e-5, atol=1e-5)
+        for j in range(hkv):
+            k2 = k.clone()
+            k2[:, j] = torch.randn(k2[:, j].shape, generator=g)
+            moved = text_guidance(only_head(q, h), k2, vision, softmax_over=softmax_over)
+            changed[j, h] = not torch.allclose(moved, base, rtol=0, atol=1e-5)
+    want = torch.zeros(hkv, hq, dtype=torch.bool)
+    for j in range(hkv):
+        want[j, j * group : (j + 1) * group] = True
+    assert torch.equal(changed, want), f"KV head -> query heads it changed:\n{changed.int()}"
 
 
 def test_query_softmax_columns_sum_to_heads_times_text_keys():

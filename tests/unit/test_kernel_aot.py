@@ -80,9 +80,24 @@ def test_plugin_ptx_refuses_kernels_that_use_scratch() -> None:
     assert n == 1 and "k_param_1" not in stripped and "k_param_0" in stripped
 
 
-def test_cli_and_unknown_names(tmp_path: Path) -> None:
+def test_cli_and_unknown_names(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert aot.main(["--out", str(tmp_path), "--target", "sm86", "--dtype", "bf16"]) == 0
-    assert (tmp_path / "sm86" / "emit_bf16.cubin").exists()
+    # Exactly what was asked for: one target, one dtype, every kernel (PTX and cubin), and the summary.
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert written == sorted(
+        ["summary.json", *(f"sm86/{k}_bf16.{ext}" for k in aot.KERNELS for ext in ("ptx", "cubin"))]
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [(k["kernel"], k["target"], k["dtype"]) for k in summary["kernels"]] == [
+        (k, "sm86", "bf16") for k in aot.KERNELS
+    ]
+    assert summary["targets"] == {"sm86": {"ptx_version": "7.8", "min_driver": aot.MIN_DRIVERS["sm86"]}}
+    for kernel in aot.KERNELS:
+        assert re.search(r"\.target sm_86\b", (tmp_path / "sm86" / f"{kernel}_bf16.ptx").read_text()), kernel
+        assert (tmp_path / "sm86" / f"{kernel}_bf16.cubin").read_bytes()[:4] == b"\x7fELF"
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in printed[:-1]] == [["sm86", k, "bf16"] for k in aot.KERNELS]
+    assert printed[-1] == f"wrote 3 kernels and {tmp_path / 'summary.json'}"
     with pytest.raises(InputError, match="sm75"):
         aot.parse_target("sm75")
     with pytest.raises(InputError, match="fp64"):

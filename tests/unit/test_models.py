@@ -238,9 +238,14 @@ def test_prepare_rejects_bad_input(tiny_qwen_vl, test_image, images, prompt, mat
         tiny_qwen_vl.family.prepare(tiny_qwen_vl, images, prompt)
 
 
-def test_prompt_with_typed_placeholder_is_rejected(tiny_qwen_vl, test_image):
-    with pytest.raises(InputError):
-        tiny_qwen_vl.family.prepare(tiny_qwen_vl, [test_image], "what is <|image_pad|> here?")
+def test_a_typed_placeholder_is_text_not_an_image_slot(tiny_qwen_vl, test_image):
+    """`<|image_pad|>` typed in a prompt is plain text: one image gives one vision span of its own tokens
+    (the serving tests check the whole chat layout: test_serving_prompt.py)."""
+    typed = tiny_qwen_vl.family.prepare(tiny_qwen_vl, [test_image], "what is <|image_pad|> here?")
+    plain = tiny_qwen_vl.family.prepare(tiny_qwen_vl, [test_image], "what is here?")
+    assert [len(row) for row in typed.spans] == [1]
+    assert [(s.length, s.grid) for s in typed.spans[0]] == [(s.length, s.grid) for s in plain.spans[0]]
+    assert typed.input_ids.shape[1] > plain.input_ids.shape[1]  # the typed text is there, as ordinary tokens
 
 
 # --- loader -----------------------------------------------------------------------------------------------------
@@ -266,7 +271,9 @@ def test_load_local_directory(tiny_qwen2_vl, test_image, tmp_path):
     loaded = load_model(str(path))
     assert loaded.family is qwen2_vl
     assert loaded.spec.key == str(path) and loaded.spec.family == "qwen2_vl"
-    assert loaded.spec.dir_name == "ckpt"  # engines go to OUT/ckpt/..., never into the checkpoint itself
+    # Engines go to OUT/ckpt-<hash of the path>/..., never into the checkpoint itself, and never where another
+    # folder named ckpt builds.
+    assert loaded.spec.dir_name == f"ckpt-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
     assert loaded.spec.default_windows == get_spec("tiny-qwen2-vl").default_windows  # tiny-shaped checkpoint
     assert not loaded.model.training
     assert_same_model(loaded, tiny_qwen2_vl, test_image)
@@ -384,16 +391,21 @@ def test_random_weights_without_checkpoint(tmp_path, monkeypatch):
     assert loaded.processor.image_processor.size["longest_edge"] == qwen2_vl.REAL_MAX_PIXELS
 
 
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 @pytest.mark.parametrize(
     ("key", "dir_name"),
     [
         ("tiny-qwen-vl", "tiny-qwen-vl"),
         ("Org/Name", "Org--Name"),
-        ("/abs/path/ckpt", "ckpt"),
-        ("/abs/path/ckpt/", "ckpt"),
-        ("./rel/ckpt", "ckpt"),
-        ("rel/deeper/ckpt", "ckpt"),
-        ("../ckpt", "ckpt"),
+        ("/abs/path/ckpt", f"ckpt-{short_hash('/abs/path/ckpt')}"),
+        ("/abs/path/ckpt/", f"ckpt-{short_hash('/abs/path/ckpt')}"),  # the same folder, the same engines
+        ("/other/path/ckpt", f"ckpt-{short_hash('/other/path/ckpt')}"),  # the same name elsewhere: not the same
+        ("./rel/ckpt", f"ckpt-{short_hash('./rel/ckpt')}"),
+        ("rel/deeper/ckpt", f"ckpt-{short_hash('rel/deeper/ckpt')}"),
+        ("../ckpt", f"ckpt-{short_hash('../ckpt')}"),
     ],
 )
 def test_dir_name_is_one_safe_path_component(key, dir_name):

@@ -60,6 +60,14 @@ def wait_for(proc: subprocess.Popen, text: str, timeout: float = 240) -> list[st
     raise AssertionError(f"never printed {text!r}:\n{''.join(lines)[-3000:]}")
 
 
+def export_entry(engine_dir: Path) -> Path:
+    """The export cache entry an engine was built from (other tests of the session export other sizes / dtypes)."""
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    entry = engine_dir.parents[2] / ".cache" / "export" / f"{manifest['model_dir']}-{manifest['export_key']}"
+    assert entry.is_dir(), entry
+    return entry
+
+
 @pytest.fixture(scope="module")
 def engine_055(builds) -> Path:
     result = builds("tiny-qwen-vl", 0.55)
@@ -74,7 +82,7 @@ def engine_055(builds) -> Path:
 def test_a_build_interrupted_during_parity_leaves_the_previous_engine_intact(engine_055, engines_out, sig):
     before = snapshot(engine_055)
     proc = start_build("--model", "tiny-qwen-vl", "--ratio", "0.55", "--out", str(engines_out))
-    wait_for(proc, "parity: op level")
+    wait_for(proc, "parity: model level")
     proc.send_signal(sig)
     rest = proc.communicate(timeout=120)[1]
     assert snapshot(engine_055) == before  # byte for byte, manifest and parity report included
@@ -145,8 +153,7 @@ def mount_tmpfs(mount: Path, size: int) -> None:
 
 
 def test_a_full_disk_while_writing_the_engine_is_one_message_and_keeps_the_old_one(engine_055, tmp_path):
-    cache = engine_055.parents[2] / ".cache" / "export"
-    (entry,) = [p for p in cache.iterdir() if p.name.startswith("tiny-qwen-vl-") and p.is_dir()]
+    entry = export_entry(engine_055)
     engine_bytes = sum(p.stat().st_size for p in engine_055.rglob("*") if p.is_file())
     cache_bytes = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
     disk = tmp_path / "small-disk"
@@ -224,8 +231,7 @@ def test_two_checkpoints_with_the_same_name_are_two_engines(tiny_qwen2_vl, tmp_p
 
 def test_engine_files_are_independent_of_the_cache_and_of_each_other(builds, engine_055):
     other = builds("tiny-qwen-vl", 0.3).engine_dirs["ort-cpu"]
-    cache = engine_055.parents[2] / ".cache" / "export"
-    (entry,) = [p for p in cache.iterdir() if p.name.startswith("tiny-qwen-vl-") and p.is_dir()]
+    entry = export_entry(engine_055)
     for name in ("vision.onnx", "embed.onnx", "decode.onnx"):
         inodes = {(p / name).stat().st_ino for p in (engine_055, other, entry)}
         assert len(inodes) == 3 and all((p / name).stat().st_nlink == 1 for p in (engine_055, other, entry))
@@ -240,8 +246,7 @@ def test_engine_files_are_independent_of_the_cache_and_of_each_other(builds, eng
 
 
 def test_a_second_build_waits_for_the_lock_and_reuses_the_cache(engine_055, engines_out):
-    cache = engines_out / ".cache" / "export"
-    (entry,) = [p for p in cache.iterdir() if p.name.startswith("tiny-qwen-vl-") and p.is_dir()]
+    entry = export_entry(engine_055)
     with locked(entry, what="the export cache entry"):  # as a concurrent build holds it while exporting
         proc = start_build("--model", "tiny-qwen-vl", "--ratio", "0.5", "--no-parity", "--out", str(engines_out))
         lines = wait_for(proc, "waiting for another build")
@@ -384,8 +389,7 @@ def test_the_transform_twice_in_one_process_is_byte_identical(builds):
     from lightkv_export.method.schedule import parse_schedule
     from lightkv_export.targets.ort import transform_prefill
 
-    directory = builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"].parents[2] / ".cache" / "export"
-    (entry,) = [p for p in directory.iterdir() if p.name.startswith("tiny-qwen-vl-") and p.is_dir()]
+    entry = export_entry(builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"])
     exported = _graphs(entry, json.loads((entry / "export.json").read_text()))
     schedule = parse_schedule("3:2:0.5,4:2:0.5,7:1:0.5", 8)
     graphs = [transform_prefill(exported, schedule, positions="preserve", grid_mode="true")[0] for _ in range(3)]
@@ -393,8 +397,7 @@ def test_the_transform_twice_in_one_process_is_byte_identical(builds):
 
 
 def test_a_forced_rebuild_gives_byte_identical_graphs(engine_055, tmp_path):
-    cache = engine_055.parents[2] / ".cache" / "export"
-    (entry,) = [p for p in cache.iterdir() if p.name.startswith("tiny-qwen-vl-") and p.is_dir()]
+    entry = export_entry(engine_055)
     out = tmp_path / "out"
     shutil.copytree(entry, out / ".cache" / "export" / entry.name)
     logs: list[str] = []

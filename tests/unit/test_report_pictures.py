@@ -16,10 +16,10 @@ from PIL import Image
 
 from lightkv_export import report, torch_runtime
 from lightkv_export.config import BuildConfig
+from lightkv_export.inputs import parity_images, torch_inputs
 from lightkv_export.method.reference import lightkv_merge, plan_stage, window_layout
 from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.base import VisionSpan
-from lightkv_export.parity import parity_images, torch_inputs
 from lightkv_export.runtime import Engine
 
 
@@ -38,10 +38,34 @@ def manifest_of(engine_dir: Path) -> dict:
     return json.loads((engine_dir / "manifest.json").read_text())
 
 
-def assert_png(path: Path) -> None:
+# Pictures 1 and 2 of an 8-layer engine: 6.5 x 4.6 inches at 110 dpi.
+LAYER_PICTURE_SIZE = (715, 506)
+
+
+def png_pixels(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The picture's RGB pixels [H, W, 3], after checking it is a real, drawn PNG (of `size` = (W, H), if given)."""
     assert path.is_file(), path
     with Image.open(path) as im:
-        assert im.format == "PNG" and im.width > 300 and im.height > 200
+        assert im.format == "PNG", (path, im.format)
+        assert im.width > 300 and im.height > 200, (path, im.size)
+        if size is not None:
+            assert im.size == size, (path, im.size, size)
+        pixels = np.asarray(im.convert("RGB"))
+    colours, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+    assert len(colours) > 16, f"{path}: {len(colours)} colours, nothing drawn"  # bars, text, antialiasing
+    assert counts.max() < 0.97 * counts.sum(), f"{path}: almost one colour"
+    return pixels
+
+
+def assert_png(path: Path, size: tuple[int, int] | None = None) -> None:
+    png_pixels(path, size)
+
+
+def assert_differ(a: Path, b: Path) -> None:
+    """Two pictures of different data: same size, different pixels."""
+    pa, pb = png_pixels(a), png_pixels(b)
+    assert pa.shape == pb.shape, (a, b, pa.shape, pb.shape)
+    assert (pa != pb).any(axis=-1).mean() > 0.001, f"{a} and {b} show the same picture"
 
 
 # --- the reference op's bookkeeping -------------------------------------------------------------------------
@@ -82,7 +106,11 @@ def test_build_pictures_are_written_linked_once_and_plot_the_manifest(engines, t
     assert [p.name for p in paths] == [report.VISION_PNG, report.KV_PNG]
     for p in paths:
         assert p.parent == engine_dir / report.PICTURES_DIR
-        assert_png(p)
+        assert_png(p, LAYER_PICTURE_SIZE)
+    # The vanilla engine's pictures of the same model differ: they plot other per-layer series.
+    vanilla = report.write_layer_pictures(manifest_of(engines["vanilla"]), tmp_path / "vanilla")
+    assert_differ(paths[0], vanilla[0].path)
+    assert_differ(paths[1], vanilla[1].path)
     report.write_build_pictures(engine_dir)  # again: no second section
     text = (engine_dir / "report.md").read_text()
     assert text.startswith("# Parity report: x\n\n**parity PASS**")
@@ -132,9 +160,18 @@ def test_merge_map_and_guidance_match_the_run(engines, tmp_path, tiny_qwen_vl):
     engine_dir = engines["lightkv"]
     manifest = manifest_of(engine_dir)
     pics = report.request_pictures(engine_dir, tmp_path, loaded=tiny_qwen_vl)
-    for p in pics.paths():
-        assert_png(p)
     assert len(pics.paths()) == 4
+    for p in pics.paths()[:2]:
+        assert_png(p, LAYER_PICTURE_SIZE)
+    # Another image, same prompt: the layer pictures are the same, the merge map and guidance are not.
+    other = report.request_pictures(
+        engine_dir, tmp_path / "other", parity_images(tuple(manifest["image_size"]), 9), loaded=tiny_qwen_vl
+    )
+    assert [p.name for p in other.paths()] == [p.name for p in pics.paths()]
+    for mine, theirs in zip(pics.paths()[:2], other.paths()[:2], strict=True):
+        np.testing.assert_array_equal(png_pixels(mine), png_pixels(theirs))
+    for mine, theirs in zip(pics.paths()[2:], other.paths()[2:], strict=True):
+        assert_differ(mine, theirs)
 
     # An independent run on the same inputs: the engine's prepare, the ONNX prefill and the PyTorch reference.
     engine = Engine.load(engine_dir)
@@ -197,7 +234,7 @@ def test_colour_groups_gives_touching_groups_different_colours():
 # --- the CLI ---------------------------------------------------------------------------------------------------
 
 
-def test_cli_any_image_and_prompt(engines, tmp_path, capsys):
+def test_cli_any_image_and_prompt(engines, tmp_path, capsys, tiny_qwen_vl):
     photo = tmp_path / "photo.png"
     parity_images((200, 150), 7).save(photo)  # another size: the engine resizes to its profile
     out = tmp_path / "pics"
@@ -209,6 +246,15 @@ def test_cli_any_image_and_prompt(engines, tmp_path, capsys):
     for p in printed:
         assert p.parent == out
         assert_png(p)
+    # Against the engine's default request (another image and prompt): every picture shows other data, except
+    # the vision-token one, which plots only the manifest.
+    default = report.request_pictures(engines["lightkv"], tmp_path / "default", loaded=tiny_qwen_vl)
+    for mine, theirs in zip(printed, default.paths(), strict=True):
+        assert mine.name == theirs.name
+        if mine.name == report.VISION_PNG:
+            np.testing.assert_array_equal(png_pixels(mine), png_pixels(theirs))
+        else:
+            assert_differ(mine, theirs)
 
 
 def test_cli_vanilla_engine_says_there_is_no_merge_map(engines, tmp_path, capsys):

@@ -198,9 +198,17 @@ def test_main_in_process(capsys):
     assert rt.main(argv) == 0
     assert "tokens:" in capsys.readouterr().out
     assert rt.main(["--model", "tiny-qwen-vl", "--ratio", "0.55", "--compat", "official", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
     assert rt.main(["--model", "tiny-qwen-vl", "--ratio", "0.05"]) == 2
-    assert "cannot be reached" in " ".join(capsys.readouterr().err.split())
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())  # rich wraps lines
+    assert "ratio 0.05 cannot be reached with 8 decoder layers" in err and "reachable range is" in err
+    assert captured.out == "" and "Traceback" not in err  # no tokens printed: it stopped before generating
     assert rt.main(["--model", "tiny-qwen-vl", "--image", "/nonexistent.png"]) == 2
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())
+    assert err.startswith("error: cannot read image '/nonexistent.png'") and "Expected a PNG or JPEG file" in err
+    assert captured.out == "" and "Traceback" not in err
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -5,10 +5,17 @@ Regenerate the goldens after an intended change: UPDATE_GOLDEN=1 pytest tests/un
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import importlib.util
 import io
 import json
 import os
+import socket
+import struct
+import threading
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +104,15 @@ def test_config_parses_as_triton_model_config(key):
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["engine_dir"] == "engine"
     assert int(params["default_max_new_tokens"]) == min(16, manifest["max_new_tokens_limit"])
+    # The server limits, with their defaults, as model.py reads them back.
+    assert codec.Limits.from_parameters(params) == codec.Limits()
+    assert {k: int(params[k]) for k in codec.Limits().parameters()} == {
+        "max_prompt_chars": 8192,
+        "max_prompt_tokens": 2048,
+        "max_images": 8,
+        "max_image_pixels": 4096 * 4096,
+        "max_sequence_length": 4096,
+    }
 
 
 def test_model_names():
@@ -130,21 +146,51 @@ def test_write_repository_layout(tmp_path):
     assert (version / "model.py").read_text() == triton_repo.MODEL_TEMPLATE.read_text()
     assert (version / "engine" / "onnx" / "prefill.onnx").read_bytes() == b"\x00" * 64
     assert json.loads((version / "engine" / "manifest.json").read_text()) == MANIFESTS["ort_cpu_lightkv"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".repo.")]  # no temp dir left behind
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".repo")] == []  # no temp dir or lock left
 
 
-def test_rewrite_replaces_own_repository_and_refuses_foreign(tmp_path):
+def test_writing_into_a_repository_merges_and_refuses_foreign(tmp_path):
     a = fake_engine(tmp_path / "e", MANIFESTS["ort_cpu_lightkv"])
     b = fake_engine(tmp_path / "e", MANIFESTS["ort_cpu_vanilla"])
-    repo = triton_repo.write_repository([a, b], tmp_path / "repo")
-    triton_repo.write_repository([b], repo)
-    assert triton_repo.repository_models(repo) == ["vanilla_tiny-qwen-vl_ort-cpu"]
+    name_a, name_b = (triton_repo.model_name(MANIFESTS[k]) for k in ("ort_cpu_lightkv", "ort_cpu_vanilla"))
+    repo = triton_repo.write_repository([a], tmp_path / "repo")
+    triton_repo.write_repository([b], repo)  # a second engine joins the first
+    assert triton_repo.repository_models(repo) == [name_a, name_b]
+    assert triton_repo.read_marker(repo) == {name_a: str(a), name_b: str(b)}
+    assert (repo / name_a / "1" / "engine" / "onnx" / "prefill.onnx").read_bytes() == b"\x00" * 64
+    # Writing A again replaces only A, with A's new content; B stays as it was.
+    (a / "onnx" / "prefill.onnx").write_bytes(b"\x01" * 32)
+    b_config = (repo / name_b / "config.pbtxt").read_text()
+    triton_repo.write_repository([a], repo)
+    assert triton_repo.repository_models(repo) == [name_a, name_b]
+    assert (repo / name_a / "1" / "engine" / "onnx" / "prefill.onnx").read_bytes() == b"\x01" * 32
+    assert (repo / name_b / "config.pbtxt").read_text() == b_config
+    assert (repo / name_b / "1" / "engine" / "onnx" / "prefill.onnx").read_bytes() == b"\x00" * 64
+    assert triton_repo.read_marker(repo) == {name_a: str(a), name_b: str(b)}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "repo"]  # no stage or old copy left
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("mine")
     with pytest.raises(InputError, match="not a lightkv_export repository"):
         triton_repo.write_repository([a], foreign)
-    assert (foreign / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"] and (foreign / "keep.txt").read_text() == "mine"
+
+
+def test_repository_engines_are_independent_copies(tmp_path):
+    """A write through the repository's engine never reaches the source engine (no hard links), and the reverse."""
+    a = fake_engine(tmp_path / "e", MANIFESTS["ort_cpu_lightkv"])
+    b = fake_engine(tmp_path / "e", MANIFESTS["ort_cpu_vanilla"])
+    repo = triton_repo.write_repository([a], tmp_path / "repo")
+    triton_repo.write_repository([b], repo)  # A is carried over into the merged repository
+    for engine, manifest in ((a, MANIFESTS["ort_cpu_lightkv"]), (b, MANIFESTS["ort_cpu_vanilla"])):
+        source = engine / "onnx" / "prefill.onnx"
+        copy = repo / triton_repo.model_name(manifest) / "1" / "engine" / "onnx" / "prefill.onnx"
+        assert os.stat(copy).st_ino != os.stat(source).st_ino and os.stat(source).st_nlink == 1
+        with open(copy, "r+b") as f:  # overwrite in place, as a careless tool would
+            f.write(b"\xff" * 64)
+        assert source.read_bytes() == b"\x00" * 64
+        source.write_bytes(b"\x02" * 64)
+        assert copy.read_bytes() == b"\xff" * 64
 
 
 def test_failed_write_leaves_previous_repository(tmp_path, monkeypatch):
@@ -212,6 +258,183 @@ def test_codec_prompt_and_max_new_tokens():
         codec.decode_prompt(np.array([b"a", b"b"], dtype=np.object_))
     assert codec.decode_max_new_tokens(None, 7) == 7
     assert codec.decode_max_new_tokens(np.array([3], dtype=np.int32), 7) == 3
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (1-bit grey) and whose pixel data is cut off after a few rows."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    rows = zlib.compress(b"\x00" * ((width + 7) // 8 + 1) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def png_bomb(side: int) -> bytes:
+    """A complete side x side 1-bit PNG of zeros: tens of kB on the wire, side**2 pixels once decoded."""
+    row = b"\x00" * ((side + 7) // 8 + 1)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row * 1000) for _ in range(side // 1000)) + compressor.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def test_limits_refuse_before_any_work():
+    limits = codec.Limits()
+    # More images than allowed: refused from the tensor's size, before any blob is opened (these are garbage).
+    with pytest.raises(InputError, match=r"60 images, which is over the server's limit of 8 .*parameter max_images"):
+        codec.decode_images(np.array([b"garbage"] * 60, dtype=np.object_), limits)
+    # Pixels: from the header alone (the pixel data here is cut off, so decoding would fail with another message).
+    with pytest.raises(InputError, match=r"image 0 is 12000x12000 = 144000000 pixels, which is over .* 16777216"):
+        codec.decode_images(np.array([png_header_only(12000, 12000)], dtype=np.object_), limits)
+    # A real bomb, past PIL's own guard (2 x 89 M pixels): our limit's message, not a DecompressionBombError.
+    bomb = png_bomb(20000)
+    assert len(bomb) < 200_000
+    with pytest.raises(InputError, match=r"image 1 has 400000000 pixels, .*parameter max_image_pixels"):
+        codec.decode_images(np.array([png_bytes(), bomb], dtype=np.object_), limits)
+    # Prompt characters, counted as characters (2 bytes each here), before anything else.
+    with pytest.raises(InputError, match=r"the prompt has 10000 characters, .*limit of 8192 .*max_prompt_chars"):
+        codec.decode_prompt(np.array([("é" * 10_000).encode()], dtype=np.object_), limits)
+    assert codec.decode_prompt(np.array([("é" * 8192).encode()], dtype=np.object_), limits) == "é" * 8192
+    with pytest.raises(InputError, match=r"sequence of 4101 tokens \(20 template \+ 8 images x 500 \+ 65 prompt "):
+        codec.check_sequence(limits, 20, 500, 8, 65, 16)
+    assert codec.check_sequence(limits, 20, 500, 8, 60, 16) == 4096
+    # Within the limits, the images decode as before; the limit is inclusive and its value is the config's.
+    assert [im.size for im in codec.decode_images(np.array([png_bytes()], dtype=np.object_), limits)] == [(32, 24)]
+    assert codec.decode_images(np.array([png_bytes()], dtype=np.object_), codec.Limits(max_image_pixels=32 * 24))
+    with pytest.raises(InputError, match=r"image 0 is 32x24 = 768 pixels, which is over the server's limit of 767 "):
+        codec.decode_images(np.array([png_bytes()], dtype=np.object_), codec.Limits(max_image_pixels=767))
+
+
+def test_limits_from_config_parameters():
+    limits = codec.Limits.from_parameters({"max_images": "60", "engine_dir": "engine", "max_prompt_chars": " 100 "})
+    assert (limits.max_images, limits.max_prompt_chars, limits.max_sequence_length) == (60, 100, 4096)
+    for bad in ("0", "-3", "many", ""):
+        with pytest.raises(
+            InputError, match=f"config.pbtxt parameter max_images: expected a positive integer, got '{bad.strip()}'"
+        ):
+            codec.Limits.from_parameters({"max_images": bad})
+
+
+def test_missing_input_is_named():
+    with pytest.raises(InputError, match="missing input 'prompt'"):
+        codec.require(None, "prompt")
+    values = np.array([b"x"], dtype=np.object_)
+    assert codec.require(values, "image") is values
+
+
+def test_encode_generation_names_every_field():
+    """Distinct values per field: a swap of any two outputs (prefill_ms and decode_ms, say) fails here."""
+    from lightkv_export.runtime import Generation
+
+    gen = Generation(
+        text="héllo",
+        token_ids=[11, 12, 13],
+        vision_tokens_in=192,
+        vision_tokens_per_group=[192, 96, 48],
+        kv_bytes=314368,
+        prefill_ms=12.5,
+        decode_ms=3.25,
+        kv_lengths=[1, 2],
+    )
+    out = codec.encode_generation(gen)
+    assert list(out) == list(codec.OUTPUT_DTYPES)
+    assert {k: v.dtype for k, v in out.items()} == {k: np.dtype(t) for k, t in codec.OUTPUT_DTYPES.items()}
+    assert out["text"].tolist() == ["héllo".encode()]
+    assert out["token_ids"].tolist() == [11, 12, 13]
+    assert out["vision_tokens_in"].tolist() == [192]
+    assert out["vision_tokens_per_group"].tolist() == [192, 96, 48]
+    assert out["kv_bytes"].tolist() == [314368]
+    assert out["prefill_ms"].tolist() == [12.5]
+    assert out["decode_ms"].tolist() == [3.25]
+
+
+@contextlib.contextmanager
+def silent_listener():
+    """A TCP port that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                accepted.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for c in accepted:
+            c.close()
+        server.close()
+
+
+@contextlib.contextmanager
+def server_that_never_answers_infer():
+    """An HTTP server that says it is live and serves model "m", then never answers an inference."""
+    release = threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def reply(self, body: bytes):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self.reply(b"")
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            if self.path.endswith("/infer"):
+                release.wait(30)
+                return
+            self.reply(json.dumps([{"name": "m", "version": "1", "state": "READY"}]).encode())
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        release.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_client_times_out_with_a_clear_message(tmp_path, capsys):
+    img = tmp_path / "a.png"
+    img.write_bytes(png_bytes())
+    with silent_listener() as url:
+        t0 = time.monotonic()
+        assert client.main(["--url", url, "--image", str(img), "--prompt", "hi", "--connect-timeout", "1"]) == 1
+        assert time.monotonic() - t0 < 5
+        err = capsys.readouterr().err
+        assert f"no answer from {url} within 1 s (--connect-timeout)" in err and "Traceback" not in err
+    with server_that_never_answers_infer() as url:
+        t0 = time.monotonic()
+        assert client.main(["--url", url, "--image", str(img), "--prompt", "hi", "--timeout", "1.5"]) == 1
+        assert time.monotonic() - t0 < 6
+        err = capsys.readouterr().err
+        assert f"m at {url} gave no answer within 1.5 s (--timeout)" in err and "Traceback" not in err
+    for flag in ("--timeout", "--connect-timeout"):
+        assert client.main(["--url", "http://127.0.0.1:9", "--image", str(img), "--prompt", "hi", flag, "0"]) == 2
+        assert f"{flag} must be a positive number of seconds, got 0.0" in capsys.readouterr().err
 
 
 def test_client_arguments(tmp_path, capsys):

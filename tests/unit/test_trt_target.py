@@ -188,8 +188,9 @@ def stub_plugins() -> dict[str, dict[str, object]]:
     return registered
 
 
-# B = 2, S = 40, D = 48, W = 3 windows of n_max = 9 slots (na = 5), S' = 30.
-B, S, D, W, N_MAX, NA, S_OUT = 2, 40, 48, 3, 9, 5, 30
+# B = 2, S = 300, D = 160, W = 3 windows of n_max = 131 slots (na = 66), S' = 200: big enough that every grid
+# dimension has several tiles, so a grid computed from the wrong size shows.
+B, S, D, W, N_MAX, NA, S_OUT = 2, 300, 160, 3, 131, 66, 200
 PLUGIN_IO = {  # plugin -> (inputs, outputs) as TensorDescs
     "LightKVMatch": (
         [_Desc((B, S, D), "float16"), _Desc((W, N_MAX), "int64")],
@@ -246,6 +247,95 @@ def test_aot_scalars_fill_the_compiled_kernels_parameter_list(
     assert len(inputs) + len(scalars) + len(outputs) == len(ptx_params)
     assert all(isinstance(v, int) and v > 0 for v in scalars)
     assert params.grid_x > 0 and params.block_x in (128, 256)
+
+
+KERNEL_OF = {"LightKVMatch": "match_kernel", "LightKVPlan": "plan_kernel", "LightKVEmit": "emit_kernel"}
+# Every scalar parameter name of the kernels (plugins/lightkv/kernels.py), with its value for PLUGIN_IO's shapes.
+# The values are pairwise distinct, so a scalar in the wrong slot always shows.
+SCALARS = {"n_max": N_MAX, "dim": D, "n_win": W, "seq": S, "batch": B, "out_seq": S_OUT}
+assert len(set(SCALARS.values())) == len(SCALARS)
+
+
+def _kernel_params(plugin: str) -> tuple[list[str], list[str], list[str]]:
+    """(input pointers, scalars, output pointers) of the plugin's kernel, from its declared signature."""
+    import inspect
+
+    from plugins.lightkv import kernels
+
+    names = [
+        p.name
+        for p in inspect.signature(getattr(kernels, KERNEL_OF[plugin]).fn).parameters.values()
+        if "constexpr" not in str(p.annotation)
+    ]
+    scalars = [n for n in names if not n.endswith("_ptr")]
+    first, last = names.index(scalars[0]), names.index(scalars[-1])
+    assert names[first : last + 1] == scalars, f"{plugin}: scalars are not one run between the pointers: {names}"
+    return names[:first], scalars, names[last + 1 :]
+
+
+class _RecordedLaunch:
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **meta)` records the grid and the bound arguments."""
+
+    def __init__(self, real) -> None:
+        self.real, self.calls = real, []
+
+    def __getitem__(self, grid):
+        import inspect
+
+        def launch(*args, **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
+            bound = inspect.signature(self.real.fn).bind(*args, **kwargs).arguments
+            self.calls.append((tuple(grid), dict(bound)))
+
+        return launch
+
+
+def _launch_py_grids_and_scalars(monkeypatch: pytest.MonkeyPatch, tactic: int) -> dict[str, tuple]:
+    """What plugins/lightkv/launch.py (checked for correctness under the interpreter) launches for PLUGIN_IO's
+    shapes and the tactic's configuration: kernel -> (grid, arguments by parameter name)."""
+    from plugins.lightkv import kernels, launch, trt_plugin
+
+    recorders = {}
+    for name in KERNEL_OF.values():
+        recorders[name] = _RecordedLaunch(getattr(kernels, name))
+        monkeypatch.setattr(kernels, name, recorders[name])
+    plan = launch.PlanTensors(
+        win_index=torch.zeros(W, N_MAX, dtype=torch.int64), win_r=torch.ones(W, dtype=torch.int64),
+        lengths=torch.full((B,), S, dtype=torch.int64), out_lengths=torch.full((B,), S_OUT, dtype=torch.int64),
+        out_seq=S_OUT,
+    )  # fmt: skip
+    hidden = torch.zeros(B, S, D, dtype=torch.float16)
+    launch.launch_kernels(hidden, torch.ones(B, S), plan, trt_plugin.TACTICS[tactic])
+    assert all(len(r.calls) == 1 for r in recorders.values())
+    return {name: r.calls[0] for name, r in recorders.items()}
+
+
+@pytest.mark.parametrize("tactic", [1, 2])
+@pytest.mark.parametrize("plugin", list(PLUGIN_IO))
+def test_aot_scalars_and_grid_are_the_kernels_declared_parameters(
+    stub_plugins: dict[str, dict[str, object]], monkeypatch: pytest.MonkeyPatch, plugin: str, tactic: int
+) -> None:
+    """The launch scalars are the kernel's scalar parameters, in its declared order, with the values of the
+    shapes (n_max and dim swapped must fail), and the grid is the one launch.py uses for the same configuration."""
+    from plugins.lightkv import trt_plugin
+
+    in_ptrs, scalar_names, out_ptrs = _kernel_params(plugin)
+    inputs, outputs = PLUGIN_IO[plugin]
+    assert (len(in_ptrs), len(out_ptrs)) == (len(inputs), len(outputs))
+    _, _, params, scalars = stub_plugins[f"lightkv::{plugin}"]["aot_impl"](*inputs, tuple(outputs), tactic)
+    assert list(scalars) == [SCALARS[n] for n in scalar_names], dict(zip(scalar_names, scalars, strict=False))
+
+    grid, args = _launch_py_grids_and_scalars(monkeypatch, tactic)[KERNEL_OF[plugin]]
+    assert [int(args[n]) for n in scalar_names] == list(scalars)  # launch.py passes the same values
+    got_grid = (params.grid_x,) if params.grid_y is None else (params.grid_x, params.grid_y)
+    assert got_grid == grid, f"TensorRT grid {got_grid} != launch.py grid {grid}"
+    cfg = trt_plugin.TACTICS[tactic]
+    want = {  # the grids written out from the kernels' program ids (a window and an A tile; a row; tiles and D)
+        "LightKVMatch": (W, -(-NA // cfg.match_a)),
+        "LightKVPlan": (B,),
+        "LightKVEmit": (B * -(-S_OUT // cfg.emit_s) + W * -(-(N_MAX // 2) // cfg.emit_b), -(-D // cfg.emit_d)),
+    }[plugin]
+    assert got_grid == want
 
 
 # --- TensorRT version, timing cache, hashes and dtypes (no TensorRT needed) --------------------------------------
