@@ -102,7 +102,7 @@ def export_graphs(size: BenchSize, workdir: Path):
     text, head = family.text_model(model), family.lm_head(model)
     path = workdir / "prefill.onnx"
     with torch.no_grad():
-        export_prefill(text, head, path, dtype=torch.float32)
+        export_prefill(text, head, path, dtype=torch.float32, positions=family.POSITIONS)
     t1 = time.perf_counter()
     exported = onnx.load(str(path))
     schedule = solve(size.layers, RATIO, size.windows)
@@ -115,12 +115,12 @@ def export_graphs(size: BenchSize, workdir: Path):
 def make_request(size: BenchSize, seed: int = 0) -> tuple[dict[str, np.ndarray], list]:
     """Feeds shared by both graphs (B = 1) and the row's vision spans."""
     from lightkv_export.models.base import VisionSpan
-    from lightkv_export.models.mrope import mrope_positions
+    from lightkv_export.models.positions import MROPE
 
     h, w = size.grid
     spans = [VisionSpan(size.text_before, h * w, (h, w))]
     seq = size.text_before + h * w + size.text_after
-    positions, _ = mrope_positions(seq, spans)  # [3, S]
+    positions, _ = MROPE.host(seq, spans)  # [3, S]: the benchmark's model is a Qwen2.5-VL
     embeds = np.random.default_rng(seed).standard_normal((1, seq, size.hidden)).astype(np.float32)  # [1, S, D]
     feeds = {
         "inputs_embeds": embeds,

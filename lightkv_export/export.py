@@ -15,11 +15,12 @@ plus `metadata_props` describing them. The pass finds the values by these names 
 `strip_roles` removes them for the vanilla engine.
 
 Graphs (B batch, S prompt tokens, D hidden, L layers, Hkv KV heads, d head size, V vocabulary):
-* prefill: inputs_embeds [B, S, D], position_ids [3, B, S] int64, lengths [B] int64
+* prefill: inputs_embeds [B, S, D], position_ids [*lead, B, S] int64 (the family's scheme: [3, B, S] for M-RoPE,
+           [B, S] for 1-D RoPE), lengths [B] int64
            -> logits [B, V] (at each row's last valid token), present.{i}.key / .value [B, Hkv, S, d]
 * embed:   input_ids [B, S] int64 -> inputs_embeds [B, S, D] (the token embedding table, shared by both below)
-* decode:  inputs_embeds [B, 1, D], position_ids [3, B, 1], past.{i}.key / .value [B, Hkv, P_i, d] (each layer its own
-           P_i), past_mask.{i} [B, P_i] int64 (1 = real entry) -> logits [B, V], present.{i}.key / .value
+* decode:  inputs_embeds [B, 1, D], position_ids [*lead, B, 1], past.{i}.key / .value [B, Hkv, P_i, d] (each layer
+           its own P_i), past_mask.{i} [B, P_i] int64 (1 = real entry) -> logits [B, V], present.{i}.key / .value
 * vision:  pixel_values [N_patches, F] for one image of the profile's grid -> image_embeds [N_vis, D]
 """
 
@@ -53,12 +54,13 @@ from lightkv_export.artifacts import (
 )
 from lightkv_export.errors import InputError
 from lightkv_export.models.base import LoadedModel
+from lightkv_export.models.positions import Positions
 
 EXPORT_ATTENTION = "lightkv_export_attention"
 ROLE_PREFIX = "lightkv.role."
 ROLE_META_KEY = "lightkv.roles"
 OPSET = 21
-EXPORT_VERSION = 2  # bump when the graph contract changes: part of the export cache key
+EXPORT_VERSION = 3  # bump when the graph contract changes: part of the export cache key
 
 
 def export_attention(module, query, key, value, attention_mask, *, scaling=None, lightkv=None, **_kwargs):
@@ -216,11 +218,13 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def export_prefill(text_model, lm_head, path: Path, *, dtype: torch.dtype, example_len: int = 24) -> None:
+def export_prefill(
+    text_model, lm_head, path: Path, *, dtype: torch.dtype, positions: Positions, example_len: int = 24
+) -> None:
     cfg = text_model.config
     n = len(text_model.layers)
     embeds = torch.randn(2, example_len, cfg.hidden_size, dtype=dtype)
-    pos = torch.arange(example_len).view(1, 1, -1).expand(3, 2, -1).contiguous()
+    pos = positions.example(2, example_len)  # [*lead, 2, S]
     lengths = torch.tensor([example_len, example_len - 3])
     outputs, roles = prefill_names(n)
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=32768)
@@ -231,7 +235,7 @@ def export_prefill(text_model, lm_head, path: Path, *, dtype: torch.dtype, examp
             path,
             input_names=["inputs_embeds", "position_ids", "lengths"],
             output_names=outputs + roles,
-            dynamic_shapes=({0: batch, 1: seq}, {1: batch, 2: seq}, {0: batch}),
+            dynamic_shapes=({0: batch, 1: seq}, {positions.seq_axis - 1: batch, positions.seq_axis: seq}, {0: batch}),
         )
     model = onnx.load(str(path), load_external_data=False)
     meta = {
@@ -242,6 +246,7 @@ def export_prefill(text_model, lm_head, path: Path, *, dtype: torch.dtype, examp
         "cos": f"{ROLE_PREFIX}cos",
         "sin": f"{ROLE_PREFIX}sin",
         "position_ids": "position_ids",
+        "position_scheme": positions.name,
         "lengths": "lengths",
         "num_heads": cfg.num_attention_heads,
         "num_kv_heads": cfg.num_key_value_heads,
@@ -251,7 +256,9 @@ def export_prefill(text_model, lm_head, path: Path, *, dtype: torch.dtype, examp
     onnx.save(model, str(path))
 
 
-def export_decode(text_model, lm_head, path: Path, *, dtype: torch.dtype, example_past: int = 10) -> None:
+def export_decode(
+    text_model, lm_head, path: Path, *, dtype: torch.dtype, positions: Positions, example_past: int = 10
+) -> None:
     cfg = text_model.config
     n = len(text_model.layers)
     hkv, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
@@ -262,10 +269,11 @@ def export_decode(text_model, lm_head, path: Path, *, dtype: torch.dtype, exampl
         shape = (2, hkv, example_past + i, hd)  # different lengths so the exporter cannot tie the dims together
         kv += [torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)]
     masks = [torch.ones(2, example_past + i, dtype=torch.long) for i in range(n)]
-    args = (torch.randn(2, 1, cfg.hidden_size, dtype=dtype), torch.full((3, 2, 1), example_past + 3), *kv, *masks)
+    pos = positions.example(2, 1) + example_past + 3  # [*lead, 2, 1]
+    args = (torch.randn(2, 1, cfg.hidden_size, dtype=dtype), pos, *kv, *masks)
     past_dyn = [{0: batch, 2: past_dims[i]} for i in range(n) for _ in range(2)]
     past_dyn += [{0: batch, 1: past_dims[i]} for i in range(n)]
-    dyn = ({0: batch}, {1: batch}, tuple(past_dyn))  # *past is one tuple argument to torch.export
+    dyn = ({0: batch}, {positions.seq_axis - 1: batch}, tuple(past_dyn))  # *past is one tuple argument to torch.export
     inputs, outputs = decode_names(n)
     with attention_implementation(cfg, EXPORT_ATTENTION):
         _export(
@@ -570,7 +578,7 @@ def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: Model
     try:
         export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype)
         export_embed(text, tmp / "embed.onnx")
-        export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype)
+        export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype, positions=loaded.family.POSITIONS)
         why = "" if worker is None else wait_worker(worker, worker_log, deadline)
     except BaseException:  # failed or interrupted here: the worker's graph is of no use
         if worker is not None:
@@ -583,7 +591,7 @@ def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: Model
         if why:
             log(f"the decode-graph export in a second process failed ({why}); exporting it in this process")
             decode.unlink(missing_ok=True)
-        export_decode(text, head, decode, dtype=dtype)
+        export_decode(text, head, decode, dtype=dtype, positions=loaded.family.POSITIONS)
     return {
         "model": loaded.spec.key,
         "key": key,

@@ -40,5 +40,5 @@ def torch_inputs(request: Request) -> PrefillInputs:
         attention_mask=torch.ones(request.input_ids.shape, dtype=torch.long),
         input_ids=torch.from_numpy(request.input_ids),
         spans=request.spans,
-        rope_deltas=torch.tensor([[request.rope_delta]]),
+        decode_offset=torch.tensor([[request.decode_offset]]),
     )

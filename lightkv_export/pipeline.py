@@ -267,6 +267,7 @@ def base_manifest(
         "image_token_id": int(loaded.model.config.image_token_id),
         "vision_patch_dim": 3 * features.temporal_patch_size * features.patch_size**2,
         "spatial_merge": loaded.family.spatial_merge(loaded.model),
+        "position_scheme": loaded.family.POSITIONS.name,
         "eos_token_ids": [int(e) for e in eos],
         "max_new_tokens_limit": config.max_new_tokens_limit,
         "export_key": exported.meta["key"],

@@ -24,7 +24,6 @@ from lightkv_export.errors import InputError
 from lightkv_export.method.merge_plan import RequestPlan, layer_lengths, plan_request, stage_kept_name
 from lightkv_export.method.schedule import Schedule, parse_schedule
 from lightkv_export.models.base import LoadedModel, VisionSpan
-from lightkv_export.models.mrope import mrope_positions
 
 
 class Session(Protocol):
@@ -41,8 +40,8 @@ class Request:
 
     input_ids: np.ndarray  # [1, S] int64
     inputs_embeds: np.ndarray  # [1, S, D]
-    position_ids: np.ndarray  # [3, 1, S] int64
-    rope_delta: int
+    position_ids: np.ndarray  # [*lead, 1, S] int64 (the family's scheme, models/positions.py)
+    decode_offset: int  # decode step t sits at S + decode_offset + t
     spans: list[list[VisionSpan]]
 
     @property
@@ -102,6 +101,7 @@ class Engine:
 
         self.directory, self.manifest, self.sessions = directory, manifest, sessions
         self.family = family_module(manifest["family"])
+        self.positions = self.family.POSITIONS
         # The family's host helpers take a LoadedModel; at run time it holds the processor and no model.
         self.host = LoadedModel(spec=None, model=None, processor=processor, family=self.family)
         self.processor = processor
@@ -129,7 +129,7 @@ class Engine:
     # --- host side --------------------------------------------------------------------------------------------
 
     def prepare(self, images: Sequence[Any], prompt: str) -> Request:
-        """Tokenize, encode each image with the vision graph, embed, scatter, and compute M-RoPE positions."""
+        """Tokenize, encode each image with the vision graph, embed, scatter, and compute the position ids."""
         self.family.check_inputs(self.processor, list(images), prompt)
         h, w = self.image_size
         # Every image is resized to the engine's profile: the vision graph is built for exactly that grid.
@@ -149,8 +149,8 @@ class Engine:
             processed["input_ids"], int(self.manifest["image_token_id"]), processed["image_grid_thw"],
             int(self.manifest["spatial_merge"]),
         )  # fmt: skip
-        positions, delta = mrope_positions(input_ids.shape[1], spans[0])
-        return Request(input_ids, embeds, positions[:, None, :], delta, spans)
+        positions, offset = self.positions.host(input_ids.shape[1], spans[0])  # [*lead, S]
+        return Request(input_ids, embeds, positions[..., None, :], offset, spans)
 
     # --- graphs -----------------------------------------------------------------------------------------------
 
@@ -162,10 +162,9 @@ class Engine:
         dim = requests[0].inputs_embeds.shape[2]
         ids = np.zeros((len(requests), seq), dtype=np.int64)
         embeds = np.zeros((len(requests), seq, dim), dtype=requests[0].inputs_embeds.dtype)
-        positions = np.zeros((3, len(requests), seq), dtype=np.int64)
         for b, r in enumerate(requests):
             ids[b, : r.seq_len], embeds[b, : r.seq_len] = r.input_ids[0], r.inputs_embeds[0]
-            positions[:, b, : r.seq_len] = r.position_ids[:, 0]
+        positions = self.positions.batch([r.position_ids[..., 0, :] for r in requests], seq)  # [*lead, B, S]
         return Request(ids, embeds, positions, 0, [r.spans[0] for r in requests])
 
     def prefill(
@@ -205,12 +204,11 @@ class Engine:
         values: list[np.ndarray],
         masks: list[np.ndarray],
     ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        """One greedy step for every row: tokens [B], M-RoPE positions [B] (all three sections), per-layer caches
+        """One greedy step for every row: tokens [B], positions [B] (on every row of the scheme), per-layer caches
         [B, Hkv, P_l, d] and masks [B, P_l] (0 at padding). Returns logits [B, V] and the grown caches and masks."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)  # [B, 1]
         embeds = self.sessions["embed"].run(None, {"input_ids": ids})[0]  # [B, 1, D]
-        pos = np.broadcast_to(np.asarray(positions, dtype=np.int64).reshape(1, -1, 1), (3, len(ids), 1))
-        feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "position_ids": np.ascontiguousarray(pos)}
+        feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "position_ids": self.positions.decode(positions)}
         for i in range(self.num_layers):
             feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = keys[i], values[i]
             feeds[f"past_mask.{i}"] = masks[i]
@@ -277,7 +275,7 @@ class Engine:
         ]
         keys, values, logits = pre.keys, pre.values, pre.logits
         # Decode continues from each row's uncompressed length, whatever LightKV removed.
-        positions = np.asarray([r.seq_len + r.rope_delta for r in rows], dtype=np.int64)
+        positions = np.asarray([r.seq_len + r.decode_offset for r in rows], dtype=np.int64)
         tokens: list[list[int]] = [[] for _ in rows]
         done = [False] * len(rows)
         while True:

@@ -76,7 +76,7 @@ class PrefillResult:
     logits: torch.Tensor  # [B, V] last position
     cache: DynamicCache
     stages: list[StageRecord]
-    next_position: torch.Tensor  # [3, B, 1] M-RoPE position of the first generated token
+    next_position: torch.Tensor  # [*lead, B, 1] position ids of the first generated token
     spans: tuple[tuple[VisionSpan, ...], ...]  # vision spans seen by the last layer group
 
     def kv_lengths(self) -> list[int]:
@@ -131,7 +131,8 @@ def prefill(
     if schedule.num_layers != len(text.layers):
         raise InputError(f"schedule is for {schedule.num_layers} layers, the model has {len(text.layers)}.")
     stage_at = {s.layer: s for s in schedule.stages}
-    pos = inputs.position_ids  # [3, 1, S]
+    scheme = loaded.family.POSITIONS
+    pos = inputs.position_ids  # [*lead, 1, S]
     spans = tuple(tuple(row) for row in inputs.spans)
     full_len = hidden.shape[1]
     cache = DynamicCache(config=loaded.text_config)
@@ -154,20 +155,17 @@ def prefill(
             res = lightkv_merge(hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode)
             records.append(StageRecord(idx + 1, res.kept, res.spans, res.skipped, xi, res.merged_into))
             hidden, spans = res.hidden, res.spans
-            if positions == "preserve":
-                pos = pos.gather(2, res.kept.unsqueeze(0).expand(3, -1, -1))  # [3, 1, S']
-            else:
-                pos = torch.arange(hidden.shape[1], device=pos.device).view(1, 1, -1).expand(3, 1, -1)  # [3, 1, S']
+            pos = scheme.after_merge(pos, res.kept, positions)  # [*lead, 1, S']
 
     last = text.norm(hidden[:, -1:])  # [1, 1, D]
     logits = loaded.family.lm_head(loaded.model)(last)[:, -1].float()  # [1, V]
-    next_pos = (full_len + inputs.rope_deltas).view(1, 1, 1).expand(3, 1, 1).long()  # [3, 1, 1]
+    next_pos = scheme.decode_torch((full_len + inputs.decode_offset).view(-1))  # [*lead, 1, 1]
     return PrefillResult(logits, cache, records, next_pos, spans)
 
 
 @torch.no_grad()
 def decode_step(loaded: LoadedModel, token: torch.Tensor, cache: DynamicCache, position: torch.Tensor) -> torch.Tensor:
-    """One token [1, 1] at M-RoPE position [3, 1, 1] over the per-layer cache; returns logits [1, V]."""
+    """One token [1, 1] at position ids [*lead, 1, 1] over the per-layer cache; returns logits [1, V]."""
     model = loaded.model
     text = loaded.family.text_model(model)
     hidden = text.embed_tokens(token)  # [1, 1, D]

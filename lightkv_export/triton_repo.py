@@ -24,11 +24,12 @@ link, so a write through the repository can not change the engine it came from, 
 Repositories are merged, not replaced: writing engines into an existing repository of ours keeps its other models
 and replaces only the models of the same names. The new repository is still staged in a temporary sibling and put
 in place in one step (`artifacts.promote`), under a lock, so concurrent writers cannot drop each other's models.
-The models kept from the old repository are hard-linked into the stage (no copy of large engines) and the old
-directory is removed right after the exchange, so no two live directories share a file. A
-directory without the marker file is never written into. model.py imports lightkv_export: the server's Python must
-have the package installed, or be started by serve.py, whose stub bootstrap puts this virtualenv's site directories
-on the stub's sys.path.
+The models kept from the old repository are copied into the stage (reflinks where the file system can, so large
+engines cost no space there; never hard links) and the old directory is removed right after the exchange, so no
+two directories ever share a file. A directory without the marker file is never written into.
+
+model.py imports lightkv_export: the server's Python must have the package installed, or be started by serve.py,
+whose stub bootstrap puts this virtualenv's site directories on the stub's sys.path.
 """
 
 from __future__ import annotations
@@ -173,15 +174,6 @@ def copy_file(src: str, dst: str) -> str:
     return dst
 
 
-def _link_or_copy(src: str, dst: str) -> str:
-    """Hard link, else a copy: only for models carried from the repository being replaced (removed right after)."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        copy_file(src, dst)
-    return dst
-
-
 def _write_model(engine_dir: Path, manifest: dict, root: Path, instances: int) -> None:
     model_dir = root / model_name(manifest)
     version_dir = model_dir / VERSION
@@ -234,9 +226,9 @@ def write_repository(engine_dirs: Sequence[Path], repo_dir: Path, *, instances: 
                 if entry.name == MARKER or entry.name in names:
                     continue
                 if entry.is_dir():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=_link_or_copy)
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=copy_file)
                 else:
-                    _link_or_copy(str(entry), str(tmp / entry.name))
+                    copy_file(str(entry), str(tmp / entry.name))
                 if entry.name in previous:
                     kept[entry.name] = previous[entry.name]
             for engine_dir, manifest in zip(engine_dirs, manifests, strict=True):

@@ -60,11 +60,11 @@ class PrefillInputs:
     """Everything the language-model prefill needs, produced by the family's `prepare`.
 
     inputs_embeds: [B, S, D] text embeddings with the vision encoder's outputs scattered in
-    position_ids:  [3, B, S] M-RoPE positions (temporal, height, width)
+    position_ids:  [*lead, B, S] the family's position ids (models/positions.py; [3, B, S] for M-RoPE)
     attention_mask:[B, S] 1 for real tokens, 0 for padding
     input_ids:     [B, S]
     spans:         per batch row, the images' vision spans in sequence order
-    rope_deltas:   [B, 1] offset so that decode step t (0-based) has position S_row + t + rope_deltas
+    decode_offset: [B, 1] so that decode step t (0-based) sits at position S_row + t + decode_offset
     """
 
     inputs_embeds: torch.Tensor
@@ -72,7 +72,7 @@ class PrefillInputs:
     attention_mask: torch.Tensor
     input_ids: torch.Tensor
     spans: list[list[VisionSpan]]
-    rope_deltas: torch.Tensor
+    decode_offset: torch.Tensor
 
 
 @dataclass

@@ -129,3 +129,4 @@ class MRope(Positions):
 
 ROPE_1D = Rope1D()
 MROPE = MRope()
+SCHEMES: dict[str, Positions] = {p.name: p for p in (ROPE_1D, MROPE)}  # by the name graphs and manifests record

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from lightkv_export.models.qwen2_vl import (
+    POSITIONS,
     check_inputs,
     embed_and_position,
     lm_head,
@@ -22,6 +23,7 @@ from lightkv_export.models.qwen2_vl import (
 )
 
 __all__ = [
+    "POSITIONS",
     "check_inputs",
     "embed_and_position",
     "lm_head",

@@ -17,10 +17,12 @@ import torch
 
 from lightkv_export.errors import InputError
 from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionSpan
+from lightkv_export.models.positions import MROPE
 
 FAMILY = "qwen2_vl"
 MODEL_TYPE = "qwen2_vl"  # config.json model_type
 HF_ID = "Qwen/Qwen2-VL-2B-Instruct"
+POSITIONS = MROPE  # position_ids [3, B, S]
 
 # Qwen2-VL-2B-Instruct's config.json, for --random-weights without the checkpoint on disk.
 REAL_TEXT = {
@@ -219,7 +221,7 @@ def embed_and_position(
         attention_mask=processed["attention_mask"],
         input_ids=input_ids,
         spans=spans,
-        rope_deltas=rope_deltas.view(-1, 1),
+        decode_offset=rope_deltas.view(-1, 1),
     )
 
 

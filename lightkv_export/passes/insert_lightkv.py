@@ -29,6 +29,7 @@ from lightkv_export.method.merge_plan import stage_input_names, stage_kept_name
 from lightkv_export.method.onnx_function import lightkv_function, node_attributes
 from lightkv_export.method.reference import OP_DOMAIN, OP_NAME, OP_VERSION
 from lightkv_export.method.schedule import Schedule
+from lightkv_export.models.positions import SCHEMES
 
 PositionMode = Literal["preserve", "official"]
 INT64, FLOAT, BOOL = ir.DataType.INT64, ir.DataType.FLOAT, ir.DataType.BOOL
@@ -198,6 +199,7 @@ def insert_lightkv(
     values = {v.name: v for v in graph.inputs}
     values.update({v.name: v for node in graph for v in node.outputs})
     state = {"pos": values[meta["position_ids"]], "len": values[meta["lengths"]]}
+    scheme = SCHEMES[meta.get("position_scheme", "mrope")]  # exports before the scheme was recorded: Qwen-VL
     cloned = guidance_nodes = 0
     seq_dims: list[str] = []
 
@@ -230,17 +232,7 @@ def insert_lightkv(
         for node, idx in uses:
             node.replace_input_with(idx, merged)
 
-        if positions == "preserve":
-            three = b.op("Concat", [b.ints([3]), b.op("Shape", [kept])], {"axis": 0})  # [3, B, S']
-            source = b.op("Max", [kept, b.op("Constant", [], {"value_int": 0})])  # padding (-1) reads position 0
-            index = b.op("Expand", [b.op("Unsqueeze", [source, b.ints([0])]), three])  # [3, B, S']
-            new_pos = b.op("GatherElements", [state["pos"], index], {"axis": 2})  # [3, B, S']
-        else:
-            three = b.op("Concat", [b.ints([3]), b.op("Shape", [kept])], {"axis": 0})
-            width = b.op("Shape", [kept], {"start": 1, "end": 2})
-            zero, one = b.op("Constant", [], {"value_int": 0}), b.op("Constant", [], {"value_int": 1})
-            reset = b.op("Range", [zero, b.op("Squeeze", [width]), one])  # [S']
-            new_pos = b.op("Expand", [reset, three])  # [3, B, S']
+        new_pos = scheme.after_merge_onnx(b, state["pos"], kept, positions)  # [*lead, B, S']
 
         # Rewire: downstream nodes that read position- or length-derived values get them recomputed.
         downstream = _forward_nodes(merged)

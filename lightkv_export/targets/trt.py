@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from lightkv_export.errors import InputError, LightKVError
+from lightkv_export.models.positions import SCHEMES
 from lightkv_export.passes.lower_trt_plugin import lower_trt_plugin
 
 TRT_TARGETS: dict[str, tuple[int, int]] = {
@@ -283,7 +284,8 @@ def engine_profiles(manifest: Mapping[str, Any]) -> dict[str, Profile]:
         return tuple(tuple(axis[k] for axis in per_axis) for k in range(3))  # type: ignore[return-value]
 
     s, one = (2, seq, max_seq), (1, 1, 1)
-    prefill = {"inputs_embeds": dims(b, s, (d, d, d)), "position_ids": dims((3, 3, 3), b, s), "lengths": dims(b)}
+    lead = [(n, n, n) for n in SCHEMES[manifest.get("position_scheme", "mrope")].lead]
+    prefill = {"inputs_embeds": dims(b, s, (d, d, d)), "position_ids": dims(*lead, b, s), "lengths": dims(b)}
     stages = [x for x in manifest["schedule"].split(",") if x]
     for k, stage in enumerate(stages):
         windows = int(stage.split(":")[1]) ** 2
@@ -298,7 +300,7 @@ def engine_profiles(manifest: Mapping[str, Any]) -> dict[str, Profile]:
         }
     decode: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
         "inputs_embeds": dims(b, one, (d, d, d)),
-        "position_ids": dims((3, 3, 3), b, one),
+        "position_ids": dims(*lead, b, one),
     }
     for i, length in enumerate(ref["kv_lengths"]):
         past = (1, length, MAX_DECODE_CONTEXT)

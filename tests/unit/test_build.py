@@ -20,7 +20,7 @@ import torch
 from lightkv_export.config import BuildConfig
 from lightkv_export.errors import InputError
 from lightkv_export.inputs import parity_images
-from lightkv_export.models.mrope import mrope_positions
+from lightkv_export.models.positions import MROPE
 from lightkv_export.pipeline import run
 from lightkv_export.runtime import Engine
 
@@ -200,7 +200,7 @@ def test_mrope_positions_match_transformers(tiny_qwen_vl):
         processed["input_ids"], int(tiny_qwen_vl.model.config.image_token_id), processed["image_grid_thw"], 2
     )
     assert all(isinstance(s, VisionSpan) for s in spans[0]) and len(spans[0]) == 2
-    got, got_delta = mrope_positions(processed["input_ids"].shape[1], spans[0])
+    got, got_delta = MROPE.host(processed["input_ids"].shape[1], spans[0])
     np.testing.assert_array_equal(got, want[:, 0].numpy())
     assert got_delta == int(delta)
 

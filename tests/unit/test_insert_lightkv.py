@@ -21,7 +21,7 @@ from lightkv_export.method.merge_plan import RequestPlan, plan_request, stage_in
 from lightkv_export.method.reference import OP_DOMAIN, OP_NAME
 from lightkv_export.method.schedule import Schedule, Stage, solve
 from lightkv_export.models.base import VisionSpan
-from lightkv_export.models.mrope import mrope_positions
+from lightkv_export.models.positions import MROPE
 from lightkv_export.passes.insert_lightkv import insert_lightkv
 from tests.unit.micrograph import ToyConfig, ToyOutputs, reference_prefill, toy_prefill
 
@@ -56,7 +56,7 @@ def request(spans: list[list[VisionSpan]], lengths: list[int], seed: int = 0) ->
     embeds = np.random.default_rng(seed).standard_normal((len(lengths), seq, CFG.hidden)).astype(np.float32)
     pos = np.zeros((3, len(lengths), seq), dtype=np.int64)
     for b, (row, n) in enumerate(zip(spans, lengths, strict=True)):
-        pos[:, b, :n] = mrope_positions(n, row)[0]
+        pos[:, b, :n] = MROPE.host(n, row)[0]
     return {"inputs_embeds": embeds, "position_ids": pos, "lengths": np.asarray(lengths, dtype=np.int64)}
 
 
@@ -240,7 +240,7 @@ def tiny_export(tiny_qwen_vl, tmp_path_factory):
     loaded = tiny_qwen_vl
     path = tmp_path_factory.mktemp("tiny_export") / "prefill.onnx"
     text, head = loaded.family.text_model(loaded.model), loaded.family.lm_head(loaded.model)
-    export_prefill(text, head, path, dtype=torch.float32)
+    export_prefill(text, head, path, dtype=torch.float32, positions=loaded.family.POSITIONS)
     return onnx.load(str(path))
 
 

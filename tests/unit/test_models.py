@@ -195,7 +195,7 @@ def test_prepare_one_image(tiny_model, test_image):
     assert torch.equal(pos[1], base + torch.arange(12).view(12, 1).expand(12, 16))
     assert torch.equal(pos[2], base + torch.arange(16).view(1, 16).expand(12, 16))
     assert int(inputs.position_ids[0, 0, span.end]) == base + 16
-    assert int(inputs.rope_deltas) == int(inputs.position_ids.max()) + 1 - seq
+    assert int(inputs.decode_offset) == int(inputs.position_ids.max()) + 1 - seq
 
 
 def test_prepare_two_images(tiny_model, test_image):

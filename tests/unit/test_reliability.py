@@ -192,6 +192,52 @@ def test_a_failing_parity_does_not_replace_the_engine(engine_055, engines_out, m
     shutil.rmtree(rejected)
 
 
+def test_an_engine_that_fails_its_check_request_is_not_promoted(engine_055, engines_out, monkeypatch):
+    """Parity passes, but the real request through the staged engine holds other KV lengths than the manifest
+    promises (here: a manifest planned for other lengths): exit 1, the old engine untouched, nothing promoted."""
+    from lightkv_export import pipeline
+
+    real = pipeline.reference_request
+
+    def planned_wrong(*args, **kwargs):
+        ref = real(*args, **kwargs)
+        return {**ref, "kv_lengths": [n + 1 for n in ref["kv_lengths"]]}
+
+    monkeypatch.setattr(pipeline, "reference_request", planned_wrong)
+    before = snapshot(engine_055)
+    result = run(BuildConfig(model="tiny-qwen-vl", ratio=0.55, out=engines_out))
+    error = result.failed_targets["ort-cpu"]
+    assert result.exit_code == error.exit_code == 1 and "ort-cpu" not in result.engine_dirs
+    assert "the engine's KV lengths per layer" in str(error) and "differ from the planned" in str(error)
+    assert snapshot(engine_055) == before
+    assert leftovers(engines_out) == [] and not engine_055.with_name("ort-cpu.rejected").exists()
+
+
+def test_what_killed_builds_left_is_removed_by_the_next_one(tmp_path):
+    """SIGKILL leaves staging directories behind: an engine's, an export cache entry's, a repository's (and, from
+    versions before locking, `<key>.tmp`). The next build removes those whose owner is gone, not a live one's."""
+    from lightkv_export.artifacts import remove_stale_partials, remove_stale_under
+    from lightkv_export.parity import EXPORT_CACHE
+
+    out = tmp_path / "out"
+    dead = [
+        out / "m" / "r0.5" / ".ort-cpu.partial-4242",
+        out / EXPORT_CACHE / ".m-0123.partial-4242",
+        out / EXPORT_CACHE / "m-0123.tmp",
+    ]
+    live = out / "m" / "r0.5" / ".trt-sm90.partial-4343"
+    for d in (*dead, live):
+        d.mkdir(parents=True)
+        (d / "half.onnx").write_bytes(b"\0" * 10)
+    with locked(live.with_name("trt-sm90"), what="an engine"):  # a build that is still running
+        assert sorted(remove_stale_under(out, EXPORT_CACHE)) == sorted(dead)
+    assert not any(d.exists() for d in dead) and live.is_dir()
+    repo = tmp_path / "repo"
+    stale_repo = tmp_path / ".repo.partial-4242"
+    stale_repo.mkdir()
+    assert remove_stale_partials(repo) == [stale_repo] and not stale_repo.exists()
+
+
 @pytest.mark.parametrize(
     ("size", "nearest"),
     [("28x28", "56x56"), ("56x5600", "28x4480"), ("672x672", "448x448"), ("100000x100000", "448x448")],

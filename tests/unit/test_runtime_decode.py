@@ -17,7 +17,7 @@ import pytest
 from lightkv_export.method.merge_plan import layer_lengths, plan_request, stage_input_names, stage_kept_name
 from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.base import VisionSpan
-from lightkv_export.models.mrope import mrope_positions
+from lightkv_export.models.positions import MROPE
 from lightkv_export.runtime import Engine, Request
 
 LAYERS, HKV, HEAD_DIM, DIM, VOCAB = 6, 2, 4, 8, 32
@@ -81,12 +81,12 @@ def stub_sessions(schedule) -> dict[str, Recording]:
 
 
 def make_request(seq_len: int, spans: list[VisionSpan]) -> Request:
-    positions, delta = mrope_positions(seq_len, spans)
+    positions, delta = MROPE.host(seq_len, spans)
     ids = np.arange(seq_len, dtype=np.int64)[None] % VOCAB
     return Request(ids, np.zeros((1, seq_len, DIM), dtype=np.float32), positions[:, None, :], delta, [spans])
 
 
-# Rows of different lengths, image layouts and M-RoPE offsets (rope_delta), each compressed by the schedule.
+# Rows of different lengths, image layouts and M-RoPE offsets (decode_offset), each compressed by the schedule.
 REQUESTS = {
     "one-image": make_request(60, [VisionSpan(5, 48, (6, 8))]),
     "two-images": make_request(120, [VisionSpan(3, 64, (8, 8)), VisionSpan(70, 40, (5, 8))]),
@@ -123,12 +123,12 @@ def test_decode_positions_continue_from_the_uncompressed_length(engine, names):
     assert all(valid[-1, b] < r.seq_len for b, r in enumerate(rows))
     assert all(g.kv_lengths == valid[:, b].tolist() for b, g in enumerate(gens))
     if len(rows) > 1:
-        assert len({r.seq_len for r in rows}) == len(rows) and len({r.rope_delta for r in rows}) == len(rows)
-    assert all(r.rope_delta != 0 for r in rows)
+        assert len({r.seq_len for r in rows}) == len(rows) and len({r.decode_offset for r in rows}) == len(rows)
+    assert all(r.decode_offset != 0 for r in rows)
 
     decode_feeds = engine.sessions["decode"].feeds
     assert len(decode_feeds) == steps - 1  # the first token comes from prefill's logits
-    want_start = np.asarray([r.seq_len + r.rope_delta for r in rows])
+    want_start = np.asarray([r.seq_len + r.decode_offset for r in rows])
     for step, feeds in enumerate(decode_feeds):
         pos = feeds["position_ids"]
         assert pos.shape == (3, len(rows), 1) and pos.dtype == np.int64
@@ -148,4 +148,4 @@ def test_decode_positions_match_the_vanilla_continuation():
     """What the offset means: the first decode position is one past the largest prompt position (M-RoPE), so the
     generated text continues where the uncompressed prompt ended."""
     for r in REQUESTS.values():
-        assert r.seq_len + r.rope_delta == int(r.position_ids.max()) + 1
+        assert r.seq_len + r.decode_offset == int(r.position_ids.max()) + 1

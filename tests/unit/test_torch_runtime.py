@@ -130,7 +130,7 @@ def test_positions_after_a_merge(tiny_qwen_vl, inputs_by_model, mode):
             n = survivors[k - 1].numel()
             assert torch.equal(pos, torch.arange(n).view(1, 1, n).expand(3, 1, n))
     full = inputs.input_ids.shape[1]
-    assert torch.equal(decode, (full + inputs.rope_deltas).view(1, 1, 1).expand(3, 1, 1))
+    assert torch.equal(decode, (full + inputs.decode_offset).view(1, 1, 1).expand(3, 1, 1))
     assert int(decode[0, 0, 0]) == int(inputs.position_ids.max()) + 1  # the vanilla model's next position
 
 
@@ -141,7 +141,7 @@ def test_decode_positions_advance_from_uncompressed_length(tiny_qwen2_vl, inputs
         result = rt.generate(loaded, inputs, schedule_for(loaded, 0.55), max_new_tokens=4, stop_at_eos=False)
     decode = rec.calls[num_layers(loaded) :]
     assert len(decode) == len(result.tokens) - 1 == 3
-    start = inputs.input_ids.shape[1] + int(inputs.rope_deltas)
+    start = inputs.input_ids.shape[1] + int(inputs.decode_offset)
     assert [int(p[0, 0, 0]) for p in decode] == [start, start + 1, start + 2]
 
 

@@ -149,7 +149,11 @@ def test_write_repository_layout(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".repo")] == []  # no temp dir or lock left
 
 
-def test_writing_into_a_repository_merges_and_refuses_foreign(tmp_path):
+def test_writing_into_a_repository_merges_and_refuses_foreign(tmp_path, monkeypatch):
+    def no_hard_links(*args, **kwargs):
+        raise AssertionError("a repository file was hard-linked")
+
+    monkeypatch.setattr(os, "link", no_hard_links)  # models carried over in a merge are copies too
     a = fake_engine(tmp_path / "e", MANIFESTS["ort_cpu_lightkv"])
     b = fake_engine(tmp_path / "e", MANIFESTS["ort_cpu_vanilla"])
     name_a, name_b = (triton_repo.model_name(MANIFESTS[k]) for k in ("ort_cpu_lightkv", "ort_cpu_vanilla"))
@@ -165,6 +169,7 @@ def test_writing_into_a_repository_merges_and_refuses_foreign(tmp_path):
     assert triton_repo.repository_models(repo) == [name_a, name_b]
     assert (repo / name_a / "1" / "engine" / "onnx" / "prefill.onnx").read_bytes() == b"\x01" * 32
     assert (repo / name_b / "config.pbtxt").read_text() == b_config
+    assert all(p.stat().st_nlink == 1 for p in repo.rglob("*") if p.is_file())  # B was carried over as copies
     assert (repo / name_b / "1" / "engine" / "onnx" / "prefill.onnx").read_bytes() == b"\x00" * 64
     assert triton_repo.read_marker(repo) == {name_a: str(a), name_b: str(b)}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "repo"]  # no stage or old copy left
