@@ -35,7 +35,6 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,8 +51,7 @@ from lightkv_export.artifacts import (
     staging,
     write_text_atomic,
 )
-from lightkv_export.errors import InputError
-from lightkv_export.models.base import LoadedModel
+from lightkv_export.models.base import LoadedModel, attention_implementation, head_dim
 from lightkv_export.models.positions import Positions
 
 EXPORT_ATTENTION = "lightkv_export_attention"
@@ -86,16 +84,6 @@ def export_attention(module, query, key, value, attention_mask, *, scaling=None,
 
 
 AttentionInterface.register(EXPORT_ATTENTION, export_attention)
-
-
-@contextlib.contextmanager
-def attention_implementation(config, name: str) -> Iterator[None]:
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
 
 
 class PrefillGraph(torch.nn.Module):
@@ -250,7 +238,7 @@ def export_prefill(
         "lengths": "lengths",
         "num_heads": cfg.num_attention_heads,
         "num_kv_heads": cfg.num_key_value_heads,
-        "head_dim": cfg.hidden_size // cfg.num_attention_heads,
+        "head_dim": head_dim(cfg),
     }
     onnx.helper.set_model_props(model, {ROLE_META_KEY: json.dumps(meta)})
     onnx.save(model, str(path))
@@ -261,7 +249,7 @@ def export_decode(
 ) -> None:
     cfg = text_model.config
     n = len(text_model.layers)
-    hkv, hd = cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    hkv, hd = cfg.num_key_value_heads, head_dim(cfg)
     batch = torch.export.Dim("batch", min=1, max=64)
     past_dims = [torch.export.Dim(f"past_{i}", min=1, max=32768) for i in range(n)]
     kv = []
@@ -303,62 +291,6 @@ class EmbedGraph(torch.nn.Module):
         return self.embed(input_ids)  # [B, S, D]
 
 
-VISION_ATTENTION = "lightkv_flash_varlen_export"  # "flash" in the name: transformers then passes cu_seqlens
-
-
-def varlen_attention(module, query, key, value, attention_mask, *, scaling=None, cu_seq_lens_q=None, **_kwargs):
-    """Attention within each packed segment of the vision sequence, as one masked SDPA.
-
-    The vision encoders attend inside windows / images given by cumulative lengths. Transformers' SDPA path
-    splits the sequence with `.tolist()` (untraceable); its flash path hands the attention function
-    `cu_seq_lens_q` instead, which this turns into a block-diagonal mask with tensor ops only.
-    query / key / value [1, H, N, d]; returns [1, N, H, d] as a flash implementation does.
-    """
-    n = query.shape[2]
-    segment = (torch.arange(n)[:, None] >= cu_seq_lens_q[None, 1:]).sum(-1)  # [N] segment of each token
-    mask = segment[:, None] == segment[None, :]  # [N, N]
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2), None
-
-
-AttentionInterface.register(VISION_ATTENTION, varlen_attention)
-
-
-def vision_layout(visual: torch.nn.Module, grid_thw: torch.Tensor) -> dict[str, Any]:
-    """The encoder's data-dependent layout tensors for one grid, computed eagerly so the graph holds constants
-    (transformers' vision encoders pop these precomputed values from their kwargs)."""
-    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
-
-    cfg = visual.config
-    layout: dict[str, Any] = {"position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size)}
-    layout["cu_seqlens"], _ = get_vision_attention_seqlens(grid_thw, cfg)
-    layout["max_seqlen"] = int((layout["cu_seqlens"][1:] - layout["cu_seqlens"][:-1]).max())
-    if hasattr(visual, "window_size"):  # Qwen2.5-VL's windowed blocks
-        from transformers.vision_utils import get_vision_window_index
-
-        layout["window_index"], layout["cu_window_seqlens"] = get_vision_window_index(
-            grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
-        )
-        lengths = layout["cu_window_seqlens"][1:] - layout["cu_window_seqlens"][:-1]
-        layout["max_window_seqlen"] = int(lengths.max())
-    return layout
-
-
-class VisionGraph(torch.nn.Module):
-    """Vision encoder + merger for one image of a fixed patch grid (the engine's image-size profile)."""
-
-    def __init__(self, loaded: LoadedModel, grid_thw: tuple[int, int, int]) -> None:
-        super().__init__()
-        self.loaded = loaded
-        self.visual = loaded.model.model.visual  # registers the weights as this module's parameters
-        self.grid = torch.tensor([grid_thw], dtype=torch.long)
-        self.layout = vision_layout(self.visual, self.grid)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        out = self.loaded.model.model.get_image_features(pixel_values, self.grid, return_dict=True, **dict(self.layout))
-        return torch.cat(out.pooler_output, dim=0)  # [N_vis, D]
-
-
 def export_embed(text_model, path: Path) -> None:
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=1, max=32768)
     _export(
@@ -371,55 +303,19 @@ def export_embed(text_model, path: Path) -> None:
     )
 
 
-def export_vision(loaded: LoadedModel, path: Path, *, image_size: tuple[int, int], dtype: torch.dtype) -> None:
-    grid = patch_grid(loaded, image_size)
-    features = loaded.processor.image_processor
-    width = 3 * features.temporal_patch_size * features.patch_size**2
-    pixels = torch.randn(grid[0] * grid[1] * grid[2], width, dtype=dtype)
-    with attention_implementation(loaded.model.model.visual.config, VISION_ATTENTION):
-        _export(
-            VisionGraph(loaded, grid),
-            (pixels,),
-            path,
-            input_names=["pixel_values"],
-            output_names=["image_embeds"],
-            dynamic_shapes=None,
-        )
-
-
-def patch_grid(loaded: LoadedModel, image_size: tuple[int, int]) -> tuple[int, int, int]:
-    """(t, h, w) patch grid of one image of exactly `image_size` pixels (height, width).
-
-    The engine's vision graph is built for one grid, so the processor must keep the profile's size as it is:
-    each side a multiple of patch * merge (28 for Qwen-VL), the pixel count within the processor's budget, the
-    aspect ratio at most 200. Anything else is refused before any work, with a size that would be served.
-    """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-
-    features = loaded.processor.image_processor
-    factor = features.patch_size * features.merge_size
-    size = features.size
-    low, high = int(size["shortest_edge"]), int(size["longest_edge"])  # the processor's min / max pixels
-    h, w = image_size
-    problem = None
-    if h < 1 or w < 1 or max(h, w) / min(h, w) > 200:
-        problem = "its aspect ratio is above 200 (the processor's limit)" if min(h, w) >= 1 else "it is empty"
-    elif h % factor or w % factor:
-        problem = (
-            f"a side is not a positive multiple of {factor} (patch {features.patch_size} x merge {features.merge_size})"
-        )
-    elif not low <= h * w <= high:
-        problem = f"{h * w:,} pixels are outside the processor's {low:,} to {high:,}"
-    if problem is None:
-        return 1, h // features.patch_size, w // features.patch_size
-    hint = ""
-    if min(h, w) >= 1 and max(h, w) / min(h, w) <= 200:
-        sh, sw = smart_resize(h, w, factor=factor, min_pixels=low, max_pixels=high)
-        hint = f" The nearest size this model serves is {sw}x{sh}."
-    raise InputError(
-        f"image size {w}x{h} (width x height) cannot be an engine profile: {problem}. Use a WIDTHxHEIGHT with "
-        f"both sides multiples of {factor} and {low:,} to {high:,} pixels in all.{hint}"
+def export_vision(loaded: LoadedModel, path: Path, *, image_size: tuple[int, int], dtype: torch.dtype) -> dict:
+    """The family's vision graph for one image of exactly `image_size` (height, width); returns what the
+    manifest records of the profile: the graph's input shape and each image's LLM token grid."""
+    vision = loaded.family.vision_export(loaded, image_size, dtype)
+    _export(
+        vision.module,
+        (vision.example,),
+        path,
+        input_names=["pixel_values"],
+        output_names=["image_embeds"],
+        dynamic_shapes=None,
     )
+    return {"vision_input_shape": list(vision.example.shape), "vision_token_grid": list(vision.token_grid)}
 
 
 GRAPHS = ("vision", "embed", "prefill", "decode")
@@ -576,7 +472,7 @@ def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: Model
         worker_log = tmp / "decode-worker.log"
         worker, deadline = start_worker(spec, worker_log), time.monotonic() + worker_timeout_s()
     try:
-        export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype)
+        profile = export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype)
         export_embed(text, tmp / "embed.onnx")
         export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype, positions=loaded.family.POSITIONS)
         why = "" if worker is None else wait_worker(worker, worker_log, deadline)
@@ -597,7 +493,7 @@ def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: Model
         "key": key,
         "dtype": str(dtype).removeprefix("torch."),
         "image_size": list(image_size),
-        "grid_thw": list(patch_grid(loaded, image_size)),
+        **profile,
         "num_layers": len(text.layers),
         "sha256": {g: graph_digest(tmp / f"{g}.onnx") for g in GRAPHS},
     }

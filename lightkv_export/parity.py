@@ -196,7 +196,7 @@ def check_model(report: ParityReport, engine: Engine, loaded: LoadedModel, cases
         # Vision: the engine's graph vs the PyTorch encoder on the same pixels.
         h, w = engine.image_size
         processed = loaded.family.process(loaded, [im.convert("RGB").resize((w, h)) for im in images], prompt)
-        vision_ref = loaded.family.vision_embeddings(loaded, processed["pixel_values"], processed["image_grid_thw"])
+        vision_ref = loaded.family.vision_embeddings(loaded, processed)
         placeholder = request.input_ids[0] == int(manifest["image_token_id"])
         report.checks.append(
             compare("model", name, "vision", request.inputs_embeds[0, placeholder], vision_ref.float(), tolerances)

@@ -39,11 +39,11 @@ from lightkv_export.artifacts import (
 )
 from lightkv_export.config import DTYPES, BuildConfig
 from lightkv_export.errors import InputError, LightKVError, VerificationError
-from lightkv_export.export import ExportedGraphs, ModelSource, export_model, patch_grid
+from lightkv_export.export import ExportedGraphs, ModelSource, export_model
 from lightkv_export.inputs import parity_images
 from lightkv_export.method.merge_plan import layer_lengths, plan_request
 from lightkv_export.method.schedule import MAX_STAGE_RATIO, Schedule, resolve
-from lightkv_export.models.base import LoadedModel
+from lightkv_export.models.base import LoadedModel, head_dim
 from lightkv_export.parity import EXPORT_CACHE, ParityReport, run_parity
 
 REFERENCE_PROMPT = "Describe this image."
@@ -170,14 +170,11 @@ def reference_request(
     reference prompt: what the manifest promises and parity checks the engine against."""
     family = loaded.family
     processed = family.process(loaded, [parity_images(image_size, 0)], REFERENCE_PROMPT)
-    spans = family.vision_spans(
-        processed["input_ids"], int(loaded.model.config.image_token_id), processed["image_grid_thw"],
-        family.spatial_merge(loaded.model),
-    )  # fmt: skip
+    spans = family.spans(loaded.processor, processed, int(loaded.model.config.image_token_id))
     seq = int(processed["input_ids"].shape[1])
     n_layers = num_layers(loaded)
     text = loaded.text_config
-    per_token = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * dtype_bytes
+    per_token = 2 * text.num_key_value_heads * head_dim(text) * dtype_bytes
     schedule = schedule if schedule is not None else Schedule(n_layers, ())
     plan = plan_request(spans, [seq], schedule, grid_mode=grid_mode) if schedule.stages else None
     lengths = [int(n) for n in layer_lengths(schedule, plan, [seq])[:, 0]]
@@ -239,7 +236,6 @@ def base_manifest(
     config: BuildConfig, loaded: LoadedModel, schedule: Schedule | None, exported: ExportedGraphs, reference: dict
 ) -> dict[str, Any]:
     text = loaded.text_config
-    features = loaded.processor.image_processor
     eos = loaded.model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
     return {
@@ -256,17 +252,16 @@ def base_manifest(
         "positions": config.position_mode,
         "grid_mode": config.grid_mode,
         "image_size": list(exported.meta["image_size"]),
-        "grid_thw": list(exported.meta["grid_thw"]),
+        "vision_input_shape": list(exported.meta["vision_input_shape"]),  # one image's pixel_values
+        "vision_token_grid": list(exported.meta["vision_token_grid"]),  # one image's LLM tokens (h, w)
         "num_layers": num_layers(loaded),
         "hidden_size": text.hidden_size,
         "num_kv_heads": text.num_key_value_heads,
-        "head_dim": text.hidden_size // text.num_attention_heads,
+        "head_dim": head_dim(text),
         "num_attention_heads": text.num_attention_heads,
         "intermediate_size": text.intermediate_size,
         "vocab_size": text.vocab_size,
         "image_token_id": int(loaded.model.config.image_token_id),
-        "vision_patch_dim": 3 * features.temporal_patch_size * features.patch_size**2,
-        "spatial_merge": loaded.family.spatial_merge(loaded.model),
         "position_scheme": loaded.family.POSITIONS.name,
         "eos_token_ids": [int(e) for e in eos],
         "max_new_tokens_limit": config.max_new_tokens_limit,
@@ -400,7 +395,7 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
     with progress.stage(f"load {config.model} ({dtype})"):
         loaded = load(config, torch_dtype)
     image_size = loaded_image_size(config, loaded)
-    patch_grid(loaded, image_size)  # validate the profile before the expensive steps
+    loaded.family.check_image_size(loaded.processor, image_size)  # the profile, before the expensive steps
     schedule = schedule_for(config, loaded)
     if result.schedule is None and schedule is not None:
         result.schedule = schedule

@@ -491,17 +491,15 @@ def manifest_shape(manifest: dict) -> ArchShape:
 
 
 def manifest_layout(manifest: dict, ref: dict) -> TokenLayout:
-    """The reference request's layout: one image on its LLM token grid (grid_thw / spatial_merge), then text."""
-    t, h, w = (int(n) for n in manifest["grid_thw"])
-    merge = int(manifest["spatial_merge"])
-    grid = (h // merge, w // merge)
+    """The reference request's layout: one image on its LLM token grid (vision_token_grid), then text."""
+    grid = tuple(int(n) for n in manifest["vision_token_grid"])
     vision, seq = int(ref["vision_tokens"]), int(ref["seq_len"])
-    if t * grid[0] * grid[1] != vision:
+    if grid[0] * grid[1] != vision:
         raise InputError(
-            f"manifest.json: grid_thw {manifest['grid_thw']} / spatial_merge {merge} gives {t * grid[0] * grid[1]} "
-            f"vision tokens, the reference request has {vision}; rebuild the engine with build.py --force."
+            f"manifest.json: vision_token_grid {list(grid)} gives {grid[0] * grid[1]} vision tokens, the reference "
+            f"request has {vision}; rebuild the engine with build.py --force."
         )
-    return TokenLayout(0, (grid,) * t, seq - vision)
+    return TokenLayout(0, (grid,), seq - vision)
 
 
 def engine_account(manifest: dict, convention: FlopConvention = FlopConvention()) -> EngineAccount:

@@ -145,10 +145,7 @@ class Engine:
         embeds = self.sessions["embed"].run(None, {"input_ids": input_ids})[0]  # [1, S, D]
         placeholder = input_ids[0] == int(self.manifest["image_token_id"])
         embeds[0, placeholder] = np.concatenate(vision).astype(embeds.dtype)
-        spans = self.family.vision_spans(
-            processed["input_ids"], int(self.manifest["image_token_id"]), processed["image_grid_thw"],
-            int(self.manifest["spatial_merge"]),
-        )  # fmt: skip
+        spans = self.family.spans(self.processor, processed, int(self.manifest["image_token_id"]))
         positions, offset = self.positions.host(input_ids.shape[1], spans[0])  # [*lead, S]
         return Request(input_ids, embeds, positions[..., None, :], offset, spans)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,3 +89,35 @@ class LoadedModel:
     @property
     def text_config(self) -> Any:
         return self.model.config.get_text_config()
+
+
+@contextlib.contextmanager
+def attention_implementation(config: Any, name: str) -> Iterator[None]:
+    """Run a transformers module under another registered attention function (for the export only)."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@dataclass
+class VisionExport:
+    """What a family hands the exporter for the vision graph of one image-size profile.
+
+    module:     forward(pixel_values) -> image embeddings [N_vis, D] (LLM width), traceable by torch.export
+    example:    pixel_values of one image of the profile (the graph's only input; its shape is fixed)
+    token_grid: (h, w) LLM tokens of one image, raster order: the windows LightKV merges in
+    """
+
+    module: Any
+    example: Any
+    token_grid: tuple[int, int]
+
+
+def head_dim(text_config: Any) -> int:
+    """The attention head size: the config's own `head_dim` where it sets one (several families' differs from
+    hidden_size / num_attention_heads), else that quotient. The one place it is computed from a config."""
+    explicit = getattr(text_config, "head_dim", None)
+    return int(explicit) if explicit else text_config.hidden_size // text_config.num_attention_heads

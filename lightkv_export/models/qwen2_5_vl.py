@@ -10,28 +10,35 @@ from typing import Any
 
 from lightkv_export.models.qwen2_vl import (
     POSITIONS,
+    check_image_size,
     check_inputs,
     embed_and_position,
     lm_head,
     prepare,
     process,
+    spans,
     spatial_merge,
     text_model,
+    tiny_preset_of,
     vision_embeddings,
+    vision_export,
     vision_model,
     vision_spans,
 )
 
 __all__ = [
     "POSITIONS",
+    "check_image_size",
     "check_inputs",
     "embed_and_position",
     "lm_head",
     "prepare",
     "process",
+    "spans",
     "spatial_merge",
     "text_model",
     "vision_embeddings",
+    "vision_export",
     "vision_model",
     "vision_spans",
 ]
@@ -84,3 +91,7 @@ def config_class() -> type:
 def real_config_dict() -> dict[str, Any]:
     """Keyword arguments of Qwen2_5_VLConfig for the real checkpoint's architecture."""
     return {"text_config": dict(REAL_TEXT), "vision_config": dict(REAL_VISION), "tie_word_embeddings": False}
+
+
+def tiny_preset() -> tuple[Any, Any]:
+    return tiny_preset_of(FAMILY, config_class())

@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import AttentionInterface
 
 from lightkv_export.errors import InputError
-from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionSpan
+from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport, VisionSpan, attention_implementation
 from lightkv_export.models.positions import MROPE
 
 FAMILY = "qwen2_vl"
@@ -151,11 +152,18 @@ def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.T
 
 
 @torch.no_grad()
-def vision_embeddings(loaded: LoadedModel, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-    """Vision encoder + merger: [N_vis, D] LLM-width embeddings, images concatenated in order."""
+def vision_embeddings(loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Vision encoder + merger on `process`'s pixels: [N_vis, D] LLM-width embeddings, images in order."""
     device = loaded.model.device
-    out = loaded.model.model.get_image_features(pixel_values.to(device), image_grid_thw.to(device), return_dict=True)
+    pixels, grid_thw = processed["pixel_values"].to(device), processed["image_grid_thw"].to(device)
+    out = loaded.model.model.get_image_features(pixels, grid_thw, return_dict=True)
     return torch.cat(out.pooler_output, dim=0)  # [N_vis, D]
+
+
+def spans(processor: Any, processed: dict[str, torch.Tensor], image_token_id: int) -> list[list[VisionSpan]]:
+    """The vision spans of `process`'s output, each image on its LLM token grid (patch grid / merge)."""
+    merge = int(processor.image_processor.merge_size)
+    return vision_spans(processed["input_ids"], image_token_id, processed["image_grid_thw"], merge)
 
 
 def vision_spans(
@@ -228,5 +236,131 @@ def embed_and_position(
 def prepare(loaded: LoadedModel, images: list, prompt: str) -> PrefillInputs:
     """One request (images + prompt) -> everything the language-model prefill needs."""
     processed = process(loaded, images, prompt)
-    vision = vision_embeddings(loaded, processed["pixel_values"], processed["image_grid_thw"])  # [N_vis, D]
+    vision = vision_embeddings(loaded, processed)  # [N_vis, D]
     return embed_and_position(loaded, processed, vision)
+
+
+# --- the vision graph ---------------------------------------------------------------------------------------------
+
+VISION_ATTENTION = "lightkv_flash_varlen_export"  # "flash" in the name: transformers then passes cu_seqlens
+
+
+def varlen_attention(module, query, key, value, attention_mask, *, scaling=None, cu_seq_lens_q=None, **_kwargs):
+    """Attention within each packed segment of the vision sequence, as one masked SDPA.
+
+    The vision encoders attend inside windows / images given by cumulative lengths. Transformers' SDPA path
+    splits the sequence with `.tolist()` (untraceable); its flash path hands the attention function
+    `cu_seq_lens_q` instead, which this turns into a block-diagonal mask with tensor ops only.
+    query / key / value [1, H, N, d]; returns [1, N, H, d] as a flash implementation does.
+    """
+    n = query.shape[2]
+    segment = (torch.arange(n)[:, None] >= cu_seq_lens_q[None, 1:]).sum(-1)  # [N] segment of each token
+    mask = segment[:, None] == segment[None, :]  # [N, N]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+AttentionInterface.register(VISION_ATTENTION, varlen_attention)
+
+
+def vision_layout(visual: torch.nn.Module, grid_thw: torch.Tensor) -> dict[str, Any]:
+    """The encoder's data-dependent layout tensors for one grid, computed eagerly so the graph holds constants
+    (transformers' vision encoders pop these precomputed values from their kwargs)."""
+    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
+
+    cfg = visual.config
+    layout: dict[str, Any] = {"position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size)}
+    layout["cu_seqlens"], _ = get_vision_attention_seqlens(grid_thw, cfg)
+    layout["max_seqlen"] = int((layout["cu_seqlens"][1:] - layout["cu_seqlens"][:-1]).max())
+    if hasattr(visual, "window_size"):  # Qwen2.5-VL's windowed blocks
+        from transformers.vision_utils import get_vision_window_index
+
+        layout["window_index"], layout["cu_window_seqlens"] = get_vision_window_index(
+            grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
+        )
+        lengths = layout["cu_window_seqlens"][1:] - layout["cu_window_seqlens"][:-1]
+        layout["max_window_seqlen"] = int(lengths.max())
+    return layout
+
+
+class VisionGraph(torch.nn.Module):
+    """Vision encoder + merger for one image of a fixed patch grid (the engine's image-size profile)."""
+
+    def __init__(self, loaded: LoadedModel, grid_thw: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.loaded = loaded
+        self.visual = vision_model(loaded.model)  # registers the weights as this module's parameters
+        self.grid = torch.tensor([grid_thw], dtype=torch.long)
+        self.layout = vision_layout(self.visual, self.grid)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        with attention_implementation(self.visual.config, VISION_ATTENTION):  # traced: the graph has the mask
+            out = self.loaded.model.model.get_image_features(
+                pixel_values, self.grid, return_dict=True, **dict(self.layout)
+            )
+        return torch.cat(out.pooler_output, dim=0)  # [N_vis, D]
+
+
+def vision_export(loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
+    """The vision graph for one image of exactly `image_size` (height, width): pixel_values [N_patches, C*T*P*P]."""
+    t, h, w = patch_grid(loaded.processor, image_size)
+    features = loaded.processor.image_processor
+    width = 3 * features.temporal_patch_size * features.patch_size**2
+    pixels = torch.randn(t * h * w, width, dtype=dtype)  # [N_patches, F]
+    merge = int(features.merge_size)
+    return VisionExport(VisionGraph(loaded, (t, h, w)), pixels, (h // merge, w // merge))
+
+
+def check_image_size(processor: Any, image_size: tuple[int, int]) -> None:
+    """Refuse an image-size profile the processor would resize (see patch_grid), before any work."""
+    patch_grid(processor, image_size)
+
+
+def patch_grid(processor: Any, image_size: tuple[int, int]) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of one image of exactly `image_size` pixels (height, width).
+
+    The engine's vision graph is built for one grid, so the processor must keep the profile's size as it is:
+    each side a multiple of patch * merge (28 for Qwen-VL), the pixel count within the processor's budget, the
+    aspect ratio at most 200. Anything else is refused before any work, with a size that would be served.
+    """
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    features = processor.image_processor
+    factor = features.patch_size * features.merge_size
+    size = features.size
+    low, high = int(size["shortest_edge"]), int(size["longest_edge"])  # the processor's min / max pixels
+    h, w = image_size
+    problem = None
+    if h < 1 or w < 1 or max(h, w) / min(h, w) > 200:
+        problem = "its aspect ratio is above 200 (the processor's limit)" if min(h, w) >= 1 else "it is empty"
+    elif h % factor or w % factor:
+        problem = (
+            f"a side is not a positive multiple of {factor} (patch {features.patch_size} x merge {features.merge_size})"
+        )
+    elif not low <= h * w <= high:
+        problem = f"{h * w:,} pixels are outside the processor's {low:,} to {high:,}"
+    if problem is None:
+        return 1, h // features.patch_size, w // features.patch_size
+    hint = ""
+    if min(h, w) >= 1 and max(h, w) / min(h, w) <= 200:
+        sh, sw = smart_resize(h, w, factor=factor, min_pixels=low, max_pixels=high)
+        hint = f" The nearest size this model serves is {sw}x{sh}."
+    raise InputError(
+        f"image size {w}x{h} (width x height) cannot be an engine profile: {problem}. Use a WIDTHxHEIGHT with "
+        f"both sides multiples of {factor} and {low:,} to {high:,} pixels in all.{hint}"
+    )
+
+
+# --- the tiny preset ----------------------------------------------------------------------------------------------
+
+
+def tiny_preset_of(family: str, config_cls: type) -> tuple[Any, Any]:
+    """(config, processor) of a Qwen-VL family's tiny preset (models/tiny.py); the registry seeds the weights."""
+    from lightkv_export.models import tiny
+
+    tokenizer = tiny.build_tokenizer()
+    return config_cls(**tiny.tiny_config_dict(family, tokenizer)), tiny.build_processor(family, tokenizer)
+
+
+def tiny_preset() -> tuple[Any, Any]:
+    return tiny_preset_of(FAMILY, config_class())

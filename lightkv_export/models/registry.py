@@ -167,11 +167,8 @@ def load_tiny(key: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     """The tiny preset: real architecture at toy size, seeded weights, locally built tokenizer and processor."""
     spec = SPECS[key]
     family = FAMILIES[spec.family]
-    tokenizer = tiny.build_tokenizer()
-    config = family.config_class()(**tiny.tiny_config_dict(spec.family, tokenizer))
-    model = build_seeded(family, config, dtype)
-    processor = tiny.build_processor(spec.family, tokenizer)
-    return LoadedModel(spec=spec, model=model, processor=processor, family=family)
+    config, processor = family.tiny_preset()
+    return LoadedModel(spec=spec, model=build_seeded(family, config, dtype), processor=processor, family=family)
 
 
 def build_seeded(family: ModuleType, config: Any, dtype: torch.dtype) -> Any:

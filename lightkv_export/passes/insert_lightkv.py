@@ -199,7 +199,7 @@ def insert_lightkv(
     values = {v.name: v for v in graph.inputs}
     values.update({v.name: v for node in graph for v in node.outputs})
     state = {"pos": values[meta["position_ids"]], "len": values[meta["lengths"]]}
-    scheme = SCHEMES[meta.get("position_scheme", "mrope")]  # exports before the scheme was recorded: Qwen-VL
+    scheme = SCHEMES[meta["position_scheme"]]
     cloned = guidance_nodes = 0
     seq_dims: list[str] = []
 

@@ -284,7 +284,7 @@ def engine_profiles(manifest: Mapping[str, Any]) -> dict[str, Profile]:
         return tuple(tuple(axis[k] for axis in per_axis) for k in range(3))  # type: ignore[return-value]
 
     s, one = (2, seq, max_seq), (1, 1, 1)
-    lead = [(n, n, n) for n in SCHEMES[manifest.get("position_scheme", "mrope")].lead]
+    lead = [(n, n, n) for n in SCHEMES[manifest["position_scheme"]].lead]
     prefill = {"inputs_embeds": dims(b, s, (d, d, d)), "position_ids": dims(*lead, b, s), "lengths": dims(b)}
     stages = [x for x in manifest["schedule"].split(",") if x]
     for k, stage in enumerate(stages):
@@ -307,9 +307,9 @@ def engine_profiles(manifest: Mapping[str, Any]) -> dict[str, Profile]:
         for kv in ("key", "value"):
             decode[f"past.{i}.{kv}"] = dims(b, (hkv, hkv, hkv), past, (hd, hd, hd))
         decode[f"past_mask.{i}"] = dims(b, past)
-    patches = manifest["grid_thw"][0] * manifest["grid_thw"][1] * manifest["grid_thw"][2]
+    pixels = tuple((n, n, n) for n in manifest["vision_input_shape"])  # one image of the profile: fixed
     return {
-        "vision": Profile({"pixel_values": dims((patches,) * 3, (manifest["vision_patch_dim"],) * 3)}),
+        "vision": Profile({"pixel_values": dims(*pixels)}),
         "embed": Profile({"input_ids": dims(b, (1, seq, max_seq))}),
         "prefill": Profile(prefill),
         "decode": Profile(decode),

@@ -46,8 +46,8 @@ class TritonPythonModel:
         self.limits = codec.Limits.from_parameters(params)
         codec.allow_pil_pixels(self.limits)
         manifest = self.engine.manifest
-        t, h, w = (int(x) for x in manifest["grid_thw"])  # the image profile's patch grid: every image is resized
-        vision_per_image = t * h * w // int(manifest["spatial_merge"]) ** 2
+        h, w = (int(x) for x in manifest["vision_token_grid"])  # every image is resized to the profile
+        vision_per_image = h * w
         processor = self.engine.processor
         self.template_tokens = _template_tokens(processor, 0)
         # Each image adds its wrapper tokens, and its one placeholder becomes vision_per_image tokens.

@@ -205,6 +205,7 @@ def toy_prefill(cfg: ToyConfig = ToyConfig(), *, with_roles: bool = True) -> onn
             "num_layers": n,
             **role_names(n),
             "position_ids": "position_ids",
+            "position_scheme": "mrope",  # the micro-graph's position_ids are [3, B, S]
             "lengths": "lengths",
             "num_heads": cfg.heads,
             "num_kv_heads": 1,

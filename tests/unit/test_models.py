@@ -170,7 +170,7 @@ def test_prepare_one_image(tiny_model, test_image):
     loaded = tiny_model
     processed = loaded.family.process(loaded, [test_image], "Describe this image.")
     assert processed["image_grid_thw"].tolist() == [[1, 24, 32]]
-    vision = loaded.family.vision_embeddings(loaded, processed["pixel_values"], processed["image_grid_thw"])
+    vision = loaded.family.vision_embeddings(loaded, processed)
     inputs = loaded.family.prepare(loaded, [test_image], "Describe this image.")
     ids = inputs.input_ids  # [1, S]
     seq = ids.shape[1]

@@ -246,7 +246,7 @@ def test_image_sizes_the_model_cannot_serve_are_refused_before_any_work(tmp_path
     monkeypatch.syspath_prepend(str(ROOT))
     import build
     from lightkv_export.config import parse_image_size
-    from lightkv_export.export import patch_grid
+    from lightkv_export.models.qwen2_vl import patch_grid
     from lightkv_export.models.registry import load_model
 
     out = tmp_path / "engines"
@@ -256,7 +256,7 @@ def test_image_sizes_the_model_cannot_serve_are_refused_before_any_work(tmp_path
     assert "3,136 to 200,704 pixels" in message and f"The nearest size this model serves is {nearest}." in message
     assert list(out.iterdir()) == []  # no export, no engine
     h, w = parse_image_size(nearest)
-    assert patch_grid(load_model("tiny-qwen-vl"), (h, w)) == (1, h // 14, w // 14)  # the suggestion is servable
+    assert patch_grid(load_model("tiny-qwen-vl").processor, (h, w)) == (1, h // 14, w // 14)  # servable
 
 
 # --- one engine per source; independent files; locks; --out ----------------------------------------------------

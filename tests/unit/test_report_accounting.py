@@ -194,7 +194,7 @@ def test_paper_flops_figures(model, tolerance):
 
 # ---------------------------------------------------------------- a built engine's accounting (report.md)
 
-# TOY's decoder, one 4x4 image (grid_thw 1x8x8, merge 2) + 4 text tokens, one stage after layer 2 merging half
+# TOY's decoder, one 4x4-token image + 4 text tokens, one stage after layer 2 merging half
 # of its single window: 16 -> 8 vision tokens. As pipeline.reference_request writes it for that schedule.
 TOY_MANIFEST = {
     "model": "toy",
@@ -202,8 +202,7 @@ TOY_MANIFEST = {
     "schedule": "2:1:0.5",
     "retention": 0.75,
     "grid_mode": "true",
-    "grid_thw": [1, 8, 8],
-    "spatial_merge": 2,
+    "vision_token_grid": [4, 4],
     "dtype": "float32",
     "num_layers": 4,
     "hidden_size": 8,
@@ -248,7 +247,8 @@ def test_engine_account_retention_is_achieved_not_nominal():
     from lightkv_export.report import engine_account
 
     tiny = dict(TOY_MANIFEST, num_layers=8, retention=0.546875, schedule="3:2:0.5,4:2:0.5,7:1:0.5")
-    tiny |= {"hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2, "head_dim": 16, "grid_thw": [1, 24, 32]}
+    tiny |= {"hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2, "head_dim": 16}
+    tiny["vision_token_grid"] = [12, 16]
     lengths = [240, 240, 240, 144, 97, 97, 97, 73]
     tiny["reference_request"] = {
         "seq_len": 240,

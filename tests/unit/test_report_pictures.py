@@ -120,7 +120,7 @@ def test_build_pictures_are_written_linked_once_and_plot_the_manifest(engines, t
     # The plotted series against the analytic accounting, traced from the schedule on the reference layout.
     ref = manifest["reference_request"]
     layers = manifest["num_layers"]
-    grid = (manifest["grid_thw"][1] // manifest["spatial_merge"], manifest["grid_thw"][2] // manifest["spatial_merge"])
+    grid = tuple(manifest["vision_token_grid"])
     layout = report.TokenLayout(0, (grid,), ref["seq_len"] - ref["vision_tokens"])
     trace = report.trace_schedule(parse_schedule(manifest["schedule"], layers), layout, layers)
     vision = report.vision_picture_data(manifest, tmp_path / "v.png")
