@@ -10,6 +10,8 @@ Convention for a benchmark module (add `benchmarks/bench_<something>.py`; it is 
       ratio = baseline / ours, so higher is better for ours;
   and anything else worth keeping (raw timings, shapes, settings). `quick=True` must finish in seconds: a
   smoke test of the same code path at a reduced size, never recorded as the real result.
+* Optional `MODEL = "<registry key>"`: the module builds engines of that model and its `run` takes `model=`;
+  `--model KEY` (any tiny preset or model the registry loads here) runs those modules on another model.
 * Optional `REQUIRES = "cuda"`: skipped, with the reason, when `torch.cuda.is_available()` is False.
 * Optional `markdown(result: dict) -> str`: the module's subsection of the README's performance section
   (default: a table of its ratios).
@@ -244,14 +246,14 @@ def print_table(entries: list[dict]) -> None:
     Console().print(table)
 
 
-def run_one(mod, quick: bool) -> dict:
+def run_one(mod, quick: bool, model: str | None = None) -> dict:
     entry = {"name": mod.NAME, "status": "ok", "reason": None, "ratios": {}, "seconds": 0.0}
     reason = skip_reason(mod)
     if reason:
         return {**entry, "status": "skipped", "reason": reason}
     t0 = time.perf_counter()
     try:
-        result = mod.run(quick=quick)
+        result = mod.run(quick=quick, **({"model": model} if model and hasattr(mod, "MODEL") else {}))
         if not isinstance(result.get("ratios"), dict) or "title" not in result:
             raise TypeError(f"{mod.NAME}.run() must return a dict with 'title' and 'ratios'")
     except Exception as err:
@@ -288,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these benchmarks")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     parser.add_argument("--out", type=Path, help=f"results directory (default {RESULTS.relative_to(ROOT)})")
+    parser.add_argument(
+        "--model",
+        help="for the benchmarks that build engines (their MODEL): another model key, e.g. tiny-llava",
+    )
     args = parser.parse_args(argv)
     modules = {m.NAME: m for m in discover()}
     if args.list:
@@ -299,7 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown benchmark(s) {sorted(unknown)}; known: {', '.join(modules)}", file=sys.stderr)
         return 2
     selected = [m for n, m in modules.items() if not args.only or n in args.only]
-    entries = [run_one(m, args.quick) for m in selected]
+    if args.model:
+        from lightkv_export.errors import InputError
+        from lightkv_export.models.registry import get_spec
+
+        try:
+            get_spec(args.model)
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    entries = [run_one(m, args.quick, args.model) for m in selected]
     print_table(entries)
     out_dir = args.out or (None if args.quick else RESULTS)
     if out_dir is not None:

@@ -57,14 +57,17 @@ def request_png(seed: int = 0) -> bytes:
     return buf.getvalue()
 
 
-def build_engines(out: Path) -> dict[str, Path]:
+MODEL = "tiny-qwen-vl"  # what `python -m benchmarks --model KEY` replaces
+
+
+def build_engines(out: Path, model: str = MODEL) -> dict[str, Path]:
     from lightkv_export.config import BuildConfig
     from lightkv_export.pipeline import run as build
 
     # Parity is the build's own gate, tested elsewhere: it is not what is measured here.
     configs = {
-        "lightkv": BuildConfig(model="tiny-qwen-vl", ratio=0.55, out=out, parity=False),
-        "vanilla": BuildConfig(model="tiny-qwen-vl", vanilla=True, out=out, parity=False),
+        "lightkv": BuildConfig(model=model, ratio=0.55, out=out, parity=False),
+        "vanilla": BuildConfig(model=model, vanilla=True, out=out, parity=False),
     }
     return {kind: build(cfg).engine_dirs["ort-cpu"] for kind, cfg in configs.items()}
 
@@ -146,7 +149,7 @@ def paired(lightkv: dict, vanilla: dict) -> dict:
     return {"rps": spread(rps), "p50": spread(p50), "p99": round(vanilla["p99_ms"] / lightkv["p99_ms"], 3)}
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, model: str = MODEL) -> dict:
     """Build both engines, serve them, measure every (engine, concurrency) cell; returns numbers and ratios."""
     from lightkv_export import triton_repo
     from lightkv_export.client import ask
@@ -156,7 +159,7 @@ def run(quick: bool = False) -> dict:
     png = request_png()
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         t0 = time.perf_counter()
-        engines = build_engines(ENGINES)
+        engines = build_engines(ENGINES, model)
         build_s = time.perf_counter() - t0
         repo = triton_repo.write_repository(list(engines.values()), Path(tmp) / "repo")
         names = {
@@ -185,7 +188,7 @@ def run(quick: bool = False) -> dict:
     return {
         "name": NAME,
         "title": (
-            f"Triton Inference Server (Python backend, ort-cpu), tiny-qwen-vl, LightKV r0.55 vs vanilla: "
+            f"Triton Inference Server (Python backend, ort-cpu), {model}, LightKV r0.55 vs vanilla: "
             f"1 image {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, {MAX_NEW_TOKENS} new tokens, concurrency "
             f"{', '.join(map(str, CONCURRENCY))}"
         ),
@@ -194,7 +197,7 @@ def run(quick: bool = False) -> dict:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "setup": {
-            "model": "tiny-qwen-vl",
+            "model": model,
             "target": "ort-cpu",
             "ratio": 0.55,
             "models": names,
@@ -254,8 +257,9 @@ def table(result: dict) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="few requests per cell (a smoke run)")
+    parser.add_argument("--model", default=MODEL, help=f"the model to build and serve (default {MODEL})")
     args = parser.parse_args()
-    result = run(quick=args.quick)
+    result = run(quick=args.quick, model=args.model)
     print(table(result))
     if not args.quick:  # a smoke run is never recorded as the result
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

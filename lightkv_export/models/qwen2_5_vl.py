@@ -10,12 +10,15 @@ from typing import Any
 
 from lightkv_export.models.qwen2_vl import (
     POSITIONS,
+    align_token_ids,
     check_image_size,
     check_inputs,
     embed_and_position,
     lm_head,
     prepare,
     process,
+    processor_from_of,
+    random_processor_of,
     spans,
     spatial_merge,
     text_model,
@@ -28,6 +31,7 @@ from lightkv_export.models.qwen2_vl import (
 
 __all__ = [
     "POSITIONS",
+    "align_token_ids",
     "check_image_size",
     "check_inputs",
     "embed_and_position",
@@ -88,10 +92,18 @@ def config_class() -> type:
     return Qwen2_5_VLConfig
 
 
-def real_config_dict() -> dict[str, Any]:
+def real_config_dict(hf_id: str = HF_ID) -> dict[str, Any]:
     """Keyword arguments of Qwen2_5_VLConfig for the real checkpoint's architecture."""
     return {"text_config": dict(REAL_TEXT), "vision_config": dict(REAL_VISION), "tie_word_embeddings": False}
 
 
 def tiny_preset() -> tuple[Any, Any]:
     return tiny_preset_of(FAMILY, config_class())
+
+
+def random_processor() -> Any:
+    return random_processor_of(FAMILY, REAL_MIN_PIXELS, REAL_MAX_PIXELS)
+
+
+def processor_from(path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
+    return processor_from_of(FAMILY, tokenizer, image_processor, chat_template)

@@ -64,8 +64,8 @@ def config_class() -> type:
     return Qwen2VLConfig
 
 
-def real_config_dict() -> dict[str, Any]:
-    """Keyword arguments of Qwen2VLConfig for the real checkpoint's architecture."""
+def real_config_dict(hf_id: str = HF_ID) -> dict[str, Any]:
+    """Keyword arguments of Qwen2VLConfig for the real checkpoint's architecture (one size per family)."""
     return {"text_config": dict(REAL_TEXT), "vision_config": dict(REAL_VISION), "tie_word_embeddings": True}
 
 
@@ -364,3 +364,44 @@ def tiny_preset_of(family: str, config_cls: type) -> tuple[Any, Any]:
 
 def tiny_preset() -> tuple[Any, Any]:
     return tiny_preset_of(FAMILY, config_class())
+
+
+# --- processors and token ids (the registry's loaders call these) ---------------------------------------------------
+
+
+def processor_from_of(family: str, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
+    """The family's processor over a checkpoint's tokenizer and PIL image processor (no video processor: that
+    needs torchvision, and only images are fed)."""
+    from lightkv_export.models import tiny
+
+    return tiny.image_only_processor(family)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )
+
+
+def processor_from(path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
+    return processor_from_of(FAMILY, tokenizer, image_processor, chat_template)
+
+
+def align_token_ids(config: Any, tokenizer: Any) -> None:
+    """Point the config's special-token ids at the tokenizer's (when the tokenizer is not the checkpoint's)."""
+    from lightkv_export.models import tiny
+
+    ids = tiny.special_token_ids(tokenizer)
+    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        setattr(config, name, ids[name])
+    text = config.get_text_config()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(text, name, ids[name])
+
+
+def random_processor_of(family: str, min_pixels: int, max_pixels: int) -> Any:
+    """A processor for --random-weights without checkpoint files: the local tokenizer, the real pixel budget."""
+    from lightkv_export.models import tiny
+
+    image_processor = tiny.build_image_processor(min_pixels, max_pixels)
+    return tiny.build_processor(family, tiny.build_tokenizer(), image_processor)
+
+
+def random_processor() -> Any:
+    return random_processor_of(FAMILY, REAL_MIN_PIXELS, REAL_MAX_PIXELS)

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from lightkv_export.errors import InputError, LightKVError, ModelNotFoundError
-from lightkv_export.models import qwen2_5_vl, qwen2_vl, tiny
+from lightkv_export.models import llava, qwen2_5_vl, qwen2_vl, tiny
 from lightkv_export.models.base import LoadedModel, ModelSpec
 
-FAMILIES: dict[str, ModuleType] = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl}
+FAMILIES: dict[str, ModuleType] = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "llava": llava}
 MODEL_TYPES = {module.MODEL_TYPE: name for name, module in FAMILIES.items()}
 
 # Parity tolerances (max abs error) per output. fp32 tiny models agree to rounding; real models run in fp16/bf16.
@@ -58,6 +58,33 @@ SPECS: dict[str, ModelSpec] = {
             tolerances=dict(TINY_TOLERANCES),
         ),
         ModelSpec(
+            key="llava",
+            family="llava",
+            hf_id=llava.HF_ID,
+            tiny=False,
+            default_windows=(4, 2, 1),  # the paper's LLaVA-1.5 windows (layers 12, 18, 24 of 32)
+            default_image_size=(llava.REAL_IMAGE_SIZE, llava.REAL_IMAGE_SIZE),  # 24 x 24 = 576 vision tokens
+            tolerances=dict(REAL_TOLERANCES),
+        ),
+        ModelSpec(
+            key="llava-13b",
+            family="llava",
+            hf_id=llava.HF_ID_13B,
+            tiny=False,
+            default_windows=(4, 2, 1),
+            default_image_size=(llava.REAL_IMAGE_SIZE, llava.REAL_IMAGE_SIZE),
+            tolerances=dict(REAL_TOLERANCES),
+        ),
+        ModelSpec(
+            key="tiny-llava",
+            family="llava",
+            hf_id=llava.HF_ID,
+            tiny=True,
+            default_windows=(2, 2, 1),  # 16 x 16 = 256 tokens, then ~128, ~64: each stage keeps >= 8 per window
+            default_image_size=(llava.TINY_IMAGE_SIZE, llava.TINY_IMAGE_SIZE),
+            tolerances=dict(TINY_TOLERANCES),
+        ),
+        ModelSpec(
             key="tiny-qwen2-vl",
             family="qwen2_vl",
             hf_id=qwen2_vl.HF_ID,
@@ -77,6 +104,12 @@ ALIASES = {
     "qwen2-vl-2b-instruct": "qwen2-vl",
     qwen2_vl.HF_ID.lower(): "qwen2-vl",
     "tiny-qwen2.5-vl": "tiny-qwen-vl",
+    "llava-1.5": "llava",
+    "llava-1.5-7b": "llava",
+    llava.HF_ID.lower(): "llava",
+    "llava-1.5-13b": "llava-13b",
+    llava.HF_ID_13B.lower(): "llava-13b",
+    "tiny-llava-1.5": "tiny-llava",
 }
 
 
@@ -298,7 +331,7 @@ def load_local(
         processor = load_processor(path, family_name) if has_processor_files(path) else None
         if processor is None:
             return build_random(spec, dtype, config=config)
-        align_token_ids(config, processor.tokenizer)
+        family.align_token_ids(config, processor.tokenizer)
         return LoadedModel(spec, build_seeded(family, config, dtype), processor, family)
     source = key or spec.hf_id  # the hub id to download: the one asked for, else the registry's
     if not any(path.glob("*.safetensors")):
@@ -386,27 +419,13 @@ def load_processor(path: Path, family_name: str) -> Any:
     template = template or tokenizer.chat_template
     if template is None:
         raise ModelNotFoundError(f"{path} has no chat template (chat_template.jinja). {how_to_get(None)}")
-    return tiny.image_only_processor(family_name)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=template
-    )
-
-
-def align_token_ids(config: Any, tokenizer: Any) -> None:
-    """Point the config's special-token ids at the tokenizer's (when the tokenizer is not the checkpoint's)."""
-    ids = tiny.special_token_ids(tokenizer)
-    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        setattr(config, name, ids[name])
-    text = config.get_text_config()
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(text, name, ids[name])
+    return FAMILIES[family_name].processor_from(path, tokenizer, image_processor, template)
 
 
 def build_random(spec: ModelSpec, dtype: torch.dtype, *, config: Any | None = None) -> LoadedModel:
     """The real architecture with seeded random weights and the locally built tokenizer (no files on disk)."""
     family = FAMILIES[spec.family]
-    config = config if config is not None else family.config_class()(**family.real_config_dict())
-    tokenizer = tiny.build_tokenizer()
-    align_token_ids(config, tokenizer)
-    image_processor = tiny.build_image_processor(family.REAL_MIN_PIXELS, family.REAL_MAX_PIXELS)
-    processor = tiny.build_processor(spec.family, tokenizer, image_processor)
+    config = config if config is not None else family.config_class()(**family.real_config_dict(spec.hf_id))
+    processor = family.random_processor()
+    family.align_token_ids(config, processor.tokenizer)
     return LoadedModel(spec, build_seeded(family, config, dtype), processor, family)

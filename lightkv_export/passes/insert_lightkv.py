@@ -198,7 +198,8 @@ def insert_lightkv(
     graph = irm.graph
     values = {v.name: v for v in graph.inputs}
     values.update({v.name: v for node in graph for v in node.outputs})
-    state = {"pos": values[meta["position_ids"]], "len": values[meta["lengths"]]}
+    # The values that carry the sequence: positions, lengths, and the hidden states whose Shape gives S.
+    state = {"pos": values[meta["position_ids"]], "len": values[meta["lengths"]], "seq": values["inputs_embeds"]}
     scheme = SCHEMES[meta["position_scheme"]]
     cloned = guidance_nodes = 0
     seq_dims: list[str] = []
@@ -234,11 +235,18 @@ def insert_lightkv(
 
         new_pos = scheme.after_merge_onnx(b, state["pos"], kept, positions)  # [*lead, B, S']
 
-        # Rewire: downstream nodes that read position- or length-derived values get them recomputed.
+        # Rewire: downstream nodes that read values derived from the positions, the lengths or the sequence's
+        # shape (an exporter may take S for a later reshape from the input's Shape, as Llama's attention does)
+        # get them recomputed from the survivors.
         downstream = _forward_nodes(merged)
-        derived = _forward_values([state["pos"], state["len"]])
+        shapes = {n.outputs[0]: n for n in state["seq"].consumers() if n.op_type == "Shape"}
+        derived = _forward_values([state["pos"], state["len"], *shapes])
         fresh = _forward_values([merged])
-        cloner = _Cloner(b, {state["pos"]: new_pos, state["len"]: out_lengths})
+        substitute = {state["pos"]: new_pos, state["len"]: out_lengths}
+        for value, node in shapes.items():
+            attrs = {name: attr.value for name, attr in node.attributes.items()}  # start / end
+            substitute[value] = b.op("Shape", [merged], attrs)
+        cloner = _Cloner(b, substitute)
         for node in [n for n in graph if n in downstream]:  # graph order, not set order: reproducible graphs
             for idx, v in enumerate(node.inputs):
                 if v is not None and v in derived and v not in fresh:
@@ -247,7 +255,7 @@ def insert_lightkv(
         graph.outputs.append(kept)
         kept.type, kept.shape = ir.TensorType(INT64), ir.Shape(["batch", f"S_{k}"])
         seq_dims.append(f"S_{k}")
-        state = {"pos": new_pos, "len": out_lengths}
+        state = {"pos": new_pos, "len": out_lengths, "seq": merged}
 
     _finish(irm, schedule, seq_dims)
     report = PassReport(stages=len(schedule.stages), cloned_nodes=cloned, guidance_nodes=guidance_nodes)

@@ -128,3 +128,25 @@ def test_serving_cells_summarise_rounds_and_pair_them():
     text = serving.markdown(result)
     assert "| lightkv | 1 | 6 | 20.00 (10.00-30.00) |" in text
     assert "| throughput, LightKV / vanilla, concurrency 1 | 1.00x | 0.50-1.50x |" in text
+
+
+def test_model_goes_to_the_benchmarks_that_build_engines(capsys):
+    """--model reaches run() of modules that declare MODEL (serving builds that model's engines), not the others;
+    an unknown key is refused before anything runs."""
+    from types import SimpleNamespace
+
+    from benchmarks import bench_serving
+
+    assert bench_serving.MODEL == "tiny-qwen-vl"
+
+    def run(quick, model="x"):
+        return {"title": model, "ratios": {}}
+
+    builds = SimpleNamespace(NAME="b", MODEL="tiny-qwen-vl", run=run)
+    other = SimpleNamespace(NAME="o", run=lambda quick: {"title": "fixed", "ratios": {}})
+    assert bench.run_one(builds, True, "tiny-llava")["title"] == "tiny-llava"
+    assert bench.run_one(other, True, "tiny-llava")["title"] == "fixed"
+    assert bench.run_one(builds, True)["title"] == "x"  # no --model: the module's own default
+    assert bench.main(["--quick", "--only", "paper_comparison", "--model", "gpt-4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown model 'gpt-4'") and "tiny-llava" in err

@@ -217,6 +217,7 @@ def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     [
         (["--model", "no-such-model"], "unknown model"),
         (["--model", "qwen-vl"], "not in the local Hugging Face cache"),
+        (["--model", "llava"], "llava-hf/llava-1.5-7b-hf (model 'llava') is not in the local Hugging Face cache"),
         (["--model", "/nonexistent/checkpoint"], "neither a model key nor a checkpoint directory"),
         (["--ratio", "0.05"], "cannot be reached"),
         (["--target", "cuda"], "unknown target"),

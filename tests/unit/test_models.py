@@ -411,3 +411,21 @@ def short_hash(text: str) -> str:
 def test_dir_name_is_one_safe_path_component(key, dir_name):
     spec = replace(get_spec("tiny-qwen-vl"), key=key)
     assert spec.dir_name == dir_name and len(Path(spec.dir_name).parts) == 1
+
+
+def test_llava_keys_and_the_papers_schedule(monkeypatch, tmp_path):
+    """llava / llava-13b name the paper's LLaVA-1.5 checkpoints; at --ratio 0.55 the solver gives the paper's
+    schedule for the 7B's 32 layers (layers 12-18-24, windows 4-2-1, half of each window per stage); without the
+    checkpoint, loading says how to get it."""
+    from lightkv_export.method.schedule import resolve
+    from lightkv_export.models import llava
+
+    assert (get_spec("llava").hf_id, get_spec("llava-13b").hf_id) == (llava.HF_ID, llava.HF_ID_13B)
+    assert get_spec("llava-hf/llava-1.5-7b-hf").key == "llava" and get_spec("LLaVA-1.5-13B").key == "llava-13b"
+    assert get_spec("tiny-llava").tiny and get_spec("tiny-llava").family == "llava"
+    layers = llava.REAL_CONFIG["text_config"]["num_hidden_layers"]
+    windows = get_spec("llava").default_windows
+    assert str(resolve(layers, ratio=0.55, schedule=None, windows=windows)) == "12:4:0.5,18:2:0.5,24:1:0.5"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelNotFoundError, match=r"huggingface-cli download llava-hf/llava-1.5-7b-hf"):
+        load_model("llava")

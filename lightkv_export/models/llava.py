@@ -1,0 +1,536 @@
+"""LLaVA-1.5 family (`llava`): CLIP ViT-L/14 + 2-layer MLP projector + a Llama (Vicuna) decoder with 1-D RoPE.
+
+Layout the method and the exporter see: `model.model.vision_tower` (CLIPVisionModel), `model.model.
+multi_modal_projector`, `model.model.language_model` (LlamaModel), `model.lm_head`. The processor resizes and
+center-crops every image to one square size and expands each `<image>` into (size / patch)^2 placeholder tokens
+(CLS dropped: vision_feature_select_strategy "default"), so an image is always one contiguous run of side x side
+tokens in raster order, and positions are plain 1-D (token s at position s, no decode offset).
+
+The family interface (what registry, export and runtime call):
+* constants FAMILY, MODEL_TYPE, HF_ID, HF_ID_13B, POSITIONS (ROPE_1D: position_ids [B, S]);
+* model_class, config_class, real_config_dict; text_model, lm_head, spatial_merge (1: no merger);
+* check_inputs, process -> vision_embeddings -> embed_and_position (= prepare), spans;
+* check_image_size and vision_export (the vision graph serves exactly the processor's crop size: CLIP's position
+  embeddings are fixed);
+* tiny_preset: the real classes at toy size with a locally trained, deterministic Llama tokenizer (no download).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import torch
+
+from lightkv_export.errors import InputError
+from lightkv_export.models import tiny
+from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport, VisionSpan
+from lightkv_export.models.positions import ROPE_1D
+
+FAMILY = "llava"
+MODEL_TYPE = "llava"  # config.json model_type
+HF_ID = "llava-hf/llava-1.5-7b-hf"
+HF_ID_13B = "llava-hf/llava-1.5-13b-hf"
+POSITIONS = ROPE_1D  # position_ids [B, S]
+IMAGE_TOKEN = "<image>"
+
+# llava-1.5-{7b,13b}-hf config.json, for --random-weights without the checkpoint on disk. Vicuna decoders; the
+# vocabulary is Llama's 32000 + <image> (32000) + <pad> (32001), padded to 32064.
+REAL_TEXT_7B = {
+    "model_type": "llama",
+    "vocab_size": 32064,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 32001,
+}
+REAL_TEXT_13B = {
+    **REAL_TEXT_7B,
+    "hidden_size": 5120,
+    "intermediate_size": 13824,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 40,
+}
+# CLIP ViT-L/14 at 336 px (openai/clip-vit-large-patch14-336), the same tower for both sizes.
+REAL_VISION = {
+    "model_type": "clip_vision_model",
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "projection_dim": 768,
+    "vocab_size": 32000,
+}
+REAL_MULTIMODAL = {
+    "image_token_index": 32000,
+    "image_seq_length": 576,  # (336 / 14)^2
+    "vision_feature_layer": -2,  # the penultimate CLIP layer's output
+    "vision_feature_select_strategy": "default",  # CLS dropped
+    "projector_hidden_act": "gelu",
+    "tie_word_embeddings": False,
+}
+REAL_CONFIG = {"text_config": REAL_TEXT_7B, "vision_config": REAL_VISION, **REAL_MULTIMODAL}
+REAL_CONFIG_13B = {"text_config": REAL_TEXT_13B, "vision_config": REAL_VISION, **REAL_MULTIMODAL}
+REAL_CONFIGS = {HF_ID: REAL_CONFIG, HF_ID_13B: REAL_CONFIG_13B}
+REAL_IMAGE_SIZE = 336
+
+# The tiny preset: Qwen tiny's decoder sizes on a Llama, a 2-layer CLIP (features come from layer -2) at 224 px.
+TINY_IMAGE_SIZE = 224  # 16 x 16 = 256 vision tokens per image
+TINY_TEXT = {
+    "model_type": "llama",
+    "hidden_size": tiny.TINY_TEXT["hidden_size"],  # 64
+    "intermediate_size": tiny.TINY_TEXT["intermediate_size"],  # 128
+    "num_hidden_layers": tiny.TINY_TEXT["num_hidden_layers"],  # 8
+    "num_attention_heads": tiny.TINY_TEXT["num_attention_heads"],  # 4
+    "num_key_value_heads": tiny.TINY_TEXT["num_key_value_heads"],  # 2
+    "head_dim": 16,
+    "max_position_embeddings": tiny.TINY_TEXT["max_position_embeddings"],  # 4096
+    "rms_norm_eps": tiny.TINY_TEXT["rms_norm_eps"],  # 1e-6
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+}
+TINY_VISION = {
+    "model_type": "clip_vision_model",
+    "image_size": TINY_IMAGE_SIZE,
+    "patch_size": 14,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "projection_dim": 32,
+}
+
+# The tiny tokenizer: Llama's layout (<unk> <s> </s>, 256 byte-fallback pieces, learned "▁"-BPE merges), then the
+# added <pad> and <image> as in the llava-hf checkpoints. Trained on the Qwen tiny corpus plus the chat words.
+LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
+BYTE_PIECES = tuple(f"<0x{i:02X}>" for i in range(256))
+TINY_BPE_VOCAB = 640
+TINY_CORPUS = tiny.CORPUS + "USER: ASSISTANT: USER: What is shown here? ASSISTANT: A picture of an image.\n"
+
+# LLaVA-1.5's conversation layout ("USER: <image>\n<prompt> ASSISTANT:"), images first, as the llava-hf
+# checkpoints' template renders it. It writes no <s>: the tokenizer adds it (see `process`).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}{% endif %} "
+    "{% else %}"
+    "{{ message['role'] | upper }}: "
+    "{% if message['content'] is string %}{{ message['content'] }} {% else %}"
+    "{% for part in message['content'] if part['type'] == 'image' or 'image' in part %}<image>\n{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }} {% endfor %}"
+    "{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def model_class() -> type:
+    from transformers import LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration
+
+
+def config_class() -> type:
+    from transformers import LlavaConfig
+
+    return LlavaConfig
+
+
+def real_config_dict(hf_id: str = HF_ID) -> dict[str, Any]:
+    """Keyword arguments of LlavaConfig for a real checkpoint's architecture (7b by default)."""
+    if hf_id not in REAL_CONFIGS:
+        raise InputError(f"no known LLaVA-1.5 architecture for {hf_id!r}; known: {', '.join(REAL_CONFIGS)}.")
+    return copy.deepcopy(REAL_CONFIGS[hf_id])
+
+
+def text_model(model: Any) -> Any:
+    """The decoder stack: .layers, .rotary_emb, .norm, .embed_tokens, .config."""
+    return model.model.language_model
+
+
+def lm_head(model: Any) -> Any:
+    return model.lm_head
+
+
+def vision_model(model: Any) -> Any:
+    """The CLIP vision tower (the projector is `model.model.multi_modal_projector`)."""
+    return model.model.vision_tower
+
+
+def spatial_merge(model: Any) -> int:
+    return 1  # one LLM token per CLIP patch
+
+
+# --- requests ---------------------------------------------------------------------------------------------------
+
+
+def chat_text(processor: Any, num_images: int, prompt: str) -> str:
+    """The chat-formatted prompt (no <s>), for display and layout checks only: tokenizing it would read control
+    tokens typed in `prompt` as real ones; `process` tokenizes the user's text as plain text."""
+    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def check_inputs(processor: Any, images: list, prompt: str) -> None:
+    """Reject what the processor would fail on obscurely, with a message that says why."""
+    from PIL import Image
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt is empty; give a question or instruction about the image(s).")
+    if not images:
+        raise InputError("no image given; these are vision-language models and LightKV compresses vision tokens.")
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise InputError(f"image {i} is a {type(image).__name__}, expected a PIL.Image.Image.")
+        w, h = image.size
+        if min(w, h) < 1:
+            raise InputError(f"image {i} is {w}x{h} pixels: it is empty.")
+        # The processor scales the short side to the crop size before cropping: extreme ratios blow up memory.
+        if max(w, h) / min(w, h) > 200:
+            raise InputError(f"image {i} is {w}x{h} pixels; aspect ratios up to 200 are accepted.")
+
+
+def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
+    """Processor outputs for one request (CPU tensors; needs only `loaded.processor`): input_ids, attention_mask
+    [1, S], pixel_values [N_images, 3, H, W] float32.
+
+    The user's text is tokenized as plain text (transformers' `sanitize_control_tokens`): a typed `<image>`, `<s>`
+    or `</s>` becomes ordinary text tokens, so a prompt can add no image slot nor end the sequence. transformers
+    refuses that mode while the tokenizer itself adds <s> (LLaVA's templates do not write it), so the template is
+    tokenized without special tokens and <s> is put in front here, as the tokenizer would: for a prompt without
+    control tokens the ids are exactly those of `processor(text=chat_text(...), images=...)`."""
+    processor = loaded.processor
+    check_inputs(processor, images, prompt)
+    content = [{"type": "image", "image": im.convert("RGB")} for im in images] + [{"type": "text", "text": prompt}]
+    messages = [{"role": "user", "content": content}]
+    try:
+        out = processor.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            sanitize_control_tokens=True,
+            processor_kwargs={"add_special_tokens": False},
+        )
+    except ValueError as exc:
+        raise InputError(f"the processor rejected the request: {exc}") from None
+    input_ids, attention_mask = out["input_ids"], out["attention_mask"]  # [1, S]
+    prefix = special_prefix(processor.tokenizer)
+    if prefix and input_ids[0, : len(prefix)].tolist() != prefix:  # a template that writes <s> keeps its own
+        lead = torch.tensor([prefix], dtype=input_ids.dtype)  # [1, P]
+        input_ids = torch.cat([lead, input_ids], dim=1)  # [1, S]
+        attention_mask = torch.cat([torch.ones_like(lead, dtype=attention_mask.dtype), attention_mask], dim=1)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": out["pixel_values"].float()}
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The ids the tokenizer itself puts before a text (LLaVA: [<s>]). Read from what it does, not from its
+    `add_bos_token` attribute, which a saved and reloaded tokenizer reports False while still adding <s>."""
+    plain = tokenizer.encode("a", add_special_tokens=False)
+    full = tokenizer.encode("a", add_special_tokens=True)
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i]
+    return []
+
+
+@torch.no_grad()
+def vision_embeddings(loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """CLIP at vision_feature_layer (CLS dropped) through the projector: [N_vis, D], images concatenated in order."""
+    model = loaded.model
+    pixel_values = processed["pixel_values"].to(model.device, model.dtype)  # [N_images, 3, H, W]
+    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    return torch.cat(list(out.pooler_output), dim=0)  # [N_vis, D]
+
+
+def token_side(processor: Any, image_size: int) -> int:
+    """Tokens per side of one image of `image_size` pixels (square: the processor crops to a square)."""
+    return image_size // int(processor.patch_size)
+
+
+def spans(processor: Any, processed: dict[str, torch.Tensor], image_token_id: int) -> list[list[VisionSpan]]:
+    """Per batch row, each image's run of placeholder tokens as a VisionSpan with its square grid (side, side)."""
+    height, width = processed["pixel_values"].shape[-2:]
+    if height != width:
+        raise InputError(f"pixel_values are {width}x{height}; LLaVA-1.5's processor crops images to a square.")
+    side = token_side(processor, int(height))
+    n_images = processed["pixel_values"].shape[0]
+    found: list[list[VisionSpan]] = []
+    image = 0
+    for row in processed["input_ids"]:
+        is_image = (row == image_token_id).tolist()
+        row_spans, s = [], 0
+        while s < len(is_image):
+            if not is_image[s]:
+                s += 1
+                continue
+            e = s
+            while e < len(is_image) and is_image[e]:
+                e += 1
+            if e - s != side * side:
+                raise InputError(
+                    f"image {image}: {e - s} placeholder tokens, expected {side}x{side} = {side * side}; is the "
+                    "processor's vision_feature_select_strategy 'default' (CLS dropped)?"
+                )
+            row_spans.append(VisionSpan(start=s, length=e - s, grid=(side, side)))
+            image += 1
+            s = e
+        found.append(row_spans)
+    if image != n_images:
+        raise InputError(f"{n_images} images but {image} placeholder runs in the prompt.")
+    return found
+
+
+@torch.no_grad()
+def embed_and_position(
+    loaded: LoadedModel, processed: dict[str, torch.Tensor], vision_embeds: torch.Tensor
+) -> PrefillInputs:
+    """Text embeddings with the vision embeddings scattered into the placeholders, and 1-D RoPE positions."""
+    model = loaded.model
+    processed = {k: v.to(model.device) for k, v in processed.items()}
+    input_ids = processed["input_ids"]  # [B, S]
+    image_token_id = int(model.config.image_token_index)
+    embeds = text_model(model).embed_tokens(input_ids)  # [B, S, D]
+    placeholder = input_ids == image_token_id  # [B, S]
+    if int(placeholder.sum()) != vision_embeds.shape[0]:
+        raise InputError(
+            f"{int(placeholder.sum())} image placeholder tokens but {vision_embeds.shape[0]} vision embeddings."
+        )
+    embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), vision_embeds.to(embeds.dtype))  # [B, S, D]
+    row_spans = spans(loaded.processor, processed, image_token_id)
+    mask = processed["attention_mask"]  # [B, S]
+    lengths = mask.sum(dim=1)  # [B] real tokens per row
+    if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None]):
+        raise InputError("attention_mask must be right-padded (real tokens first): positions count from 0 there.")
+    hosts = [POSITIONS.host(int(n), row) for n, row in zip(lengths.tolist(), row_spans, strict=True)]
+    position_ids = torch.from_numpy(POSITIONS.batch([ids for ids, _ in hosts], input_ids.shape[1]))  # [B, S]
+    decode_offset = torch.tensor([[delta] for _, delta in hosts], dtype=torch.long)  # [B, 1], all 0
+    return PrefillInputs(
+        inputs_embeds=embeds,
+        position_ids=position_ids.to(model.device),
+        attention_mask=processed["attention_mask"],
+        input_ids=input_ids,
+        spans=row_spans,
+        decode_offset=decode_offset.to(model.device),
+    )
+
+
+def prepare(loaded: LoadedModel, images: list, prompt: str) -> PrefillInputs:
+    """One request (images + prompt) -> everything the language-model prefill needs."""
+    processed = process(loaded, images, prompt)
+    vision = vision_embeddings(loaded, processed)  # [N_vis, D]
+    return embed_and_position(loaded, processed, vision)
+
+
+# --- the vision graph -------------------------------------------------------------------------------------------
+
+
+def served_size(processor: Any) -> tuple[int, int]:
+    """(height, width) of the pixel_values the processor makes of any image: its center-crop size."""
+    features = processor.image_processor
+    size = dict(features.crop_size if features.do_center_crop else features.size)
+    if "height" not in size or "width" not in size:
+        raise InputError(
+            f"the image processor does not bring images to one size (do_center_crop off, size {size}); LLaVA-1.5's "
+            "vision tower takes exactly its image_size: set do_center_crop in preprocessor_config.json."
+        )
+    return int(size["height"]), int(size["width"])
+
+
+def check_image_size(processor: Any, image_size: tuple[int, int]) -> None:
+    """The engine's vision graph takes exactly one size: CLIP's position embeddings are fixed, and the processor
+    resizes and crops every image to it. Anything else is refused before any work, naming the size that works."""
+    h, w = (int(x) for x in image_size)
+    sh, sw = served_size(processor)
+    if (h, w) != (sh, sw):
+        raise InputError(
+            f"image size {w}x{h} (width x height) cannot be an engine profile: this model's processor resizes and "
+            f"crops every image to {sw}x{sh}, and its CLIP vision tower takes only that size. "
+            f"The size this model serves is {sw}x{sh}."
+        )
+
+
+def feature_depths(config: Any) -> list[int]:
+    """CLIP layers to run for each vision_feature_layer: hidden state k of num_layers + 1 (0 = the embeddings)."""
+    layers = config.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    total = int(config.vision_config.num_hidden_layers) + 1
+    return [layer % total for layer in layers]
+
+
+class VisionGraph(torch.nn.Module):
+    """CLIP up to the feature layer, CLS dropped, projector: what `get_image_features` computes for one image,
+    written out layer by layer so the graph holds no output-capturing hooks and skips the unused last layers."""
+
+    def __init__(self, model: Any) -> None:
+        super().__init__()
+        config = model.config
+        self.tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.depths = feature_depths(config)
+        self.drop_cls = config.vision_feature_select_strategy == "default"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))  # [1, 1 + P, C]
+        selected = {0: hidden} if 0 in self.depths else {}
+        for i, layer in enumerate(self.tower.encoder.layers[: max(self.depths)]):
+            hidden = layer(hidden, None)  # [1, 1 + P, C]
+            if i + 1 in self.depths:
+                selected[i + 1] = hidden
+        features = [selected[d] for d in self.depths]
+        if self.drop_cls:
+            features = [f[:, 1:] for f in features]  # [1, P, C]
+        return self.projector(torch.cat(features, dim=-1)).flatten(0, 1)  # [N_vis, D]
+
+
+def vision_export(loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
+    """The vision graph for one image of exactly `image_size` (height, width): module, example pixel_values
+    [1, 3, H, W] of `dtype`, and the image's token grid (side, side)."""
+    check_image_size(loaded.processor, image_size)
+    h, w = (int(x) for x in image_size)
+    vision = loaded.model.config.vision_config
+    if (h, w) != (vision.image_size, vision.image_size):
+        raise InputError(
+            f"the processor crops images to {w}x{h} but the vision tower takes {vision.image_size}x"
+            f"{vision.image_size}: preprocessor_config.json and config.json are from different checkpoints."
+        )
+    patch = int(vision.patch_size)
+    gen = torch.Generator().manual_seed(0)
+    example = torch.randn(1, 3, h, w, generator=gen).to(dtype)  # [1, 3, H, W]
+    return VisionExport(module=VisionGraph(loaded.model), example=example, token_grid=(h // patch, w // patch))
+
+
+# --- tiny preset ------------------------------------------------------------------------------------------------
+
+
+def train_llama_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Llama-style BPE (vocab, merges) learned from TINY_CORPUS: <unk> <s> </s> at 0-2, byte pieces at 3-258 (the
+    fallback for characters never seen), then "▁"-prefixed merges; deterministic for a fixed corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    # LlamaTokenizer's Metaspace ("▁" for spaces, one in front), split into words only to learn within them.
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_BPE_VOCAB,
+        min_frequency=2,
+        special_tokens=[*LLAMA_SPECIALS, *BYTE_PIECES],
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_CORPUS.splitlines(), trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return model["vocab"], merges
+
+
+def build_tokenizer() -> Any:
+    """transformers' LlamaTokenizer over the locally learned BPE, adding <s>, with <pad> and <image> appended."""
+    from transformers import LlamaTokenizer
+
+    vocab, merges = train_llama_bpe()
+    tokenizer = LlamaTokenizer(
+        vocab=vocab,
+        merges=merges,
+        add_bos_token=True,
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """The config fields that name special tokens, read from the tokenizer so the two always agree."""
+    return {
+        "image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def align_token_ids(config: Any, tokenizer: Any) -> None:
+    """Point the config's special-token ids at the tokenizer's (when the tokenizer is not the checkpoint's)."""
+    ids = special_token_ids(tokenizer)
+    config.image_token_index = ids["image_token_index"]
+    text = config.get_text_config()
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(text, name, ids[name])
+
+
+def build_image_processor(image_size: int = TINY_IMAGE_SIZE) -> Any:
+    """CLIP's PIL image processor (no torchvision needed): short side to `image_size`, center crop to a square."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+
+
+# LLaVA-1.5's processor settings (llava-hf's processor_config.json): CLS is counted, and "default" drops it again,
+# so an image is (size / 14)^2 placeholders.
+PROCESSOR_SETTINGS = {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+
+
+def build_processor(tokenizer: Any | None = None, image_size: int = TINY_IMAGE_SIZE) -> Any:
+    """LlavaProcessor over a (locally built) tokenizer and the PIL CLIP image processor, LLaVA-1.5's settings."""
+    tokenizer = build_tokenizer() if tokenizer is None else tokenizer
+    return processor_from(None, tokenizer, build_image_processor(image_size), CHAT_TEMPLATE)
+
+
+def processor_from(path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
+    """LlavaProcessor over a checkpoint's (or an engine's) tokenizer and CLIP image processor, with the settings
+    of its processor_config.json where it has one."""
+    from pathlib import Path
+
+    from transformers import LlavaProcessor
+
+    settings = dict(PROCESSOR_SETTINGS)
+    saved = Path(path) / "processor_config.json" if path is not None else None
+    if saved is not None and saved.is_file():
+        settings |= {k: v for k, v in json.loads(saved.read_text()).items() if k in settings}
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **settings)
+
+
+def random_processor() -> Any:
+    """A processor for --random-weights without checkpoint files: the local tokenizer at the real image size."""
+    return build_processor(image_size=REAL_IMAGE_SIZE)
+
+
+def tiny_config_dict(tokenizer: Any) -> dict[str, Any]:
+    """Keyword arguments of LlavaConfig for the tiny preset."""
+    ids = special_token_ids(tokenizer)
+    side = TINY_VISION["image_size"] // TINY_VISION["patch_size"]
+    text = {
+        **TINY_TEXT,
+        "vocab_size": len(tokenizer),
+        **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+    }
+    return {
+        **REAL_MULTIMODAL,
+        "text_config": text,
+        "vision_config": dict(TINY_VISION),
+        "image_token_index": ids["image_token_index"],
+        "image_seq_length": side * side,
+    }
+
+
+def tiny_preset() -> tuple[Any, Any]:
+    """(LlavaConfig, LlavaProcessor) of the tiny preset "tiny-llava"; weights come from registry.build_seeded."""
+    tokenizer = build_tokenizer()
+    return config_class()(**tiny_config_dict(tokenizer)), build_processor(tokenizer)

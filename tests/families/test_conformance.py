@@ -1,0 +1,159 @@
+"""The conformance suite: what every registered model family must do, on its tiny preset.
+
+Each family with a tiny preset in the registry is built through the whole pipeline (export, LightKV transform,
+ort-cpu engine, parity at all three levels), and its engine is checked against Hugging Face and the PyTorch
+reference runtime. A new family is its module in lightkv_export/models/ plus its tiny preset in the registry;
+this suite then runs on it with nothing else to add.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightkv_export.inputs import parity_images, torch_inputs
+from lightkv_export.models.registry import SPECS, load_model
+from lightkv_export.runtime import Engine
+
+pytestmark = pytest.mark.slow
+FAMILIES = sorted((spec.family, key) for key, spec in SPECS.items() if spec.tiny)
+assert {f for f, _ in FAMILIES} == {spec.family for spec in SPECS.values()}, "every family needs a tiny preset"
+
+
+@pytest.fixture(scope="module", params=[key for _, key in FAMILIES], ids=[f for f, _ in FAMILIES])
+def family(request, builds):
+    """(tiny preset key, its loaded model, its LightKV build at 0.55)."""
+    key = request.param
+    return key, load_model(key), builds(key, 0.55)
+
+
+def reference(loaded, engine: Engine, images, prompt: str, max_new_tokens: int):
+    from lightkv_export import torch_runtime
+
+    return torch_runtime.generate(
+        loaded, torch_inputs(engine.prepare(images, prompt)), engine.schedule, max_new_tokens=max_new_tokens,
+        positions=engine.manifest["positions"], grid_mode=engine.manifest["grid_mode"],
+    )  # fmt: skip
+
+
+def test_builds_and_passes_parity_at_every_level(family):
+    _, _, result = family
+    report = result.parity["ort-cpu"]
+    assert result.exit_code == 0 and report.passed, "\n".join(report.failure_lines())
+    assert {c.level for c in report.checks} == {"op", "model", "identity"}
+    assert any(c.output == "vanilla-export-logits" for c in report.checks)  # against the vanilla export too
+    engine_dir = result.engine_dirs["ort-cpu"]
+    for name in ("manifest.json", "parity.json", "report.md", "prefill.onnx", "decode.onnx", "vision.onnx"):
+        assert (engine_dir / name).is_file(), name
+
+
+def test_merged_cache_follows_the_reference_runtime(family):
+    """The engine's real K/V arrays per layer have the PyTorch reference's lengths, shorter after every stage,
+    and the tokens agree."""
+    _, loaded, result = family
+    engine = Engine.load(result.engine_dirs["ort-cpu"])
+    h, w = engine.image_size
+    images, prompt = [parity_images((h, w), 4)], "What is in this picture?"
+    pre = engine.prefill(engine.prepare(images, prompt))
+    want = reference(loaded, engine, images, prompt, max_new_tokens=6)
+    assert [k.shape[2] for k in pre.keys] == want.kv_lengths
+    groups = [want.kv_lengths[first - 1] for first, _ in result.schedule.layer_groups()]
+    assert groups == sorted(groups, reverse=True) and len(set(groups)) == len(groups)  # every stage removes tokens
+    gen = engine.generate(images, prompt, max_new_tokens=6)
+    assert gen.token_ids == want.tokens and gen.kv_lengths == want.kv_lengths
+
+
+def test_ratio_zero_generates_like_hugging_face(family, builds):
+    key, loaded, _ = family
+    engine = Engine.load(builds(key, 0.0).engine_dirs["ort-cpu"])
+    h, w = engine.image_size
+    image, prompt = parity_images((h, w), 5), "Describe the picture."
+    gen = engine.generate([image], prompt, max_new_tokens=8)
+    assert len(set(gen.kv_lengths)) == 1  # nothing merged anywhere
+    processed = loaded.family.process(loaded, [image], prompt)
+    with torch.no_grad():
+        out = loaded.model.generate(**processed, max_new_tokens=8, do_sample=False)
+    hf = out[0, processed["input_ids"].shape[1] :].tolist()
+    assert hf and gen.token_ids == hf
+
+
+def test_batched_generation_equals_one_request_at_a_time(family):
+    _, loaded, result = family
+    engine = Engine.load(result.engine_dirs["ort-cpu"])
+    h, w = engine.image_size
+    items = [
+        ([parity_images((h, w), 0)], "Describe this image."),
+        ([parity_images((h, w), 1), parity_images((h // 2, w), 2)], "Compare the two pictures in detail, please."),
+        ([parity_images((h, w), 3)], "Colours?"),
+    ]
+    batched = engine.generate_batch(items, max_new_tokens=5)
+    for (images, prompt), got in zip(items, batched, strict=True):
+        alone = engine.generate(images, prompt, max_new_tokens=5)
+        assert (got.token_ids, got.kv_lengths) == (alone.token_ids, alone.kv_lengths), prompt
+        want = reference(loaded, engine, images, prompt, max_new_tokens=5)  # PyTorch, one row at a time
+        assert (got.token_ids, got.kv_lengths) == (want.tokens, want.kv_lengths), prompt
+    assert len({tuple(g.kv_lengths) for g in batched}) == 3  # the rows really differ in length
+
+
+def test_the_accounting_is_what_the_engine_holds(family):
+    """The build's accounting (report.md: KV bytes per layer) is the engine's measured cache for the reference
+    request, and the planner's vision grid is the engine's."""
+    from lightkv_export.report import engine_account
+
+    _, _, result = family
+    engine = Engine.load(result.engine_dirs["ort-cpu"])
+    manifest = engine.manifest
+    account = engine_account(manifest)
+    ref = manifest["reference_request"]
+    h, w = engine.image_size
+    gen = engine.generate([parity_images((h, w), 0)], ref["prompt"], max_new_tokens=2)
+    assert list(account.kv_lengths) == gen.kv_lengths == ref["kv_lengths"]
+    assert sum(account.kv_bytes) == gen.kv_bytes < sum(account.kv_bytes_vanilla)
+    grid = manifest["vision_token_grid"]
+    assert grid[0] * grid[1] == ref["vision_tokens"] == gen.vision_tokens_in
+    assert np.isclose(account.retention, manifest["retention"], atol=0.02)
+
+
+@pytest.fixture(scope="module")
+def server(builds, tmp_path_factory):
+    """One real tritonserver (loopback) serving every family's LightKV engine from one repository."""
+    from lightkv_export import serve, triton_repo
+
+    try:
+        serve.find_triton()
+        serve.stub_site_dir()
+        serve.python_libdir()
+    except serve.ServeError as e:  # the Makefile installs both; without them there is no server to test
+        pytest.skip(f"tritonserver not installed: {e}")
+    engines = [builds(key, 0.55).engine_dirs["ort-cpu"] for _, key in FAMILIES]
+    repo = triton_repo.write_repository(engines, tmp_path_factory.mktemp("repo") / "repo")
+    running = serve.Server(repo).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_served_answers_equal_the_reference_runtime(family, server):
+    """Through Triton Inference Server and the client: token ids, text and KV accounting of the PyTorch
+    reference runtime on the engine's own inputs."""
+    import io
+
+    from PIL import Image
+
+    from lightkv_export import client, triton_repo
+
+    _, loaded, result = family
+    engine = Engine.load(result.engine_dirs["ort-cpu"])
+    h, w = engine.image_size
+    buffer = io.BytesIO()
+    parity_images((h + 28, w), 6).save(buffer, format="PNG")  # another size: the engine resizes it
+    blob = buffer.getvalue()
+    prompt = "What stands out in this image?"
+    name = triton_repo.model_name(engine.manifest)
+    _, answer = client.ask(server.url, [blob], prompt, model=name, max_new_tokens=5)
+    want = reference(loaded, engine, [Image.open(io.BytesIO(blob)).convert("RGB")], prompt, max_new_tokens=5)
+    assert answer.token_ids == want.tokens and answer.text == want.text
+    assert answer.kv_bytes == want.kv_bytes and answer.vision_tokens_in == want.vision_tokens_in
+    assert answer.vision_tokens_per_group == [n for _, n in want.vision_tokens_per_group]
