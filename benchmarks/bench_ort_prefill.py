@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lightkv_export import contract
+
 NAME = "ort_prefill"
 THREADS = 2
 RATIO = 0.55
@@ -123,9 +125,9 @@ def make_request(size: BenchSize, seed: int = 0) -> tuple[dict[str, np.ndarray],
     positions, _ = MROPE.host(seq, spans)  # [3, S]: the benchmark's model is a Qwen2.5-VL
     embeds = np.random.default_rng(seed).standard_normal((1, seq, size.hidden)).astype(np.float32)  # [1, S, D]
     feeds = {
-        "inputs_embeds": embeds,
-        "position_ids": positions[:, None, :],  # [3, 1, S]
-        "lengths": np.asarray([seq], dtype=np.int64),
+        contract.INPUTS_EMBEDS: embeds,
+        contract.POSITION_IDS: positions[:, None, :],  # [3, 1, S]
+        contract.LENGTHS: np.asarray([seq], dtype=np.int64),
     }
     return feeds, [spans]
 
@@ -143,7 +145,7 @@ def session(model, threads: int = THREADS):
 
 
 def kv_bytes(outputs: dict[str, np.ndarray]) -> int:
-    return sum(v.nbytes for k, v in outputs.items() if k.startswith("present."))
+    return sum(v.nbytes for k, v in outputs.items() if k.startswith(contract.PRESENT_PREFIX))
 
 
 def predicted(size: BenchSize, vocab: int, schedule) -> dict:
@@ -189,7 +191,7 @@ def run(quick: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_ort_prefill_") as tmp:
         vanilla_model, lightkv_model, schedule, vocab, build_s = export_graphs(size, Path(tmp))
     feeds, spans = make_request(size)
-    seq = int(feeds["lengths"][0])
+    seq = int(feeds[contract.LENGTHS][0])
     plan = plan_request(spans, [seq], schedule)
     sessions = {"vanilla": session(vanilla_model), "lightkv": session(lightkv_model)}
     del vanilla_model, lightkv_model
@@ -198,7 +200,7 @@ def run(quick: bool = False) -> dict:
 
     # Warm-up (ORT allocates its arena on the first run) and the outputs both variants produced.
     outputs = {v: dict(zip(names[v], s.run(names[v], inputs[v]), strict=True)) for v, s in sessions.items()}
-    kv_len = {v: [outputs[v][f"present.{i}.key"].shape[2] for i in range(size.layers)] for v in sessions}
+    kv_len = {v: [outputs[v][contract.present(i, "key")].shape[2] for i in range(size.layers)] for v in sessions}
     pred = predicted(size, vocab, schedule)
     if kv_len["lightkv"] != pred["lightkv"]["seq_per_layer"] or kv_len["vanilla"] != [seq] * size.layers:
         raise AssertionError(f"KV lengths {kv_len} differ from the plan's {pred['lightkv']['seq_per_layer']}")

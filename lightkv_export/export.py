@@ -43,6 +43,7 @@ import onnx
 import torch
 from transformers import AttentionInterface
 
+from lightkv_export import contract
 from lightkv_export.artifacts import (
     graph_digest,
     locked,
@@ -55,8 +56,6 @@ from lightkv_export.models.base import LoadedModel, attention_implementation, he
 from lightkv_export.models.positions import Positions
 
 EXPORT_ATTENTION = "lightkv_export_attention"
-ROLE_PREFIX = "lightkv.role."
-ROLE_META_KEY = "lightkv.roles"
 OPSET = 21
 EXPORT_VERSION = 3  # bump when the graph contract changes: part of the export cache key
 
@@ -145,20 +144,6 @@ class ExportedGraphs:
     meta: dict[str, Any]
 
 
-def prefill_names(num_layers: int) -> tuple[list[str], list[str]]:
-    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    roles = [f"{ROLE_PREFIX}cos", f"{ROLE_PREFIX}sin"]
-    roles += [f"{ROLE_PREFIX}{r}.{i}" for i in range(num_layers) for r in ("hidden", "query")]
-    return outputs, roles
-
-
-def decode_names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    past += [f"past_mask.{i}" for i in range(num_layers)]
-    outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return ["inputs_embeds", "position_ids", *past], outputs
-
-
 def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names, output_names, dynamic_shapes) -> None:
     """torch.onnx.export (dynamo) with external data for large models; quiet unless it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -214,33 +199,33 @@ def export_prefill(
     embeds = torch.randn(2, example_len, cfg.hidden_size, dtype=dtype)
     pos = positions.example(2, example_len)  # [*lead, 2, S]
     lengths = torch.tensor([example_len, example_len - 3])
-    outputs, roles = prefill_names(n)
+    inputs, outputs, roles = contract.prefill_io(n)
     batch, seq = torch.export.Dim("batch", min=1, max=64), torch.export.Dim("seq", min=2, max=32768)
     with attention_implementation(cfg, EXPORT_ATTENTION):
         _export(
             PrefillGraph(text_model, lm_head),
             (embeds, pos, lengths),
             path,
-            input_names=["inputs_embeds", "position_ids", "lengths"],
+            input_names=inputs,
             output_names=outputs + roles,
             dynamic_shapes=({0: batch, 1: seq}, {positions.seq_axis - 1: batch, positions.seq_axis: seq}, {0: batch}),
         )
     model = onnx.load(str(path), load_external_data=False)
     meta = {
         "num_layers": n,
-        "hidden": [f"{ROLE_PREFIX}hidden.{i}" for i in range(n)],
-        "query": [f"{ROLE_PREFIX}query.{i}" for i in range(n)],
-        "key": [f"present.{i}.key" for i in range(n)],
-        "cos": f"{ROLE_PREFIX}cos",
-        "sin": f"{ROLE_PREFIX}sin",
-        "position_ids": "position_ids",
+        "hidden": [contract.role(f"hidden.{i}") for i in range(n)],
+        "query": [contract.role(f"query.{i}") for i in range(n)],
+        "key": [contract.present(i, "key") for i in range(n)],
+        "cos": contract.role("cos"),
+        "sin": contract.role("sin"),
+        "position_ids": contract.POSITION_IDS,
         "position_scheme": positions.name,
-        "lengths": "lengths",
+        "lengths": contract.LENGTHS,
         "num_heads": cfg.num_attention_heads,
         "num_kv_heads": cfg.num_key_value_heads,
         "head_dim": head_dim(cfg),
     }
-    onnx.helper.set_model_props(model, {ROLE_META_KEY: json.dumps(meta)})
+    onnx.helper.set_model_props(model, {contract.ROLE_META_KEY: json.dumps(meta)})
     onnx.save(model, str(path))
 
 
@@ -262,7 +247,7 @@ def export_decode(
     past_dyn = [{0: batch, 2: past_dims[i]} for i in range(n) for _ in range(2)]
     past_dyn += [{0: batch, 1: past_dims[i]} for i in range(n)]
     dyn = ({0: batch}, {positions.seq_axis - 1: batch}, tuple(past_dyn))  # *past is one tuple argument to torch.export
-    inputs, outputs = decode_names(n)
+    inputs, outputs = contract.decode_io(n)
     with attention_implementation(cfg, EXPORT_ATTENTION):
         _export(
             DecodeGraph(text_model, lm_head),
@@ -276,7 +261,7 @@ def export_decode(
 
 def strip_roles(model: onnx.ModelProto) -> onnx.ModelProto:
     """The vanilla prefill graph: role outputs removed (their producers stay; they feed the real outputs)."""
-    keep = [o for o in model.graph.output if not o.name.startswith(ROLE_PREFIX)]
+    keep = [o for o in model.graph.output if not o.name.startswith(contract.ROLE_PREFIX)]
     del model.graph.output[:]
     model.graph.output.extend(keep)
     return model
@@ -297,8 +282,8 @@ def export_embed(text_model, path: Path) -> None:
         EmbedGraph(text_model),
         (torch.tensor([[1, 2, 3], [4, 5, 6]]),),
         path,
-        input_names=["input_ids"],
-        output_names=["inputs_embeds"],
+        input_names=[contract.INPUT_IDS],
+        output_names=[contract.INPUTS_EMBEDS],
         dynamic_shapes=({0: batch, 1: seq},),
     )
 
@@ -311,8 +296,8 @@ def export_vision(loaded: LoadedModel, path: Path, *, image_size: tuple[int, int
         vision.module,
         (vision.example,),
         path,
-        input_names=["pixel_values"],
-        output_names=["image_embeds"],
+        input_names=[contract.PIXEL_VALUES],
+        output_names=[contract.IMAGE_EMBEDS],
         dynamic_shapes=None,
     )
     return {"vision_input_shape": list(vision.example.shape), "vision_token_grid": list(vision.token_grid)}

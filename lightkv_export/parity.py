@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from lightkv_export import contract
 from lightkv_export.artifacts import graph_digest, write_text_atomic
 from lightkv_export.errors import LightKVError
 from lightkv_export.export import GRAPHS, ExportedGraphs
@@ -237,9 +238,9 @@ def check_identity(report, engine: Engine, loaded: LoadedModel, exported: Export
     for name, images, prompt in cases[:2]:
         request = engine.prepare(images, prompt)
         feeds = {
-            "inputs_embeds": request.inputs_embeds,
-            "position_ids": request.position_ids,
-            "lengths": np.asarray([request.seq_len], dtype=np.int64),
+            contract.INPUTS_EMBEDS: request.inputs_embeds,
+            contract.POSITION_IDS: request.position_ids,
+            contract.LENGTHS: np.asarray([request.seq_len], dtype=np.int64),
         }
         h, w = engine.image_size
         processed = loaded.family.process(loaded, [im.convert("RGB").resize((w, h)) for im in images], prompt)
@@ -267,7 +268,7 @@ def check_identity(report, engine: Engine, loaded: LoadedModel, exported: Export
                 )
             )
         if vanilla is not None:
-            (logits,) = vanilla.run(["logits"], feeds)
+            (logits,) = vanilla.run([contract.LOGITS], feeds)
             report.checks.append(compare("identity", name, "vanilla-export-logits", logits, hf, tolerances, "logits"))
 
 

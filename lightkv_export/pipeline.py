@@ -41,6 +41,7 @@ from lightkv_export.config import DTYPES, BuildConfig
 from lightkv_export.errors import InputError, LightKVError, VerificationError
 from lightkv_export.export import ExportedGraphs, ModelSource, export_model
 from lightkv_export.inputs import parity_images
+from lightkv_export.kv import kv_bytes
 from lightkv_export.method.merge_plan import layer_lengths, plan_request
 from lightkv_export.method.schedule import MAX_STAGE_RATIO, Schedule, resolve
 from lightkv_export.models.base import LoadedModel, head_dim
@@ -174,7 +175,7 @@ def reference_request(
     seq = int(processed["input_ids"].shape[1])
     n_layers = num_layers(loaded)
     text = loaded.text_config
-    per_token = 2 * text.num_key_value_heads * head_dim(text) * dtype_bytes
+    hkv, hd = text.num_key_value_heads, head_dim(text)
     schedule = schedule if schedule is not None else Schedule(n_layers, ())
     plan = plan_request(spans, [seq], schedule, grid_mode=grid_mode) if schedule.stages else None
     lengths = [int(n) for n in layer_lengths(schedule, plan, [seq])[:, 0]]
@@ -186,8 +187,8 @@ def reference_request(
         "vision_tokens": vision[0],
         "kv_lengths": lengths,
         "vision_tokens_per_layer": vision,
-        "kv_bytes_per_layer": [n * per_token for n in lengths],
-        "kv_bytes_vanilla_per_layer": [seq * per_token] * n_layers,
+        "kv_bytes_per_layer": kv_bytes(lengths, hkv, hd, dtype_bytes),
+        "kv_bytes_vanilla_per_layer": kv_bytes([seq] * n_layers, hkv, hd, dtype_bytes),
     }
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from lightkv_export.artifacts import write_text_atomic
 from lightkv_export.errors import InputError, LightKVError
+from lightkv_export.kv import kv_bytes_per_layer, kv_shapes
 from lightkv_export.method.reference import GridMode, plan_stage
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.base import VisionSpan
@@ -81,16 +82,6 @@ def parse_memory(text: str) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # KV bytes
 # ---------------------------------------------------------------------------------------------------------
-
-
-def kv_bytes_per_layer(kv_shapes: Sequence[tuple[int, ...]], dtype_bytes: int) -> list[int]:
-    """Bytes of K plus V per layer, from one [B, Hkv, S_l, d] shape per layer (K and V share it)."""
-    out = []
-    for i, shape in enumerate(kv_shapes):
-        if len(shape) != 4 or any(int(n) < 0 for n in shape):
-            raise InputError(f"layer {i}: KV shape {tuple(shape)} is not [B, Hkv, S, d] with sizes >= 0.")
-        out.append(2 * math.prod(int(n) for n in shape) * dtype_bytes)
-    return out
 
 
 @dataclass(frozen=True)
@@ -221,8 +212,8 @@ def analytic_kv_bytes_per_layer(
     shape: ArchShape, trace: SequenceTrace, dtype_bytes: int, *, extra_tokens: int = 0, batch: int = 1
 ) -> list[int]:
     """K + V bytes per layer for a traced request, plus `extra_tokens` generated ones in every layer."""
-    kv_shapes = [(batch, shape.kv_heads, s + extra_tokens, shape.head_dim) for s in trace.seq_per_layer]
-    return kv_bytes_per_layer(kv_shapes, dtype_bytes)
+    lengths = [s + extra_tokens for s in trace.seq_per_layer]
+    return kv_bytes_per_layer(kv_shapes(lengths, shape.kv_heads, shape.head_dim, batch), dtype_bytes)
 
 
 # ---------------------------------------------------------------------------------------------------------

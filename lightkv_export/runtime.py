@@ -19,8 +19,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from lightkv_export import contract
 from lightkv_export.artifacts import PROCESSOR_DIR, verify_engine
 from lightkv_export.errors import InputError
+from lightkv_export.kv import kv_bytes
 from lightkv_export.method.merge_plan import RequestPlan, layer_lengths, plan_request, stage_kept_name
 from lightkv_export.method.schedule import Schedule, parse_schedule
 from lightkv_export.models.base import LoadedModel, VisionSpan
@@ -139,10 +141,10 @@ class Engine:
         pixels = processed["pixel_values"].numpy()  # [N_images * patches, F]
         per_image = pixels.shape[0] // len(resized)
         vision = [
-            self.sessions["vision"].run(None, {"pixel_values": pixels[i * per_image : (i + 1) * per_image]})[0]
+            self.sessions["vision"].run(None, {contract.PIXEL_VALUES: pixels[i * per_image : (i + 1) * per_image]})[0]
             for i in range(len(resized))
         ]  # each [N_vis, D]
-        embeds = self.sessions["embed"].run(None, {"input_ids": input_ids})[0]  # [1, S, D]
+        embeds = self.sessions["embed"].run(None, {contract.INPUT_IDS: input_ids})[0]  # [1, S, D]
         placeholder = input_ids[0] == int(self.manifest["image_token_id"])
         embeds[0, placeholder] = np.concatenate(vision).astype(embeds.dtype)
         spans = self.family.spans(self.processor, processed, int(self.manifest["image_token_id"]))
@@ -174,9 +176,9 @@ class Engine:
         if plan is None and not self.manifest.get("vanilla"):
             plan = plan_request(request.spans, lengths, self.schedule, grid_mode=self.manifest["grid_mode"])
         feeds = {
-            "inputs_embeds": request.inputs_embeds,
-            "position_ids": request.position_ids,
-            "lengths": np.asarray(lengths, dtype=np.int64),
+            contract.INPUTS_EMBEDS: request.inputs_embeds,
+            contract.POSITION_IDS: request.position_ids,
+            contract.LENGTHS: np.asarray(lengths, dtype=np.int64),
         }
         if plan is not None:
             feeds.update(plan.feeds)
@@ -185,9 +187,9 @@ class Engine:
         n = self.num_layers
         stages = self.schedule.stages if plan is not None else ()
         return PrefillOutputs(
-            logits=out["logits"],
-            keys=[out[f"present.{i}.key"] for i in range(n)],
-            values=[out[f"present.{i}.value"] for i in range(n)],
+            logits=out[contract.LOGITS],
+            keys=[out[contract.present(i, "key")] for i in range(n)],
+            values=[out[contract.present(i, "value")] for i in range(n)],
             kept=[out[stage_kept_name(k)] for k in range(len(stages))],
             plan=plan,
             valid=layer_lengths(self.schedule, plan, lengths),
@@ -204,17 +206,17 @@ class Engine:
         """One greedy step for every row: tokens [B], positions [B] (on every row of the scheme), per-layer caches
         [B, Hkv, P_l, d] and masks [B, P_l] (0 at padding). Returns logits [B, V] and the grown caches and masks."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)  # [B, 1]
-        embeds = self.sessions["embed"].run(None, {"input_ids": ids})[0]  # [B, 1, D]
-        feeds: dict[str, np.ndarray] = {"inputs_embeds": embeds, "position_ids": self.positions.decode(positions)}
+        embeds = self.sessions["embed"].run(None, {contract.INPUT_IDS: ids})[0]  # [B, 1, D]
+        feeds = {contract.INPUTS_EMBEDS: embeds, contract.POSITION_IDS: self.positions.decode(positions)}
         for i in range(self.num_layers):
-            feeds[f"past.{i}.key"], feeds[f"past.{i}.value"] = keys[i], values[i]
-            feeds[f"past_mask.{i}"] = masks[i]
+            feeds[contract.past(i, "key")], feeds[contract.past(i, "value")] = keys[i], values[i]
+            feeds[contract.past_mask(i)] = masks[i]
         names = self.outputs["decode"]
         out = dict(zip(names, self.sessions["decode"].run(names, feeds), strict=True))
         n, ones = self.num_layers, np.ones((len(ids), 1), dtype=np.int64)
-        keys = [out[f"present.{i}.key"] for i in range(n)]
-        values = [out[f"present.{i}.value"] for i in range(n)]
-        return out["logits"], keys, values, [np.concatenate([m, ones], axis=1) for m in masks]
+        keys = [out[contract.present(i, "key")] for i in range(n)]
+        values = [out[contract.present(i, "value")] for i in range(n)]
+        return out[contract.LOGITS], keys, values, [np.concatenate([m, ones], axis=1) for m in masks]
 
     def generate(self, images: Sequence[Any], prompt: str, *, max_new_tokens: int = 16) -> Generation:
         return self.generate_batch([(images, prompt)], max_new_tokens=max_new_tokens)[0]
@@ -235,7 +237,7 @@ class Engine:
         tokens = self.greedy(pre, requests, int(max_new_tokens))
         t2 = time.perf_counter()
         groups = self.schedule.layer_groups() if self.schedule.stages else [(1, self.num_layers)]
-        per_token = 2 * pre.keys[0].shape[1] * pre.keys[0].shape[3] * pre.keys[0].itemsize  # K + V, all KV heads
+        _, hkv, _, hd = pre.keys[0].shape  # [B, Hkv, S_0, d]
         results = []
         for b, request in enumerate(requests):
             kv_lengths = [int(n) for n in pre.valid[:, b]]
@@ -246,7 +248,7 @@ class Engine:
                     token_ids=tokens[b],
                     vision_tokens_in=vision_in,
                     vision_tokens_per_group=[vision_in - (kv_lengths[0] - kv_lengths[f - 1]) for f, _ in groups],
-                    kv_bytes=sum(kv_lengths) * per_token,
+                    kv_bytes=sum(kv_bytes(kv_lengths, hkv, hd, pre.keys[0].itemsize)),
                     prefill_ms=(t1 - t0) * 1e3,
                     decode_ms=(t2 - t1) * 1e3,
                     kv_lengths=kv_lengths,

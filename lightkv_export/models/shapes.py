@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 
 from lightkv_export.errors import InputError
+from lightkv_export.kv import kv_bytes
 
 QWEN_FACTOR = 28  # patch 14 x spatial merge 2
 QWEN_MIN_PIXELS = 56 * 56
@@ -84,7 +85,7 @@ class ArchShape:
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """K and V of one token in one layer."""
-        return 2 * self.kv_dim * dtype_bytes
+        return kv_bytes([1], self.kv_heads, self.head_dim, dtype_bytes)[0]
 
 
 def _llava_projector(hidden: int) -> int:

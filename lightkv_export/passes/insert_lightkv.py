@@ -23,8 +23,8 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
+from lightkv_export.contract import INPUTS_EMBEDS, PRESENT_PREFIX, ROLE_META_KEY, ROLE_PREFIX
 from lightkv_export.errors import InputError
-from lightkv_export.export import ROLE_META_KEY, ROLE_PREFIX
 from lightkv_export.method.merge_plan import stage_input_names, stage_kept_name
 from lightkv_export.method.onnx_function import lightkv_function, node_attributes
 from lightkv_export.method.reference import OP_DOMAIN, OP_NAME, OP_VERSION
@@ -199,7 +199,7 @@ def insert_lightkv(
     values = {v.name: v for v in graph.inputs}
     values.update({v.name: v for node in graph for v in node.outputs})
     # The values that carry the sequence: positions, lengths, and the hidden states whose Shape gives S.
-    state = {"pos": values[meta["position_ids"]], "len": values[meta["lengths"]], "seq": values["inputs_embeds"]}
+    state = {"pos": values[meta["position_ids"]], "len": values[meta["lengths"]], "seq": values[INPUTS_EMBEDS]}
     scheme = SCHEMES[meta["position_scheme"]]
     cloned = guidance_nodes = 0
     seq_dims: list[str] = []
@@ -278,7 +278,7 @@ def _finish(irm: ir.Model, schedule: Schedule, seq_dims: list[str]) -> None:
                 if not v.is_graph_output():
                     v.shape = None
     for out in graph.outputs:
-        if out.name.startswith("present."):
+        if out.name.startswith(PRESENT_PREFIX):
             layer = int(out.name.split(".")[1]) + 1
             group = sum(1 for s in schedule.stages if s.layer < layer)
             if group and out.shape is not None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
+from lightkv_export import contract
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.models.positions import SCHEMES
 from lightkv_export.passes.lower_trt_plugin import lower_trt_plugin
@@ -285,7 +286,10 @@ def engine_profiles(manifest: Mapping[str, Any]) -> dict[str, Profile]:
 
     s, one = (2, seq, max_seq), (1, 1, 1)
     lead = [(n, n, n) for n in SCHEMES[manifest["position_scheme"]].lead]
-    prefill = {"inputs_embeds": dims(b, s, (d, d, d)), "position_ids": dims(*lead, b, s), "lengths": dims(b)}
+    prefill = {
+        contract.INPUTS_EMBEDS: dims(b, s, (d, d, d)), contract.POSITION_IDS: dims(*lead, b, s),
+        contract.LENGTHS: dims(b),
+    }  # fmt: skip
     stages = [x for x in manifest["schedule"].split(",") if x]
     for k, stage in enumerate(stages):
         windows = int(stage.split(":")[1]) ** 2
@@ -299,18 +303,18 @@ def engine_profiles(manifest: Mapping[str, Any]) -> dict[str, Profile]:
             f"lightkv.{k}.text_valid": dims(b, (1, seq - ref["vision_tokens"], MAX_TEXT_TOKENS)),
         }
     decode: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
-        "inputs_embeds": dims(b, one, (d, d, d)),
-        "position_ids": dims(*lead, b, one),
+        contract.INPUTS_EMBEDS: dims(b, one, (d, d, d)),
+        contract.POSITION_IDS: dims(*lead, b, one),
     }
     for i, length in enumerate(ref["kv_lengths"]):
         past = (1, length, MAX_DECODE_CONTEXT)
         for kv in ("key", "value"):
-            decode[f"past.{i}.{kv}"] = dims(b, (hkv, hkv, hkv), past, (hd, hd, hd))
-        decode[f"past_mask.{i}"] = dims(b, past)
+            decode[contract.past(i, kv)] = dims(b, (hkv, hkv, hkv), past, (hd, hd, hd))
+        decode[contract.past_mask(i)] = dims(b, past)
     pixels = tuple((n, n, n) for n in manifest["vision_input_shape"])  # one image of the profile: fixed
     return {
-        "vision": Profile({"pixel_values": dims(*pixels)}),
-        "embed": Profile({"input_ids": dims(b, (1, seq, max_seq))}),
+        "vision": Profile({contract.PIXEL_VALUES: dims(*pixels)}),
+        "embed": Profile({contract.INPUT_IDS: dims(b, (1, seq, max_seq))}),
         "prefill": Profile(prefill),
         "decode": Profile(decode),
     }

@@ -24,7 +24,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from lightkv_export.export import ROLE_META_KEY, ROLE_PREFIX
+from lightkv_export.contract import ROLE_META_KEY, ROLE_PREFIX
 from lightkv_export.method.guidance import text_guidance
 from lightkv_export.method.merge_plan import RequestPlan
 from lightkv_export.method.reference import apply_plan

@@ -15,8 +15,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from lightkv_export.contract import ROLE_META_KEY, ROLE_PREFIX
 from lightkv_export.errors import InputError
-from lightkv_export.export import ROLE_META_KEY, ROLE_PREFIX, export_prefill, strip_roles
+from lightkv_export.export import export_prefill, strip_roles
 from lightkv_export.method.merge_plan import RequestPlan, plan_request, stage_input_names, stage_kept_name
 from lightkv_export.method.reference import OP_DOMAIN, OP_NAME
 from lightkv_export.method.schedule import Schedule, Stage, solve
