@@ -10,13 +10,12 @@ from pathlib import Path
 import torch
 
 from lightkv_export.errors import InputError
-from lightkv_export.targets.trt import LOCAL_TARGET, TRT_TARGETS
+from lightkv_export.targets import NAMES as TARGETS
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 DTYPES |= {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 POSITIONS = ("preserve", "official")
 COMPAT = ("none", "official")
-TARGETS = ("ort-cpu", LOCAL_TARGET, *TRT_TARGETS)  # the compute capabilities the plugin kernels are compiled for
 DEFAULT_RATIO = 0.55
 
 

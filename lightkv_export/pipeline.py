@@ -275,14 +275,10 @@ def base_manifest(
 
 def build_target(target: str, directory: Path, *, destination: Path, exported, prefill, processor, manifest, config):
     """Write `target`'s engine files into `directory` (staging for `destination`); returns the manifest record."""
-    if target == "ort-cpu":
-        from lightkv_export.targets.ort import write_ort_engine
+    from lightkv_export.targets import target as target_named
 
-        return write_ort_engine(directory, exported=exported, prefill=prefill, processor=processor, manifest=manifest)
-    from lightkv_export.targets import trt
-
-    return trt.build_engine(
-        target, directory, destination=destination, exported=exported, prefill=prefill, processor=processor,
+    return target_named(target).build(
+        directory, destination=destination, exported=exported, prefill=prefill, processor=processor,
         manifest=manifest, config=config,
     )  # fmt: skip
 
@@ -355,9 +351,9 @@ def loaded_image_size(config: BuildConfig, loaded: LoadedModel) -> tuple[int, in
 
 def target_dtype(config: BuildConfig, target: str) -> str:
     """ort-cpu engines are float32 (ONNX Runtime's CPU kernels); TensorRT engines float16 unless --dtype bfloat16."""
-    if target == "ort-cpu":
-        return "float32"
-    return "bfloat16" if config.torch_dtype == torch.bfloat16 else "float16"
+    from lightkv_export.targets import target as target_named
+
+    return target_named(target).engine_dtype(str(config.torch_dtype).removeprefix("torch."))
 
 
 def run(config: BuildConfig, console=None) -> BuildResult:
@@ -374,8 +370,9 @@ def run(config: BuildConfig, console=None) -> BuildResult:
     groups: dict[str, list[str]] = {}
     for target in config.targets:
         groups.setdefault(target_dtype(config, target), []).append(target)
-    if "ort-cpu" in groups.get("float32", []) and config.dtype not in ("float32", "fp32"):
-        progress.log(f"note: ort-cpu engines are float32; --dtype {config.dtype} applies to TensorRT targets only")
+    if groups.get("float32") and config.dtype not in ("float32", "fp32"):
+        names = ", ".join(groups["float32"])
+        progress.log(f"note: {names} engines are float32; --dtype {config.dtype} applies to TensorRT targets only")
     for dtype, targets in groups.items():
         build_group(config, dtype, targets, result, progress)
     accepted = [d for t, d in result.engine_dirs.items() if t not in result.rejected]

@@ -75,24 +75,9 @@ class Generation:
 
 def open_sessions(directory: Path, manifest: dict[str, Any]) -> dict[str, Session]:
     """One session per graph, for the engine's target."""
-    target = manifest["target"]
-    if target == "ort-cpu":
-        import onnxruntime as ort
+    from lightkv_export.targets import target
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # Idle ORT workers otherwise spin for a while after each run and starve the host work between graphs
-        # (plan, embedding scatter) and the next graph's own threads.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return {
-            name: ort.InferenceSession(str(directory / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
-            for name in ("vision", "embed", "prefill", "decode")
-        }
-    if target.startswith("trt"):
-        from lightkv_export.targets import trt
-
-        return trt.open_sessions(directory, manifest)
-    raise InputError(f"engine target {target!r} is unknown to this runtime.")
+    return target(str(manifest["target"])).open_sessions(directory, manifest)
 
 
 class Engine:

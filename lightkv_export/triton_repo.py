@@ -93,11 +93,9 @@ def model_name(manifest: dict) -> str:
 
 def instance_kind(target: str) -> str:
     """KIND_CPU for ONNX Runtime on CPU, KIND_GPU for a TensorRT target; anything else is an InputError."""
-    if target == "ort-cpu":
-        return "KIND_CPU"
-    if re.fullmatch(r"trt(-sm\d+)?", target):
-        return "KIND_GPU"
-    raise InputError(f"unknown engine target {target!r}: expected ort-cpu or trt-smXY")
+    from lightkv_export.targets import target as target_named
+
+    return target_named(target).instance_kind
 
 
 def default_max_new_tokens(manifest: dict) -> int:

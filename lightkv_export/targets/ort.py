@@ -62,3 +62,33 @@ def write_ort_engine(
     save_graph(prefill, directory / "prefill.onnx")
     processor.save_pretrained(str(directory / PROCESSOR_DIR))
     return {**manifest, "target": "ort-cpu"}
+
+
+def build_engine(
+    name: str,
+    directory: Path,
+    *,
+    destination: Path,
+    exported: ExportedGraphs,
+    prefill,
+    processor,
+    manifest: dict,
+    config=None,
+) -> dict:
+    """The target interface (targets/__init__.py): the ort-cpu engine's files into `directory`."""
+    return write_ort_engine(directory, exported=exported, prefill=prefill, processor=processor, manifest=manifest)
+
+
+def open_sessions(directory: Path, manifest: dict) -> dict:
+    """One ONNX Runtime CPU session per graph."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # Idle ORT workers otherwise spin for a while after each run and starve the host work between graphs
+    # (plan, embedding scatter) and the next graph's own threads.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return {
+        name: ort.InferenceSession(str(directory / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+        for name in ("vision", "embed", "prefill", "decode")
+    }
