@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from lightkv_export.errors import InputError
+
 
 @dataclass(frozen=True)
 class VisionSpan:
@@ -121,3 +123,79 @@ def head_dim(text_config: Any) -> int:
     hidden_size / num_attention_heads), else that quotient. The one place it is computed from a config."""
     explicit = getattr(text_config, "head_dim", None)
     return int(explicit) if explicit else text_config.hidden_size // text_config.num_attention_heads
+
+
+def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> list[list[tuple[int, int]]]:
+    """Per row of input_ids [B, S], the (start, end) of each contiguous run of `token_id` (one image's tokens)."""
+    runs = []
+    for row in input_ids:  # [S]
+        flags = torch.cat([torch.zeros(1), (row == token_id).float(), torch.zeros(1)])  # [S + 2]
+        edges = torch.diff(flags)  # +1 where a run starts, -1 one past where it ends
+        starts, ends = (edges > 0).nonzero().flatten().tolist(), (edges < 0).nonzero().flatten().tolist()
+        runs.append(list(zip(starts, ends, strict=True)))
+    return runs
+
+
+def spans_on_grids(
+    input_ids: torch.Tensor, token_id: int, grids: list[tuple[int, int]], hint: str
+) -> list[list[VisionSpan]]:
+    """Each placeholder run, in order, as a VisionSpan on the next image's (h, w) token grid. A run of another
+    length, or another number of runs than images, is an InputError; `hint` names the family's likely cause."""
+    spans, image = [], 0
+    for row in placeholder_runs(input_ids, token_id):
+        row_spans = []
+        for start, end in row:
+            if image >= len(grids):
+                raise InputError(f"more image placeholder runs than images; {hint}")
+            h, w = grids[image]
+            if end - start != h * w:
+                n = end - start
+                raise InputError(f"image {image}: {n} placeholder tokens but its grid is {h}x{w} ({h * w}); {hint}")
+            row_spans.append(VisionSpan(start=start, length=end - start, grid=(h, w)))
+            image += 1
+        spans.append(row_spans)
+    if image != len(grids):
+        raise InputError(f"{len(grids)} images but {image} placeholder runs in the prompt.")
+    return spans
+
+
+def scatter_vision(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, vision: torch.Tensor) -> torch.Tensor:
+    """Text embeddings [B, S, D] with the vision embeddings [N_vis, D] written over the placeholder tokens."""
+    placeholder = input_ids == token_id  # [B, S]
+    if int(placeholder.sum()) != vision.shape[0]:
+        raise InputError(f"{int(placeholder.sum())} image placeholder tokens but {vision.shape[0]} vision embeddings.")
+    return embeds.masked_scatter(placeholder.unsqueeze(-1), vision.to(embeds.dtype))  # [B, S, D]
+
+
+def check_request(images: list, prompt: str, *, min_side: int = 1) -> None:
+    """What every family refuses before its processor sees a request (which would fail obscurely, or silently
+    mangle it), with a message that says why. `min_side`: the vision encoder's patch, where a smaller image fails."""
+    from PIL import Image
+
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InputError("the prompt is empty; give a question or instruction about the image(s).")
+    if not images:
+        raise InputError("no image given; these are vision-language models and LightKV compresses vision tokens.")
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise InputError(f"image {i} is a {type(image).__name__}, expected a PIL.Image.Image.")
+        w, h = image.size
+        if min(w, h) < max(min_side, 1):
+            raise InputError(
+                f"image {i} is {w}x{h} pixels, smaller than one {min_side}x{min_side} patch of the vision encoder; "
+                f"give an image at least {min_side} pixels on each side."
+                if min_side > 1
+                else f"image {i} is {w}x{h} pixels: it is empty."
+            )
+        if max(w, h) / min(w, h) > 200:  # the processors scale the short side up: extreme ratios blow up memory
+            raise InputError(f"image {i} is {w}x{h} pixels; the processor accepts aspect ratios up to 200.")
+
+
+def user_turn(images: list | int, prompt: str) -> list[dict]:
+    """Chat messages of one user turn: the images first (PIL images, or a count of placeholders), then the text."""
+    items = (
+        [{"type": "image"} for _ in range(images)]
+        if isinstance(images, int)
+        else [{"type": "image", "image": im.convert("RGB")} for im in images]
+    )
+    return [{"role": "user", "content": [*items, {"type": "text", "text": prompt}]}]

@@ -25,7 +25,16 @@ import torch
 
 from lightkv_export.errors import InputError
 from lightkv_export.models import tiny
-from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport, VisionSpan
+from lightkv_export.models.base import (
+    LoadedModel,
+    PrefillInputs,
+    VisionExport,
+    VisionSpan,
+    check_request,
+    scatter_vision,
+    spans_on_grids,
+    user_turn,
+)
 from lightkv_export.models.positions import ROPE_1D
 
 FAMILY = "llava"
@@ -179,28 +188,13 @@ def spatial_merge(model: Any) -> int:
 def chat_text(processor: Any, num_images: int, prompt: str) -> str:
     """The chat-formatted prompt (no <s>), for display and layout checks only: tokenizing it would read control
     tokens typed in `prompt` as real ones; `process` tokenizes the user's text as plain text."""
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-    messages = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(user_turn(num_images, prompt), add_generation_prompt=True, tokenize=False)
 
 
 def check_inputs(processor: Any, images: list, prompt: str) -> None:
-    """Reject what the processor would fail on obscurely, with a message that says why."""
-    from PIL import Image
-
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("the prompt is empty; give a question or instruction about the image(s).")
-    if not images:
-        raise InputError("no image given; these are vision-language models and LightKV compresses vision tokens.")
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise InputError(f"image {i} is a {type(image).__name__}, expected a PIL.Image.Image.")
-        w, h = image.size
-        if min(w, h) < 1:
-            raise InputError(f"image {i} is {w}x{h} pixels: it is empty.")
-        # The processor scales the short side to the crop size before cropping: extreme ratios blow up memory.
-        if max(w, h) / min(w, h) > 200:
-            raise InputError(f"image {i} is {w}x{h} pixels; aspect ratios up to 200 are accepted.")
+    """Reject what the processor would fail on obscurely, with a message that says why (any size is resized and
+    center-cropped to the profile)."""
+    check_request(images, prompt)
 
 
 def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
@@ -214,8 +208,7 @@ def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.T
     control tokens the ids are exactly those of `processor(text=chat_text(...), images=...)`."""
     processor = loaded.processor
     check_inputs(processor, images, prompt)
-    content = [{"type": "image", "image": im.convert("RGB")} for im in images] + [{"type": "text", "text": prompt}]
-    messages = [{"role": "user", "content": content}]
+    messages = user_turn(images, prompt)
     try:
         out = processor.apply_chat_template(
             messages,
@@ -269,30 +262,8 @@ def spans(processor: Any, processed: dict[str, torch.Tensor], image_token_id: in
         raise InputError(f"pixel_values are {width}x{height}; LLaVA-1.5's processor crops images to a square.")
     side = token_side(processor, int(height))
     n_images = processed["pixel_values"].shape[0]
-    found: list[list[VisionSpan]] = []
-    image = 0
-    for row in processed["input_ids"]:
-        is_image = (row == image_token_id).tolist()
-        row_spans, s = [], 0
-        while s < len(is_image):
-            if not is_image[s]:
-                s += 1
-                continue
-            e = s
-            while e < len(is_image) and is_image[e]:
-                e += 1
-            if e - s != side * side:
-                raise InputError(
-                    f"image {image}: {e - s} placeholder tokens, expected {side}x{side} = {side * side}; is the "
-                    "processor's vision_feature_select_strategy 'default' (CLS dropped)?"
-                )
-            row_spans.append(VisionSpan(start=s, length=e - s, grid=(side, side)))
-            image += 1
-            s = e
-        found.append(row_spans)
-    if image != n_images:
-        raise InputError(f"{n_images} images but {image} placeholder runs in the prompt.")
-    return found
+    hint = "is the processor's vision_feature_select_strategy 'default' (CLS dropped)?"
+    return spans_on_grids(processed["input_ids"], image_token_id, [(side, side)] * n_images, hint)
 
 
 @torch.no_grad()
@@ -304,13 +275,7 @@ def embed_and_position(
     processed = {k: v.to(model.device) for k, v in processed.items()}
     input_ids = processed["input_ids"]  # [B, S]
     image_token_id = int(model.config.image_token_index)
-    embeds = text_model(model).embed_tokens(input_ids)  # [B, S, D]
-    placeholder = input_ids == image_token_id  # [B, S]
-    if int(placeholder.sum()) != vision_embeds.shape[0]:
-        raise InputError(
-            f"{int(placeholder.sum())} image placeholder tokens but {vision_embeds.shape[0]} vision embeddings."
-        )
-    embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), vision_embeds.to(embeds.dtype))  # [B, S, D]
+    embeds = scatter_vision(text_model(model).embed_tokens(input_ids), input_ids, image_token_id, vision_embeds)
     row_spans = spans(loaded.processor, processed, image_token_id)
     mask = processed["attention_mask"]  # [B, S]
     lengths = mask.sum(dim=1)  # [B] real tokens per row

@@ -17,7 +17,17 @@ import torch
 from transformers import AttentionInterface
 
 from lightkv_export.errors import InputError
-from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport, VisionSpan, attention_implementation
+from lightkv_export.models.base import (
+    LoadedModel,
+    PrefillInputs,
+    VisionExport,
+    VisionSpan,
+    attention_implementation,
+    check_request,
+    scatter_vision,
+    spans_on_grids,
+    user_turn,
+)
 from lightkv_export.models.positions import MROPE
 
 FAMILY = "qwen2_vl"
@@ -95,31 +105,12 @@ def chat_text(processor: Any, num_images: int, prompt: str) -> str:
 
     For display and layout checks only: tokenizing this string would read control tokens typed in `prompt` as real
     ones; `process` tokenizes the user's text as plain text."""
-    content = [{"type": "image"} for _ in range(num_images)] + [{"type": "text", "text": prompt}]
-    messages = [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(user_turn(num_images, prompt), add_generation_prompt=True, tokenize=False)
 
 
 def check_inputs(processor: Any, images: list, prompt: str) -> None:
     """Reject what the processor would fail on obscurely (or silently mangle), with a message that says why."""
-    from PIL import Image
-
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise InputError("the prompt is empty; give a question or instruction about the image(s).")
-    if not images:
-        raise InputError("no image given; these are vision-language models and LightKV compresses vision tokens.")
-    patch = int(getattr(processor.image_processor, "patch_size", 14))
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise InputError(f"image {i} is a {type(image).__name__}, expected a PIL.Image.Image.")
-        w, h = image.size
-        if min(w, h) < patch:
-            raise InputError(
-                f"image {i} is {w}x{h} pixels, smaller than one {patch}x{patch} patch of the vision encoder; "
-                f"give an image at least {patch} pixels on each side."
-            )
-        if max(w, h) / min(w, h) > 200:
-            raise InputError(f"image {i} is {w}x{h} pixels; the processor accepts aspect ratios up to 200.")
+    check_request(images, prompt, min_side=int(getattr(processor.image_processor, "patch_size", 14)))
 
 
 def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
@@ -134,8 +125,7 @@ def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.T
     processor = loaded.processor
     check_inputs(processor, images, prompt)
     # The layout of chat_text: one user turn, the images first, then the text.
-    content = [{"type": "image", "image": im.convert("RGB")} for im in images] + [{"type": "text", "text": prompt}]
-    messages = [{"role": "user", "content": content}]
+    messages = user_turn(images, prompt)
     try:
         out = processor.apply_chat_template(
             messages,
@@ -170,34 +160,10 @@ def vision_spans(
     input_ids: torch.Tensor, image_token_id: int, image_grid_thw: torch.Tensor, merge: int
 ) -> list[list[VisionSpan]]:
     """Per row, each run of image placeholder tokens as a VisionSpan with its LLM token grid (h, w)."""
-    grids = [(int(h) // merge, int(w) // merge, int(t)) for t, h, w in image_grid_thw.tolist()]
-    spans: list[list[VisionSpan]] = []
-    image = 0
-    for row in input_ids:
-        is_image = (row == image_token_id).tolist()
-        row_spans, s = [], 0
-        while s < len(is_image):
-            if not is_image[s]:
-                s += 1
-                continue
-            e = s
-            while e < len(is_image) and is_image[e]:
-                e += 1
-            if image >= len(grids):
-                raise InputError("more image placeholder runs than images; is <|image_pad|> typed in the prompt?")
-            h, w, t = grids[image]
-            if t != 1 or e - s != h * w:
-                raise InputError(
-                    f"image {image}: {e - s} placeholder tokens but its grid is {t}x{h}x{w}; "
-                    "is <|image_pad|> typed in the prompt?"
-                )
-            row_spans.append(VisionSpan(start=s, length=e - s, grid=(h, w)))
-            image += 1
-            s = e
-        spans.append(row_spans)
-    if image != len(grids):
-        raise InputError(f"{len(grids)} images but {image} placeholder runs in the prompt.")
-    return spans
+    if any(int(t) != 1 for t, _, _ in image_grid_thw.tolist()):
+        raise InputError("a video (temporal patches > 1) was given; these engines take images only.")
+    grids = [(int(h) // merge, int(w) // merge) for _, h, w in image_grid_thw.tolist()]
+    return spans_on_grids(input_ids, image_token_id, grids, "is <|image_pad|> typed in the prompt?")
 
 
 @torch.no_grad()
@@ -209,13 +175,7 @@ def embed_and_position(
     processed = {k: v.to(model.device) for k, v in processed.items()}
     input_ids = processed["input_ids"]  # [B, S]
     image_token_id = int(model.config.image_token_id)
-    embeds = text_model(model).embed_tokens(input_ids)  # [B, S, D]
-    placeholder = input_ids == image_token_id  # [B, S]
-    if int(placeholder.sum()) != vision_embeds.shape[0]:
-        raise InputError(
-            f"{int(placeholder.sum())} image placeholder tokens but {vision_embeds.shape[0]} vision embeddings."
-        )
-    embeds = embeds.masked_scatter(placeholder.unsqueeze(-1), vision_embeds.to(embeds.dtype))  # [B, S, D]
+    embeds = scatter_vision(text_model(model).embed_tokens(input_ids), input_ids, image_token_id, vision_embeds)
     position_ids, rope_deltas = model.model.get_rope_index(
         input_ids,
         mm_token_type_ids=processed["mm_token_type_ids"],

@@ -202,7 +202,7 @@ def test_spans_reject_runs_that_are_not_one_grid(tiny_llava, test_image):
     processed = llava.process(tiny_llava, [test_image], "Describe.")
     cut = dict(processed, input_ids=processed["input_ids"].clone())
     cut["input_ids"][0, 3 + N_VIS // 2] = 5  # one run of 256 becomes 128 + 127
-    with pytest.raises(InputError, match="expected 16x16 = 256"):
+    with pytest.raises(InputError, match=r"image 0: 128 placeholder tokens but its grid is 16x16 \(256\)"):
         llava.spans(tiny_llava.processor, cut, image_id)
     two_images = dict(processed, pixel_values=processed["pixel_values"].repeat(2, 1, 1, 1))
     with pytest.raises(InputError, match="2 images but 1 placeholder runs"):
