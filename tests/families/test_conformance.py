@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from lightkv_export.inputs import parity_images, torch_inputs
+from lightkv_export.inputs import parity_images
 from lightkv_export.models.registry import SPECS, load_model
 from lightkv_export.runtime import Engine
+from tests.helpers import reference_run
 
 pytestmark = pytest.mark.slow
 FAMILIES = sorted((spec.family, key) for key, spec in SPECS.items() if spec.tiny)
@@ -26,15 +27,6 @@ def family(request, builds):
     """(tiny preset key, its loaded model, its LightKV build at 0.55)."""
     key = request.param
     return key, load_model(key), builds(key, 0.55)
-
-
-def reference(loaded, engine: Engine, images, prompt: str, max_new_tokens: int):
-    from lightkv_export import torch_runtime
-
-    return torch_runtime.generate(
-        loaded, torch_inputs(engine.prepare(images, prompt)), engine.schedule, max_new_tokens=max_new_tokens,
-        positions=engine.manifest["positions"], grid_mode=engine.manifest["grid_mode"],
-    )  # fmt: skip
 
 
 def test_builds_and_passes_parity_at_every_level(family):
@@ -56,7 +48,7 @@ def test_merged_cache_follows_the_reference_runtime(family):
     h, w = engine.image_size
     images, prompt = [parity_images((h, w), 4)], "What is in this picture?"
     pre = engine.prefill(engine.prepare(images, prompt))
-    want = reference(loaded, engine, images, prompt, max_new_tokens=6)
+    want = reference_run(loaded, engine, images, prompt, max_new_tokens=6)
     assert [k.shape[2] for k in pre.keys] == want.kv_lengths
     groups = [want.kv_lengths[first - 1] for first, _ in result.schedule.layer_groups()]
     assert groups == sorted(groups, reverse=True) and len(set(groups)) == len(groups)  # every stage removes tokens
@@ -91,7 +83,7 @@ def test_batched_generation_equals_one_request_at_a_time(family):
     for (images, prompt), got in zip(items, batched, strict=True):
         alone = engine.generate(images, prompt, max_new_tokens=5)
         assert (got.token_ids, got.kv_lengths) == (alone.token_ids, alone.kv_lengths), prompt
-        want = reference(loaded, engine, images, prompt, max_new_tokens=5)  # PyTorch, one row at a time
+        want = reference_run(loaded, engine, images, prompt, max_new_tokens=5)  # PyTorch, one row at a time
         assert (got.token_ids, got.kv_lengths) == (want.tokens, want.kv_lengths), prompt
     assert len({tuple(g.kv_lengths) for g in batched}) == 3  # the rows really differ in length
 
@@ -153,7 +145,7 @@ def test_served_answers_equal_the_reference_runtime(family, server):
     prompt = "What stands out in this image?"
     name = triton_repo.model_name(engine.manifest)
     _, answer = client.ask(server.url, [blob], prompt, model=name, max_new_tokens=5)
-    want = reference(loaded, engine, [Image.open(io.BytesIO(blob)).convert("RGB")], prompt, max_new_tokens=5)
+    want = reference_run(loaded, engine, [Image.open(io.BytesIO(blob)).convert("RGB")], prompt, max_new_tokens=5)
     assert answer.token_ids == want.tokens and answer.text == want.text
     assert answer.kv_bytes == want.kv_bytes and answer.vision_tokens_in == want.vision_tokens_in
     assert answer.vision_tokens_per_group == [n for _, n in want.vision_tokens_per_group]

@@ -23,6 +23,7 @@ from lightkv_export.inputs import parity_images
 from lightkv_export.models.positions import MROPE
 from lightkv_export.pipeline import run
 from lightkv_export.runtime import Engine
+from tests.helpers import reference_run
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -47,20 +48,6 @@ def test_build_passes_parity_and_writes_a_complete_engine(builds, model, ratio):
     assert manifest["schedule"] == str(result.schedule)
     assert abs(manifest["retention"] - (ratio if ratio else 1.0)) <= 0.01
     assert not list(engine_dir.parent.glob(".*partial*"))  # nothing half-written next to it
-
-
-def reference_run(loaded, engine: Engine, images, prompt: str, max_new_tokens: int):
-    """The PyTorch LightKV runtime on the engine's own prepared inputs, with the engine's schedule and modes."""
-    from lightkv_export import torch_runtime
-    from lightkv_export.inputs import torch_inputs
-    from lightkv_export.method.schedule import Schedule
-
-    manifest = engine.manifest
-    schedule = Schedule(engine.num_layers, ()) if manifest.get("vanilla") else engine.schedule
-    return torch_runtime.generate(
-        loaded, torch_inputs(engine.prepare(images, prompt)), schedule, max_new_tokens=max_new_tokens,
-        positions=manifest["positions"], grid_mode=manifest["grid_mode"],
-    )  # fmt: skip
 
 
 def test_engine_kv_lengths_follow_the_schedule(builds, tiny_qwen_vl):

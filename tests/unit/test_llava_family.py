@@ -16,6 +16,7 @@ from PIL import Image
 from lightkv_export.errors import InputError
 from lightkv_export.models import llava, registry
 from lightkv_export.models.base import LoadedModel, VisionSpan
+from tests.helpers import state_checksum
 
 SIDE = llava.TINY_IMAGE_SIZE // 14  # 16 tokens per side
 N_VIS = SIDE * SIDE  # 256 per image
@@ -25,14 +26,6 @@ import hashlib, json
 from lightkv_export.models import llava
 print(hashlib.sha256(json.dumps(llava.train_llama_bpe()).encode()).hexdigest())
 """
-
-
-def state_checksum(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 @pytest.fixture(scope="module")

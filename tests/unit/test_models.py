@@ -17,6 +17,7 @@ from lightkv_export.errors import InputError, ModelNotFoundError
 from lightkv_export.models import qwen2_5_vl, qwen2_vl, registry, tiny
 from lightkv_export.models.base import LoadedModel
 from lightkv_export.models.registry import get_spec, load_model
+from tests.helpers import state_checksum
 
 CHECKSUM_SNIPPET = """
 import hashlib, sys
@@ -26,14 +27,6 @@ for name, t in load_tiny.__wrapped__(sys.argv[1]).model.state_dict().items():
     h.update(name.encode()); h.update(t.contiguous().numpy().tobytes())
 print(h.hexdigest())
 """
-
-
-def state_checksum(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        h.update(name.encode())
-        h.update(tensor.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 # --- registry ---------------------------------------------------------------------------------------------------

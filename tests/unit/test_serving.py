@@ -29,6 +29,7 @@ from PIL import Image
 from lightkv_export import client, serve, triton_repo
 from lightkv_export.errors import InputError
 from lightkv_export.triton_backend.codec import encode_images
+from tests.helpers import reference_run
 from tests.unit.test_triton_repo import png_bomb, png_header_only
 
 try:
@@ -379,22 +380,8 @@ def decoded(blobs: list[bytes]) -> list[Image.Image]:
 
 
 def reference(loaded, engine, blobs: list[bytes], prompt: str, max_new: int):
-    """The PyTorch reference runtime's generation for the request the server gets, with the engine's schedule and
-    settings on the engine's prepared inputs (as parity.check_model does)."""
-    from lightkv_export import torch_runtime
-    from lightkv_export.inputs import torch_inputs
-    from lightkv_export.method.schedule import Schedule
-
-    manifest = engine.manifest
-    schedule = Schedule(engine.num_layers, ()) if manifest.get("vanilla") else engine.schedule
-    return torch_runtime.generate(
-        loaded,
-        torch_inputs(engine.prepare(decoded(blobs), prompt)),
-        schedule,
-        max_new_tokens=max_new,
-        positions=manifest["positions"],
-        grid_mode=manifest["grid_mode"],
-    )
+    """The PyTorch reference runtime's generation for the request the server gets (the image bytes decoded)."""
+    return reference_run(loaded, engine, decoded(blobs), prompt, max_new)
 
 
 def same_answer(answer: client.Answer, ref) -> None:
