@@ -4,13 +4,14 @@ Both graphs come from one export (`export.export_prefill`) of the same model: th
 with its role outputs stripped (`export.strip_roles`), LightKV's is the `insert_lightkv` pass for the schedule the
 solver picks. Same session options (2 intra-op threads, sequential, full graph optimisation), same inputs:
 random `inputs_embeds` for one image's grid of vision tokens between text, its M-RoPE positions
-(`models.mrope`) and, for LightKV, the per-request plan feeds (`merge_plan.plan_request`). Runs are interleaved,
+(`MROPE`) and, for LightKV, the per-request plan feeds (`merge_plan.plan_request`). Runs are interleaved,
 the order alternating each repeat; the headline speed-up is the median of the per-repeat ratios (robust to
 load from other processes that comes and goes during a run), with the ratio of medians and of minima alongside.
 
-The measured speed-up is set against the prefill FLOPs ratio the schedule predicts (`report.prefill_flops` on the
-same shape and layout: projections + MLP + attention per layer at its layer group's sequence length, plus the
-guidance and merge overheads; full S x S attention, since the exported graph computes the causal product densely).
+The measured speed-up is set against the prefill FLOPs ratio the schedule predicts
+(`accounting.flops.prefill_flops` on the same shape and layout: projections + MLP + attention per layer at its
+layer group's sequence length, plus the guidance and merge overheads; full S x S attention, since the exported graph
+computes the causal product densely).
 
 Run: `python -m benchmarks --only ort_prefill [--quick]` or `python benchmarks/bench_ort_prefill.py [--quick]`
 (the latter writes benchmarks/results/ort_prefill.json unless --quick).
@@ -61,9 +62,9 @@ def build_model(size: BenchSize):
     import torch
 
     from lightkv_export.models import tiny
-    from lightkv_export.models.registry import FAMILIES, build_seeded
+    from lightkv_export.models.registry import build_seeded, get_family
 
-    family = FAMILIES["qwen2_5_vl"]
+    family = get_family("qwen2_5_vl")
     config_kw = tiny.tiny_config_dict("qwen2_5_vl", tiny.build_tokenizer())
     config_kw["text_config"] = {
         **config_kw["text_config"],
@@ -79,19 +80,9 @@ def build_model(size: BenchSize):
     return family, model
 
 
-def arch_shape(size: BenchSize, vocab: int):
-    from lightkv_export.models.shapes import ArchShape
-
-    return ArchShape(
-        key="bench-qwen-vl", hf_id="", vision="qwen", num_layers=size.layers, hidden=size.hidden,
-        heads=size.heads, kv_heads=size.kv_heads, intermediate=size.intermediate, vocab=vocab,
-        tie_embeddings=False, qkv_bias=True, vision_params=0, default_windows=size.windows,
-        default_image_size=(size.grid[0] * 28, size.grid[1] * 28),
-    )  # fmt: skip
-
-
 def export_graphs(size: BenchSize, workdir: Path):
-    """(vanilla prefill, LightKV prefill, schedule, vocab, seconds spent exporting and transforming)."""
+    """(vanilla prefill, LightKV prefill, schedule, the model's ArchShape, seconds spent exporting and
+    transforming)."""
     import onnx
     import torch
 
@@ -104,14 +95,15 @@ def export_graphs(size: BenchSize, workdir: Path):
     text, head = family.text_model(model), family.lm_head(model)
     path = workdir / "prefill.onnx"
     with torch.no_grad():
-        export_prefill(text, head, path, dtype=torch.float32, positions=family.POSITIONS)
+        export_prefill(text, head, path, dtype=torch.float32, positions=family.positions)
     t1 = time.perf_counter()
     exported = onnx.load(str(path))
     schedule = solve(size.layers, RATIO, size.windows)
     lightkv, _ = insert_lightkv(exported, schedule)
     vanilla = strip_roles(exported)
     t2 = time.perf_counter()
-    return vanilla, lightkv, schedule, head.out_features, {"export_s": t1 - t0, "transform_s": t2 - t1}
+    timing = {"export_s": t1 - t0, "transform_s": t2 - t1}
+    return vanilla, lightkv, schedule, family.arch(model.config), timing
 
 
 def make_request(size: BenchSize, seed: int = 0) -> tuple[dict[str, np.ndarray], list]:
@@ -148,17 +140,11 @@ def kv_bytes(outputs: dict[str, np.ndarray]) -> int:
     return sum(v.nbytes for k, v in outputs.items() if k.startswith(contract.PRESENT_PREFIX))
 
 
-def predicted(size: BenchSize, vocab: int, schedule) -> dict:
-    """Prefill FLOPs of both variants from report.py's accounting, and the KV bytes it predicts."""
-    from lightkv_export.report import (
-        FlopConvention,
-        TokenLayout,
-        analytic_kv_bytes_per_layer,
-        prefill_flops,
-        trace_schedule,
-    )
+def predicted(size: BenchSize, shape, schedule) -> dict:
+    """Prefill FLOPs of both variants from the accounting (lightkv_export/accounting), and the KV bytes it predicts."""
+    from lightkv_export.accounting.flops import FlopConvention, prefill_flops
+    from lightkv_export.accounting.trace import TokenLayout, analytic_kv_bytes_per_layer, trace_schedule
 
-    shape = arch_shape(size, vocab)
     layout = TokenLayout(size.text_before, (size.grid,), size.text_after)
     out = {}
     for name, sched in (("vanilla", None), ("lightkv", schedule)):
@@ -189,7 +175,7 @@ def run(quick: bool = False) -> dict:
 
     size = QUICK if quick else FULL
     with tempfile.TemporaryDirectory(prefix="bench_ort_prefill_") as tmp:
-        vanilla_model, lightkv_model, schedule, vocab, build_s = export_graphs(size, Path(tmp))
+        vanilla_model, lightkv_model, schedule, shape, build_s = export_graphs(size, Path(tmp))
     feeds, spans = make_request(size)
     seq = int(feeds[contract.LENGTHS][0])
     plan = plan_request(spans, [seq], schedule)
@@ -201,7 +187,7 @@ def run(quick: bool = False) -> dict:
     # Warm-up (ORT allocates its arena on the first run) and the outputs both variants produced.
     outputs = {v: dict(zip(names[v], s.run(names[v], inputs[v]), strict=True)) for v, s in sessions.items()}
     kv_len = {v: [outputs[v][contract.present(i, "key")].shape[2] for i in range(size.layers)] for v in sessions}
-    pred = predicted(size, vocab, schedule)
+    pred = predicted(size, shape, schedule)
     if kv_len["lightkv"] != pred["lightkv"]["seq_per_layer"] or kv_len["vanilla"] != [seq] * size.layers:
         raise AssertionError(f"KV lengths {kv_len} differ from the plan's {pred['lightkv']['seq_per_layer']}")
 
@@ -226,7 +212,7 @@ def run(quick: bool = False) -> dict:
         "speedup_over_flops_ratio": speedup / flops_ratio,
         "schedule": str(schedule),
         "retention": schedule.retention,
-        "size": {**size.__dict__, "seq": seq, "vision_tokens": size.grid[0] * size.grid[1], "vocab": vocab},
+        "size": {**size.__dict__, "seq": seq, "vision_tokens": size.grid[0] * size.grid[1], "vocab": shape.vocab},
         "threads": THREADS,
         "repeats": size.repeats,
         "median_ms": med_ms,

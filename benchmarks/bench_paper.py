@@ -1,7 +1,7 @@
-"""The paper's KV and FLOPs figures next to this project's accounting (lightkv_export/report.py), nothing measured.
+"""The paper's KV and FLOPs figures next to this project's accounting (lightkv_export/accounting), nothing measured.
 
 Each figure is recomputed at the model's published configuration: the prompt length is fitted to the paper's
-vanilla figure, then the LightKV figure follows from the schedule (report.paper_comparison). A figure not
+vanilla figure, then the LightKV figure follows from the schedule (accounting.paper.paper_comparison). A figure not
 reproduced with the paper's schedule also lists the evenly spaced schedules that would reproduce it (a search of
 some tens of seconds; --quick skips it). Ratios are vanilla / LightKV as we compute them; the paper's own ratio is
 in each label.
@@ -11,7 +11,7 @@ Run through the entry point: `python -m benchmarks --only paper_comparison [--qu
 
 from __future__ import annotations
 
-from lightkv_export.report import PAPER_CONVENTION, paper_comparison
+from lightkv_export.accounting.paper import PAPER_CONVENTION, paper_comparison
 
 NAME = "paper_comparison"
 MODEL_NAMES = {

@@ -24,6 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,107 @@ def file_records(directory: Path) -> dict[str, dict[str, Any]]:
 # --- manifests and verification ---------------------------------------------------------------------------------
 
 
-def read_manifest(directory: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ReferenceRequest:
+    """What the engine promises for one image of its profile and the reference prompt (parity checks it)."""
+
+    prompt: str
+    seq_len: int
+    vision_tokens: int
+    kv_lengths: list[int]  # per layer: the KV cache's sequence length after LightKV
+    vision_tokens_per_layer: list[int]
+    kv_bytes_per_layer: list[int]
+    kv_bytes_vanilla_per_layer: list[int]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """manifest.json, typed: what an engine was built from and with, what it promises, and its files.
+
+    The JSON is this dataclass's fields by name; a target's own records (TensorRT's engines and profiles ...) ride
+    in `extra` as top-level keys. Readers get attributes, and a manifest that lacks a field or gives it the wrong
+    type is refused when read (`from_json`), never half-used.
+    """
+
+    format: int
+    model: str  # the registry key, hub id or checkpoint path it was built from
+    model_dir: str  # OUT/<model_dir>/<tag>/<target>, and the export cache's prefix
+    model_source: str  # what `load_model` reloads it from (parity, tools)
+    family: str
+    random_weights: bool
+    vanilla: bool
+    ratio: float | None
+    schedule: str  # Schedule's string form; "" for vanilla
+    retention: float
+    positions: str  # "preserve" | "official"
+    grid_mode: str
+    image_size: list[int]  # (height, width) of the profile
+    vision_input_shape: list[int]  # one image's pixel_values
+    vision_token_grid: list[int]  # one image's LLM tokens (h, w)
+    num_layers: int
+    hidden_size: int
+    num_kv_heads: int
+    head_dim: int
+    num_attention_heads: int
+    intermediate_size: int
+    vocab_size: int
+    image_token_id: int
+    position_scheme: str  # models/positions.py SCHEMES
+    eos_token_ids: list[int]
+    max_new_tokens_limit: int
+    export_key: str
+    reference_request: ReferenceRequest
+    versions: dict[str, str]
+    created: str
+    dtype: str
+    notes: list[str] = field(default_factory=list)
+    target: str = ""  # set by the target that builds the engine
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> SHA-256
+    file_sizes: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        record = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("extra", "reference_request")}
+        return {**record, "reference_request": asdict(self.reference_request), **self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: str = MANIFEST) -> Manifest:
+        """The typed manifest of a JSON object; an InputError naming what is missing or mistyped."""
+        rebuild = f"{source} was written by an older lightkv_export or edited; rebuild the engine with build.py."
+        known = {f.name: f for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise InputError(f"{source} lacks {', '.join(missing)}. {rebuild}")
+        ref = data["reference_request"]
+        ref_fields = [f.name for f in fields(ReferenceRequest)]
+        if not isinstance(ref, dict) or any(name not in ref for name in ref_fields):
+            raise InputError(f"{source}: reference_request must hold {', '.join(ref_fields)}. {rebuild}")
+        values = {k: v for k, v in data.items() if k in known and k not in ("extra", "reference_request")}
+        for name, value in values.items():
+            if not _json_type_ok(value, known[name].type):
+                raise InputError(f"{source}: {name} is {value!r}, expected {known[name].type}. {rebuild}")
+        extra = {k: v for k, v in data.items() if k not in known}
+        reference = ReferenceRequest(**{k: ref[k] for k in ref_fields})
+        return cls(**values, reference_request=reference, extra=extra)
+
+
+def _json_type_ok(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field's annotation (as a string: `from __future__ import annotations`)."""
+    base = annotation.split("[")[0].split("|")[0].strip()
+    if value is None:
+        return "None" in annotation
+    checks = {"int": int, "float": (int, float), "str": str, "bool": bool, "list": list, "dict": dict}
+    expected = checks.get(base)
+    if expected is None:
+        return True
+    if base in ("int", "float") and isinstance(value, bool):
+        return False
+    return isinstance(value, expected)
+
+
+def read_manifest_json(directory: Path) -> dict[str, Any]:
+    """manifest.json as a JSON object, or an InputError that says why the directory is not an engine."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise InputError(
@@ -83,13 +184,26 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def verify_engine(directory: str | Path, *, full_hash: bool = True) -> dict[str, Any]:
+def read_manifest(directory: Path) -> Manifest:
+    """The engine's typed manifest (files not checked: `verify_engine` does that)."""
+    return Manifest.from_json(read_manifest_json(directory), str(Path(directory) / MANIFEST))
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
+    """manifest.json with the SHA-256 and size of every file already in `directory` (what the engine runs from)."""
+    records = file_records(directory)
+    manifest = replace(manifest, files=records["files"], file_sizes=records["file_sizes"])
+    write_text_atomic(directory / MANIFEST, json.dumps(manifest.to_json(), indent=2) + "\n")
+    return manifest
+
+
+def verify_engine(directory: str | Path, *, full_hash: bool = True) -> Manifest:
     """The engine's manifest, once every file it lists is present with its recorded size and (with `full_hash`)
     SHA-256. Anything else is an InputError naming the file: a damaged engine is refused, never run."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    files, sizes = manifest.get("files"), manifest.get("file_sizes")
-    if not isinstance(files, dict) or not isinstance(sizes, dict) or not files or set(files) != set(sizes):
+    files, sizes = manifest.files, manifest.file_sizes
+    if not files or set(files) != set(sizes):
         raise InputError(
             f"{directory / MANIFEST} does not list the engine's files with their sizes and hashes (built by an "
             "older lightkv_export, or edited); rebuild the engine with build.py."

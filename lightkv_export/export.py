@@ -459,7 +459,7 @@ def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: Model
     try:
         profile = export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype)
         export_embed(text, tmp / "embed.onnx")
-        export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype, positions=loaded.family.POSITIONS)
+        export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype, positions=loaded.family.positions)
         why = "" if worker is None else wait_worker(worker, worker_log, deadline)
     except BaseException:  # failed or interrupted here: the worker's graph is of no use
         if worker is not None:
@@ -472,7 +472,7 @@ def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: Model
         if why:
             log(f"the decode-graph export in a second process failed ({why}); exporting it in this process")
             decode.unlink(missing_ok=True)
-        export_decode(text, head, decode, dtype=dtype, positions=loaded.family.POSITIONS)
+        export_decode(text, head, decode, dtype=dtype, positions=loaded.family.positions)
     return {
         "model": loaded.spec.key,
         "key": key,

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> int:
         print(f"loaded {spec['model']!r} with export key {key}, the parent has {spec['key']}", file=sys.stderr)
         return 3
     text, head = loaded.family.text_model(loaded.model), loaded.family.lm_head(loaded.model)
-    export_decode(text, head, Path(spec["path"]), dtype=dtype, positions=loaded.family.POSITIONS)
+    export_decode(text, head, Path(spec["path"]), dtype=dtype, positions=loaded.family.positions)
     return 0
 
 

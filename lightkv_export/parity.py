@@ -27,7 +27,7 @@ import onnxruntime as ort
 import torch
 
 from lightkv_export import contract
-from lightkv_export.artifacts import graph_digest, write_text_atomic
+from lightkv_export.artifacts import Manifest, graph_digest, write_text_atomic
 from lightkv_export.errors import LightKVError
 from lightkv_export.export import GRAPHS, ExportedGraphs
 from lightkv_export.inputs import parity_cases, torch_inputs
@@ -191,20 +191,20 @@ def check_model(report: ParityReport, engine: Engine, loaded: LoadedModel, cases
     from lightkv_export import torch_runtime
 
     manifest = engine.manifest
-    schedule = engine.schedule if not manifest.get("vanilla") else Schedule(engine.num_layers, ())
+    schedule = engine.schedule if not manifest.vanilla else Schedule(engine.num_layers, ())
     for name, images, prompt in cases:
         request = engine.prepare(images, prompt)
         # Vision: the engine's graph vs the PyTorch encoder on the same pixels.
         h, w = engine.image_size
         processed = loaded.family.process(loaded, [im.convert("RGB").resize((w, h)) for im in images], prompt)
         vision_ref = loaded.family.vision_embeddings(loaded, processed)
-        placeholder = request.input_ids[0] == int(manifest["image_token_id"])
+        placeholder = request.input_ids[0] == manifest.image_token_id
         report.checks.append(
             compare("model", name, "vision", request.inputs_embeds[0, placeholder], vision_ref.float(), tolerances)
         )
         pre = engine.prefill(request)
         ref = torch_runtime.prefill(
-            loaded, torch_inputs(request), schedule, positions=manifest["positions"], grid_mode=manifest["grid_mode"]
+            loaded, torch_inputs(request), schedule, positions=manifest.positions, grid_mode=manifest.grid_mode
         )
         report.checks.append(compare("model", name, "logits", pre.logits, ref.logits, tolerances))
         for i, layer in enumerate(ref.cache.layers):
@@ -217,7 +217,7 @@ def check_model(report: ParityReport, engine: Engine, loaded: LoadedModel, cases
         got = engine.greedy(pre, request, DECODE_STEPS, stop_at_eos=False)
         want = torch_runtime.generate(
             loaded, torch_inputs(request), schedule, max_new_tokens=DECODE_STEPS, stop_at_eos=False,
-            positions=manifest["positions"], grid_mode=manifest["grid_mode"],
+            positions=manifest.positions, grid_mode=manifest.grid_mode,
         ).tokens  # fmt: skip
         report.checks.append(exact("model", name, f"greedy-{DECODE_STEPS}", got, want))
 
@@ -246,13 +246,13 @@ def check_identity(report, engine: Engine, loaded: LoadedModel, exported: Export
         processed = loaded.family.process(loaded, [im.convert("RGB").resize((w, h)) for im in images], prompt)
         with torch.no_grad():
             hf = loaded.model(**processed, use_cache=False).logits[:, -1].float()  # [1, V]
-        if engine.manifest["positions"] == "official":
+        if engine.manifest.positions == "official":
             if name == cases[0][0]:
                 report.notes.append(
                     "identity: no merge-nothing check in official positions mode (positions are renumbered after "
                     "every stage even when nothing merges, as the released code does)."
                 )
-        elif not engine.manifest.get("vanilla"):
+        elif not engine.manifest.vanilla:
             plan = plan_request(request.spans, [request.seq_len], identity_schedule(engine), grid_mode="true")
             ident = engine.prefill(request, plan=plan)
             report.checks.append(
@@ -272,10 +272,10 @@ def check_identity(report, engine: Engine, loaded: LoadedModel, exported: Export
             report.checks.append(compare("identity", name, "vanilla-export-logits", logits, hf, tolerances, "logits"))
 
 
-def cached_export(engine_dir: Path, manifest: dict[str, Any]) -> tuple[ExportedGraphs | None, str]:
+def cached_export(engine_dir: Path, manifest: Manifest) -> tuple[ExportedGraphs | None, str]:
     """The vanilla export an engine was built from, if still intact in OUT/.cache/export/<model_dir>-<export_key>/
     (the engine lives in OUT/<model_dir>/<tag>/<target>); else None and why."""
-    key, model = manifest.get("export_key"), str(manifest.get("model_dir", ""))
+    key, model = manifest.export_key, manifest.model_dir
     if not key or not model or len(Path(model).parts) != 1:
         return None, "the manifest does not say which export the engine was built from"
     parents = engine_dir.resolve().parents
@@ -322,9 +322,9 @@ def run_parity(
     if loaded is None:
         from lightkv_export.models.registry import load_model
 
-        loaded = load_model(manifest["model_source"], random_weights=bool(manifest.get("random_weights")))
+        loaded = load_model(manifest.model_source, random_weights=manifest.random_weights)
     tolerances = dict(loaded.spec.tolerances)
-    cases = parity_cases(tuple(manifest["image_size"]))
+    cases = parity_cases(tuple(manifest.image_size))
     log("parity: model level (engine vs PyTorch LightKV runtime)")
     check_model(report, engine, loaded, cases, tolerances)
     log("parity: identity (merge-nothing vs vanilla export vs Hugging Face)")

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
 import platform
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -28,13 +26,15 @@ from lightkv_export import __version__
 from lightkv_export.artifacts import (
     MANIFEST,
     MANIFEST_FORMAT,
+    Manifest,
+    ReferenceRequest,
     enclosing_engine,
-    file_records,
     locked,
     promote,
     remove_stale_partials,
     remove_stale_under,
     staging,
+    write_manifest,
     write_text_atomic,
 )
 from lightkv_export.config import DTYPES, BuildConfig
@@ -44,7 +44,7 @@ from lightkv_export.inputs import parity_images
 from lightkv_export.kv import kv_bytes
 from lightkv_export.method.merge_plan import layer_lengths, plan_request
 from lightkv_export.method.schedule import MAX_STAGE_RATIO, Schedule, resolve
-from lightkv_export.models.base import LoadedModel, head_dim
+from lightkv_export.models.base import LoadedModel
 from lightkv_export.parity import EXPORT_CACHE, ParityReport, run_parity
 
 REFERENCE_PROMPT = "Describe this image."
@@ -57,7 +57,7 @@ class BuildResult:
     engine_dirs: dict[str, Path] = field(default_factory=dict)
     parity: dict[str, ParityReport] = field(default_factory=dict)
     failed_targets: dict[str, LightKVError] = field(default_factory=dict)
-    reference: dict[str, Any] = field(default_factory=dict)
+    reference: ReferenceRequest | None = None
     timings: dict[str, float] = field(default_factory=dict)
     triton_repo: Path | None = None
     rejected: dict[str, Path] = field(default_factory=dict)  # parity failed: kept as <target>.rejected, not promoted
@@ -166,33 +166,32 @@ def schedule_for(config: BuildConfig, loaded: LoadedModel) -> Schedule | None:
 
 def reference_request(
     loaded: LoadedModel, schedule: Schedule | None, image_size, dtype_bytes: int, grid_mode: str = "true"
-) -> dict:
+) -> ReferenceRequest:
     """Token layout, vision tokens per layer group and KV bytes per layer for one image of the profile and the
     reference prompt: what the manifest promises and parity checks the engine against."""
     family = loaded.family
     processed = family.process(loaded, [parity_images(image_size, 0)], REFERENCE_PROMPT)
     spans = family.spans(loaded.processor, processed, int(loaded.model.config.image_token_id))
     seq = int(processed["input_ids"].shape[1])
-    n_layers = num_layers(loaded)
-    text = loaded.text_config
-    hkv, hd = text.num_key_value_heads, head_dim(text)
+    arch = loaded.family.arch(loaded.model.config)
+    n_layers, hkv, hd = arch.num_layers, arch.kv_heads, arch.head_dim
     schedule = schedule if schedule is not None else Schedule(n_layers, ())
     plan = plan_request(spans, [seq], schedule, grid_mode=grid_mode) if schedule.stages else None
     lengths = [int(n) for n in layer_lengths(schedule, plan, [seq])[:, 0]]
     # Vision tokens per layer: what the tokens lost from the prompt were (only vision tokens merge).
     vision = [sum(s.length for s in spans[0]) - (seq - n) for n in lengths]
-    return {
-        "prompt": REFERENCE_PROMPT,
-        "seq_len": seq,
-        "vision_tokens": vision[0],
-        "kv_lengths": lengths,
-        "vision_tokens_per_layer": vision,
-        "kv_bytes_per_layer": kv_bytes(lengths, hkv, hd, dtype_bytes),
-        "kv_bytes_vanilla_per_layer": kv_bytes([seq] * n_layers, hkv, hd, dtype_bytes),
-    }
+    return ReferenceRequest(
+        prompt=REFERENCE_PROMPT,
+        seq_len=seq,
+        vision_tokens=vision[0],
+        kv_lengths=lengths,
+        vision_tokens_per_layer=vision,
+        kv_bytes_per_layer=kv_bytes(lengths, hkv, hd, dtype_bytes),
+        kv_bytes_vanilla_per_layer=kv_bytes([seq] * n_layers, hkv, hd, dtype_bytes),
+    )
 
 
-def silent_noops(schedule: Schedule | None, reference: dict) -> list[str]:
+def silent_noops(schedule: Schedule | None, reference: ReferenceRequest) -> list[str]:
     """Warnings for what a schedule asks and the engine will not do: ratios above the per-stage cap, and
     stages that remove nothing from the reference request (its image is too small for their windows)."""
     if schedule is None:
@@ -204,13 +203,13 @@ def silent_noops(schedule: Schedule | None, reference: dict) -> list[str]:
             f"stage(s) {', '.join(map(str, capped))} ask to merge more than {MAX_STAGE_RATIO:g} of each window; a "
             f"stage removes at most half (r = min(floor(ratio * n), n // 2)), so they merge {MAX_STAGE_RATIO:g}."
         )
-    lengths = reference["kv_lengths"]  # per layer, 0-based; stage `layer` shortens layer + 1 onwards
+    lengths = reference.kv_lengths  # per layer, 0-based; stage `layer` shortens layer + 1 onwards
     idle = [s for s in schedule.stages if s.ratio > 0 and lengths[s.layer] == lengths[s.layer - 1]]
     active = [s for s in schedule.stages if s.ratio > 0]
     if idle:
         which = "no stage merges" if idle == active else f"stage(s) {', '.join(map(str, idle))} merge"
         notes.append(
-            f"{which} anything for the reference request ({reference['vision_tokens']} vision tokens): an "
+            f"{which} anything for the reference request ({reference.vision_tokens} vision tokens): an "
             "image needs at least 8 w^2 vision tokens for w x w windows, else the stage skips it. Use a larger "
             "--image-size, or fewer windows with --schedule."
         )
@@ -234,47 +233,59 @@ def versions() -> dict[str, str]:
 
 
 def base_manifest(
-    config: BuildConfig, loaded: LoadedModel, schedule: Schedule | None, exported: ExportedGraphs, reference: dict
-) -> dict[str, Any]:
-    text = loaded.text_config
+    config: BuildConfig,
+    loaded: LoadedModel,
+    schedule: Schedule | None,
+    exported: ExportedGraphs,
+    reference: ReferenceRequest,
+    *,
+    dtype: str,
+    notes: list[str],
+) -> Manifest:
+    """Everything the manifest records but the target and the files (the target and write_manifest add them)."""
+    arch = loaded.family.arch(loaded.model.config)
     eos = loaded.model.generation_config.eos_token_id
     eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return {
-        "format": MANIFEST_FORMAT,
-        "model": loaded.spec.key,
-        "model_dir": loaded.spec.dir_name,  # OUT/<model_dir>/<tag>/<target>, and the export cache's prefix
-        "model_source": source_path(config.model),
-        "family": loaded.spec.family,
-        "random_weights": config.random_weights,
-        "vanilla": config.vanilla,
-        "ratio": config.effective_ratio,
-        "schedule": str(schedule) if schedule is not None else "",
-        "retention": schedule.retention if schedule is not None else 1.0,
-        "positions": config.position_mode,
-        "grid_mode": config.grid_mode,
-        "image_size": list(exported.meta["image_size"]),
-        "vision_input_shape": list(exported.meta["vision_input_shape"]),  # one image's pixel_values
-        "vision_token_grid": list(exported.meta["vision_token_grid"]),  # one image's LLM tokens (h, w)
-        "num_layers": num_layers(loaded),
-        "hidden_size": text.hidden_size,
-        "num_kv_heads": text.num_key_value_heads,
-        "head_dim": head_dim(text),
-        "num_attention_heads": text.num_attention_heads,
-        "intermediate_size": text.intermediate_size,
-        "vocab_size": text.vocab_size,
-        "image_token_id": int(loaded.model.config.image_token_id),
-        "position_scheme": loaded.family.POSITIONS.name,
-        "eos_token_ids": [int(e) for e in eos],
-        "max_new_tokens_limit": config.max_new_tokens_limit,
-        "export_key": exported.meta["key"],
-        "reference_request": reference,
-        "versions": versions(),
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
+    return Manifest(
+        format=MANIFEST_FORMAT,
+        model=loaded.spec.key,
+        model_dir=loaded.spec.dir_name,
+        model_source=source_path(config.model),
+        family=loaded.spec.family,
+        random_weights=config.random_weights,
+        vanilla=config.vanilla,
+        ratio=config.effective_ratio,
+        schedule=str(schedule) if schedule is not None else "",
+        retention=schedule.retention if schedule is not None else 1.0,
+        positions=config.position_mode,
+        grid_mode=config.grid_mode,
+        image_size=list(exported.meta["image_size"]),
+        vision_input_shape=list(exported.meta["vision_input_shape"]),
+        vision_token_grid=list(exported.meta["vision_token_grid"]),
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden,
+        num_kv_heads=arch.kv_heads,
+        head_dim=arch.head_dim,
+        num_attention_heads=arch.heads,
+        intermediate_size=arch.intermediate,
+        vocab_size=arch.vocab,
+        image_token_id=int(loaded.model.config.image_token_id),
+        position_scheme=loaded.family.positions.name,
+        eos_token_ids=[int(e) for e in eos],
+        max_new_tokens_limit=config.max_new_tokens_limit,
+        export_key=exported.meta["key"],
+        reference_request=reference,
+        versions=versions(),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        dtype=dtype,
+        notes=notes,
+    )
 
 
-def build_target(target: str, directory: Path, *, destination: Path, exported, prefill, processor, manifest, config):
-    """Write `target`'s engine files into `directory` (staging for `destination`); returns the manifest record."""
+def build_target(
+    target: str, directory: Path, *, destination: Path, exported, prefill, processor, manifest: Manifest, config
+) -> Manifest:
+    """Write `target`'s engine files into `directory` (staging for `destination`); returns its manifest."""
     from lightkv_export.targets import target as target_named
 
     return target_named(target).build(
@@ -283,22 +294,16 @@ def build_target(target: str, directory: Path, *, destination: Path, exported, p
     )  # fmt: skip
 
 
-def write_manifest(directory: Path, record: dict[str, Any]) -> None:
-    """manifest.json with the SHA-256 and size of every file already in `directory` (what the engine runs from)."""
-    record = {**record, **file_records(directory)}
-    write_text_atomic(directory / MANIFEST, json.dumps(record, indent=2) + "\n")
-
-
-def smoke_request(directory: Path, reference: dict[str, Any], image_size: tuple[int, int]) -> None:
+def smoke_request(directory: Path, reference: ReferenceRequest, image_size: tuple[int, int]) -> None:
     """One real request through the staged engine, as a user would send it: it must answer, and hold the KV
     lengths per layer that its manifest promises for the reference request."""
     from lightkv_export.runtime import Engine
 
     engine = Engine.load(directory, full_hash=False)  # just written and hashed: sizes are enough
-    gen = engine.generate([parity_images(image_size, 0)], reference["prompt"], max_new_tokens=2)
-    if gen.kv_lengths != reference["kv_lengths"]:
+    gen = engine.generate([parity_images(image_size, 0)], reference.prompt, max_new_tokens=2)
+    if gen.kv_lengths != reference.kv_lengths:
         raise VerificationError(
-            f"the engine's KV lengths per layer {gen.kv_lengths} differ from the planned {reference['kv_lengths']}"
+            f"the engine's KV lengths per layer {gen.kv_lengths} differ from the planned {reference.kv_lengths}"
         )
 
 
@@ -418,7 +423,7 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
     notes = silent_noops(schedule, reference)
     for note in notes:
         progress.log(f"[yellow]warning:[/] {note}")
-    manifest = base_manifest(config, loaded, schedule, exported, reference) | {"dtype": dtype, "notes": notes}
+    manifest = base_manifest(config, loaded, schedule, exported, reference, dtype=dtype, notes=notes)
     for target in targets:
         destination = config.out / loaded.spec.dir_name / config.engine_tag() / target
         try:
@@ -427,11 +432,11 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
                     progress.log(f"removed {stale}, left by an interrupted build")
                 with staging(destination) as staged:
                     with progress.stage(f"engine {target}"):
-                        record = build_target(
+                        built = build_target(
                             target, staged, destination=destination, exported=exported, prefill=prefill,
                             processor=loaded.processor, manifest=manifest, config=config,
                         )  # fmt: skip
-                        write_manifest(staged, record)
+                        write_manifest(staged, built)
                     check_and_promote(
                         target, staged, destination, config=config, loaded=loaded, exported=exported,
                         reference=reference, result=result, progress=progress,

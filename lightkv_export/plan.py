@@ -6,7 +6,7 @@
 
 For one request (images + prompt, then --gen-tokens generated) it prints the Eq. 9 vision-token KV retention
 the schedule achieves on that exact token layout (per-window floors and skipped stages included), KV bytes per
-request, prefill and decode FLOPs (conventions: lightkv_export/report.py) and how many requests fit in
+request, prefill and decode FLOPs (conventions: lightkv_export/accounting/__init__.py) and how many requests fit in
 --gpu-memory once the weights are loaded, vanilla vs LightKV. Bad input exits with status 2 and one message.
 """
 
@@ -21,20 +21,14 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+from lightkv_export.accounting.flops import FlopConvention
+from lightkv_export.accounting.paper import paper_comparison
+from lightkv_export.accounting.planner import PlanResult, plan_budget
+from lightkv_export.accounting.trace import request_layout
+from lightkv_export.accounting.units import GB, GIB, dtype_bytes, parse_memory
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.method.schedule import resolve
-from lightkv_export.models.shapes import SHAPES, get_shape
-from lightkv_export.report import (
-    GB,
-    GIB,
-    FlopConvention,
-    PlanResult,
-    dtype_bytes,
-    paper_comparison,
-    parse_memory,
-    plan_request,
-    request_layout,
-)
+from lightkv_export.models.shapes import get_shape, planner_keys
 
 MAX_IMAGES = 64  # far beyond any served request; more only makes the host-side plan slow
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
@@ -64,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="qwen-vl", help=f"one of {', '.join(SHAPES)} (default qwen-vl)")
+    p.add_argument("--model", default="qwen-vl", help=f"one of {', '.join(planner_keys())} (default qwen-vl)")
     p.add_argument("--ratio", type=float, help="fraction of vision-token KV kept, averaged over layers (Eq. 9)")
     p.add_argument("--schedule", help="explicit stages LAYER:WINDOWS:RATIO,... instead of --ratio")
     p.add_argument("--windows", help="windows per side of each stage for --ratio (default: the paper's)")
@@ -92,7 +86,7 @@ def make_plan(args: argparse.Namespace) -> PlanResult:
     schedule = resolve(shape.num_layers, ratio=args.ratio, schedule=args.schedule, windows=windows)
     layout = request_layout(shape, height, width, args.prompt_tokens, args.images)
     convention = FlopConvention(causal=args.causal, lm_head="last", decode_tokens=args.gen_tokens)
-    return plan_request(
+    return plan_budget(
         shape,
         schedule,
         layout,

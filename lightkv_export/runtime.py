@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from lightkv_export import contract
-from lightkv_export.artifacts import PROCESSOR_DIR, verify_engine
+from lightkv_export.artifacts import PROCESSOR_DIR, Manifest, verify_engine
 from lightkv_export.errors import InputError
 from lightkv_export.kv import kv_bytes
 from lightkv_export.method.merge_plan import RequestPlan, layer_lengths, plan_request, stage_kept_name
@@ -73,32 +73,30 @@ class Generation:
     kv_lengths: list[int] = field(default_factory=list)  # per layer, after prefill
 
 
-def open_sessions(directory: Path, manifest: dict[str, Any]) -> dict[str, Session]:
+def open_sessions(directory: Path, manifest: Manifest) -> dict[str, Session]:
     """One session per graph, for the engine's target."""
     from lightkv_export.targets import target
 
-    return target(str(manifest["target"])).open_sessions(directory, manifest)
+    return target(manifest.target).open_sessions(directory, manifest)
 
 
 class Engine:
     """A loaded engine directory."""
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], sessions: dict[str, Session], processor) -> None:
-        from lightkv_export.models.registry import family_module
+    def __init__(self, directory: Path, manifest: Manifest, sessions: dict[str, Session], processor) -> None:
+        from lightkv_export.models.registry import get_family
 
         self.directory, self.manifest, self.sessions = directory, manifest, sessions
-        self.family = family_module(manifest["family"])
-        self.positions = self.family.POSITIONS
+        self.family = get_family(manifest.family)
+        self.positions = self.family.positions
         # The family's host helpers take a LoadedModel; at run time it holds the processor and no model.
         self.host = LoadedModel(spec=None, model=None, processor=processor, family=self.family)
         self.processor = processor
-        self.num_layers = int(manifest["num_layers"])
+        self.num_layers = manifest.num_layers
         self.schedule: Schedule = (
-            parse_schedule(manifest["schedule"], self.num_layers)
-            if manifest["schedule"]
-            else Schedule(self.num_layers, ())
+            parse_schedule(manifest.schedule, self.num_layers) if manifest.schedule else Schedule(self.num_layers, ())
         )
-        self.image_size = tuple(manifest["image_size"])
+        self.image_size = tuple(manifest.image_size)
         self.outputs = {name: [o.name for o in s.get_outputs()] for name, s in sessions.items()}
 
     @classmethod
@@ -110,7 +108,7 @@ class Engine:
 
         directory = Path(directory)
         manifest = verify_engine(directory, full_hash=full_hash)
-        processor = load_processor(directory / PROCESSOR_DIR, manifest["family"])
+        processor = load_processor(directory / PROCESSOR_DIR, manifest.family)
         return cls(directory, manifest, open_sessions(directory, manifest), processor)
 
     # --- host side --------------------------------------------------------------------------------------------
@@ -130,9 +128,9 @@ class Engine:
             for i in range(len(resized))
         ]  # each [N_vis, D]
         embeds = self.sessions["embed"].run(None, {contract.INPUT_IDS: input_ids})[0]  # [1, S, D]
-        placeholder = input_ids[0] == int(self.manifest["image_token_id"])
+        placeholder = input_ids[0] == self.manifest.image_token_id
         embeds[0, placeholder] = np.concatenate(vision).astype(embeds.dtype)
-        spans = self.family.spans(self.processor, processed, int(self.manifest["image_token_id"]))
+        spans = self.family.spans(self.processor, processed, self.manifest.image_token_id)
         positions, offset = self.positions.host(input_ids.shape[1], spans[0])  # [*lead, S]
         return Request(input_ids, embeds, positions[..., None, :], offset, spans)
 
@@ -158,8 +156,8 @@ class Engine:
 
         `lengths` [B]: valid tokens per row of a padded batch (default: every row is full)."""
         lengths = [request.seq_len] * request.input_ids.shape[0] if lengths is None else list(lengths)
-        if plan is None and not self.manifest.get("vanilla"):
-            plan = plan_request(request.spans, lengths, self.schedule, grid_mode=self.manifest["grid_mode"])
+        if plan is None and not self.manifest.vanilla:
+            plan = plan_request(request.spans, lengths, self.schedule, grid_mode=self.manifest.grid_mode)
         feeds = {
             contract.INPUTS_EMBEDS: request.inputs_embeds,
             contract.POSITION_IDS: request.position_ids,
@@ -210,7 +208,7 @@ class Engine:
         self, items: Sequence[tuple[Sequence[Any], str]], *, max_new_tokens: int = 16
     ) -> list[Generation]:
         """Several requests (images, prompt) in one padded batch: one prefill, one decode step per token."""
-        limit = int(self.manifest["max_new_tokens_limit"])
+        limit = self.manifest.max_new_tokens_limit
         if not 1 <= int(max_new_tokens) <= limit:
             raise InputError(f"max_new_tokens must be between 1 and {limit} for this engine, got {max_new_tokens}.")
         if not items:
@@ -253,7 +251,7 @@ class Engine:
         stepping with the batch until every row is done, but their later tokens are dropped."""
         single = isinstance(requests, Request)
         rows = [requests] if single else list(requests)
-        stops = set(self.manifest.get("eos_token_ids", [])) if stop_at_eos else set()
+        stops = set(self.manifest.eos_token_ids) if stop_at_eos else set()
         masks = [
             (np.arange(k.shape[2])[None, :] < pre.valid[i][:, None]).astype(np.int64) for i, k in enumerate(pre.keys)
         ]

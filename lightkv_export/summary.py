@@ -8,7 +8,7 @@ from lightkv_export.pipeline import BuildResult
 
 
 def layer_groups(result: BuildResult) -> list[tuple[int, int]]:
-    n = len(result.reference["kv_lengths"])
+    n = len(result.reference.kv_lengths)
     return result.schedule.layer_groups() if result.schedule is not None and result.schedule.stages else [(1, n)]
 
 
@@ -18,18 +18,18 @@ def print_summary(result: BuildResult, console) -> None:
     title = "vanilla (no LightKV)" if result.schedule is None else f"schedule {result.schedule.describe()}"
     console.print(f"[bold]{cfg.model}[/]: {title}")
 
-    groups = Table(title=f"reference request ({ref['seq_len']} tokens, {ref['vision_tokens']} of them vision)")
+    groups = Table(title=f"reference request ({ref.seq_len} tokens, {ref.vision_tokens} of them vision)")
     groups.add_column("layers")
     groups.add_column("vision tokens", justify="right")
     groups.add_column("KV bytes / layer", justify="right")
     for first, last in layer_groups(result):
         groups.add_row(
             f"{first}-{last}",
-            f"{ref['vision_tokens_per_layer'][first - 1]} / {ref['vision_tokens']}",
-            f"{ref['kv_bytes_per_layer'][first - 1]:,}",
+            f"{ref.vision_tokens_per_layer[first - 1]} / {ref.vision_tokens}",
+            f"{ref.kv_bytes_per_layer[first - 1]:,}",
         )
     console.print(groups)
-    light, vanilla = sum(ref["kv_bytes_per_layer"]), sum(ref["kv_bytes_vanilla_per_layer"])
+    light, vanilla = sum(ref.kv_bytes_per_layer), sum(ref.kv_bytes_vanilla_per_layer)
     console.print(f"KV cache per request: {light:,} bytes vs vanilla {vanilla:,} ({light / vanilla:.1%})")
 
     engines = Table(title="engines")

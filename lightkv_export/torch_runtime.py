@@ -131,7 +131,7 @@ def prefill(
     if schedule.num_layers != len(text.layers):
         raise InputError(f"schedule is for {schedule.num_layers} layers, the model has {len(text.layers)}.")
     stage_at = {s.layer: s for s in schedule.stages}
-    scheme = loaded.family.POSITIONS
+    scheme = loaded.family.positions
     pos = inputs.position_ids  # [*lead, 1, S]
     spans = tuple(tuple(row) for row in inputs.spans)
     full_len = hidden.shape[1]

@@ -24,8 +24,35 @@ def reference_run(loaded, engine, images, prompt: str, max_new_tokens: int):
     from lightkv_export.method.schedule import Schedule
 
     manifest = engine.manifest
-    schedule = Schedule(engine.num_layers, ()) if manifest.get("vanilla") else engine.schedule
+    schedule = Schedule(engine.num_layers, ()) if manifest.vanilla else engine.schedule
     return torch_runtime.generate(
         loaded, torch_inputs(engine.prepare(images, prompt)), schedule, max_new_tokens=max_new_tokens,
-        positions=manifest["positions"], grid_mode=manifest["grid_mode"],
+        positions=manifest.positions, grid_mode=manifest.grid_mode,
     )  # fmt: skip
+
+
+def make_manifest(**fields):
+    """A complete typed Manifest of a plausible tiny engine, with `fields` replacing the defaults (for tests that
+    need a manifest without building an engine)."""
+    from lightkv_export.artifacts import MANIFEST_FORMAT, Manifest, ReferenceRequest
+
+    layers = int(fields.get("num_layers", 4))
+    reference = ReferenceRequest(
+        prompt="Describe this image.",
+        seq_len=40,
+        vision_tokens=16,
+        kv_lengths=[40] * layers,
+        vision_tokens_per_layer=[16] * layers,
+        kv_bytes_per_layer=[40 * 2 * 2 * 16 * 4] * layers,
+        kv_bytes_vanilla_per_layer=[40 * 2 * 2 * 16 * 4] * layers,
+    )
+    defaults = dict(
+        format=MANIFEST_FORMAT, model="tiny-qwen-vl", model_dir="tiny-qwen-vl", model_source="tiny-qwen-vl",
+        family="qwen2_5_vl", random_weights=False, vanilla=False, ratio=0.55, schedule="", retention=1.0,
+        positions="preserve", grid_mode="true", image_size=[112, 112], vision_input_shape=[64, 1176],
+        vision_token_grid=[4, 4], num_layers=layers, hidden_size=64, num_kv_heads=2, head_dim=16,
+        num_attention_heads=4, intermediate_size=128, vocab_size=600, image_token_id=5, position_scheme="mrope",
+        eos_token_ids=[2], max_new_tokens_limit=64, export_key="0" * 16, reference_request=reference,
+        versions={}, created="2026-12-02T00:00:00+00:00", dtype="float32", target="ort-cpu",
+    )  # fmt: skip
+    return Manifest(**(defaults | fields))

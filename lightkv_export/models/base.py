@@ -37,13 +37,16 @@ class ModelSpec:
     """A registry entry: what a model key means and how it is built."""
 
     key: str
-    family: str  # "qwen2_vl" | "qwen2_5_vl"
+    family: str  # a registered family's name (models/family.py)
     hf_id: str  # Hugging Face hub id of the real checkpoint (for tiny presets: the architecture it mirrors)
     tiny: bool  # built locally at toy size with random weights, no download
     default_windows: tuple[int, ...]  # windows per side for the schedule solver's stages
-    default_image_size: tuple[int, int]  # (height, width) in pixels
+    default_image_size: tuple[int, int]  # (height, width) in pixels of the engine's image profile
     # Parity tolerances per output name ("logits", "kv", "hidden", ...), with "default".
     tolerances: dict[str, float] = field(default_factory=lambda: {"default": 1e-4})
+    plan_image_size: tuple[int, int] | None = None  # the planner's default request image (else default_image_size)
+    vision: str | None = None  # the planner's token-count rule when it is not the family's (models/shapes.py)
+    plan_only: str | None = None  # why it can be planned but not built (None: buildable)
 
     @property
     def dir_name(self) -> str:

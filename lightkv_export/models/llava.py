@@ -6,13 +6,9 @@ center-crops every image to one square size and expands each `<image>` into (siz
 (CLS dropped: vision_feature_select_strategy "default"), so an image is always one contiguous run of side x side
 tokens in raster order, and positions are plain 1-D (token s at position s, no decode offset).
 
-The family interface (what registry, export and runtime call):
-* constants FAMILY, MODEL_TYPE, HF_ID, HF_ID_13B, POSITIONS (ROPE_1D: position_ids [B, S]);
-* model_class, config_class, real_config_dict; text_model, lm_head, spatial_merge (1: no merger);
-* check_inputs, process -> vision_embeddings -> embed_and_position (= prepare), spans;
-* check_image_size and vision_export (the vision graph serves exactly the processor's crop size: CLIP's position
-  embeddings are fixed);
-* tiny_preset: the real classes at toy size with a locally trained, deterministic Llama tokenizer (no download).
+`Llava` implements the family interface (models/family.py): 1-D RoPE positions ([B, S]), no spatial merge, a
+vision graph that serves exactly the processor's crop size (CLIP's position embeddings are fixed), and a tiny
+preset of the real classes at toy size with a locally trained, deterministic Llama tokenizer (no download).
 """
 
 from __future__ import annotations
@@ -35,13 +31,14 @@ from lightkv_export.models.base import (
     spans_on_grids,
     user_turn,
 )
+from lightkv_export.models.family import Family, register_family
 from lightkv_export.models.positions import ROPE_1D
 
-FAMILY = "llava"
-MODEL_TYPE = "llava"  # config.json model_type
 HF_ID = "llava-hf/llava-1.5-7b-hf"
 HF_ID_13B = "llava-hf/llava-1.5-13b-hf"
-POSITIONS = ROPE_1D  # position_ids [B, S]
+# LLaVA-NeXT (vicuna) keeps LLaVA-1.5's decoders and CLIP tower; only the planner knows it (models/registry.py).
+HF_ID_NEXT = "llava-hf/llava-v1.6-vicuna-7b-hf"
+HF_ID_NEXT_13B = "llava-hf/llava-v1.6-vicuna-13b-hf"
 IMAGE_TOKEN = "<image>"
 
 # llava-1.5-{7b,13b}-hf config.json, for --random-weights without the checkpoint on disk. Vicuna decoders; the
@@ -91,7 +88,13 @@ REAL_MULTIMODAL = {
 }
 REAL_CONFIG = {"text_config": REAL_TEXT_7B, "vision_config": REAL_VISION, **REAL_MULTIMODAL}
 REAL_CONFIG_13B = {"text_config": REAL_TEXT_13B, "vision_config": REAL_VISION, **REAL_MULTIMODAL}
-REAL_CONFIGS = {HF_ID: REAL_CONFIG, HF_ID_13B: REAL_CONFIG_13B}
+# NeXT's sizes as far as the planner needs them (its image_newline vector, 4096 or 5120 parameters, not counted).
+REAL_CONFIGS = {
+    HF_ID: REAL_CONFIG,
+    HF_ID_13B: REAL_CONFIG_13B,
+    HF_ID_NEXT: REAL_CONFIG,
+    HF_ID_NEXT_13B: REAL_CONFIG_13B,
+}
 REAL_IMAGE_SIZE = 336
 
 # The tiny preset: Qwen tiny's decoder sizes on a Llama, a 2-layer CLIP (features come from layer -2) at 224 px.
@@ -145,41 +148,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def model_class() -> type:
-    from transformers import LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration
-
-
-def config_class() -> type:
-    from transformers import LlavaConfig
-
-    return LlavaConfig
-
-
-def real_config_dict(hf_id: str = HF_ID) -> dict[str, Any]:
-    """Keyword arguments of LlavaConfig for a real checkpoint's architecture (7b by default)."""
-    if hf_id not in REAL_CONFIGS:
-        raise InputError(f"no known LLaVA-1.5 architecture for {hf_id!r}; known: {', '.join(REAL_CONFIGS)}.")
-    return copy.deepcopy(REAL_CONFIGS[hf_id])
-
-
-def text_model(model: Any) -> Any:
-    """The decoder stack: .layers, .rotary_emb, .norm, .embed_tokens, .config."""
-    return model.model.language_model
-
-
-def lm_head(model: Any) -> Any:
-    return model.lm_head
-
-
 def vision_model(model: Any) -> Any:
     """The CLIP vision tower (the projector is `model.model.multi_modal_projector`)."""
     return model.model.vision_tower
-
-
-def spatial_merge(model: Any) -> int:
-    return 1  # one LLM token per CLIP patch
 
 
 # --- requests ---------------------------------------------------------------------------------------------------
@@ -189,45 +160,6 @@ def chat_text(processor: Any, num_images: int, prompt: str) -> str:
     """The chat-formatted prompt (no <s>), for display and layout checks only: tokenizing it would read control
     tokens typed in `prompt` as real ones; `process` tokenizes the user's text as plain text."""
     return processor.apply_chat_template(user_turn(num_images, prompt), add_generation_prompt=True, tokenize=False)
-
-
-def check_inputs(processor: Any, images: list, prompt: str) -> None:
-    """Reject what the processor would fail on obscurely, with a message that says why (any size is resized and
-    center-cropped to the profile)."""
-    check_request(images, prompt)
-
-
-def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
-    """Processor outputs for one request (CPU tensors; needs only `loaded.processor`): input_ids, attention_mask
-    [1, S], pixel_values [N_images, 3, H, W] float32.
-
-    The user's text is tokenized as plain text (transformers' `sanitize_control_tokens`): a typed `<image>`, `<s>`
-    or `</s>` becomes ordinary text tokens, so a prompt can add no image slot nor end the sequence. transformers
-    refuses that mode while the tokenizer itself adds <s> (LLaVA's templates do not write it), so the template is
-    tokenized without special tokens and <s> is put in front here, as the tokenizer would: for a prompt without
-    control tokens the ids are exactly those of `processor(text=chat_text(...), images=...)`."""
-    processor = loaded.processor
-    check_inputs(processor, images, prompt)
-    messages = user_turn(images, prompt)
-    try:
-        out = processor.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            sanitize_control_tokens=True,
-            processor_kwargs={"add_special_tokens": False},
-        )
-    except ValueError as exc:
-        raise InputError(f"the processor rejected the request: {exc}") from None
-    input_ids, attention_mask = out["input_ids"], out["attention_mask"]  # [1, S]
-    prefix = special_prefix(processor.tokenizer)
-    if prefix and input_ids[0, : len(prefix)].tolist() != prefix:  # a template that writes <s> keeps its own
-        lead = torch.tensor([prefix], dtype=input_ids.dtype)  # [1, P]
-        input_ids = torch.cat([lead, input_ids], dim=1)  # [1, S]
-        attention_mask = torch.cat([torch.ones_like(lead, dtype=attention_mask.dtype), attention_mask], dim=1)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": out["pixel_values"].float()}
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
@@ -241,64 +173,9 @@ def special_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
-@torch.no_grad()
-def vision_embeddings(loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
-    """CLIP at vision_feature_layer (CLS dropped) through the projector: [N_vis, D], images concatenated in order."""
-    model = loaded.model
-    pixel_values = processed["pixel_values"].to(model.device, model.dtype)  # [N_images, 3, H, W]
-    out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
-    return torch.cat(list(out.pooler_output), dim=0)  # [N_vis, D]
-
-
 def token_side(processor: Any, image_size: int) -> int:
     """Tokens per side of one image of `image_size` pixels (square: the processor crops to a square)."""
     return image_size // int(processor.patch_size)
-
-
-def spans(processor: Any, processed: dict[str, torch.Tensor], image_token_id: int) -> list[list[VisionSpan]]:
-    """Per batch row, each image's run of placeholder tokens as a VisionSpan with its square grid (side, side)."""
-    height, width = processed["pixel_values"].shape[-2:]
-    if height != width:
-        raise InputError(f"pixel_values are {width}x{height}; LLaVA-1.5's processor crops images to a square.")
-    side = token_side(processor, int(height))
-    n_images = processed["pixel_values"].shape[0]
-    hint = "is the processor's vision_feature_select_strategy 'default' (CLS dropped)?"
-    return spans_on_grids(processed["input_ids"], image_token_id, [(side, side)] * n_images, hint)
-
-
-@torch.no_grad()
-def embed_and_position(
-    loaded: LoadedModel, processed: dict[str, torch.Tensor], vision_embeds: torch.Tensor
-) -> PrefillInputs:
-    """Text embeddings with the vision embeddings scattered into the placeholders, and 1-D RoPE positions."""
-    model = loaded.model
-    processed = {k: v.to(model.device) for k, v in processed.items()}
-    input_ids = processed["input_ids"]  # [B, S]
-    image_token_id = int(model.config.image_token_index)
-    embeds = scatter_vision(text_model(model).embed_tokens(input_ids), input_ids, image_token_id, vision_embeds)
-    row_spans = spans(loaded.processor, processed, image_token_id)
-    mask = processed["attention_mask"]  # [B, S]
-    lengths = mask.sum(dim=1)  # [B] real tokens per row
-    if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None]):
-        raise InputError("attention_mask must be right-padded (real tokens first): positions count from 0 there.")
-    hosts = [POSITIONS.host(int(n), row) for n, row in zip(lengths.tolist(), row_spans, strict=True)]
-    position_ids = torch.from_numpy(POSITIONS.batch([ids for ids, _ in hosts], input_ids.shape[1]))  # [B, S]
-    decode_offset = torch.tensor([[delta] for _, delta in hosts], dtype=torch.long)  # [B, 1], all 0
-    return PrefillInputs(
-        inputs_embeds=embeds,
-        position_ids=position_ids.to(model.device),
-        attention_mask=processed["attention_mask"],
-        input_ids=input_ids,
-        spans=row_spans,
-        decode_offset=decode_offset.to(model.device),
-    )
-
-
-def prepare(loaded: LoadedModel, images: list, prompt: str) -> PrefillInputs:
-    """One request (images + prompt) -> everything the language-model prefill needs."""
-    processed = process(loaded, images, prompt)
-    vision = vision_embeddings(loaded, processed)  # [N_vis, D]
-    return embed_and_position(loaded, processed, vision)
 
 
 # --- the vision graph -------------------------------------------------------------------------------------------
@@ -314,19 +191,6 @@ def served_size(processor: Any) -> tuple[int, int]:
             "vision tower takes exactly its image_size: set do_center_crop in preprocessor_config.json."
         )
     return int(size["height"]), int(size["width"])
-
-
-def check_image_size(processor: Any, image_size: tuple[int, int]) -> None:
-    """The engine's vision graph takes exactly one size: CLIP's position embeddings are fixed, and the processor
-    resizes and crops every image to it. Anything else is refused before any work, naming the size that works."""
-    h, w = (int(x) for x in image_size)
-    sh, sw = served_size(processor)
-    if (h, w) != (sh, sw):
-        raise InputError(
-            f"image size {w}x{h} (width x height) cannot be an engine profile: this model's processor resizes and "
-            f"crops every image to {sw}x{sh}, and its CLIP vision tower takes only that size. "
-            f"The size this model serves is {sw}x{sh}."
-        )
 
 
 def feature_depths(config: Any) -> list[int]:
@@ -360,23 +224,6 @@ class VisionGraph(torch.nn.Module):
         if self.drop_cls:
             features = [f[:, 1:] for f in features]  # [1, P, C]
         return self.projector(torch.cat(features, dim=-1)).flatten(0, 1)  # [N_vis, D]
-
-
-def vision_export(loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
-    """The vision graph for one image of exactly `image_size` (height, width): module, example pixel_values
-    [1, 3, H, W] of `dtype`, and the image's token grid (side, side)."""
-    check_image_size(loaded.processor, image_size)
-    h, w = (int(x) for x in image_size)
-    vision = loaded.model.config.vision_config
-    if (h, w) != (vision.image_size, vision.image_size):
-        raise InputError(
-            f"the processor crops images to {w}x{h} but the vision tower takes {vision.image_size}x"
-            f"{vision.image_size}: preprocessor_config.json and config.json are from different checkpoints."
-        )
-    patch = int(vision.patch_size)
-    gen = torch.Generator().manual_seed(0)
-    example = torch.randn(1, 3, h, w, generator=gen).to(dtype)  # [1, 3, H, W]
-    return VisionExport(module=VisionGraph(loaded.model), example=example, token_grid=(h // patch, w // patch))
 
 
 # --- tiny preset ------------------------------------------------------------------------------------------------
@@ -429,15 +276,6 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
     }
 
 
-def align_token_ids(config: Any, tokenizer: Any) -> None:
-    """Point the config's special-token ids at the tokenizer's (when the tokenizer is not the checkpoint's)."""
-    ids = special_token_ids(tokenizer)
-    config.image_token_index = ids["image_token_index"]
-    text = config.get_text_config()
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(text, name, ids[name])
-
-
 def build_image_processor(image_size: int = TINY_IMAGE_SIZE) -> Any:
     """CLIP's PIL image processor (no torchvision needed): short side to `image_size`, center crop to a square."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -455,10 +293,10 @@ PROCESSOR_SETTINGS = {"patch_size": 14, "vision_feature_select_strategy": "defau
 def build_processor(tokenizer: Any | None = None, image_size: int = TINY_IMAGE_SIZE) -> Any:
     """LlavaProcessor over a (locally built) tokenizer and the PIL CLIP image processor, LLaVA-1.5's settings."""
     tokenizer = build_tokenizer() if tokenizer is None else tokenizer
-    return processor_from(None, tokenizer, build_image_processor(image_size), CHAT_TEMPLATE)
+    return llava_processor(None, tokenizer, build_image_processor(image_size), CHAT_TEMPLATE)
 
 
-def processor_from(path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
+def llava_processor(path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
     """LlavaProcessor over a checkpoint's (or an engine's) tokenizer and CLIP image processor, with the settings
     of its processor_config.json where it has one."""
     from pathlib import Path
@@ -470,11 +308,6 @@ def processor_from(path: Any, tokenizer: Any, image_processor: Any, chat_templat
     if saved is not None and saved.is_file():
         settings |= {k: v for k, v in json.loads(saved.read_text()).items() if k in settings}
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **settings)
-
-
-def random_processor() -> Any:
-    """A processor for --random-weights without checkpoint files: the local tokenizer at the real image size."""
-    return build_processor(image_size=REAL_IMAGE_SIZE)
 
 
 def tiny_config_dict(tokenizer: Any) -> dict[str, Any]:
@@ -495,7 +328,169 @@ def tiny_config_dict(tokenizer: Any) -> dict[str, Any]:
     }
 
 
-def tiny_preset() -> tuple[Any, Any]:
-    """(LlavaConfig, LlavaProcessor) of the tiny preset "tiny-llava"; weights come from registry.build_seeded."""
-    tokenizer = build_tokenizer()
-    return config_class()(**tiny_config_dict(tokenizer)), build_processor(tokenizer)
+# --- the family -------------------------------------------------------------------------------------------------
+
+
+@register_family("llava", model_types=("llava",))
+class Llava(Family):
+    """LLaVA-1.5 (7b, 13b and the tiny preset)."""
+
+    hf_id = HF_ID
+    positions = ROPE_1D  # position_ids [B, S]
+    vision = "llava"
+    qkv_bias = False
+
+    def model_class(self) -> type:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    def config_class(self) -> type:
+        from transformers import LlavaConfig
+
+        return LlavaConfig
+
+    def real_config_dict(self, hf_id: str = HF_ID) -> dict[str, Any]:
+        """Keyword arguments of LlavaConfig for a real checkpoint's architecture (7b by default)."""
+        if hf_id not in REAL_CONFIGS:
+            raise InputError(f"no known LLaVA-1.5 architecture for {hf_id!r}; known: {', '.join(REAL_CONFIGS)}.")
+        return copy.deepcopy(REAL_CONFIGS[hf_id])
+
+    def tiny_preset(self) -> tuple[Any, Any]:
+        """(LlavaConfig, LlavaProcessor) of the tiny preset "tiny-llava"; weights come from registry.build_seeded."""
+        tokenizer = build_tokenizer()
+        return self.config_class()(**tiny_config_dict(tokenizer)), build_processor(tokenizer)
+
+    def random_processor(self) -> Any:
+        """The local tokenizer at the real image size."""
+        return build_processor(image_size=REAL_IMAGE_SIZE)
+
+    def processor_from(self, path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
+        return llava_processor(path, tokenizer, image_processor, chat_template)
+
+    def align_token_ids(self, config: Any, tokenizer: Any) -> None:
+        ids = special_token_ids(tokenizer)
+        config.image_token_index = ids["image_token_index"]
+        text = config.get_text_config()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(text, name, ids[name])
+
+    def spatial_merge(self, model: Any) -> int:
+        return 1  # one LLM token per CLIP patch
+
+    # --- the vision graph -----------------------------------------------------------------------------------
+
+    def check_image_size(self, processor: Any, image_size: tuple[int, int]) -> None:
+        """The engine's vision graph takes exactly one size: CLIP's position embeddings are fixed, and the
+        processor resizes and crops every image to it. Anything else is refused before any work, naming the size
+        that works."""
+        h, w = (int(x) for x in image_size)
+        sh, sw = served_size(processor)
+        if (h, w) != (sh, sw):
+            raise InputError(
+                f"image size {w}x{h} (width x height) cannot be an engine profile: this model's processor resizes "
+                f"and crops every image to {sw}x{sh}, and its CLIP vision tower takes only that size. "
+                f"The size this model serves is {sw}x{sh}."
+            )
+
+    def vision_export(self, loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
+        """The vision graph for one image of exactly `image_size` (height, width): module, example pixel_values
+        [1, 3, H, W] of `dtype`, and the image's token grid (side, side)."""
+        self.check_image_size(loaded.processor, image_size)
+        h, w = (int(x) for x in image_size)
+        vision = loaded.model.config.vision_config
+        if (h, w) != (vision.image_size, vision.image_size):
+            raise InputError(
+                f"the processor crops images to {w}x{h} but the vision tower takes {vision.image_size}x"
+                f"{vision.image_size}: preprocessor_config.json and config.json are from different checkpoints."
+            )
+        patch = int(vision.patch_size)
+        gen = torch.Generator().manual_seed(0)
+        example = torch.randn(1, 3, h, w, generator=gen).to(dtype)  # [1, 3, H, W]
+        return VisionExport(module=VisionGraph(loaded.model), example=example, token_grid=(h // patch, w // patch))
+
+    # --- requests -------------------------------------------------------------------------------------------
+
+    def check_inputs(self, processor: Any, images: list, prompt: str) -> None:
+        """Reject what the processor would fail on obscurely, with a message that says why (any size is resized
+        and center-cropped to the profile)."""
+        check_request(images, prompt)
+
+    def process(self, loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
+        """Processor outputs for one request (CPU tensors; needs only `loaded.processor`): input_ids,
+        attention_mask [1, S], pixel_values [N_images, 3, H, W] float32.
+
+        The user's text is tokenized as plain text (transformers' `sanitize_control_tokens`): a typed `<image>`,
+        `<s>` or `</s>` becomes ordinary text tokens, so a prompt can add no image slot nor end the sequence.
+        transformers refuses that mode while the tokenizer itself adds <s> (LLaVA's templates do not write it), so
+        the template is tokenized without special tokens and <s> is put in front here, as the tokenizer would: for
+        a prompt without control tokens the ids are exactly those of `processor(text=chat_text(...), images=...)`.
+        """
+        processor = loaded.processor
+        self.check_inputs(processor, images, prompt)
+        messages = user_turn(images, prompt)
+        try:
+            out = processor.apply_chat_template(
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                sanitize_control_tokens=True,
+                processor_kwargs={"add_special_tokens": False},
+            )
+        except ValueError as exc:
+            raise InputError(f"the processor rejected the request: {exc}") from None
+        input_ids, attention_mask = out["input_ids"], out["attention_mask"]  # [1, S]
+        prefix = special_prefix(processor.tokenizer)
+        if prefix and input_ids[0, : len(prefix)].tolist() != prefix:  # a template that writes <s> keeps its own
+            lead = torch.tensor([prefix], dtype=input_ids.dtype)  # [1, P]
+            input_ids = torch.cat([lead, input_ids], dim=1)  # [1, S]
+            attention_mask = torch.cat([torch.ones_like(lead, dtype=attention_mask.dtype), attention_mask], dim=1)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": out["pixel_values"].float()}
+
+    @torch.no_grad()
+    def vision_embeddings(self, loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """CLIP at vision_feature_layer (CLS dropped) through the projector: [N_vis, D], images in order."""
+        model = loaded.model
+        pixel_values = processed["pixel_values"].to(model.device, model.dtype)  # [N_images, 3, H, W]
+        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        return torch.cat(list(out.pooler_output), dim=0)  # [N_vis, D]
+
+    def spans(self, processor: Any, processed: dict[str, torch.Tensor], image_token_id: int) -> list[list[VisionSpan]]:
+        """Per batch row, each image's run of placeholder tokens as a VisionSpan with its square grid."""
+        height, width = processed["pixel_values"].shape[-2:]
+        if height != width:
+            raise InputError(f"pixel_values are {width}x{height}; LLaVA-1.5's processor crops images to a square.")
+        side = token_side(processor, int(height))
+        n_images = processed["pixel_values"].shape[0]
+        hint = "is the processor's vision_feature_select_strategy 'default' (CLS dropped)?"
+        return spans_on_grids(processed["input_ids"], image_token_id, [(side, side)] * n_images, hint)
+
+    @torch.no_grad()
+    def embed_and_position(
+        self, loaded: LoadedModel, processed: dict[str, torch.Tensor], vision_embeds: torch.Tensor
+    ) -> PrefillInputs:
+        """Text embeddings with the vision embeddings scattered into the placeholders, and 1-D RoPE positions."""
+        model = loaded.model
+        processed = {k: v.to(model.device) for k, v in processed.items()}
+        input_ids = processed["input_ids"]  # [B, S]
+        image_token_id = int(model.config.image_token_index)
+        text = self.text_model(model)
+        embeds = scatter_vision(text.embed_tokens(input_ids), input_ids, image_token_id, vision_embeds)
+        row_spans = self.spans(loaded.processor, processed, image_token_id)
+        mask = processed["attention_mask"]  # [B, S]
+        lengths = mask.sum(dim=1)  # [B] real tokens per row
+        if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None]):
+            raise InputError("attention_mask must be right-padded (real tokens first): positions count from 0 there.")
+        hosts = [self.positions.host(int(n), row) for n, row in zip(lengths.tolist(), row_spans, strict=True)]
+        position_ids = torch.from_numpy(self.positions.batch([ids for ids, _ in hosts], input_ids.shape[1]))
+        decode_offset = torch.tensor([[delta] for _, delta in hosts], dtype=torch.long)  # [B, 1], all 0
+        return PrefillInputs(
+            inputs_embeds=embeds,
+            position_ids=position_ids.to(model.device),  # [B, S]
+            attention_mask=processed["attention_mask"],
+            input_ids=input_ids,
+            spans=row_spans,
+            decode_offset=decode_offset.to(model.device),
+        )

@@ -6,49 +6,11 @@ with RMSNorm and SwiGLU, a separate `out_hidden_size`); the layout the method an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from lightkv_export.models.qwen2_vl import (
-    POSITIONS,
-    align_token_ids,
-    check_image_size,
-    check_inputs,
-    embed_and_position,
-    lm_head,
-    prepare,
-    process,
-    processor_from_of,
-    random_processor_of,
-    spans,
-    spatial_merge,
-    text_model,
-    tiny_preset_of,
-    vision_embeddings,
-    vision_export,
-    vision_model,
-    vision_spans,
-)
+from lightkv_export.models.family import register_family
+from lightkv_export.models.qwen2_vl import Qwen2VL
 
-__all__ = [
-    "POSITIONS",
-    "align_token_ids",
-    "check_image_size",
-    "check_inputs",
-    "embed_and_position",
-    "lm_head",
-    "prepare",
-    "process",
-    "spans",
-    "spatial_merge",
-    "text_model",
-    "vision_embeddings",
-    "vision_export",
-    "vision_model",
-    "vision_spans",
-]
-
-FAMILY = "qwen2_5_vl"
-MODEL_TYPE = "qwen2_5_vl"
 HF_ID = "Qwen/Qwen2.5-VL-7B-Instruct"
 
 # Qwen2.5-VL-7B-Instruct's config.json, for --random-weights without the checkpoint on disk.
@@ -76,34 +38,21 @@ REAL_VISION = {
     "fullatt_block_indexes": [7, 15, 23, 31],
     "tokens_per_second": 2,
 }
-REAL_MIN_PIXELS = 56 * 56
-REAL_MAX_PIXELS = 28 * 28 * 16384
 
 
-def model_class() -> type:
-    from transformers import Qwen2_5_VLForConditionalGeneration
+@register_family("qwen2_5_vl", model_types=("qwen2_5_vl",))
+class Qwen25VL(Qwen2VL):
+    hf_id = HF_ID
+    real_text: ClassVar[dict[str, Any]] = REAL_TEXT
+    real_vision: ClassVar[dict[str, Any]] = REAL_VISION
+    tie_word_embeddings = False
 
-    return Qwen2_5_VLForConditionalGeneration
+    def model_class(self) -> type:
+        from transformers import Qwen2_5_VLForConditionalGeneration
 
+        return Qwen2_5_VLForConditionalGeneration
 
-def config_class() -> type:
-    from transformers import Qwen2_5_VLConfig
+    def config_class(self) -> type:
+        from transformers import Qwen2_5_VLConfig
 
-    return Qwen2_5_VLConfig
-
-
-def real_config_dict(hf_id: str = HF_ID) -> dict[str, Any]:
-    """Keyword arguments of Qwen2_5_VLConfig for the real checkpoint's architecture."""
-    return {"text_config": dict(REAL_TEXT), "vision_config": dict(REAL_VISION), "tie_word_embeddings": False}
-
-
-def tiny_preset() -> tuple[Any, Any]:
-    return tiny_preset_of(FAMILY, config_class())
-
-
-def random_processor() -> Any:
-    return random_processor_of(FAMILY, REAL_MIN_PIXELS, REAL_MAX_PIXELS)
-
-
-def processor_from(path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
-    return processor_from_of(FAMILY, tokenizer, image_processor, chat_template)
+        return Qwen2_5_VLConfig

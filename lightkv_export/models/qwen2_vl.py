@@ -1,22 +1,23 @@
-"""Qwen2-VL family, and the Qwen-VL glue shared with Qwen2.5-VL (models/qwen2_5_vl.py reuses these functions).
+"""Qwen2-VL family (`Qwen2VL`), and the Qwen-VL glue Qwen2.5-VL inherits (models/qwen2_5_vl.py).
 
 Both families have the same outer layout: `model.model.visual` (vision encoder + patch merger),
 `model.model.language_model` (decoder stack with M-RoPE), `model.lm_head`, and a processor that expands one
 <|image_pad|> per image into (h / merge) * (w / merge) placeholder tokens. Only the classes and the real
 checkpoints' hyper-parameters differ.
 
-`prepare` = `process` -> `vision_embeddings` -> `embed_and_position`; the exporter calls the three parts on
-their own (the vision encoder and the language model are exported separately).
+`prepare` = `process` -> `vision_embeddings` -> `embed_and_position` (models/family.py); the exporter calls the
+parts on their own (the vision encoder and the language model are exported separately).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import AttentionInterface
 
 from lightkv_export.errors import InputError
+from lightkv_export.models import tiny
 from lightkv_export.models.base import (
     LoadedModel,
     PrefillInputs,
@@ -28,12 +29,10 @@ from lightkv_export.models.base import (
     spans_on_grids,
     user_turn,
 )
+from lightkv_export.models.family import Family, register_family
 from lightkv_export.models.positions import MROPE
 
-FAMILY = "qwen2_vl"
-MODEL_TYPE = "qwen2_vl"  # config.json model_type
 HF_ID = "Qwen/Qwen2-VL-2B-Instruct"
-POSITIONS = MROPE  # position_ids [3, B, S]
 
 # Qwen2-VL-2B-Instruct's config.json, for --random-weights without the checkpoint on disk.
 REAL_TEXT = {
@@ -62,42 +61,12 @@ REAL_MIN_PIXELS = 56 * 56
 REAL_MAX_PIXELS = 28 * 28 * 16384
 
 
-def model_class() -> type:
-    from transformers import Qwen2VLForConditionalGeneration
-
-    return Qwen2VLForConditionalGeneration
-
-
-def config_class() -> type:
-    from transformers import Qwen2VLConfig
-
-    return Qwen2VLConfig
-
-
-def real_config_dict(hf_id: str = HF_ID) -> dict[str, Any]:
-    """Keyword arguments of Qwen2VLConfig for the real checkpoint's architecture (one size per family)."""
-    return {"text_config": dict(REAL_TEXT), "vision_config": dict(REAL_VISION), "tie_word_embeddings": True}
-
-
-# --- shared Qwen-VL glue (also used by qwen2_5_vl) --------------------------------------------------------------
-
-
-def text_model(model: Any) -> Any:
-    """The decoder stack: .layers, .rotary_emb, .norm, .embed_tokens, .config."""
-    return model.model.language_model
-
-
-def lm_head(model: Any) -> Any:
-    return model.lm_head
+# --- Qwen-VL helpers (pure functions of a model, processor or tensors) ---------------------------------------
 
 
 def vision_model(model: Any) -> Any:
     """The vision encoder with its patch merger: (pixel_values, grid_thw) -> [N_vis, D]."""
     return model.model.visual
-
-
-def spatial_merge(model: Any) -> int:
-    return int(model.config.vision_config.spatial_merge_size)
 
 
 def chat_text(processor: Any, num_images: int, prompt: str) -> str:
@@ -108,54 +77,6 @@ def chat_text(processor: Any, num_images: int, prompt: str) -> str:
     return processor.apply_chat_template(user_turn(num_images, prompt), add_generation_prompt=True, tokenize=False)
 
 
-def check_inputs(processor: Any, images: list, prompt: str) -> None:
-    """Reject what the processor would fail on obscurely (or silently mangle), with a message that says why."""
-    check_request(images, prompt, min_side=int(getattr(processor.image_processor, "patch_size", 14)))
-
-
-def process(loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
-    """Processor outputs for one request (CPU tensors; needs only `loaded.processor`, so engines without a torch
-    model use it too): input_ids, attention_mask, mm_token_type_ids [1, S], pixel_values [N_patches, C*T*P*P] fp32,
-    image_grid_thw [N_images, 3].
-
-    The user's text is tokenized as plain text (transformers' `sanitize_control_tokens`: control tokens typed in the
-    prompt, such as `<|im_end|>`, `<|im_start|>` or `<|image_pad|>`, become ordinary text tokens), so a prompt can
-    neither open another chat turn nor add image placeholders; the template's own control tokens stay real. For a
-    prompt without such text the token ids are exactly those of tokenizing `chat_text`."""
-    processor = loaded.processor
-    check_inputs(processor, images, prompt)
-    # The layout of chat_text: one user turn, the images first, then the text.
-    messages = user_turn(images, prompt)
-    try:
-        out = processor.apply_chat_template(
-            messages,
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            return_tensors="pt",
-            sanitize_control_tokens=True,
-        )
-    except ValueError as exc:
-        raise InputError(f"the processor rejected the request: {exc}") from None
-    keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-    return {k: out[k] for k in keys}
-
-
-@torch.no_grad()
-def vision_embeddings(loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Vision encoder + merger on `process`'s pixels: [N_vis, D] LLM-width embeddings, images in order."""
-    device = loaded.model.device
-    pixels, grid_thw = processed["pixel_values"].to(device), processed["image_grid_thw"].to(device)
-    out = loaded.model.model.get_image_features(pixels, grid_thw, return_dict=True)
-    return torch.cat(out.pooler_output, dim=0)  # [N_vis, D]
-
-
-def spans(processor: Any, processed: dict[str, torch.Tensor], image_token_id: int) -> list[list[VisionSpan]]:
-    """The vision spans of `process`'s output, each image on its LLM token grid (patch grid / merge)."""
-    merge = int(processor.image_processor.merge_size)
-    return vision_spans(processed["input_ids"], image_token_id, processed["image_grid_thw"], merge)
-
-
 def vision_spans(
     input_ids: torch.Tensor, image_token_id: int, image_grid_thw: torch.Tensor, merge: int
 ) -> list[list[VisionSpan]]:
@@ -164,40 +85,6 @@ def vision_spans(
         raise InputError("a video (temporal patches > 1) was given; these engines take images only.")
     grids = [(int(h) // merge, int(w) // merge) for _, h, w in image_grid_thw.tolist()]
     return spans_on_grids(input_ids, image_token_id, grids, "is <|image_pad|> typed in the prompt?")
-
-
-@torch.no_grad()
-def embed_and_position(
-    loaded: LoadedModel, processed: dict[str, torch.Tensor], vision_embeds: torch.Tensor
-) -> PrefillInputs:
-    """Text embeddings with the vision embeddings scattered into the placeholders, and M-RoPE positions."""
-    model = loaded.model
-    processed = {k: v.to(model.device) for k, v in processed.items()}
-    input_ids = processed["input_ids"]  # [B, S]
-    image_token_id = int(model.config.image_token_id)
-    embeds = scatter_vision(text_model(model).embed_tokens(input_ids), input_ids, image_token_id, vision_embeds)
-    position_ids, rope_deltas = model.model.get_rope_index(
-        input_ids,
-        mm_token_type_ids=processed["mm_token_type_ids"],
-        image_grid_thw=processed["image_grid_thw"],
-        attention_mask=processed["attention_mask"],
-    )  # [3, B, S], [B, 1]
-    spans = vision_spans(input_ids, image_token_id, processed["image_grid_thw"], spatial_merge(model))
-    return PrefillInputs(
-        inputs_embeds=embeds,
-        position_ids=position_ids,
-        attention_mask=processed["attention_mask"],
-        input_ids=input_ids,
-        spans=spans,
-        decode_offset=rope_deltas.view(-1, 1),
-    )
-
-
-def prepare(loaded: LoadedModel, images: list, prompt: str) -> PrefillInputs:
-    """One request (images + prompt) -> everything the language-model prefill needs."""
-    processed = process(loaded, images, prompt)
-    vision = vision_embeddings(loaded, processed)  # [N_vis, D]
-    return embed_and_position(loaded, processed, vision)
 
 
 # --- the vision graph ---------------------------------------------------------------------------------------------
@@ -261,21 +148,6 @@ class VisionGraph(torch.nn.Module):
         return torch.cat(out.pooler_output, dim=0)  # [N_vis, D]
 
 
-def vision_export(loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
-    """The vision graph for one image of exactly `image_size` (height, width): pixel_values [N_patches, C*T*P*P]."""
-    t, h, w = patch_grid(loaded.processor, image_size)
-    features = loaded.processor.image_processor
-    width = 3 * features.temporal_patch_size * features.patch_size**2
-    pixels = torch.randn(t * h * w, width, dtype=dtype)  # [N_patches, F]
-    merge = int(features.merge_size)
-    return VisionExport(VisionGraph(loaded, (t, h, w)), pixels, (h // merge, w // merge))
-
-
-def check_image_size(processor: Any, image_size: tuple[int, int]) -> None:
-    """Refuse an image-size profile the processor would resize (see patch_grid), before any work."""
-    patch_grid(processor, image_size)
-
-
 def patch_grid(processor: Any, image_size: tuple[int, int]) -> tuple[int, int, int]:
     """(t, h, w) patch grid of one image of exactly `image_size` pixels (height, width).
 
@@ -311,57 +183,152 @@ def patch_grid(processor: Any, image_size: tuple[int, int]) -> tuple[int, int, i
     )
 
 
-# --- the tiny preset ----------------------------------------------------------------------------------------------
+# --- the family -----------------------------------------------------------------------------------------------
 
 
-def tiny_preset_of(family: str, config_cls: type) -> tuple[Any, Any]:
-    """(config, processor) of a Qwen-VL family's tiny preset (models/tiny.py); the registry seeds the weights."""
-    from lightkv_export.models import tiny
+@register_family("qwen2_vl", model_types=("qwen2_vl",))
+class Qwen2VL(Family):
+    """Qwen2-VL, and the Qwen-VL glue Qwen2.5-VL inherits (models/qwen2_5_vl.py changes classes and sizes)."""
 
-    tokenizer = tiny.build_tokenizer()
-    return config_cls(**tiny.tiny_config_dict(family, tokenizer)), tiny.build_processor(family, tokenizer)
+    hf_id = HF_ID
+    positions = MROPE  # position_ids [3, B, S]
+    vision = "qwen"
+    qkv_bias = True
+    real_text: ClassVar[dict[str, Any]] = REAL_TEXT
+    real_vision: ClassVar[dict[str, Any]] = REAL_VISION
+    tie_word_embeddings = True
+    # The real processors' pixel budget (preprocessor_config.json): 4 to 16384 LLM tokens per image.
+    real_min_pixels, real_max_pixels = REAL_MIN_PIXELS, REAL_MAX_PIXELS
 
+    def model_class(self) -> type:
+        from transformers import Qwen2VLForConditionalGeneration
 
-def tiny_preset() -> tuple[Any, Any]:
-    return tiny_preset_of(FAMILY, config_class())
+        return Qwen2VLForConditionalGeneration
 
+    def config_class(self) -> type:
+        from transformers import Qwen2VLConfig
 
-# --- processors and token ids (the registry's loaders call these) ---------------------------------------------------
+        return Qwen2VLConfig
 
+    def real_config_dict(self, hf_id: str | None = None) -> dict[str, Any]:
+        """Keyword arguments of the config class for the real checkpoint's architecture (one size per family)."""
+        return {
+            "text_config": dict(self.real_text),
+            "vision_config": dict(self.real_vision),
+            "tie_word_embeddings": self.tie_word_embeddings,
+        }
 
-def processor_from_of(family: str, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
-    """The family's processor over a checkpoint's tokenizer and PIL image processor (no video processor: that
-    needs torchvision, and only images are fed)."""
-    from lightkv_export.models import tiny
+    def tiny_preset(self) -> tuple[Any, Any]:
+        """(config, processor) of the tiny preset (models/tiny.py); the registry seeds the weights."""
+        tokenizer = tiny.build_tokenizer()
+        config = self.config_class()(**tiny.tiny_config_dict(self.name, tokenizer))
+        return config, tiny.build_processor(self.name, tokenizer)
 
-    return tiny.image_only_processor(family)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
-    )
+    def random_processor(self) -> Any:
+        image_processor = tiny.build_image_processor(self.real_min_pixels, self.real_max_pixels)
+        return tiny.build_processor(self.name, tiny.build_tokenizer(), image_processor)
 
+    def processor_from(self, path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
+        """The processor over a checkpoint's tokenizer and PIL image processor (no video processor: that needs
+        torchvision, and only images are fed)."""
+        processor_class = tiny.image_only_processor(self.name)
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
 
-def processor_from(path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
-    return processor_from_of(FAMILY, tokenizer, image_processor, chat_template)
+    def align_token_ids(self, config: Any, tokenizer: Any) -> None:
+        ids = tiny.special_token_ids(tokenizer)
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            setattr(config, name, ids[name])
+        text = config.get_text_config()
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(text, name, ids[name])
 
+    def spatial_merge(self, model: Any) -> int:
+        return int(model.config.vision_config.spatial_merge_size)
 
-def align_token_ids(config: Any, tokenizer: Any) -> None:
-    """Point the config's special-token ids at the tokenizer's (when the tokenizer is not the checkpoint's)."""
-    from lightkv_export.models import tiny
+    # --- the vision graph -----------------------------------------------------------------------------------
 
-    ids = tiny.special_token_ids(tokenizer)
-    for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-        setattr(config, name, ids[name])
-    text = config.get_text_config()
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        setattr(text, name, ids[name])
+    def check_image_size(self, processor: Any, image_size: tuple[int, int]) -> None:
+        """Refuse an image-size profile the processor would resize (see patch_grid), before any work."""
+        patch_grid(processor, image_size)
 
+    def vision_export(self, loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
+        """The vision graph for one image of exactly `image_size` (height, width): pixel_values
+        [N_patches, C*T*P*P]."""
+        t, h, w = patch_grid(loaded.processor, image_size)
+        features = loaded.processor.image_processor
+        width = 3 * features.temporal_patch_size * features.patch_size**2
+        pixels = torch.randn(t * h * w, width, dtype=dtype)  # [N_patches, F]
+        merge = int(features.merge_size)
+        return VisionExport(VisionGraph(loaded, (t, h, w)), pixels, (h // merge, w // merge))
 
-def random_processor_of(family: str, min_pixels: int, max_pixels: int) -> Any:
-    """A processor for --random-weights without checkpoint files: the local tokenizer, the real pixel budget."""
-    from lightkv_export.models import tiny
+    # --- requests -------------------------------------------------------------------------------------------
 
-    image_processor = tiny.build_image_processor(min_pixels, max_pixels)
-    return tiny.build_processor(family, tiny.build_tokenizer(), image_processor)
+    def check_inputs(self, processor: Any, images: list, prompt: str) -> None:
+        """Reject what the processor would fail on obscurely (or silently mangle), with a message that says why."""
+        check_request(images, prompt, min_side=int(getattr(processor.image_processor, "patch_size", 14)))
 
+    def process(self, loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
+        """Processor outputs for one request (CPU tensors; needs only `loaded.processor`, so engines without a
+        torch model use it too): input_ids, attention_mask, mm_token_type_ids [1, S], pixel_values
+        [N_patches, C*T*P*P] fp32, image_grid_thw [N_images, 3].
 
-def random_processor() -> Any:
-    return random_processor_of(FAMILY, REAL_MIN_PIXELS, REAL_MAX_PIXELS)
+        The user's text is tokenized as plain text (transformers' `sanitize_control_tokens`: control tokens typed
+        in the prompt, such as `<|im_end|>`, `<|im_start|>` or `<|image_pad|>`, become ordinary text tokens), so a
+        prompt can neither open another chat turn nor add image placeholders; the template's own control tokens
+        stay real. For a prompt without such text the token ids are exactly those of tokenizing `chat_text`."""
+        processor = loaded.processor
+        self.check_inputs(processor, images, prompt)
+        messages = user_turn(images, prompt)  # the layout of chat_text: one user turn, the images first
+        try:
+            out = processor.apply_chat_template(
+                messages,
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                sanitize_control_tokens=True,
+            )
+        except ValueError as exc:
+            raise InputError(f"the processor rejected the request: {exc}") from None
+        keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+        return {k: out[k] for k in keys}
+
+    @torch.no_grad()
+    def vision_embeddings(self, loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Vision encoder + merger on `process`'s pixels: [N_vis, D] LLM-width embeddings, images in order."""
+        device = loaded.model.device
+        pixels, grid_thw = processed["pixel_values"].to(device), processed["image_grid_thw"].to(device)
+        out = loaded.model.model.get_image_features(pixels, grid_thw, return_dict=True)
+        return torch.cat(out.pooler_output, dim=0)  # [N_vis, D]
+
+    def spans(self, processor: Any, processed: dict[str, torch.Tensor], image_token_id: int) -> list[list[VisionSpan]]:
+        """The vision spans of `process`'s output, each image on its LLM token grid (patch grid / merge)."""
+        merge = int(processor.image_processor.merge_size)
+        return vision_spans(processed["input_ids"], image_token_id, processed["image_grid_thw"], merge)
+
+    @torch.no_grad()
+    def embed_and_position(
+        self, loaded: LoadedModel, processed: dict[str, torch.Tensor], vision_embeds: torch.Tensor
+    ) -> PrefillInputs:
+        """Text embeddings with the vision embeddings scattered into the placeholders, and M-RoPE positions."""
+        model = loaded.model
+        processed = {k: v.to(model.device) for k, v in processed.items()}
+        input_ids = processed["input_ids"]  # [B, S]
+        image_token_id = int(model.config.image_token_id)
+        text = self.text_model(model)
+        embeds = scatter_vision(text.embed_tokens(input_ids), input_ids, image_token_id, vision_embeds)
+        position_ids, rope_deltas = model.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=processed["mm_token_type_ids"],
+            image_grid_thw=processed["image_grid_thw"],
+            attention_mask=processed["attention_mask"],
+        )  # [3, B, S], [B, 1]
+        spans = vision_spans(input_ids, image_token_id, processed["image_grid_thw"], self.spatial_merge(model))
+        return PrefillInputs(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            attention_mask=processed["attention_mask"],
+            input_ids=input_ids,
+            spans=spans,
+            decode_offset=rope_deltas.view(-1, 1),
+        )

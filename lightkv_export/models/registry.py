@@ -11,22 +11,27 @@ import json
 import os
 import re
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
 from lightkv_export.errors import InputError, LightKVError, ModelNotFoundError
-from lightkv_export.models import llava, qwen2_5_vl, qwen2_vl, tiny
+from lightkv_export.models import llava, qwen2_5_vl, qwen2_vl, tiny  # importing a family registers it
 from lightkv_export.models.base import LoadedModel, ModelSpec
+from lightkv_export.models.family import FAMILIES, Family
 
-FAMILIES: dict[str, ModuleType] = {"qwen2_vl": qwen2_vl, "qwen2_5_vl": qwen2_5_vl, "llava": llava}
-MODEL_TYPES = {module.MODEL_TYPE: name for name, module in FAMILIES.items()}
+MODEL_TYPES = {model_type: family.name for family in FAMILIES.values() for model_type in family.model_types}
 
 # Parity tolerances (max abs error) per output. fp32 tiny models agree to rounding; real models run in fp16/bf16.
 TINY_TOLERANCES = {"default": 1e-4, "vision": 1e-4, "hidden": 1e-3, "kv": 1e-4, "logits": 1e-3}
 REAL_TOLERANCES = {"default": 2e-2, "vision": 2e-2, "hidden": 5e-2, "kv": 2e-2, "logits": 5e-2}
 
+NEXT_NOT_BUILT = (
+    "LLaVA-NeXT's anyres vision front end (a base view plus high-resolution tiles with newline tokens) has no "
+    "family module yet, so it is known to the planner (`plan`, the paper comparison) but cannot be built; "
+    "build llava or llava-13b (LLaVA-1.5) instead"
+)
+# Every model key, buildable or planned: the one table of sizes (through each family's `arch`) and aliases.
 SPECS: dict[str, ModelSpec] = {
     spec.key: spec
     for spec in (
@@ -38,6 +43,7 @@ SPECS: dict[str, ModelSpec] = {
             default_windows=(6, 4, 2),  # the paper's windows for Qwen2.5-VL
             default_image_size=(672, 672),  # 24 x 24 = 576 vision tokens: every stage has >= 8 tokens per window
             tolerances=dict(REAL_TOLERANCES),
+            plan_image_size=(768, 1024),  # a 4:3 photo: 27 x 37 = 999 vision tokens
         ),
         ModelSpec(
             key="qwen2-vl",
@@ -47,6 +53,7 @@ SPECS: dict[str, ModelSpec] = {
             default_windows=(6, 4, 2),
             default_image_size=(672, 672),
             tolerances=dict(REAL_TOLERANCES),
+            plan_image_size=(768, 1024),
         ),
         ModelSpec(
             key="tiny-qwen-vl",
@@ -85,6 +92,30 @@ SPECS: dict[str, ModelSpec] = {
             tolerances=dict(TINY_TOLERANCES),
         ),
         ModelSpec(
+            key="llava-next",
+            family="llava",
+            hf_id=llava.HF_ID_NEXT,
+            tiny=False,
+            default_windows=(4, 2, 1),
+            default_image_size=(llava.REAL_IMAGE_SIZE, llava.REAL_IMAGE_SIZE),
+            tolerances=dict(REAL_TOLERANCES),
+            plan_image_size=(480, 720),  # the paper's ~2,144 vision tokens (models/shapes.py)
+            vision="llava-next",
+            plan_only=NEXT_NOT_BUILT,
+        ),
+        ModelSpec(
+            key="llava-next-13b",
+            family="llava",
+            hf_id=llava.HF_ID_NEXT_13B,
+            tiny=False,
+            default_windows=(4, 2, 1),
+            default_image_size=(llava.REAL_IMAGE_SIZE, llava.REAL_IMAGE_SIZE),
+            tolerances=dict(REAL_TOLERANCES),
+            plan_image_size=(480, 720),
+            vision="llava-next",
+            plan_only=NEXT_NOT_BUILT,
+        ),
+        ModelSpec(
             key="tiny-qwen2-vl",
             family="qwen2_vl",
             hf_id=qwen2_vl.HF_ID,
@@ -110,6 +141,12 @@ ALIASES = {
     "llava-1.5-13b": "llava-13b",
     llava.HF_ID_13B.lower(): "llava-13b",
     "tiny-llava-1.5": "tiny-llava",
+    "llava-7b": "llava",
+    "llava-next-7b": "llava-next",
+    "llava-1.6": "llava-next",
+    "llava-1.6-13b": "llava-next-13b",
+    llava.HF_ID_NEXT.lower(): "llava-next",
+    llava.HF_ID_NEXT_13B.lower(): "llava-next-13b",
 }
 
 
@@ -127,7 +164,10 @@ def get_spec(key: str) -> ModelSpec:
     return SPECS[name]
 
 
-def family_module(name: str) -> ModuleType:
+def get_family(name: str) -> Family:
+    """The registered family `name` (an engine's manifest records it)."""
+    if name not in FAMILIES:
+        raise InputError(f"unknown model family {name!r}; registered families: {', '.join(sorted(FAMILIES))}.")
     return FAMILIES[name]
 
 
@@ -152,6 +192,8 @@ def load_model(
             f"({known_keys()}). {how_to_get(None)}"
         )
     spec = get_spec(key_or_local_dir)
+    if spec.plan_only:
+        raise InputError(f"model {spec.key!r}: {spec.plan_only}.")
     if spec.tiny:
         return load_tiny(spec.key, dtype)
     snapshot = cached_snapshot(spec.hf_id)
@@ -204,7 +246,7 @@ def load_tiny(key: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
     return LoadedModel(spec=spec, model=build_seeded(family, config, dtype), processor=processor, family=family)
 
 
-def build_seeded(family: ModuleType, config: Any, dtype: torch.dtype) -> Any:
+def build_seeded(family: Family, config: Any, dtype: torch.dtype) -> Any:
     """The family's model from `config` with weights drawn from a fixed seed, eval mode."""
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
@@ -286,7 +328,7 @@ def spec_for_local(key: str, family_name: str, config: Any) -> ModelSpec:
     with its shape."""
     text = config.get_text_config()
     tiny_spec = next(s for s in SPECS.values() if s.tiny and s.family == family_name)
-    real_spec = next(s for s in SPECS.values() if not s.tiny and s.family == family_name)
+    real_spec = next(s for s in SPECS.values() if not s.tiny and not s.plan_only and s.family == family_name)
     is_tiny_shape = (text.hidden_size, text.num_hidden_layers) == (
         tiny.TINY_TEXT["hidden_size"],
         tiny.TINY_TEXT["num_hidden_layers"],

@@ -1,7 +1,7 @@
-"""Analytic architecture shapes of the real models: sizes, vision-token counts, parameter bytes. No weights.
+"""The real models as the planner sees them: sizes (read by each family from the published config.json, in
+models/registry.py's one table of keys and aliases) and vision tokens per image. No weights, no download.
 
-These are the published configurations (config.json of each Hugging Face checkpoint), enough to account for
-KV-cache bytes, prefill FLOPs and the memory budget without building or downloading anything.
+Enough to account for KV-cache bytes, prefill FLOPs and the memory budget without building anything.
 
 Vision tokens per image, as each processor counts them:
 * Qwen2-VL / Qwen2.5-VL: the image is resized to multiples of 28 (patch 14 x spatial merge 2) by `smart_resize`
@@ -21,11 +21,13 @@ Vision tokens per image, as each processor counts them:
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import replace
 
 from lightkv_export.errors import InputError
-from lightkv_export.kv import kv_bytes
+from lightkv_export.models.family import ArchShape
+from lightkv_export.models.registry import ALIASES, SPECS, get_family, get_spec
 
 QWEN_FACTOR = 28  # patch 14 x spatial merge 2
 QWEN_MIN_PIXELS = 56 * 56
@@ -34,160 +36,37 @@ CLIP_PATCH = 14
 CLIP_SIDE = 336
 LLAVA_BASE_GRID = (CLIP_SIDE // CLIP_PATCH, CLIP_SIDE // CLIP_PATCH)  # (24, 24)
 ANYRES_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # (h, w)
-# Vision tower + projector parameters (not derived here: from the checkpoints' published parameter counts).
-CLIP_L_336_PARAMS = 303_507_456
-QWEN25_VL_7B_VISION_PARAMS = 676_550_144  # 8.292B total - 7.616B language model
-QWEN2_VL_2B_VISION_PARAMS = 665_271_296  # 2.209B total - 1.544B language model
 
 
-@dataclass(frozen=True)
-class ArchShape:
-    """One real model's decoder and vision front end, as far as accounting needs them."""
-
-    key: str
-    hf_id: str
-    vision: str  # "qwen" | "llava" | "llava-next": how an image becomes vision tokens
-    num_layers: int
-    hidden: int
-    heads: int
-    kv_heads: int
-    intermediate: int  # gated MLP (gate, up, down)
-    vocab: int
-    tie_embeddings: bool
-    qkv_bias: bool
-    vision_params: int  # vision encoder + projector
-    default_windows: tuple[int, ...]  # windows per side of the paper's stages
-    default_image_size: tuple[int, int]  # (height, width) pixels
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.head_dim
-
-    def layer_params(self) -> int:
-        d, kv = self.hidden, self.kv_dim
-        attn = d * d + 2 * d * kv + d * d + ((d + 2 * kv) if self.qkv_bias else 0)
-        return attn + 3 * d * self.intermediate + 2 * d  # + two RMSNorm weights
-
-    def language_params(self) -> int:
-        embed = self.vocab * self.hidden
-        head = 0 if self.tie_embeddings else embed
-        return embed + head + self.num_layers * self.layer_params() + self.hidden
-
-    def params(self) -> int:
-        return self.language_params() + self.vision_params
-
-    def weight_bytes(self, dtype_bytes: int) -> int:
-        return self.params() * dtype_bytes
-
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        """K and V of one token in one layer."""
-        return kv_bytes([1], self.kv_heads, self.head_dim, dtype_bytes)[0]
+def planner_keys() -> list[str]:
+    """The models the planner accounts for: every real registry entry (tiny presets' processors differ)."""
+    return [key for key, spec in SPECS.items() if not spec.tiny]
 
 
-def _llava_projector(hidden: int) -> int:
-    """mlp2x_gelu: 1024 -> hidden -> hidden, with biases."""
-    return 1024 * hidden + hidden + hidden * hidden + hidden
-
-
-_LLAMA_7B = dict(num_layers=32, hidden=4096, heads=32, kv_heads=32, intermediate=11008)
-_LLAMA_13B = dict(num_layers=40, hidden=5120, heads=40, kv_heads=40, intermediate=13824)
-_LLAVA_COMMON = dict(vocab=32064, tie_embeddings=False, qkv_bias=False, default_windows=(4, 2, 1))
-
-SHAPES: dict[str, ArchShape] = {
-    "qwen-vl": ArchShape(
-        "qwen-vl",
-        "Qwen/Qwen2.5-VL-7B-Instruct",
-        "qwen",
-        num_layers=28,
-        hidden=3584,
-        heads=28,
-        kv_heads=4,
-        intermediate=18944,
-        vocab=152064,
-        tie_embeddings=False,
-        qkv_bias=True,
-        vision_params=QWEN25_VL_7B_VISION_PARAMS,
-        default_windows=(6, 4, 2),
-        default_image_size=(768, 1024),
-    ),
-    "qwen2-vl": ArchShape(
-        "qwen2-vl",
-        "Qwen/Qwen2-VL-2B-Instruct",
-        "qwen",
-        num_layers=28,
-        hidden=1536,
-        heads=12,
-        kv_heads=2,
-        intermediate=8960,
-        vocab=151936,
-        tie_embeddings=True,
-        qkv_bias=True,
-        vision_params=QWEN2_VL_2B_VISION_PARAMS,
-        default_windows=(6, 4, 2),
-        default_image_size=(768, 1024),
-    ),
-    "llava": ArchShape(
-        "llava",
-        "llava-hf/llava-1.5-7b-hf",
-        "llava",
-        **_LLAMA_7B,
-        **_LLAVA_COMMON,
-        vision_params=CLIP_L_336_PARAMS + _llava_projector(4096),
-        default_image_size=(336, 336),
-    ),
-    "llava-13b": ArchShape(
-        "llava-13b",
-        "llava-hf/llava-1.5-13b-hf",
-        "llava",
-        **_LLAMA_13B,
-        **_LLAVA_COMMON,
-        vision_params=CLIP_L_336_PARAMS + _llava_projector(5120),
-        default_image_size=(336, 336),
-    ),
-    "llava-next": ArchShape(
-        "llava-next",
-        "llava-hf/llava-v1.6-vicuna-7b-hf",
-        "llava-next",
-        **_LLAMA_7B,
-        **_LLAVA_COMMON,
-        vision_params=CLIP_L_336_PARAMS + _llava_projector(4096),
-        default_image_size=(480, 720),
-    ),
-    "llava-next-13b": ArchShape(
-        "llava-next-13b",
-        "llava-hf/llava-v1.6-vicuna-13b-hf",
-        "llava-next",
-        **_LLAMA_13B,
-        **_LLAVA_COMMON,
-        vision_params=CLIP_L_336_PARAMS + _llava_projector(5120),
-        default_image_size=(480, 720),
-    ),
-}
-
-ALIASES: dict[str, str] = {
-    "qwen2.5-vl": "qwen-vl",
-    "qwen2.5-vl-7b": "qwen-vl",
-    "qwen2-vl-2b": "qwen2-vl",
-    "llava-1.5": "llava",
-    "llava-7b": "llava",
-    "llava-1.5-7b": "llava",
-    "llava-1.5-13b": "llava-13b",
-    "llava-next-7b": "llava-next",
-    "llava-1.6": "llava-next",
-    "llava-1.6-13b": "llava-next-13b",
-}
-
-
+@functools.cache
 def get_shape(key: str) -> ArchShape:
-    name = ALIASES.get(key.strip().lower(), key.strip().lower())
-    if name not in SHAPES:
-        known = ", ".join(SHAPES)
-        raise InputError(f"unknown model {key!r}; known models: {known} (aliases: {', '.join(ALIASES)}).")
-    return SHAPES[name]
+    """A real model key or alias -> its ArchShape: the family reads the sizes from the checkpoint's published config
+    (`Family.arch`), the registry entry adds the windows and the planner's default image."""
+    name = key.strip().lower()
+    if ALIASES.get(name, name) not in SPECS:
+        aliases = ", ".join(f"{a} -> {k}" for a, k in ALIASES.items() if not SPECS[k].tiny)
+        raise InputError(f"unknown model {key!r}; known models: {', '.join(planner_keys())} (aliases: {aliases}).")
+    spec = get_spec(key)
+    if spec.tiny:
+        raise InputError(
+            f"{spec.key} is a tiny preset: the planner accounts for real models ({', '.join(planner_keys())}); "
+            f"for a tiny engine's figures read its report.md."
+        )
+    family = get_family(spec.family)
+    arch = family.arch(family.config_class()(**family.real_config_dict(spec.hf_id)))
+    return replace(
+        arch,
+        key=spec.key,
+        hf_id=spec.hf_id,
+        vision=spec.vision or arch.vision,
+        default_windows=spec.default_windows,
+        default_image_size=spec.plan_image_size or spec.default_image_size,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

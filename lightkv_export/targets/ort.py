@@ -14,11 +14,12 @@ The builder writes into the directory it is given; the pipeline stages, verifies
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
 
-from lightkv_export.artifacts import PROCESSOR_DIR, clone_file
+from lightkv_export.artifacts import PROCESSOR_DIR, Manifest, clone_file
 from lightkv_export.export import ExportedGraphs, strip_roles
 from lightkv_export.passes.insert_lightkv import PassReport, insert_lightkv
 
@@ -53,15 +54,15 @@ def write_ort_engine(
     exported: ExportedGraphs,
     prefill: onnx.ModelProto,
     processor,
-    manifest: dict,
-) -> dict:
-    """Write the ort-cpu engine's files into `directory`; returns its manifest record (the pipeline adds the
-    file records and writes it)."""
+    manifest: Manifest,
+) -> Manifest:
+    """Write the ort-cpu engine's files into `directory`; returns its manifest (the pipeline adds the file
+    records and writes it)."""
     for name in ("vision", "embed", "decode"):
         copy_graph(getattr(exported, name), directory / f"{name}.onnx")
     save_graph(prefill, directory / "prefill.onnx")
     processor.save_pretrained(str(directory / PROCESSOR_DIR))
-    return {**manifest, "target": "ort-cpu"}
+    return replace(manifest, target="ort-cpu")
 
 
 def build_engine(
@@ -72,14 +73,14 @@ def build_engine(
     exported: ExportedGraphs,
     prefill,
     processor,
-    manifest: dict,
+    manifest: Manifest,
     config=None,
-) -> dict:
+) -> Manifest:
     """The target interface (targets/__init__.py): the ort-cpu engine's files into `directory`."""
     return write_ort_engine(directory, exported=exported, prefill=prefill, processor=processor, manifest=manifest)
 
 
-def open_sessions(directory: Path, manifest: dict) -> dict:
+def open_sessions(directory: Path, manifest: Manifest) -> dict:
     """One ONNX Runtime CPU session per graph."""
     import onnxruntime as ort
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +21,9 @@ import numpy as np
 import onnx
 
 from lightkv_export import contract
+from lightkv_export.artifacts import Manifest
 from lightkv_export.errors import InputError, LightKVError
+from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.positions import SCHEMES
 from lightkv_export.passes.lower_trt_plugin import lower_trt_plugin
 
@@ -269,49 +271,49 @@ MAX_TEXT_TOKENS = 2048
 MAX_DECODE_CONTEXT = 8192
 
 
-def engine_profiles(manifest: Mapping[str, Any]) -> dict[str, Profile]:
+def engine_profiles(manifest: Manifest) -> dict[str, Profile]:
     """(min, opt, max) shapes per dynamic input of each graph, from the image profile and the reference request.
 
     opt is the reference request (one image of the profile, the reference prompt, batch 1); max admits
     MAX_BATCH rows of MAX_IMAGES images and MAX_TEXT_TOKENS text tokens.
     """
-    ref = manifest["reference_request"]
-    d, hkv, hd = manifest["hidden_size"], manifest["num_kv_heads"], manifest["head_dim"]
-    seq = ref["seq_len"]
-    max_seq = MAX_IMAGES * ref["vision_tokens"] + MAX_TEXT_TOKENS
+    ref = manifest.reference_request
+    d, hkv, hd = manifest.hidden_size, manifest.num_kv_heads, manifest.head_dim
+    seq, vision = ref.seq_len, ref.vision_tokens
+    max_seq = MAX_IMAGES * vision + MAX_TEXT_TOKENS
     b = (1, 1, MAX_BATCH)
 
     def dims(*per_axis: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
         return tuple(tuple(axis[k] for axis in per_axis) for k in range(3))  # type: ignore[return-value]
 
     s, one = (2, seq, max_seq), (1, 1, 1)
-    lead = [(n, n, n) for n in SCHEMES[manifest["position_scheme"]].lead]
+    lead = [(n, n, n) for n in SCHEMES[manifest.position_scheme].lead]
     prefill = {
         contract.INPUTS_EMBEDS: dims(b, s, (d, d, d)), contract.POSITION_IDS: dims(*lead, b, s),
         contract.LENGTHS: dims(b),
     }  # fmt: skip
-    stages = [x for x in manifest["schedule"].split(",") if x]
+    stages = parse_schedule(manifest.schedule, manifest.num_layers).stages if manifest.schedule else ()
     for k, stage in enumerate(stages):
-        windows = int(stage.split(":")[1]) ** 2
+        windows = stage.windows**2
         w = (1, windows, windows * MAX_IMAGES * MAX_BATCH)  # >= 1: a stage that merges nothing gets a dummy window
-        n = (2, -(-ref["vision_tokens"] // windows), max_seq)
+        n = (2, -(-vision // windows), max_seq)
         prefill |= {
             f"lightkv.{k}.win_index": dims(w, n),
             f"lightkv.{k}.win_r": dims(w),
             f"lightkv.{k}.out_lengths": dims(b),
-            f"lightkv.{k}.text_index": dims(b, (1, seq - ref["vision_tokens"], MAX_TEXT_TOKENS)),
-            f"lightkv.{k}.text_valid": dims(b, (1, seq - ref["vision_tokens"], MAX_TEXT_TOKENS)),
+            f"lightkv.{k}.text_index": dims(b, (1, seq - vision, MAX_TEXT_TOKENS)),
+            f"lightkv.{k}.text_valid": dims(b, (1, seq - vision, MAX_TEXT_TOKENS)),
         }
     decode: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
         contract.INPUTS_EMBEDS: dims(b, one, (d, d, d)),
         contract.POSITION_IDS: dims(*lead, b, one),
     }
-    for i, length in enumerate(ref["kv_lengths"]):
+    for i, length in enumerate(ref.kv_lengths):
         past = (1, length, MAX_DECODE_CONTEXT)
         for kv in ("key", "value"):
             decode[contract.past(i, kv)] = dims(b, (hkv, hkv, hkv), past, (hd, hd, hd))
         decode[contract.past_mask(i)] = dims(b, past)
-    pixels = tuple((n, n, n) for n in manifest["vision_input_shape"])  # one image of the profile: fixed
+    pixels = tuple((n, n, n) for n in manifest.vision_input_shape)  # one image of the profile: fixed
     return {
         "vision": Profile({contract.PIXEL_VALUES: dims(*pixels)}),
         "embed": Profile({contract.INPUT_IDS: dims(b, (1, seq, max_seq))}),
@@ -328,11 +330,11 @@ def build_engine(
     exported,
     prefill: onnx.ModelProto,
     processor,
-    manifest: dict,
+    manifest: Manifest,
     config,
-) -> dict:
+) -> Manifest:
     """pipeline.build_target for trt-*: kernels first (kept whatever happens), then one TensorRT plan per graph
-    written into `directory` (the pipeline's staging directory for `destination`). Returns the manifest record.
+    written into `directory` (the pipeline's staging directory for `destination`). Returns the engine's manifest.
 
     The kernels land in `<destination>-kernels/` (complete or absent), so a missing TensorRT or GPU still leaves
     the compiled plugin kernels for the target.
@@ -340,7 +342,7 @@ def build_engine(
     from lightkv_export.artifacts import PROCESSOR_DIR, promote, staging
     from lightkv_export.targets.ort import save_graph
 
-    precision: Precision = "bf16" if manifest["dtype"] == "bfloat16" else "fp16"
+    precision: Precision = "bf16" if manifest.dtype == "bfloat16" else "fp16"
     kernels_dir = destination.with_name(f"{destination.name}-kernels")
     if parse_trt_target(target) is not None:
         with staging(kernels_dir) as tmp:
@@ -363,13 +365,12 @@ def build_engine(
             target=target,
             precision=precision,
             profiles=[profiles[name]],
-            schedule=manifest["schedule"],
+            schedule=manifest.schedule,
             timing_cache=destination.parent / f".{target}.timing-cache",
         ).__dict__
     processor.save_pretrained(str(directory / PROCESSOR_DIR))
-    record = {**manifest, "target": target, "compute_capability": f"{capability[0]}.{capability[1]}"}
-    record["tensorrt"] = infos
-    return json.loads(json.dumps(record, default=str))
+    extra = {"compute_capability": f"{capability[0]}.{capability[1]}", "tensorrt": infos}
+    return replace(manifest, target=target, extra=json.loads(json.dumps(extra, default=str)))
 
 
 # TensorRT DataType name -> torch dtype. Through torch, not trt.nptype: numpy has no bfloat16, and bf16 engines are
@@ -487,7 +488,7 @@ def _output_allocator(trt, torch):
     return Allocator()
 
 
-def open_sessions(directory: Path, manifest: Mapping[str, Any]) -> dict[str, TrtSession]:
+def open_sessions(directory: Path, manifest: Manifest) -> dict[str, TrtSession]:
     """runtime.open_sessions for TensorRT engine directories."""
-    check_trt_available(manifest["target"])
+    check_trt_available(manifest.target)
     return {name: TrtSession(directory / name / "model.plan") for name in GRAPHS}

@@ -46,14 +46,14 @@ class TritonPythonModel:
         self.limits = codec.Limits.from_parameters(params)
         codec.allow_pil_pixels(self.limits)
         manifest = self.engine.manifest
-        h, w = (int(x) for x in manifest["vision_token_grid"])  # every image is resized to the profile
+        h, w = (int(x) for x in manifest.vision_token_grid)  # every image is resized to the profile
         vision_per_image = h * w
         processor = self.engine.processor
         self.template_tokens = _template_tokens(processor, 0)
         # Each image adds its wrapper tokens, and its one placeholder becomes vision_per_image tokens.
         self.per_image_tokens = _template_tokens(processor, 1) - self.template_tokens - 1 + vision_per_image
         self.logger = pb_utils.Logger
-        self.logger.log_info(f"lightkv_export: loaded {engine_dir} ({manifest.get('target')}), {self.limits}")
+        self.logger.log_info(f"lightkv_export: loaded {engine_dir} ({manifest.target}), {self.limits}")
 
     def execute(self, requests: list) -> list:
         return [self._answer(request) for request in requests]
@@ -74,7 +74,7 @@ class TritonPythonModel:
             prompt_tokens = self._prompt_tokens(prompt)
             limits.check("max_prompt_tokens", prompt_tokens, f"the prompt has {prompt_tokens} tokens, which")
             # A max_new_tokens over the engine's own limit is refused by the runtime, with that limit in the message.
-            new = min(max(0, max_new), int(self.engine.manifest["max_new_tokens_limit"]))
+            new = min(max(0, max_new), self.engine.manifest.max_new_tokens_limit)
             codec.check_sequence(limits, self.template_tokens, self.per_image_tokens, n_images, prompt_tokens, new)
             images = codec.decode_images(image_values, limits)
             gen = self.engine.generate(images, prompt, max_new_tokens=max_new)

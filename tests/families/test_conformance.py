@@ -91,20 +91,20 @@ def test_batched_generation_equals_one_request_at_a_time(family):
 def test_the_accounting_is_what_the_engine_holds(family):
     """The build's accounting (report.md: KV bytes per layer) is the engine's measured cache for the reference
     request, and the planner's vision grid is the engine's."""
-    from lightkv_export.report import engine_account
+    from lightkv_export.accounting.engine import engine_account
 
     _, _, result = family
     engine = Engine.load(result.engine_dirs["ort-cpu"])
     manifest = engine.manifest
     account = engine_account(manifest)
-    ref = manifest["reference_request"]
+    ref = manifest.reference_request
     h, w = engine.image_size
-    gen = engine.generate([parity_images((h, w), 0)], ref["prompt"], max_new_tokens=2)
-    assert list(account.kv_lengths) == gen.kv_lengths == ref["kv_lengths"]
+    gen = engine.generate([parity_images((h, w), 0)], ref.prompt, max_new_tokens=2)
+    assert list(account.kv_lengths) == gen.kv_lengths == ref.kv_lengths
     assert sum(account.kv_bytes) == gen.kv_bytes < sum(account.kv_bytes_vanilla)
-    grid = manifest["vision_token_grid"]
-    assert grid[0] * grid[1] == ref["vision_tokens"] == gen.vision_tokens_in
-    assert np.isclose(account.retention, manifest["retention"], atol=0.02)
+    grid = manifest.vision_token_grid
+    assert grid[0] * grid[1] == ref.vision_tokens == gen.vision_tokens_in
+    assert np.isclose(account.retention, manifest.retention, atol=0.02)
 
 
 @pytest.fixture(scope="module")

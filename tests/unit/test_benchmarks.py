@@ -8,7 +8,7 @@ from pathlib import Path
 
 from benchmarks import __main__ as bench
 from benchmarks import bench_paper
-from lightkv_export.report import PAPER_FIGURES, paper_comparison, paper_metric
+from lightkv_export.accounting.paper import PAPER_FIGURES, paper_comparison, paper_metric
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"

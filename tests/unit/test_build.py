@@ -55,7 +55,7 @@ def test_engine_kv_lengths_follow_the_schedule(builds, tiny_qwen_vl):
     cache, and the lengths the engine reports (and the manifest promises) are those."""
     result = builds("tiny-qwen-vl", 0.55)
     engine = Engine.load(result.engine_dirs["ort-cpu"])
-    images, prompt = [parity_images((336, 448), 0)], result.reference["prompt"]
+    images, prompt = [parity_images((336, 448), 0)], result.reference.prompt
     request = engine.prepare(images, prompt)
     pre = engine.prefill(request)
     shapes = [k.shape for k in pre.keys]
@@ -65,7 +65,7 @@ def test_engine_kv_lengths_follow_the_schedule(builds, tiny_qwen_vl):
     hkv, head_dim = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
     assert shapes == [(1, hkv, n, head_dim) for n in ref.kv_lengths]  # the arrays, not a bookkeeping list
     gen = engine.generate(images, prompt, max_new_tokens=4)
-    assert gen.kv_lengths == ref.kv_lengths == result.reference["kv_lengths"]
+    assert gen.kv_lengths == ref.kv_lengths == result.reference.kv_lengths
     assert gen.token_ids == ref.tokens
     # Layers up to the first stage hold the whole prompt; every stage removes tokens, and only vision tokens.
     first = result.schedule.stages[0].layer
@@ -183,9 +183,7 @@ def test_mrope_positions_match_transformers(tiny_qwen_vl):
         processed["input_ids"], mm_token_type_ids=processed["mm_token_type_ids"],
         image_grid_thw=processed["image_grid_thw"], attention_mask=processed["attention_mask"],
     )  # fmt: skip
-    spans = tiny_qwen_vl.family.vision_spans(
-        processed["input_ids"], int(tiny_qwen_vl.model.config.image_token_id), processed["image_grid_thw"], 2
-    )
+    spans = tiny_qwen_vl.family.spans(tiny_qwen_vl.processor, processed, int(tiny_qwen_vl.model.config.image_token_id))
     assert all(isinstance(s, VisionSpan) for s in spans[0]) and len(spans[0]) == 2
     got, got_delta = MROPE.host(processed["input_ids"].shape[1], spans[0])
     np.testing.assert_array_equal(got, want[:, 0].numpy())
@@ -336,17 +334,22 @@ def test_parity_failure_lists_every_failing_output_and_fails_the_build(builds, e
 
 
 def test_silent_noops_are_named():
+    from lightkv_export.artifacts import ReferenceRequest
     from lightkv_export.method.schedule import parse_schedule
     from lightkv_export.pipeline import silent_noops
 
     schedule = parse_schedule("2:2:0.5,4:2:0.7,6:1:0.5", 8)
-    merging = {"vision_tokens": 192, "kv_lengths": [240, 240, 144, 144, 96, 96, 72, 72]}
+
+    def ref(vision_tokens: int, kv_lengths: list[int]) -> ReferenceRequest:
+        return ReferenceRequest("x", kv_lengths[0], vision_tokens, kv_lengths, [], [], [])
+
+    merging = ref(192, [240, 240, 144, 144, 96, 96, 72, 72])
     (capped,) = silent_noops(schedule, merging)
     assert "4:2:0.7" in capped and "2:2:0.5" not in capped and "merge 0.5" in capped
     # Stage 4:2 removes nothing (too few tokens for 2 x 2 windows); the others do.
-    partly = {"vision_tokens": 192, "kv_lengths": [240, 240, 144, 144, 144, 144, 120, 120]}
+    partly = ref(192, [240, 240, 144, 144, 144, 144, 120, 120])
     assert "stage(s) 4:2:0.7 merge anything" in silent_noops(schedule, partly)[1]
-    tiny_image = {"vision_tokens": 1, "kv_lengths": [49] * 8}
+    tiny_image = ref(1, [49] * 8)
     assert "no stage merges anything" in silent_noops(schedule, tiny_image)[1]
     assert silent_noops(parse_schedule("2:2:0,4:2:0", 8), tiny_image) == []  # ratio 0 asks for nothing
     assert silent_noops(None, tiny_image) == []
@@ -401,7 +404,7 @@ def test_large_model_graphs_use_external_data(builds, engines_out, monkeypatch):
     on_disk = {p.relative_to(engine_dir).as_posix() for p in engine_dir.rglob("*") if p.is_file()}
     assert {n for n in on_disk if ".onnx" in n or n.startswith("processor/")} <= set(files) <= on_disk
     gen = Engine.load(engine_dir).generate([parity_images((336, 448), 0)], "Describe this image.", max_new_tokens=2)
-    assert gen.kv_lengths == result.reference["kv_lengths"]
+    assert gen.kv_lengths == result.reference.kv_lengths
 
 
 @pytest.mark.parametrize("ratio", [0.55, None])
@@ -458,7 +461,7 @@ def test_parity_fails_an_engine_whose_prefill_is_from_another_schedule(builds, t
     failing = failing_outputs(report)
     # Every layer whose length the two schedules disagree on fails (on its shape); the layers before either
     # schedule's first stage, and the vision encoder, are untouched, and the op level does not depend on the engine.
-    lengths = zip(good.reference["kv_lengths"], other.reference["kv_lengths"], strict=True)
+    lengths = zip(good.reference.kv_lengths, other.reference.kv_lengths, strict=True)
     differ = [i for i, (a, b) in enumerate(lengths) if a != b]
     first = min(good.schedule.stages[0].layer, other.schedule.stages[0].layer)
     assert differ and differ[0] == first

@@ -64,7 +64,7 @@ def test_an_export_from_a_process_with_live_sessions_finishes_with_the_same_grap
     # The worker's graph is byte for byte the one this process exports itself.
     text, head = tiny_qwen_vl.family.text_model(tiny_qwen_vl.model), tiny_qwen_vl.family.lm_head(tiny_qwen_vl.model)
     export.export_decode(
-        text, head, tmp_path / "decode.onnx", dtype=torch.float32, positions=tiny_qwen_vl.family.POSITIONS
+        text, head, tmp_path / "decode.onnx", dtype=torch.float32, positions=tiny_qwen_vl.family.positions
     )
     assert file_digest(tmp_path / "decode.onnx") == file_digest(directory / "decode.onnx") == meta["sha256"]["decode"]
 

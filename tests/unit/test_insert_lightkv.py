@@ -241,7 +241,7 @@ def tiny_export(tiny_qwen_vl, tmp_path_factory):
     loaded = tiny_qwen_vl
     path = tmp_path_factory.mktemp("tiny_export") / "prefill.onnx"
     text, head = loaded.family.text_model(loaded.model), loaded.family.lm_head(loaded.model)
-    export_prefill(text, head, path, dtype=torch.float32, positions=loaded.family.POSITIONS)
+    export_prefill(text, head, path, dtype=torch.float32, positions=loaded.family.positions)
     return onnx.load(str(path))
 
 

@@ -16,8 +16,10 @@ from PIL import Image
 from lightkv_export.errors import InputError
 from lightkv_export.models import llava, registry
 from lightkv_export.models.base import LoadedModel, VisionSpan
+from lightkv_export.models.family import FAMILIES
 from tests.helpers import state_checksum
 
+LLAVA = FAMILIES["llava"]
 SIDE = llava.TINY_IMAGE_SIZE // 14  # 16 tokens per side
 N_VIS = SIDE * SIDE  # 256 per image
 
@@ -31,10 +33,10 @@ print(hashlib.sha256(json.dumps(llava.train_llama_bpe()).encode()).hexdigest())
 @pytest.fixture(scope="module")
 def tiny_llava() -> LoadedModel:
     """The tiny preset as the registry will load it: seeded float32 weights, a borrowed spec."""
-    config, processor = llava.tiny_preset()
-    model = registry.build_seeded(llava, config, torch.float32)
+    config, processor = LLAVA.tiny_preset()
+    model = registry.build_seeded(LLAVA, config, torch.float32)
     spec = replace(registry.get_spec("tiny-qwen-vl"), key="tiny-llava", family="llava", hf_id=llava.HF_ID)
-    return LoadedModel(spec=spec, model=model, processor=processor, family=llava)
+    return LoadedModel(spec=spec, model=model, processor=processor, family=LLAVA)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +64,12 @@ def image_runs(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int, 
 def test_tiny_architecture_and_special_ids(tiny_llava):
     model, tokenizer = tiny_llava.model, tiny_llava.processor.tokenizer
     assert type(model).__name__ == "LlavaForConditionalGeneration"
-    text = llava.text_model(model)
+    text = LLAVA.text_model(model)
     assert len(text.layers) == 8 and text.config.hidden_size == 64 and text.config.head_dim == 16
     assert text.config.num_key_value_heads == 2 and text.config.vocab_size == len(tokenizer)
     assert len(llava.vision_model(model).encoder.layers) == 2
-    assert llava.lm_head(model) is model.lm_head and llava.lm_head(model).weight is not text.embed_tokens.weight
-    assert llava.spatial_merge(model) == 1
+    assert LLAVA.lm_head(model) is model.lm_head and LLAVA.lm_head(model).weight is not text.embed_tokens.weight
+    assert LLAVA.spatial_merge(model) == 1
     assert (
         model.config.image_token_index
         == tokenizer.convert_tokens_to_ids("<image>")
@@ -83,7 +85,7 @@ def test_real_configs_are_llava_1_5():
         (llava.HF_ID, 32, 4096, 32, 11008),
         (llava.HF_ID_13B, 40, 5120, 40, 13824),
     ):
-        config = llava.config_class()(**llava.real_config_dict(hf_id))
+        config = LLAVA.config_class()(**LLAVA.real_config_dict(hf_id))
         text, vision = config.text_config, config.vision_config
         assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads) == (layers, hidden, heads)
         assert (text.num_key_value_heads, text.intermediate_size, text.vocab_size) == (heads, inter, 32064)
@@ -97,16 +99,16 @@ def test_real_configs_are_llava_1_5():
         assert (vision.num_attention_heads, vision.intermediate_size, vision.projection_dim) == (16, 4096, 768)
         assert config.image_token_id == 32000 and config.vision_feature_layer == -2
         assert config.vision_feature_select_strategy == "default" and config.projector_hidden_act == "gelu"
-    assert llava.config_class()(**llava.REAL_CONFIG_13B).text_config.num_hidden_layers == 40
-    assert llava.real_config_dict()["text_config"]["num_hidden_layers"] == 32  # the default is 7b, unmutated
+    assert LLAVA.config_class()(**llava.REAL_CONFIG_13B).text_config.num_hidden_layers == 40
+    assert LLAVA.real_config_dict()["text_config"]["num_hidden_layers"] == 32  # the default is 7b, unmutated
     with pytest.raises(InputError, match=re.escape(llava.HF_ID)):
-        llava.real_config_dict("llava-hf/llava-1.5-70b-hf")
+        LLAVA.real_config_dict("llava-hf/llava-1.5-70b-hf")
 
 
 def test_tokenizer_and_weights_are_deterministic(tiny_llava):
-    config, processor = llava.tiny_preset()
+    config, processor = LLAVA.tiny_preset()
     assert processor.tokenizer.get_vocab() == tiny_llava.processor.tokenizer.get_vocab()
-    model = registry.build_seeded(llava, config, torch.float32)
+    model = registry.build_seeded(LLAVA, config, torch.float32)
     assert state_checksum(model) == state_checksum(tiny_llava.model)
     # The BPE trainer runs in Rust: the learned vocabulary must not depend on the process either.
     here = hashlib.sha256(json.dumps(llava.train_llama_bpe()).encode()).hexdigest()
@@ -115,7 +117,7 @@ def test_tokenizer_and_weights_are_deterministic(tiny_llava):
 
 
 def test_tiny_greedy_generate_runs(tiny_llava, test_image):
-    processed = llava.process(tiny_llava, [test_image], "Describe the image.")
+    processed = LLAVA.process(tiny_llava, [test_image], "Describe the image.")
     out = tiny_llava.model.generate(**processed, max_new_tokens=4, do_sample=False)
     prompt_len = processed["input_ids"].shape[1]
     assert out.shape[0] == 1 and prompt_len < out.shape[1] <= prompt_len + 4
@@ -130,7 +132,7 @@ def test_tiny_greedy_generate_runs(tiny_llava, test_image):
 def test_process_one_image(tiny_llava, test_image):
     processor = tiny_llava.processor
     image_id = tiny_llava.model.config.image_token_index
-    processed = llava.process(tiny_llava, [test_image], "What is in the picture?")
+    processed = LLAVA.process(tiny_llava, [test_image], "What is in the picture?")
     assert set(processed) == {"input_ids", "attention_mask", "pixel_values"}
     ids = processed["input_ids"]
     assert (
@@ -146,20 +148,20 @@ def test_process_one_image(tiny_llava, test_image):
     reference = processor(text=chat, images=[test_image], return_tensors="pt")
     assert torch.equal(reference["input_ids"], ids)
     assert torch.equal(reference["pixel_values"], processed["pixel_values"])
-    assert llava.spans(processor, processed, image_id) == [[VisionSpan(start=3, length=N_VIS, grid=(SIDE, SIDE))]]
+    assert LLAVA.spans(processor, processed, image_id) == [[VisionSpan(start=3, length=N_VIS, grid=(SIDE, SIDE))]]
 
 
 def test_two_images_give_two_spans_in_order(tiny_llava, test_image, other_image):
     image_id = tiny_llava.model.config.image_token_index
-    processed = llava.process(tiny_llava, [test_image, other_image], "Compare them.")
+    processed = LLAVA.process(tiny_llava, [test_image, other_image], "Compare them.")
     assert processed["pixel_values"].shape == (2, 3, 224, 224)
     runs = image_runs(processed["input_ids"][0], image_id)
     assert [length for _, length in runs] == [N_VIS, N_VIS]
-    found = llava.spans(tiny_llava.processor, processed, image_id)
+    found = LLAVA.spans(tiny_llava.processor, processed, image_id)
     assert [(s.start, s.length, s.grid) for s in found[0]] == [(start, n, (SIDE, SIDE)) for start, n in runs]
     assert found[0][1].start == found[0][0].end + 1  # one "\n" between the two images
-    vision = llava.vision_embeddings(tiny_llava, processed)
-    one = llava.vision_embeddings(tiny_llava, llava.process(tiny_llava, [other_image], "x"))
+    vision = LLAVA.vision_embeddings(tiny_llava, processed)
+    one = LLAVA.vision_embeddings(tiny_llava, LLAVA.process(tiny_llava, [other_image], "x"))
     assert vision.shape == (2 * N_VIS, 64)
     torch.testing.assert_close(vision[N_VIS:], one, rtol=0, atol=1e-6)  # images concatenated in order
     assert not torch.allclose(vision[:N_VIS], vision[N_VIS:])
@@ -169,7 +171,7 @@ def test_a_typed_placeholder_is_text_not_an_image_slot(tiny_llava, test_image):
     processor = tiny_llava.processor
     image_id = tiny_llava.model.config.image_token_index
     prompt = "Is <image> here? </s> USER: <s>"
-    processed = llava.process(tiny_llava, [test_image], prompt)
+    processed = LLAVA.process(tiny_llava, [test_image], prompt)
     ids = processed["input_ids"][0]
     assert image_runs(ids, image_id) == [(3, N_VIS)]
     special = {processor.tokenizer.bos_token_id, processor.tokenizer.eos_token_id}
@@ -187,54 +189,54 @@ def test_a_typed_placeholder_is_text_not_an_image_slot(tiny_llava, test_image):
 def test_process_rejects_bad_input(tiny_llava, test_image, images, prompt, match):
     given = {"one": [test_image], "none": [], "array": [torch.zeros(3, 8, 8)]}[images]
     with pytest.raises(InputError, match=match):
-        llava.process(tiny_llava, given, prompt)
+        LLAVA.process(tiny_llava, given, prompt)
 
 
 def test_spans_reject_runs_that_are_not_one_grid(tiny_llava, test_image):
     image_id = tiny_llava.model.config.image_token_index
-    processed = llava.process(tiny_llava, [test_image], "Describe.")
+    processed = LLAVA.process(tiny_llava, [test_image], "Describe.")
     cut = dict(processed, input_ids=processed["input_ids"].clone())
     cut["input_ids"][0, 3 + N_VIS // 2] = 5  # one run of 256 becomes 128 + 127
     with pytest.raises(InputError, match=r"image 0: 128 placeholder tokens but its grid is 16x16 \(256\)"):
-        llava.spans(tiny_llava.processor, cut, image_id)
+        LLAVA.spans(tiny_llava.processor, cut, image_id)
     two_images = dict(processed, pixel_values=processed["pixel_values"].repeat(2, 1, 1, 1))
     with pytest.raises(InputError, match="2 images but 1 placeholder runs"):
-        llava.spans(tiny_llava.processor, two_images, image_id)
+        LLAVA.spans(tiny_llava.processor, two_images, image_id)
 
 
 def test_prepare_scatters_vision_and_numbers_tokens(tiny_llava, test_image, other_image):
     image_id = tiny_llava.model.config.image_token_index
-    processed = llava.process(tiny_llava, [test_image, other_image], "Describe both.")
-    vision = llava.vision_embeddings(tiny_llava, processed)  # [512, 64]
-    inputs = llava.prepare(tiny_llava, [test_image, other_image], "Describe both.")
+    processed = LLAVA.process(tiny_llava, [test_image, other_image], "Describe both.")
+    vision = LLAVA.vision_embeddings(tiny_llava, processed)  # [512, 64]
+    inputs = LLAVA.prepare(tiny_llava, [test_image, other_image], "Describe both.")
     ids = inputs.input_ids
     assert torch.equal(ids, processed["input_ids"])
     seq = ids.shape[1]
     is_image = ids[0] == image_id
     torch.testing.assert_close(inputs.inputs_embeds[0, is_image], vision, rtol=0, atol=0)
-    text_embeds = llava.text_model(tiny_llava.model).embed_tokens(ids[:, ~is_image])
+    text_embeds = LLAVA.text_model(tiny_llava.model).embed_tokens(ids[:, ~is_image])
     torch.testing.assert_close(inputs.inputs_embeds[:, ~is_image], text_embeds, rtol=0, atol=0)
-    assert inputs.position_ids.shape == llava.POSITIONS.shape(1, seq) == (1, seq)
+    assert inputs.position_ids.shape == LLAVA.positions.shape(1, seq) == (1, seq)
     assert torch.equal(inputs.position_ids, torch.arange(seq)[None])
     assert inputs.decode_offset.tolist() == [[0]]
-    assert inputs.spans == llava.spans(tiny_llava.processor, processed, image_id)
+    assert inputs.spans == LLAVA.spans(tiny_llava.processor, processed, image_id)
     assert [s.grid for s in inputs.spans[0]] == [(SIDE, SIDE)] * 2
     left_padded = dict(processed, attention_mask=processed["attention_mask"].clone())
     left_padded["attention_mask"][0, 0] = 0
     with pytest.raises(InputError, match="right-padded"):
-        llava.embed_and_position(tiny_llava, left_padded, vision)
+        LLAVA.embed_and_position(tiny_llava, left_padded, vision)
 
 
 def test_decoder_layers_with_family_positions_reproduce_hf_logits(tiny_llava, test_image):
-    processed = llava.process(tiny_llava, [test_image], "What colour is the square?")
-    inputs = llava.prepare(tiny_llava, [test_image], "What colour is the square?")
-    text = llava.text_model(tiny_llava.model)
+    processed = LLAVA.process(tiny_llava, [test_image], "What colour is the square?")
+    inputs = LLAVA.prepare(tiny_llava, [test_image], "What colour is the square?")
+    text = LLAVA.text_model(tiny_llava.model)
     with torch.no_grad():
         hidden = inputs.inputs_embeds  # [1, S, D]
         cos_sin = text.rotary_emb(hidden, inputs.position_ids)
         for layer in text.layers:
             hidden = layer(hidden, position_embeddings=cos_sin)  # causal without a mask
-        logits = llava.lm_head(tiny_llava.model)(text.norm(hidden[:, -1:]))[:, -1]  # [1, V]
+        logits = LLAVA.lm_head(tiny_llava.model)(text.norm(hidden[:, -1:]))[:, -1]  # [1, V]
         reference = tiny_llava.model(**processed).logits[:, -1]
         # Reversed positions (a shift would not do: RoPE sees only offsets) must change the logits.
         reversed_cos_sin = text.rotary_emb(inputs.inputs_embeds, inputs.position_ids.flip(-1))
@@ -242,23 +244,23 @@ def test_decoder_layers_with_family_positions_reproduce_hf_logits(tiny_llava, te
         for layer in text.layers:
             wrong = layer(wrong, position_embeddings=reversed_cos_sin)
     torch.testing.assert_close(logits, reference, rtol=0, atol=1e-5)
-    assert (llava.lm_head(tiny_llava.model)(text.norm(wrong[:, -1:]))[:, -1] - reference).abs().max() > 1e-3
+    assert (LLAVA.lm_head(tiny_llava.model)(text.norm(wrong[:, -1:]))[:, -1] - reference).abs().max() > 1e-3
 
 
 # --- the vision graph -------------------------------------------------------------------------------------------
 
 
 def test_vision_export_is_traceable_and_equals_vision_embeddings(tiny_llava, test_image, other_image):
-    vision = llava.vision_export(tiny_llava, (224, 224), torch.float32)
+    vision = LLAVA.vision_export(tiny_llava, (224, 224), torch.float32)
     assert vision.token_grid == (SIDE, SIDE)
     assert vision.example.shape == (1, 3, 224, 224) and vision.example.dtype == torch.float32
     program = torch.export.export(vision.module, (vision.example,))
     for image in (test_image, other_image):
-        processed = llava.process(tiny_llava, [image], "Describe.")
+        processed = LLAVA.process(tiny_llava, [image], "Describe.")
         with torch.no_grad():
             out = program.module()(processed["pixel_values"])  # [256, 64]
-        torch.testing.assert_close(out, llava.vision_embeddings(tiny_llava, processed), rtol=0, atol=1e-6)
-    assert llava.vision_export(tiny_llava, (224, 224), torch.float16).example.dtype == torch.float16
+        torch.testing.assert_close(out, LLAVA.vision_embeddings(tiny_llava, processed), rtol=0, atol=1e-6)
+    assert LLAVA.vision_export(tiny_llava, (224, 224), torch.float16).example.dtype == torch.float16
     # Features come from layer -2: the graph never runs CLIP's last layer (HF's get_image_features does).
     calls = []
     last = llava.vision_model(tiny_llava.model).encoder.layers[-1]
@@ -267,25 +269,25 @@ def test_vision_export_is_traceable_and_equals_vision_embeddings(tiny_llava, tes
         with torch.no_grad():
             vision.module(vision.example)
         assert calls == []
-        llava.vision_embeddings(tiny_llava, processed)
+        LLAVA.vision_embeddings(tiny_llava, processed)
         assert calls == [1]
     finally:
         handle.remove()
 
 
 def test_check_image_size_names_the_served_size(tiny_llava):
-    llava.check_image_size(tiny_llava.processor, (224, 224))
+    LLAVA.check_image_size(tiny_llava.processor, (224, 224))
     for size in ((336, 336), (224, 448)):
         with pytest.raises(InputError, match="The size this model serves is 224x224"):
-            llava.check_image_size(tiny_llava.processor, size)
+            LLAVA.check_image_size(tiny_llava.processor, size)
     with pytest.raises(InputError, match="cannot be an engine profile"):
-        llava.vision_export(tiny_llava, (336, 336), torch.float32)
+        LLAVA.vision_export(tiny_llava, (336, 336), torch.float32)
     real = llava.build_processor(tiny_llava.processor.tokenizer, image_size=llava.REAL_IMAGE_SIZE)
-    llava.check_image_size(real, (336, 336))
+    LLAVA.check_image_size(real, (336, 336))
     with pytest.raises(InputError, match="336x336"):
-        llava.check_image_size(real, (224, 224))
+        LLAVA.check_image_size(real, (224, 224))
     with pytest.raises(InputError, match="different checkpoints"):  # a 336 processor on the 224 tower
-        llava.vision_export(replace(tiny_llava, processor=real), (336, 336), torch.float32)
+        LLAVA.vision_export(replace(tiny_llava, processor=real), (336, 336), torch.float32)
 
 
 def test_saved_processor_reloads_to_the_same_request(tiny_llava, test_image, tmp_path):
@@ -296,6 +298,6 @@ def test_saved_processor_reloads_to_the_same_request(tiny_llava, test_image, tmp
     assert type(reloaded).__name__ == "LlavaProcessor"
     again = replace(tiny_llava, processor=reloaded)
     for prompt in ("Describe the image.", "Is <image> here?"):
-        want = llava.process(tiny_llava, [test_image], prompt)
-        got = llava.process(again, [test_image], prompt)
+        want = LLAVA.process(tiny_llava, [test_image], prompt)
+        got = LLAVA.process(again, [test_image], prompt)
         assert all(torch.equal(want[k], got[k]) for k in want)

@@ -16,8 +16,11 @@ from PIL import Image
 from lightkv_export.errors import InputError, ModelNotFoundError
 from lightkv_export.models import qwen2_5_vl, qwen2_vl, registry, tiny
 from lightkv_export.models.base import LoadedModel
+from lightkv_export.models.family import FAMILIES
 from lightkv_export.models.registry import get_spec, load_model
 from tests.helpers import state_checksum
+
+QWEN2_VL, QWEN25_VL = FAMILIES["qwen2_vl"], FAMILIES["qwen2_5_vl"]
 
 CHECKSUM_SNIPPET = """
 import hashlib, sys
@@ -66,14 +69,13 @@ def test_tiny_windows_fit_default_image():
             tokens -= tokens // 2  # at most half merged away per stage
 
 
-@pytest.mark.parametrize("family", [qwen2_vl, qwen2_5_vl])
+@pytest.mark.parametrize("family", [QWEN2_VL, QWEN25_VL], ids=str)
 def test_real_hyperparameters_are_coherent(family):
     """The hard-coded real configs build (config only) and their M-RoPE sections cover half the head dim."""
     config = family.config_class()(**family.real_config_dict())
     text = config.get_text_config()
     assert text.num_hidden_layers == 28
-    head_dim = text.hidden_size // text.num_attention_heads
-    assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+    assert sum(text.rope_parameters["mrope_section"]) == family.arch(config).head_dim // 2
     assert config.vision_config.depth == 32
     out_width = getattr(config.vision_config, "out_hidden_size", config.vision_config.hidden_size)
     assert out_width == text.hidden_size  # vision embeddings land in the LLM's width
@@ -207,8 +209,8 @@ def test_prepare_two_images(tiny_model, test_image):
 
 def test_process_needs_only_the_processor(tiny_qwen2_vl, test_image):
     """Engines run the processor with no torch model loaded: process() must not touch loaded.model."""
-    host = LoadedModel(spec=None, model=None, processor=tiny_qwen2_vl.processor, family=qwen2_vl)
-    processed = qwen2_vl.process(host, [test_image], "Describe this image.")
+    host = LoadedModel(spec=None, model=None, processor=tiny_qwen2_vl.processor, family=QWEN2_VL)
+    processed = QWEN2_VL.process(host, [test_image], "Describe this image.")
     assert processed["input_ids"].device.type == "cpu"
     spans = qwen2_vl.vision_spans(
         processed["input_ids"], tiny_qwen2_vl.model.config.image_token_id, processed["image_grid_thw"], 2
@@ -262,7 +264,7 @@ def assert_same_model(loaded, reference, image):
 def test_load_local_directory(tiny_qwen2_vl, test_image, tmp_path):
     path = save_checkpoint(tiny_qwen2_vl, tmp_path / "ckpt")
     loaded = load_model(str(path))
-    assert loaded.family is qwen2_vl
+    assert loaded.family is QWEN2_VL
     assert loaded.spec.key == str(path) and loaded.spec.family == "qwen2_vl"
     # Engines go to OUT/ckpt-<hash of the path>/..., never into the checkpoint itself, and never where another
     # folder named ckpt builds.
@@ -283,7 +285,7 @@ def test_load_from_hf_cache_layout(tiny_qwen_vl, test_image, tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     loaded = load_model("qwen-vl")
     assert loaded.spec == get_spec("qwen-vl")
-    assert loaded.family is qwen2_5_vl
+    assert loaded.family is QWEN25_VL
     assert_same_model(loaded, tiny_qwen_vl, test_image)
 
 
@@ -302,7 +304,7 @@ def test_unregistered_hub_id_loads_from_the_cache_by_its_model_type(tiny_qwen2_v
     save_to_hub_cache(tiny_qwen2_vl, tmp_path / "hub", "someone/Qwen2-VL-finetune")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     loaded = load_model("someone/Qwen2-VL-finetune")
-    assert loaded.family is qwen2_vl
+    assert loaded.family is QWEN2_VL
     assert loaded.spec.key == "someone/Qwen2-VL-finetune" and loaded.spec.family == "qwen2_vl"
     assert loaded.spec.dir_name == "someone--Qwen2-VL-finetune"
     assert loaded.spec.default_windows == get_spec("tiny-qwen2-vl").default_windows  # tiny-shaped checkpoint
@@ -348,14 +350,14 @@ def test_local_directory_errors(tiny_qwen2_vl, tmp_path):
 
 def test_random_weights_from_local_config(test_image, tmp_path):
     """--random-weights with only a config.json on disk: real vocabulary and M-RoPE, reduced depth and width."""
-    cfg = qwen2_5_vl.real_config_dict()
+    cfg = QWEN25_VL.real_config_dict()
     cfg["text_config"].update(num_hidden_layers=2, hidden_size=128, intermediate_size=256, num_attention_heads=4)
     cfg["text_config"]["num_key_value_heads"] = 2
     cfg["text_config"]["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]}
     cfg["vision_config"].update(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=128)
-    qwen2_5_vl.config_class()(**cfg).save_pretrained(tmp_path)
+    QWEN25_VL.config_class()(**cfg).save_pretrained(tmp_path)
     loaded = load_model(str(tmp_path), random_weights=True)
-    assert loaded.family is qwen2_5_vl
+    assert loaded.family is QWEN25_VL
     text = loaded.family.text_model(loaded.model)
     assert len(text.layers) == 2 and text.config.vocab_size == 152064
     assert loaded.model.config.image_token_id == loaded.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")

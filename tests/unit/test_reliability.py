@@ -6,6 +6,7 @@ mount one, and a patched writer otherwise. Every build here reuses the session's
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -201,7 +202,7 @@ def test_an_engine_that_fails_its_check_request_is_not_promoted(engine_055, engi
 
     def planned_wrong(*args, **kwargs):
         ref = real(*args, **kwargs)
-        return {**ref, "kv_lengths": [n + 1 for n in ref["kv_lengths"]]}
+        return dataclasses.replace(ref, kv_lengths=[n + 1 for n in ref.kv_lengths])
 
     monkeypatch.setattr(pipeline, "reference_request", planned_wrong)
     before = snapshot(engine_055)

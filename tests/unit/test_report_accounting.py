@@ -1,235 +1,54 @@
-"""Accounting: KV bytes, Eq. 9 retention, FLOPs, model shapes, the planner and the paper's figures."""
+"""A built engine's accounting (accounting.engine) and its report.md section (lightkv_export/report)."""
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 
 import pytest
-import torch
 
+from lightkv_export.artifacts import Manifest, ReferenceRequest
 from lightkv_export.errors import InputError
-from lightkv_export.method.reference import lightkv_merge
-from lightkv_export.method.schedule import Schedule, Stage, parse_schedule, solve
-from lightkv_export.models.shapes import SHAPES, get_shape, image_grids, qwen_smart_resize, vision_tokens
-from lightkv_export.report import (
-    GB,
-    GIB,
-    PAPER_FIGURES,
-    PAPER_SCHEDULES,
-    FlopConvention,
-    TokenLayout,
-    analytic_kv_bytes_per_layer,
-    decode_flops,
-    fit_text_tokens,
-    kv_bytes_per_layer,
-    layer_flops,
-    paper_metric,
-    parse_memory,
-    plan_request,
-    prefill_flops,
-    request_layout,
-    trace_schedule,
-)
-
-# hidden 8, 2 heads of 4, 1 KV head, MLP 16, vocab 10: small enough to count by hand
-TOY = dataclasses.replace(
-    get_shape("llava"), key="toy", num_layers=4, hidden=8, heads=2, kv_heads=1, intermediate=16, vocab=10
-)
-
-
-def test_kv_bytes_from_shapes():
-    # K and V: 2 * B * Hkv * S * d * bytes
-    assert kv_bytes_per_layer([(1, 4, 10, 8), (2, 2, 3, 16)], 2) == [2 * 320 * 2, 2 * 192 * 2]
-    assert kv_bytes_per_layer([], 2) == []
-    with pytest.raises(InputError, match="not \\[B, Hkv, S, d\\]"):
-        kv_bytes_per_layer([(1, 4, 10)], 2)
-
-
-def test_layer_flops_by_hand():
-    f = layer_flops(TOY, 3)
-    assert f["qkvo"] == 2 * 3 * 8 * (8 + 4 + 4 + 8)  # Q, K, V (one KV head of 4), O
-    assert f["attention"] == 2 * (2 * 3 * 3 * 4) * 2  # QK^T and PV, 9 pairs, 2 heads of 4
-    assert f["mlp"] == 2 * 3 * 3 * 8 * 16
-    assert layer_flops(TOY, 3, causal=True)["attention"] == 2 * (2 * 6 * 4) * 2  # 6 = 3 * 4 / 2 pairs
-    assert layer_flops(TOY, 1, 5, causal=True)["attention"] == layer_flops(TOY, 1, 5)["attention"]
-
-
-def test_prefill_flops_sum_layers_at_their_length():
-    layout = TokenLayout(2, ((4, 4),), 3)  # 16 vision + 5 text
-    schedule = Schedule(4, (Stage(2, 1, 0.5),))
-    trace = trace_schedule(schedule, layout, 4)
-    assert trace.seq_per_layer == (21, 21, 13, 13)
-    flops = prefill_flops(TOY, trace, FlopConvention(lm_head="all"))
-    expect = sum(sum(layer_flops(TOY, s).values()) for s in (21, 21, 13, 13))
-    assert flops["qkvo"] + flops["attention"] + flops["mlp"] == expect
-    assert flops["lm_head"] == 2 * 13 * 8 * 10
-    assert flops["guidance"] == 2 * 21 * 5 * 2 * 4  # S x T logits, 2 heads of 4
-    assert flops["merge"] == 2 * 8 * 8 * 8  # one window: 8 A x 8 B tokens x D
-
-
-def test_decode_flops_closed_form_matches_step_by_step():
-    trace = trace_schedule(Schedule(4, (Stage(2, 1, 0.5),)), TokenLayout(2, ((4, 4),), 3), 4)
-    steps = sum(sum(layer_flops(TOY, 1, s + t + 1).values()) for t in range(7) for s in trace.seq_per_layer) + 7 * (
-        2 * 8 * 10
-    )
-    assert decode_flops(TOY, trace, 7) == steps
-
-
-def test_retention_equals_eq9_when_windows_divide_evenly():
-    schedule = Schedule(4, (Stage(1, 1, 0.5), Stage(2, 1, 0.5)))
-    trace = trace_schedule(schedule, TokenLayout(0, ((8, 8),), 10), 4)
-    assert trace.vision_per_layer == (64, 32, 16, 16)
-    assert trace.retention == pytest.approx(schedule.retention) == pytest.approx(0.5)
-
-
-def test_trace_matches_the_reference_merge():
-    """The analytic trace (plans only) counts the survivors the real op keeps, stage by stage."""
-    schedule = parse_schedule("12:4:0.5,18:2:0.5,24:1:0.5", 32)
-    layout = TokenLayout(5, ((24, 24),), 30)
-    trace = trace_schedule(schedule, layout, 32)
-    hidden = torch.randn(1, layout.seq_len, 16, generator=torch.Generator().manual_seed(0))  # [1, S, D]
-    spans, seen = [list(layout.spans())], []
-    for st in schedule.stages:
-        out = lightkv_merge(hidden, torch.rand(hidden.shape[:2]), spans, windows=st.windows, ratio=st.ratio)
-        hidden, spans = out.hidden, [list(out.spans[0])]
-        seen.append(hidden.shape[1])
-    assert [st.seq_out for st in trace.stages] == seen
-    assert abs(trace.retention - schedule.retention) < 0.01  # floors of odd windows keep a few more
-    assert trace.retention >= schedule.retention
-
-
-def test_analytic_kv_llava_7b_vanilla_fp16():
-    shape = get_shape("llava")
-    trace = trace_schedule(None, request_layout(shape, 336, 336, 64), shape.num_layers)
-    per_layer = analytic_kv_bytes_per_layer(shape, trace, 2)
-    assert per_layer == [(576 + 64) * 2 * 4096 * 2] * 32  # 32 MHA heads x 128 = 4096 per K and per V
-    assert sum(per_layer) == 335_544_320  # 0.3125 GiB
-
-
-@pytest.mark.parametrize(
-    ("key", "size", "grids"),
-    [
-        ("qwen-vl", (768, 1024), [(27, 37)]),  # 756 x 1036 after smart resize
-        ("qwen2-vl", (28, 28), [(2, 2)]),  # scaled up to the 56 x 56 minimum
-        ("llava", (480, 640), [(24, 24)]),
-        ("llava-next", (480, 720), [(24, 24), (32, 49)]),  # 2144: 576 + 32 rows of 48 + newline
-        ("llava-next", (480, 640), [(24, 24), (36, 49)]),
-        ("llava-next", (672, 672), [(24, 24), (48, 49)]),
-        ("llava-next", (1000, 300), [(24, 24), (72, 23)]),  # 1008 x 336 canvas, portrait: columns unpadded
-    ],
-)
-def test_vision_tokens(key, size, grids):
-    assert image_grids(get_shape(key), *size) == grids
-
-
-def test_qwen_resize_caps_pixels():
-    h, w = qwen_smart_resize(6000, 8000)
-    assert h % 28 == 0 and w % 28 == 0 and h * w <= 12845056
-    assert vision_tokens(get_shape("qwen-vl"), 6000, 8000) == (h // 28) * (w // 28)
-
-
-def test_model_shapes_match_published_sizes():
-    assert get_shape("qwen-vl").language_params() == 7_615_616_512  # Qwen2.5-7B
-    assert get_shape("qwen2-vl").language_params() == 1_543_714_304  # Qwen2-1.5B, tied embeddings
-    assert get_shape("llava").params() / 1e9 == pytest.approx(7.06, abs=0.01)
-    assert get_shape("llava-next-13b").params() / 1e9 == pytest.approx(13.35, abs=0.01)
-    assert get_shape("LLaVA-1.5-13B") is SHAPES["llava-13b"]
-    with pytest.raises(InputError, match="known models: qwen-vl"):
-        get_shape("gpt-4")
-
-
-def test_parse_memory():
-    assert parse_memory("80GB") == 80 * GB
-    assert parse_memory("79.5 GiB") == int(79.5 * GIB)
-    assert parse_memory("24000MiB") == 24000 * 2**20
-    for bad in ("", "lots", "80 parsecs", "-1GB"):
-        with pytest.raises(InputError):
-            parse_memory(bad)
-
-
-def test_plan_request_llava():
-    shape = get_shape("llava")
-    schedule = solve(32, 0.55, shape.default_windows)
-    plan = plan_request(shape, schedule, request_layout(shape, 336, 336, 64), gpu_memory=80 * GB, gen_tokens=100)
-    per_token = 32 * 2 * 4096 * 2
-    assert plan.vanilla.kv_prefill_bytes == 640 * per_token
-    assert plan.vanilla.kv_request_bytes == 740 * per_token
-    assert plan.vanilla.max_concurrent == (80 * GB - shape.weight_bytes(2)) // (740 * per_token)
-    assert abs(plan.lightkv.retention - 0.55) < 0.015
-    assert plan.lightkv.kv_prefill_bytes < plan.vanilla.kv_prefill_bytes
-    assert plan.lightkv.max_concurrent > plan.vanilla.max_concurrent
-    light_kv = sum(s + 100 for s in plan.lightkv.trace.seq_per_layer) * 2 * 4096 * 2
-    assert plan.lightkv.kv_request_bytes == light_kv
-    with pytest.raises(InputError, match="weights take"):
-        plan_request(shape, schedule, request_layout(shape, 336, 336, 64), gpu_memory=10 * GB)
-
-
-# The paper's figures: KV reproduced to the printed precision, FLOPs vanilla reproduced, LightKV FLOPs within 10%.
-def _figure(metric, model):
-    return next(f for f in PAPER_FIGURES if f.metric == metric and f.model == model)
-
-
-@pytest.mark.parametrize("model", ["llava-next-13b", "llava-13b"])
-def test_paper_kv_figures_reproduced(model):
-    fig = _figure("kv_gib", model)
-    schedule = parse_schedule(PAPER_SCHEDULES[40], 40)
-    vanilla, light = paper_metric(fig, schedule, 148)  # 148 text tokens in the cache (e.g. 48 prompt + 100 out)
-    assert (round(vanilla, 2), round(light, 2)) == (fig.vanilla, fig.lightkv)
-    # The 32-layer schedule applied unchanged to 40 layers keeps too little (retention 0.46): not the paper's.
-    _, light_32 = paper_metric(fig, parse_schedule(PAPER_SCHEDULES[32], 40), 148)
-    assert round(light_32, 2) != fig.lightkv
-
-
-@pytest.mark.parametrize(("model", "tolerance"), [("llava-next-13b", 0.07), ("llava-next", 0.09)])
-def test_paper_flops_figures(model, tolerance):
-    fig = _figure("tflops", model)
-    depth = get_shape(model).num_layers
-    schedule = parse_schedule(PAPER_SCHEDULES[depth], depth)
-    fits = fit_text_tokens(fig, schedule, search=range(100, 260))
-    assert fits, "no prompt length reproduces the paper's vanilla FLOPs"
-    vanilla, light = paper_metric(fig, schedule, fits[len(fits) // 2])
-    assert round(vanilla, 1) == fig.vanilla
-    assert light == pytest.approx(fig.lightkv, rel=tolerance)  # not reproduced exactly: see the README section
-
+from tests.helpers import make_manifest
 
 # ---------------------------------------------------------------- a built engine's accounting (report.md)
 
-# TOY's decoder, one 4x4-token image + 4 text tokens, one stage after layer 2 merging half
-# of its single window: 16 -> 8 vision tokens. As pipeline.reference_request writes it for that schedule.
-TOY_MANIFEST = {
-    "model": "toy",
-    "vanilla": False,
-    "schedule": "2:1:0.5",
-    "retention": 0.75,
-    "grid_mode": "true",
-    "vision_token_grid": [4, 4],
-    "dtype": "float32",
-    "num_layers": 4,
-    "hidden_size": 8,
-    "num_attention_heads": 2,
-    "num_kv_heads": 1,
-    "head_dim": 4,
-    "intermediate_size": 16,
-    "vocab_size": 10,
-    "reference_request": {
-        "prompt": "x",
-        "seq_len": 20,
-        "vision_tokens": 16,
-        "kv_lengths": [20, 20, 12, 12],
-        "vision_tokens_per_layer": [16, 16, 8, 8],
-        "kv_bytes_per_layer": [640, 640, 384, 384],
-        "kv_bytes_vanilla_per_layer": [640] * 4,
-    },
-}
+# test_accounting.TOY's decoder (hidden 8, 2 heads of 4, 1 KV head, MLP 16, vocab 10), one 4x4-token image
+# + 4 text tokens, one stage after layer 2 merging half of its single window: 16 -> 8 vision tokens. As
+# pipeline.reference_request writes it for that schedule.
+TOY_MANIFEST = make_manifest(
+    model="toy",
+    vanilla=False,
+    schedule="2:1:0.5",
+    retention=0.75,
+    grid_mode="true",
+    vision_token_grid=[4, 4],
+    dtype="float32",
+    num_layers=4,
+    hidden_size=8,
+    num_attention_heads=2,
+    num_kv_heads=1,
+    head_dim=4,
+    intermediate_size=16,
+    vocab_size=10,
+    reference_request=ReferenceRequest(
+        prompt="x",
+        seq_len=20,
+        vision_tokens=16,
+        kv_lengths=[20, 20, 12, 12],
+        vision_tokens_per_layer=[16, 16, 8, 8],
+        kv_bytes_per_layer=[640, 640, 384, 384],
+        kv_bytes_vanilla_per_layer=[640] * 4,
+    ),
+)
 
 
 def test_engine_account_by_hand():
-    from lightkv_export.report import engine_account
+    from lightkv_export.accounting.engine import engine_account
 
     acc = engine_account(TOY_MANIFEST)
     # K + V, 1 KV head x 4, fp32: 32 bytes per token per layer
     assert acc.kv_bytes_vanilla == (640,) * 4 and acc.kv_bytes == (640, 640, 384, 384)
-    assert acc.kv_bytes == tuple(TOY_MANIFEST["reference_request"]["kv_bytes_per_layer"])
+    assert acc.kv_bytes == tuple(TOY_MANIFEST.reference_request.kv_bytes_per_layer)
     assert acc.retention == (16 + 16 + 8 + 8) / (4 * 16)
     # per layer at S tokens: qkvo 2*S*8*(16 + 8) = 384 S, attention 2*2*S*S*8 = 32 S^2, MLP 2*S*3*8*16 = 768 S
     at_20, at_12 = 384 * 20 + 32 * 400 + 768 * 20, 384 * 12 + 32 * 144 + 768 * 12  # 35840, 18432
@@ -244,48 +63,60 @@ def test_engine_account_by_hand():
 
 def test_engine_account_retention_is_achieved_not_nominal():
     """The tiny build's numbers: nominal 0.546875 (per-stage ratios), achieved 844 / 1536 (per-window floors)."""
-    from lightkv_export.report import engine_account
+    from lightkv_export.accounting.engine import engine_account
 
-    tiny = dict(TOY_MANIFEST, num_layers=8, retention=0.546875, schedule="3:2:0.5,4:2:0.5,7:1:0.5")
-    tiny |= {"hidden_size": 64, "num_attention_heads": 4, "num_kv_heads": 2, "head_dim": 16}
-    tiny["vision_token_grid"] = [12, 16]
     lengths = [240, 240, 240, 144, 97, 97, 97, 73]
-    tiny["reference_request"] = {
-        "seq_len": 240,
-        "vision_tokens": 192,
-        "kv_lengths": lengths,
-        "vision_tokens_per_layer": [n - 48 for n in lengths],
-        "kv_bytes_per_layer": [n * 256 for n in lengths],
-        "kv_bytes_vanilla_per_layer": [240 * 256] * 8,
-    }
+    reference = ReferenceRequest(
+        prompt="x",
+        seq_len=240,
+        vision_tokens=192,
+        kv_lengths=lengths,
+        vision_tokens_per_layer=[n - 48 for n in lengths],
+        kv_bytes_per_layer=[n * 256 for n in lengths],
+        kv_bytes_vanilla_per_layer=[240 * 256] * 8,
+    )
+    tiny = replace(
+        TOY_MANIFEST, num_layers=8, retention=0.546875, schedule="3:2:0.5,4:2:0.5,7:1:0.5", hidden_size=64,
+        num_attention_heads=4, num_kv_heads=2, head_dim=16, vision_token_grid=[12, 16], reference_request=reference,
+    )  # fmt: skip
     acc = engine_account(tiny)
     assert acc.nominal_retention == 0.546875 and acc.retention == 844 / 1536
-    assert acc.kv_bytes == tuple(tiny["reference_request"]["kv_bytes_per_layer"]) and acc.plan_matches
+    assert acc.kv_bytes == tuple(reference.kv_bytes_per_layer) and acc.plan_matches
 
 
-def test_engine_account_needs_the_decoder_sizes():
-    from lightkv_export.report import engine_account
+def test_a_manifest_without_the_decoder_sizes_is_refused_when_read():
+    old = {k: v for k, v in TOY_MANIFEST.to_json().items() if k not in ("intermediate_size", "vocab_size")}
+    with pytest.raises(InputError, match=r"lacks intermediate_size, vocab_size\. .* rebuild"):
+        Manifest.from_json(old)
+    with pytest.raises(InputError, match=r"num_layers is '4', expected int"):
+        Manifest.from_json({**TOY_MANIFEST.to_json(), "num_layers": "4"})
+    assert Manifest.from_json(TOY_MANIFEST.to_json()) == TOY_MANIFEST  # the JSON round trip is exact
 
-    old = {k: v for k, v in TOY_MANIFEST.items() if k not in ("intermediate_size", "vocab_size")}
-    with pytest.raises(InputError, match=r"lacks intermediate_size, vocab_size .* rebuild"):
-        engine_account(old)
-    with pytest.raises(InputError, match="head_dim 5 is not hidden_size / num_attention_heads"):
-        engine_account(dict(TOY_MANIFEST, head_dim=5))
+
+def test_flops_count_q_and_o_at_heads_times_head_dim():
+    """A config whose head_dim is not hidden / heads (2 heads of 5 on hidden 8): Q and O are 8 x 10 matrices."""
+    from lightkv_export.accounting.engine import engine_account
+
+    wide = replace(TOY_MANIFEST, head_dim=5)
+    # per layer at S tokens: qkvo 2*S*8*(2*10 + 2*5) = 480 S, attention 2*2*S*S*10 = 40 S^2, MLP 768 S
+    at_20 = 480 * 20 + 40 * 400 + 768 * 20
+    assert engine_account(wide).flops_total_vanilla == 4 * at_20 + 2 * 8 * 10
 
 
 def test_accounting_section_written_once_before_the_pictures(tmp_path):
     import json
 
     from lightkv_export import report
+    from lightkv_export.report.markdown import ACCOUNTING_HEADING
 
-    (tmp_path / "manifest.json").write_text(json.dumps(TOY_MANIFEST))
+    (tmp_path / "manifest.json").write_text(json.dumps(TOY_MANIFEST.to_json()))
     (tmp_path / "report.md").write_text("# Parity report\n\n## model\n\n| a |\n\n## Pictures\n\n![x](p.png)\n")
     report.write_accounting(tmp_path)
     first = (tmp_path / "report.md").read_text()
     report.write_accounting(tmp_path)  # again: the same report
     text = (tmp_path / "report.md").read_text()
-    assert text == first and text.count(report.ACCOUNTING_HEADING) == 1
-    assert text.index("## model") < text.index(report.ACCOUNTING_HEADING) < text.index("## Pictures")
+    assert text == first and text.count(ACCOUNTING_HEADING) == 1
+    assert text.index("## model") < text.index(ACCOUNTING_HEADING) < text.index("## Pictures")
     assert "| KV cache after prefill, bytes | 2,560 | 2,048 | -20.0% |" in text
     assert "| vision-token KV kept (Eq. 9, achieved) | 100.0% | 75.00% |" in text
     assert "| 3 | 20 | 12 | 8 / 16 | 640 | 384 |" in text
@@ -293,7 +124,7 @@ def test_accounting_section_written_once_before_the_pictures(tmp_path):
 
 
 def test_upsert_section_replaces_appends_and_inserts():
-    from lightkv_export.report import upsert_section
+    from lightkv_export.report.markdown import upsert_section
 
     assert upsert_section("# T\n", "## A", "## A\n\n1") == "# T\n\n## A\n\n1\n"
     two = "# T\n\n## A\n\nold\n\n## B\n\nb\n"

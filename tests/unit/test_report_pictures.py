@@ -1,4 +1,4 @@
-"""Pictures of a build (lightkv_export/report.py): the files are made and what they plot is the run's data.
+"""Pictures of a build (lightkv_export/report): the files are made and what they plot is the run's data.
 
 No pixel goldens: each picture's plotted arrays come back as a dataclass and are checked against the manifest,
 the analytic accounting, the ONNX engine's own outputs and an independent PyTorch reference run.
@@ -14,12 +14,33 @@ import pytest
 import torch
 from PIL import Image
 
-from lightkv_export import report, torch_runtime
+from lightkv_export import torch_runtime
+from lightkv_export.accounting.trace import TokenLayout, trace_schedule
+from lightkv_export.accounting.units import dtype_bytes
+from lightkv_export.artifacts import Manifest, read_manifest
 from lightkv_export.config import BuildConfig
+from lightkv_export.errors import InputError
 from lightkv_export.inputs import parity_images, torch_inputs
+from lightkv_export.kv import kv_bytes_per_layer
 from lightkv_export.method.reference import lightkv_merge, plan_stage, window_layout
 from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.base import VisionSpan
+from lightkv_export.report import cli
+from lightkv_export.report.markdown import PICTURES_HEADING
+from lightkv_export.report.pictures import (
+    DEFAULT_PROMPT,
+    GUIDANCE_PNG,
+    KV_PNG,
+    MERGE_PNG,
+    PICTURES_DIR,
+    VISION_PNG,
+    colour_groups,
+    kv_picture_data,
+    vision_picture_data,
+    write_build_pictures,
+    write_layer_pictures,
+)
+from lightkv_export.report.request import guidance_values, merge_stages, request_pictures
 from lightkv_export.runtime import Engine
 
 
@@ -34,8 +55,8 @@ def engines(tmp_path_factory) -> dict[str, Path]:
     return {"lightkv": light.engine_dirs["ort-cpu"], "vanilla": vanilla.engine_dirs["ort-cpu"]}
 
 
-def manifest_of(engine_dir: Path) -> dict:
-    return json.loads((engine_dir / "manifest.json").read_text())
+def manifest_of(engine_dir: Path) -> Manifest:
+    return read_manifest(engine_dir)
 
 
 # Pictures 1 and 2 of an 8-layer engine: 6.5 x 4.6 inches at 110 dpi.
@@ -102,35 +123,35 @@ def test_build_pictures_are_written_linked_once_and_plot_the_manifest(engines, t
     engine_dir = engines["lightkv"]
     manifest = manifest_of(engine_dir)
     (engine_dir / "report.md").write_text("# Parity report: x\n\n**parity PASS**\n")
-    paths = report.write_build_pictures(engine_dir)
-    assert [p.name for p in paths] == [report.VISION_PNG, report.KV_PNG]
+    paths = write_build_pictures(engine_dir)
+    assert [p.name for p in paths] == [VISION_PNG, KV_PNG]
     for p in paths:
-        assert p.parent == engine_dir / report.PICTURES_DIR
+        assert p.parent == engine_dir / PICTURES_DIR
         assert_png(p, LAYER_PICTURE_SIZE)
     # The vanilla engine's pictures of the same model differ: they plot other per-layer series.
-    vanilla = report.write_layer_pictures(manifest_of(engines["vanilla"]), tmp_path / "vanilla")
+    vanilla = write_layer_pictures(manifest_of(engines["vanilla"]), tmp_path / "vanilla")
     assert_differ(paths[0], vanilla[0].path)
     assert_differ(paths[1], vanilla[1].path)
-    report.write_build_pictures(engine_dir)  # again: no second section
+    write_build_pictures(engine_dir)  # again: no second section
     text = (engine_dir / "report.md").read_text()
     assert text.startswith("# Parity report: x\n\n**parity PASS**")
-    assert text.count(report.PICTURES_HEADING) == 1
-    assert f"({report.PICTURES_DIR}/{report.VISION_PNG})" in text and f"({report.PICTURES_DIR}/{report.KV_PNG})" in text
+    assert text.count(PICTURES_HEADING) == 1
+    assert f"({PICTURES_DIR}/{VISION_PNG})" in text and f"({PICTURES_DIR}/{KV_PNG})" in text
 
     # The plotted series against the analytic accounting, traced from the schedule on the reference layout.
-    ref = manifest["reference_request"]
-    layers = manifest["num_layers"]
-    grid = tuple(manifest["vision_token_grid"])
-    layout = report.TokenLayout(0, (grid,), ref["seq_len"] - ref["vision_tokens"])
-    trace = report.trace_schedule(parse_schedule(manifest["schedule"], layers), layout, layers)
-    vision = report.vision_picture_data(manifest, tmp_path / "v.png")
+    ref = manifest.reference_request
+    layers = manifest.num_layers
+    grid = tuple(manifest.vision_token_grid)
+    layout = TokenLayout(0, (grid,), ref.seq_len - ref.vision_tokens)
+    trace = trace_schedule(parse_schedule(manifest.schedule, layers), layout, layers)
+    vision = vision_picture_data(manifest, tmp_path / "v.png")
     assert vision.lightkv == trace.vision_per_layer
     assert vision.vanilla == (layout.vision,) * layers
-    assert vision.stage_layers == tuple(s.layer for s in parse_schedule(manifest["schedule"], layers).stages)
-    hkv, d, nbytes = manifest["num_kv_heads"], manifest["head_dim"], report.dtype_bytes(manifest["dtype"])
-    kv = report.kv_picture_data(manifest, tmp_path / "k.png")
-    assert list(kv.lightkv) == report.kv_bytes_per_layer([(1, hkv, s, d) for s in trace.seq_per_layer], nbytes)
-    assert kv.vanilla == (report.kv_bytes_per_layer([(1, hkv, layout.seq_len, d)], nbytes)[0],) * layers
+    assert vision.stage_layers == tuple(s.layer for s in parse_schedule(manifest.schedule, layers).stages)
+    hkv, d, nbytes = manifest.num_kv_heads, manifest.head_dim, dtype_bytes(manifest.dtype)
+    kv = kv_picture_data(manifest, tmp_path / "k.png")
+    assert list(kv.lightkv) == kv_bytes_per_layer([(1, hkv, s, d) for s in trace.seq_per_layer], nbytes)
+    assert kv.vanilla == (kv_bytes_per_layer([(1, hkv, layout.seq_len, d)], nbytes)[0],) * layers
     assert sum(kv.lightkv) < sum(kv.vanilla)
 
 
@@ -138,19 +159,19 @@ def test_build_pictures_create_a_report_when_there_is_none(tmp_path, engines):
     engine_dir = tmp_path / "engine"
     engine_dir.mkdir()
     (engine_dir / "manifest.json").write_text((engines["vanilla"] / "manifest.json").read_text())
-    report.write_build_pictures(engine_dir)
+    write_build_pictures(engine_dir)
     text = (engine_dir / "report.md").read_text()
-    assert text.startswith("# Report:") and report.PICTURES_HEADING in text
-    vision = report.vision_picture_data(manifest_of(engine_dir), tmp_path / "v.png")
+    assert text.startswith("# Report:") and PICTURES_HEADING in text
+    vision = vision_picture_data(manifest_of(engine_dir), tmp_path / "v.png")
     assert vision.lightkv == vision.vanilla and vision.stage_layers == ()
 
 
 def test_manifest_without_accounting_is_a_clear_error(tmp_path, engines):
-    manifest = manifest_of(engines["lightkv"])
+    manifest = json.loads((engines["lightkv"] / "manifest.json").read_text())
     del manifest["reference_request"]["kv_bytes_per_layer"]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(report.InputError, match="rebuild the engine"):
-        report.write_build_pictures(tmp_path)
+    with pytest.raises(InputError, match="rebuild the engine"):
+        write_build_pictures(tmp_path)
 
 
 # --- pictures 3 and 4: from a PyTorch reference run ----------------------------------------------------------
@@ -159,13 +180,13 @@ def test_manifest_without_accounting_is_a_clear_error(tmp_path, engines):
 def test_merge_map_and_guidance_match_the_run(engines, tmp_path, tiny_qwen_vl):
     engine_dir = engines["lightkv"]
     manifest = manifest_of(engine_dir)
-    pics = report.request_pictures(engine_dir, tmp_path, loaded=tiny_qwen_vl)
+    pics = request_pictures(engine_dir, tmp_path, loaded=tiny_qwen_vl)
     assert len(pics.paths()) == 4
     for p in pics.paths()[:2]:
         assert_png(p, LAYER_PICTURE_SIZE)
     # Another image, same prompt: the layer pictures are the same, the merge map and guidance are not.
-    other = report.request_pictures(
-        engine_dir, tmp_path / "other", parity_images(tuple(manifest["image_size"]), 9), loaded=tiny_qwen_vl
+    other = request_pictures(
+        engine_dir, tmp_path / "other", parity_images(tuple(manifest.image_size), 9), loaded=tiny_qwen_vl
     )
     assert [p.name for p in other.paths()] == [p.name for p in pics.paths()]
     for mine, theirs in zip(pics.paths()[:2], other.paths()[:2], strict=True):
@@ -175,7 +196,7 @@ def test_merge_map_and_guidance_match_the_run(engines, tmp_path, tiny_qwen_vl):
 
     # An independent run on the same inputs: the engine's prepare, the ONNX prefill and the PyTorch reference.
     engine = Engine.load(engine_dir)
-    request = engine.prepare([parity_images(tuple(manifest["image_size"]), 0)], report.DEFAULT_PROMPT)
+    request = engine.prepare([parity_images(tuple(manifest.image_size), 0)], DEFAULT_PROMPT)
     run = torch_runtime.prefill(tiny_qwen_vl, torch_inputs(request), engine.schedule)
     onnx = engine.prefill(request)  # kept: per stage [1, S'_k]
     onnx_kept = onnx.kept
@@ -218,14 +239,14 @@ def test_merge_map_and_guidance_match_the_run(engines, tmp_path, tiny_qwen_vl):
 
     # The default request is the manifest's reference request: the measured KV bytes are the promised ones,
     # and also what the ONNX engine held.
-    assert list(pics.kv.measured) == manifest["reference_request"]["kv_bytes_per_layer"]
+    assert list(pics.kv.measured) == manifest.reference_request.kv_bytes_per_layer
     onnx_bytes = [k.nbytes + v.nbytes for k, v in zip(onnx.keys, onnx.values, strict=True)]
     assert list(pics.kv.measured) == onnx_bytes
 
 
 def test_colour_groups_gives_touching_groups_different_colours():
     groups = np.array([[0, 0, 1, 2], [3, 4, 4, 2], [3, 5, 6, 6]])
-    colour = report.colour_groups(groups, palette=20)
+    colour = colour_groups(groups, palette=20)
     for a, b in ((groups[:, :-1], groups[:, 1:]), (groups[:-1, :], groups[1:, :])):
         touching = a != b
         assert (colour[a[touching]] != colour[b[touching]]).all()
@@ -238,20 +259,20 @@ def test_cli_any_image_and_prompt(engines, tmp_path, capsys, tiny_qwen_vl):
     photo = tmp_path / "photo.png"
     parity_images((200, 150), 7).save(photo)  # another size: the engine resizes to its profile
     out = tmp_path / "pics"
-    rc = report.main([str(engines["lightkv"]), "--image", str(photo), "--prompt", "What is red?", "--out", str(out)])
+    rc = cli.main([str(engines["lightkv"]), "--image", str(photo), "--prompt", "What is red?", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     printed = [Path(line) for line in captured.out.splitlines()]
-    assert [p.name for p in printed] == [report.VISION_PNG, report.KV_PNG, report.MERGE_PNG, report.GUIDANCE_PNG]
+    assert [p.name for p in printed] == [VISION_PNG, KV_PNG, MERGE_PNG, GUIDANCE_PNG]
     for p in printed:
         assert p.parent == out
         assert_png(p)
     # Against the engine's default request (another image and prompt): every picture shows other data, except
     # the vision-token one, which plots only the manifest.
-    default = report.request_pictures(engines["lightkv"], tmp_path / "default", loaded=tiny_qwen_vl)
+    default = request_pictures(engines["lightkv"], tmp_path / "default", loaded=tiny_qwen_vl)
     for mine, theirs in zip(printed, default.paths(), strict=True):
         assert mine.name == theirs.name
-        if mine.name == report.VISION_PNG:
+        if mine.name == VISION_PNG:
             np.testing.assert_array_equal(png_pixels(mine), png_pixels(theirs))
         else:
             assert_differ(mine, theirs)
@@ -259,11 +280,11 @@ def test_cli_any_image_and_prompt(engines, tmp_path, capsys, tiny_qwen_vl):
 
 def test_cli_vanilla_engine_says_there_is_no_merge_map(engines, tmp_path, capsys):
     out = tmp_path / "pics"
-    rc = report.main([str(engines["vanilla"]), "--out", str(out)])
+    rc = cli.main([str(engines["vanilla"]), "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0
     assert "no merge map" in captured.err
-    assert sorted(p.name for p in out.iterdir()) == sorted([report.VISION_PNG, report.KV_PNG])
+    assert sorted(p.name for p in out.iterdir()) == sorted([VISION_PNG, KV_PNG])
 
 
 @pytest.mark.parametrize("case", ["not-an-engine", "unreadable-image", "missing-image"])
@@ -274,7 +295,7 @@ def test_cli_bad_input_is_one_message_and_exit_2(engines, tmp_path, capsys, case
         "missing-image": [str(engines["lightkv"]), "--image", str(tmp_path / "missing.png")],
     }[case]
     (tmp_path / "x.png").write_text("not an image")
-    rc = report.main([*args, "--out", str(tmp_path / "pics")])
+    rc = cli.main([*args, "--out", str(tmp_path / "pics")])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
@@ -296,11 +317,11 @@ def test_merge_stages_follow_tokens_through_skipped_and_empty_stages():
         res = lightkv_merge(hidden, xi, spans, windows=st.windows, ratio=st.ratio)
         records.append(torch_runtime.StageRecord(st.layer, res.kept, res.spans, res.skipped, xi, res.merged_into))
         hidden, spans = res.hidden, res.spans
-    stages = report.merge_stages(records, span, schedule)
+    stages = merge_stages(records, span, schedule)
     assert [s.skipped for s in stages] == [False, True, False, False]  # 24 tokens < 8 * 3^2
     assert [(s.tokens_in, s.tokens_out) for s in stages] == [(48, 24), (24, 24), (24, 24), (24, 12)]
     np.testing.assert_array_equal(stages[1].groups, stages[0].groups)  # nothing moved
     np.testing.assert_array_equal(stages[2].groups, stages[0].groups)
     for s in stages:
         assert sorted(np.unique(s.groups).tolist()) == list(range(s.tokens_out))
-    np.testing.assert_array_equal(report.guidance_values(records[0], span).reshape(-1), records[0].guidance[0, 3:51])
+    np.testing.assert_array_equal(guidance_values(records[0], span).reshape(-1), records[0].guidance[0, 3:51])

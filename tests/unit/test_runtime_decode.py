@@ -19,6 +19,7 @@ from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.base import VisionSpan
 from lightkv_export.models.positions import MROPE
 from lightkv_export.runtime import Engine, Request
+from tests.helpers import make_manifest
 
 LAYERS, HKV, HEAD_DIM, DIM, VOCAB = 6, 2, 4, 8, 32
 SCHEDULE = "2:2:0.5,4:1:0.5"  # two stages that each really remove tokens from the images below
@@ -97,10 +98,10 @@ REQUESTS = {
 @pytest.fixture
 def engine():
     schedule = parse_schedule(SCHEDULE, LAYERS)
-    manifest = {
-        "family": "qwen2_5_vl", "num_layers": LAYERS, "schedule": SCHEDULE, "image_size": [56, 56],
-        "grid_mode": "true", "positions": "preserve", "max_new_tokens_limit": 64, "eos_token_ids": [],
-    }  # fmt: skip
+    manifest = make_manifest(
+        family="qwen2_5_vl", num_layers=LAYERS, schedule=SCHEDULE, image_size=[56, 56], grid_mode="true",
+        positions="preserve", max_new_tokens_limit=64, eos_token_ids=[],
+    )  # fmt: skip
     processor = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda ids, **kwargs: " ".join(map(str, ids))))
     eng = Engine(Path("stub-engine"), manifest, stub_sessions(schedule), processor)
     eng.prepare = lambda images, prompt: REQUESTS[prompt]  # host preprocessing is not what is under test

@@ -414,18 +414,18 @@ def test_reference_request_fields_equal_the_manifest(engine_server):
     server, engines, names = engine_server
     for kind in ("lightkv", "vanilla"):
         manifest = engines[kind].manifest
-        ref = manifest["reference_request"]
-        h, w = manifest["image_size"]
+        ref = manifest.reference_request
+        h, w = manifest.image_size
         blob = png(parity_images((h, w), 0))
-        _, answer = client.ask(server.url, [blob], ref["prompt"], model=names[kind], max_new_tokens=1)
-        assert answer.vision_tokens_in == ref["vision_tokens"]
-        assert answer.kv_bytes == sum(ref["kv_bytes_per_layer"])
-        schedule = Schedule(engines[kind].num_layers, ()) if manifest.get("vanilla") else engines[kind].schedule
+        _, answer = client.ask(server.url, [blob], ref.prompt, model=names[kind], max_new_tokens=1)
+        assert answer.vision_tokens_in == ref.vision_tokens
+        assert answer.kv_bytes == sum(ref.kv_bytes_per_layer)
+        schedule = Schedule(engines[kind].num_layers, ()) if manifest.vanilla else engines[kind].schedule
         groups = schedule.layer_groups()
-        assert answer.vision_tokens_per_group == [ref["vision_tokens_per_layer"][first - 1] for first, _ in groups]
+        assert answer.vision_tokens_per_group == [ref.vision_tokens_per_layer[first - 1] for first, _ in groups]
         assert len(answer.token_ids) == 1 and answer.decode_ms < answer.prefill_ms / 4
-    lightkv, vanilla = (engines[k].manifest["reference_request"] for k in ("lightkv", "vanilla"))
-    assert sum(lightkv["kv_bytes_per_layer"]) < sum(vanilla["kv_bytes_per_layer"])
+    lightkv, vanilla = (engines[k].manifest.reference_request for k in ("lightkv", "vanilla"))
+    assert sum(lightkv.kv_bytes_per_layer) < sum(vanilla.kv_bytes_per_layer)
 
 
 def test_default_max_new_tokens_and_client_cli(engine_server, tiny_qwen_vl, tmp_path, capsys):
@@ -494,7 +494,7 @@ def test_bad_requests_get_clear_errors_and_server_stays_healthy(engine_server, t
     server, engines, names = engine_server
     engine, name = engines["lightkv"], names["lightkv"]
     good = request_images([(56, 56)], 0)
-    limit = int(engine.manifest["max_new_tokens_limit"])
+    limit = engine.manifest.max_new_tokens_limit
     tiny = png(image((2, 2)))
     small = png(image((28, 28)))
     cases = [

@@ -16,6 +16,7 @@ import struct
 import threading
 import time
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,35 +26,37 @@ from google.protobuf import text_format
 from PIL import Image
 
 from lightkv_export import client, triton_repo
+from lightkv_export.artifacts import Manifest
 from lightkv_export.errors import InputError
 from lightkv_export.triton_backend import codec
+from tests.helpers import make_manifest
 
 GOLDEN = Path(__file__).parent / "golden"
 MANIFESTS = {
-    "ort_cpu_lightkv": {
-        "model": "tiny-qwen-vl",
-        "target": "ort-cpu",
-        "ratio": 0.55,
-        "schedule": "layers 1,3; windows 2; ratios 0.5,0.3",
-        "vanilla": False,
-        "max_new_tokens_limit": 64,
-    },
-    "ort_cpu_vanilla": {
-        "model": "tiny-qwen-vl",
-        "target": "ort-cpu",
-        "ratio": 1.0,
-        "schedule": "",
-        "vanilla": True,
-        "max_new_tokens_limit": 8,
-    },
-    "trt_sm90_lightkv": {
-        "model": "Qwen/Qwen2.5-VL-7B-Instruct",
-        "target": "trt-sm90",
-        "ratio": 0.5,
-        "schedule": 'layers 2; "quoted"',
-        "vanilla": False,
-        "max_new_tokens_limit": 512,
-    },
+    "ort_cpu_lightkv": make_manifest(
+        model="tiny-qwen-vl",
+        target="ort-cpu",
+        ratio=0.55,
+        schedule="layers 1,3; windows 2; ratios 0.5,0.3",
+        vanilla=False,
+        max_new_tokens_limit=64,
+    ),
+    "ort_cpu_vanilla": make_manifest(
+        model="tiny-qwen-vl",
+        target="ort-cpu",
+        ratio=1.0,
+        schedule="",
+        vanilla=True,
+        max_new_tokens_limit=8,
+    ),
+    "trt_sm90_lightkv": make_manifest(
+        model="Qwen/Qwen2.5-VL-7B-Instruct",
+        target="trt-sm90",
+        ratio=0.5,
+        schedule='layers 2; "quoted"',
+        vanilla=False,
+        max_new_tokens_limit=512,
+    ),
 }
 
 
@@ -99,11 +102,11 @@ def test_config_parses_as_triton_model_config(key):
         "prefill_ms": [1],
         "decode_ms": [1],
     }
-    kind = "KIND_CPU" if manifest["target"] == "ort-cpu" else "KIND_GPU"
+    kind = "KIND_CPU" if manifest.target == "ort-cpu" else "KIND_GPU"
     assert [(pb.ModelInstanceGroup.Kind.Name(g.kind), g.count) for g in config.instance_group] == [(kind, 2)]
     params = {k: v.string_value for k, v in config.parameters.items()}
     assert params["engine_dir"] == "engine"
-    assert int(params["default_max_new_tokens"]) == min(16, manifest["max_new_tokens_limit"])
+    assert int(params["default_max_new_tokens"]) == min(16, manifest.max_new_tokens_limit)
     # The server limits, with their defaults, as model.py reads them back.
     assert codec.Limits.from_parameters(params) == codec.Limits()
     assert {k: int(params[k]) for k in codec.Limits().parameters()} == {
@@ -119,20 +122,20 @@ def test_model_names():
     assert triton_repo.model_name(MANIFESTS["ort_cpu_lightkv"]) == "lightkv_tiny-qwen-vl_r0.55_ort-cpu"
     assert triton_repo.model_name(MANIFESTS["ort_cpu_vanilla"]) == "vanilla_tiny-qwen-vl_ort-cpu"
     assert triton_repo.model_name(MANIFESTS["trt_sm90_lightkv"]) == "lightkv_Qwen-Qwen2.5-VL-7B-Instruct_r0.5_trt-sm90"
-    by_schedule = {**MANIFESTS["ort_cpu_lightkv"], "ratio": None, "schedule": "2:2:0.5,4:2:0.3"}
+    by_schedule = replace(MANIFESTS["ort_cpu_lightkv"], ratio=None, schedule="2:2:0.5,4:2:0.3")
     assert triton_repo.model_name(by_schedule) == "lightkv_tiny-qwen-vl_s2-2-0.5-4-2-0.3_ort-cpu"
 
 
 def test_unknown_target_is_an_input_error():
     with pytest.raises(InputError, match="unknown engine target 'tpu'"):
-        triton_repo.render_config({**MANIFESTS["ort_cpu_lightkv"], "target": "tpu"})
+        triton_repo.render_config(replace(MANIFESTS["ort_cpu_lightkv"], target="tpu"))
 
 
-def fake_engine(root: Path, manifest: dict) -> Path:
+def fake_engine(root: Path, manifest: Manifest) -> Path:
     """A directory shaped like an engine: a manifest and a payload file (the writer never opens the payload)."""
     d = root / triton_repo.model_name(manifest)
     (d / "onnx").mkdir(parents=True)
-    (d / "manifest.json").write_text(json.dumps(manifest))
+    (d / "manifest.json").write_text(json.dumps(manifest.to_json()))
     (d / "onnx" / "prefill.onnx").write_bytes(b"\x00" * 64)
     return d
 
@@ -145,7 +148,7 @@ def test_write_repository_layout(tmp_path):
     version = repo / "lightkv_tiny-qwen-vl_r0.55_ort-cpu" / "1"
     assert (version / "model.py").read_text() == triton_repo.MODEL_TEMPLATE.read_text()
     assert (version / "engine" / "onnx" / "prefill.onnx").read_bytes() == b"\x00" * 64
-    assert json.loads((version / "engine" / "manifest.json").read_text()) == MANIFESTS["ort_cpu_lightkv"]
+    assert json.loads((version / "engine" / "manifest.json").read_text()) == MANIFESTS["ort_cpu_lightkv"].to_json()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".repo")] == []  # no temp dir or lock left
 
 

@@ -1,0 +1,200 @@
+"""The model-family interface and its registry: the only code that knows a model is its family's class.
+
+A family is one class in one module, registered with `@register_family(name, model_types=...)` (as optimum's
+`TasksManager.create_register`): loading (real classes and configs, the tiny preset, processors, token ids), the
+architecture's sizes (`arch`: one ArchShape, read from the config), the decoder's parts, the vision export, request
+preparation (processor -> vision embeddings -> embeddings and positions, with each image's span and grid) and the
+positional scheme (`positions`). Export, the pass, the runtimes, the pipeline, the targets, parity and the report
+reach a model only through these methods; a family that differs only in classes or sizes subclasses another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from lightkv_export.models.base import head_dim
+
+if TYPE_CHECKING:
+    from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport, VisionSpan
+    from lightkv_export.models.positions import Positions
+
+
+@dataclass(frozen=True)
+class ArchShape:
+    """One model's sizes, as accounting and the exporter need them; built by `Family.arch` from a config.
+
+    vision:           how an image becomes vision tokens ("qwen" | "llava" | "llava-next", models/shapes.py)
+    language_params:  decoder + embeddings + LM head (tied heads counted once)
+    vision_params:    vision encoder + projector / merger
+    key, hf_id, default_windows, default_image_size: the registry entry it was read for (empty for a bare config)
+    """
+
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int  # from the config (several families' differs from hidden / heads)
+    intermediate: int  # gated MLP (gate, up, down)
+    vocab: int
+    tie_embeddings: bool
+    qkv_bias: bool
+    vision: str
+    language_params: int
+    vision_params: int
+    key: str = ""
+    hf_id: str = ""
+    default_windows: tuple[int, ...] = ()
+    default_image_size: tuple[int, int] = (0, 0)  # (height, width) pixels of the planner's default request
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def params(self) -> int:
+        return self.language_params + self.vision_params
+
+    def weight_bytes(self, dtype_bytes: int) -> int:
+        return self.params() * dtype_bytes
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """K and V of one token in one layer."""
+        from lightkv_export.kv import kv_bytes
+
+        return kv_bytes([1], self.kv_heads, self.head_dim, dtype_bytes)[0]
+
+
+class Family:
+    """What every family provides. Subclasses set the class attributes and implement the abstract methods;
+    the defaults below hold for the common `model.model.language_model` + `model.lm_head` layout."""
+
+    name: ClassVar[str]  # set by register_family
+    model_types: ClassVar[tuple[str, ...]]  # config.json model_type values it loads
+    hf_id: ClassVar[str]  # the real checkpoint a tiny preset mirrors and --random-weights builds by default
+    positions: ClassVar[Positions]  # position ids and what a merge does to them (models/positions.py)
+    vision: ClassVar[str]  # the token-count rule of models/shapes.py for the planner
+    qkv_bias: ClassVar[bool]  # the attention projections have biases (not a config field in every family)
+
+    # --- loading --------------------------------------------------------------------------------------------
+    def model_class(self) -> type:
+        raise NotImplementedError
+
+    def config_class(self) -> type:
+        raise NotImplementedError
+
+    def real_config_dict(self, hf_id: str) -> dict[str, Any]:
+        """Keyword arguments of config_class() for a real checkpoint's architecture (no files needed)."""
+        raise NotImplementedError
+
+    def tiny_preset(self) -> tuple[Any, Any]:
+        """(config, processor) at toy size, built locally; the registry seeds the weights."""
+        raise NotImplementedError
+
+    def random_processor(self) -> Any:
+        """A processor for --random-weights without checkpoint files: a local tokenizer, the real image sizes."""
+        raise NotImplementedError
+
+    def processor_from(self, path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
+        """The family's processor over a checkpoint's (or an engine's) tokenizer and PIL image processor."""
+        raise NotImplementedError
+
+    def align_token_ids(self, config: Any, tokenizer: Any) -> None:
+        """Point the config's special-token ids at the tokenizer's (when the tokenizer is not the checkpoint's)."""
+        raise NotImplementedError
+
+    # --- sizes ----------------------------------------------------------------------------------------------
+    def arch(self, config: Any) -> ArchShape:
+        """The architecture's sizes, read from `config`; parameter counts from the real classes built on the meta
+        device (exact, no memory, no weights)."""
+        text = config.get_text_config()
+        with torch.device("meta"):
+            model = self.model_class()._from_config(config)
+        total = sum(p.numel() for p in model.parameters())  # tied weights are one parameter
+        language = sum(p.numel() for p in self.text_model(model).parameters())
+        head = self.lm_head(model).weight
+        if head is not self.text_model(model).embed_tokens.weight:
+            language += head.numel()
+        return ArchShape(
+            num_layers=int(text.num_hidden_layers),
+            hidden=int(text.hidden_size),
+            heads=int(text.num_attention_heads),
+            kv_heads=int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads),
+            head_dim=head_dim(text),
+            intermediate=int(text.intermediate_size),
+            vocab=int(text.vocab_size),
+            tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=self.qkv_bias,
+            vision=self.vision,
+            language_params=language,
+            vision_params=total - language,
+        )
+
+    # --- the decoder ----------------------------------------------------------------------------------------
+    def text_model(self, model: Any) -> Any:
+        """The decoder stack: .layers, .rotary_emb, .norm, .embed_tokens, .config."""
+        return model.model.language_model
+
+    def lm_head(self, model: Any) -> Any:
+        return model.lm_head
+
+    def spatial_merge(self, model: Any) -> int:
+        """Vision-encoder patches per LLM token along each side."""
+        raise NotImplementedError
+
+    # --- the vision graph -----------------------------------------------------------------------------------
+    def check_image_size(self, processor: Any, image_size: tuple[int, int]) -> None:
+        """Refuse an image-size profile the vision graph cannot serve as it is, before any work."""
+        raise NotImplementedError
+
+    def vision_export(self, loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
+        """The vision graph for one image of exactly `image_size` (height, width)."""
+        raise NotImplementedError
+
+    # --- requests -------------------------------------------------------------------------------------------
+    def check_inputs(self, processor: Any, images: list, prompt: str) -> None:
+        raise NotImplementedError
+
+    def process(self, loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
+        """Processor outputs for one request (CPU tensors; needs only `loaded.processor`)."""
+        raise NotImplementedError
+
+    def vision_embeddings(self, loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[N_vis, D] LLM-width embeddings of `process`'s images, in order."""
+        raise NotImplementedError
+
+    def spans(self, processor: Any, processed: dict[str, torch.Tensor], image_token_id: int) -> list[list[VisionSpan]]:
+        """Per batch row, each image's vision span with its LLM token grid."""
+        raise NotImplementedError
+
+    def embed_and_position(
+        self, loaded: LoadedModel, processed: dict[str, torch.Tensor], vision_embeds: torch.Tensor
+    ) -> PrefillInputs:
+        raise NotImplementedError
+
+    def prepare(self, loaded: LoadedModel, images: list, prompt: str) -> PrefillInputs:
+        """One request (images + prompt) -> everything the language-model prefill needs."""
+        processed = self.process(loaded, images, prompt)
+        vision = self.vision_embeddings(loaded, processed)  # [N_vis, D]
+        return self.embed_and_position(loaded, processed, vision)
+
+    def __repr__(self) -> str:
+        return f"<family {self.name}>"
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(name: str, *, model_types: tuple[str, ...]) -> Callable[[type[Family]], type[Family]]:
+    """Class decorator: register one instance of the family under `name`, loading config.json `model_types`."""
+
+    def register(cls: type[Family]) -> type[Family]:
+        if name in FAMILIES:
+            raise ValueError(f"model family {name!r} is registered twice ({FAMILIES[name]!r} and {cls.__name__})")
+        cls.name, cls.model_types = name, tuple(model_types)
+        FAMILIES[name] = cls()
+        return cls
+
+    return register

@@ -1,0 +1,7 @@
+"""`python -m lightkv_export.report`: see lightkv_export.report.cli."""
+
+import sys
+
+from lightkv_export.report.cli import main
+
+sys.exit(main())
