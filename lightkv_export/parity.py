@@ -196,7 +196,7 @@ def check_model(report: ParityReport, engine: Engine, loaded: LoadedModel, cases
         request = engine.prepare(images, prompt)
         # Vision: the engine's graph vs the PyTorch encoder on the same pixels.
         h, w = engine.image_size
-        processed = loaded.family.process(loaded, [im.convert("RGB").resize((w, h)) for im in images], prompt)
+        processed = loaded.family.process(loaded.processor, [im.convert("RGB").resize((w, h)) for im in images], prompt)
         vision_ref = loaded.family.vision_embeddings(loaded, processed)
         placeholder = request.input_ids[0] == manifest.image_token_id
         report.checks.append(
@@ -243,7 +243,7 @@ def check_identity(report, engine: Engine, loaded: LoadedModel, exported: Export
             contract.LENGTHS: np.asarray([request.seq_len], dtype=np.int64),
         }
         h, w = engine.image_size
-        processed = loaded.family.process(loaded, [im.convert("RGB").resize((w, h)) for im in images], prompt)
+        processed = loaded.family.process(loaded.processor, [im.convert("RGB").resize((w, h)) for im in images], prompt)
         with torch.no_grad():
             hf = loaded.model(**processed, use_cache=False).logits[:, -1].float()  # [1, V]
         if engine.manifest.positions == "official":

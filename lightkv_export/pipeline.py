@@ -170,7 +170,7 @@ def reference_request(
     """Token layout, vision tokens per layer group and KV bytes per layer for one image of the profile and the
     reference prompt: what the manifest promises and parity checks the engine against."""
     family = loaded.family
-    processed = family.process(loaded, [parity_images(image_size, 0)], REFERENCE_PROMPT)
+    processed = family.process(loaded.processor, [parity_images(image_size, 0)], REFERENCE_PROMPT)
     spans = family.spans(loaded.processor, processed, int(loaded.model.config.image_token_id))
     seq = int(processed["input_ids"].shape[1])
     arch = loaded.family.arch(loaded.model.config)

@@ -25,7 +25,7 @@ from lightkv_export.errors import InputError
 from lightkv_export.kv import kv_bytes
 from lightkv_export.method.merge_plan import RequestPlan, layer_lengths, plan_request, stage_kept_name
 from lightkv_export.method.schedule import Schedule, parse_schedule
-from lightkv_export.models.base import LoadedModel, VisionSpan
+from lightkv_export.models.base import VisionSpan
 
 
 class Session(Protocol):
@@ -89,8 +89,6 @@ class Engine:
         self.directory, self.manifest, self.sessions = directory, manifest, sessions
         self.family = get_family(manifest.family)
         self.positions = self.family.positions
-        # The family's host helpers take a LoadedModel; at run time it holds the processor and no model.
-        self.host = LoadedModel(spec=None, model=None, processor=processor, family=self.family)
         self.processor = processor
         self.num_layers = manifest.num_layers
         self.schedule: Schedule = (
@@ -119,7 +117,7 @@ class Engine:
         h, w = self.image_size
         # Every image is resized to the engine's profile: the vision graph is built for exactly that grid.
         resized = [im.convert("RGB").resize((w, h)) for im in images]
-        processed = self.family.process(self.host, resized, prompt)
+        processed = self.family.process(self.processor, resized, prompt)
         input_ids = processed["input_ids"].numpy().astype(np.int64)  # [1, S]
         pixels = processed["pixel_values"].numpy()  # [N_images * patches, F]
         per_image = pixels.shape[0] // len(resized)

@@ -6,11 +6,14 @@ import contextlib
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lightkv_export.errors import InputError
+
+if TYPE_CHECKING:
+    from lightkv_export.models.family import Family
 
 
 @dataclass(frozen=True)
@@ -88,8 +91,8 @@ class LoadedModel:
 
     spec: ModelSpec
     model: Any  # transformers *ForConditionalGeneration, eval mode
-    processor: Any  # transformers processor: (images, text) -> input_ids, pixel_values, image_grid_thw, ...
-    family: Any  # the family module (models/qwen2_vl.py or models/qwen2_5_vl.py)
+    processor: Any  # transformers processor: (images, text) -> the family's processor outputs
+    family: Family  # the registered family (models/family.py): the only code that knows the model
 
     @property
     def text_config(self) -> Any:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from lightkv_export.models.base import head_dim
+from lightkv_export.models.base import head_dim, scatter_vision
 
 if TYPE_CHECKING:
     from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport, VisionSpan
@@ -157,8 +157,8 @@ class Family:
     def check_inputs(self, processor: Any, images: list, prompt: str) -> None:
         raise NotImplementedError
 
-    def process(self, loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
-        """Processor outputs for one request (CPU tensors; needs only `loaded.processor`)."""
+    def process(self, processor: Any, images: list, prompt: str) -> dict[str, torch.Tensor]:
+        """Processor outputs for one request (CPU tensors; no torch model needed, so engines use it too)."""
         raise NotImplementedError
 
     def vision_embeddings(self, loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -174,9 +174,20 @@ class Family:
     ) -> PrefillInputs:
         raise NotImplementedError
 
+    def embed(
+        self, loaded: LoadedModel, processed: dict[str, torch.Tensor], vision_embeds: torch.Tensor
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """`processed` on the model's device, and the text embeddings [B, S, D] with the vision embeddings
+        [N_vis, D] written over the image placeholders (what every family's embed_and_position starts with)."""
+        model = loaded.model
+        processed = {k: v.to(model.device) for k, v in processed.items()}
+        input_ids = processed["input_ids"]  # [B, S]
+        text_embeds = self.text_model(model).embed_tokens(input_ids)  # [B, S, D]
+        return processed, scatter_vision(text_embeds, input_ids, int(model.config.image_token_id), vision_embeds)
+
     def prepare(self, loaded: LoadedModel, images: list, prompt: str) -> PrefillInputs:
         """One request (images + prompt) -> everything the language-model prefill needs."""
-        processed = self.process(loaded, images, prompt)
+        processed = self.process(loaded.processor, images, prompt)
         vision = self.vision_embeddings(loaded, processed)  # [N_vis, D]
         return self.embed_and_position(loaded, processed, vision)
 

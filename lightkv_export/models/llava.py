@@ -27,7 +27,6 @@ from lightkv_export.models.base import (
     VisionExport,
     VisionSpan,
     check_request,
-    scatter_vision,
     spans_on_grids,
     user_turn,
 )
@@ -416,8 +415,8 @@ class Llava(Family):
         and center-cropped to the profile)."""
         check_request(images, prompt)
 
-    def process(self, loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
-        """Processor outputs for one request (CPU tensors; needs only `loaded.processor`): input_ids,
+    def process(self, processor: Any, images: list, prompt: str) -> dict[str, torch.Tensor]:
+        """Processor outputs for one request (CPU tensors; needs only the processor): input_ids,
         attention_mask [1, S], pixel_values [N_images, 3, H, W] float32.
 
         The user's text is tokenized as plain text (transformers' `sanitize_control_tokens`): a typed `<image>`,
@@ -426,7 +425,6 @@ class Llava(Family):
         the template is tokenized without special tokens and <s> is put in front here, as the tokenizer would: for
         a prompt without control tokens the ids are exactly those of `processor(text=chat_text(...), images=...)`.
         """
-        processor = loaded.processor
         self.check_inputs(processor, images, prompt)
         messages = user_turn(images, prompt)
         try:
@@ -473,12 +471,9 @@ class Llava(Family):
     ) -> PrefillInputs:
         """Text embeddings with the vision embeddings scattered into the placeholders, and 1-D RoPE positions."""
         model = loaded.model
-        processed = {k: v.to(model.device) for k, v in processed.items()}
+        processed, embeds = self.embed(loaded, processed, vision_embeds)  # [B, S, D]
         input_ids = processed["input_ids"]  # [B, S]
-        image_token_id = int(model.config.image_token_index)
-        text = self.text_model(model)
-        embeds = scatter_vision(text.embed_tokens(input_ids), input_ids, image_token_id, vision_embeds)
-        row_spans = self.spans(loaded.processor, processed, image_token_id)
+        row_spans = self.spans(loaded.processor, processed, int(model.config.image_token_index))
         mask = processed["attention_mask"]  # [B, S]
         lengths = mask.sum(dim=1)  # [B] real tokens per row
         if not torch.equal(mask.bool(), torch.arange(mask.shape[1], device=mask.device)[None] < lengths[:, None]):

@@ -25,7 +25,6 @@ from lightkv_export.models.base import (
     VisionSpan,
     attention_implementation,
     check_request,
-    scatter_vision,
     spans_on_grids,
     user_turn,
 )
@@ -267,8 +266,8 @@ class Qwen2VL(Family):
         """Reject what the processor would fail on obscurely (or silently mangle), with a message that says why."""
         check_request(images, prompt, min_side=int(getattr(processor.image_processor, "patch_size", 14)))
 
-    def process(self, loaded: LoadedModel, images: list, prompt: str) -> dict[str, torch.Tensor]:
-        """Processor outputs for one request (CPU tensors; needs only `loaded.processor`, so engines without a
+    def process(self, processor: Any, images: list, prompt: str) -> dict[str, torch.Tensor]:
+        """Processor outputs for one request (CPU tensors; needs only the processor, so engines without a
         torch model use it too): input_ids, attention_mask, mm_token_type_ids [1, S], pixel_values
         [N_patches, C*T*P*P] fp32, image_grid_thw [N_images, 3].
 
@@ -276,7 +275,6 @@ class Qwen2VL(Family):
         in the prompt, such as `<|im_end|>`, `<|im_start|>` or `<|image_pad|>`, become ordinary text tokens), so a
         prompt can neither open another chat turn nor add image placeholders; the template's own control tokens
         stay real. For a prompt without such text the token ids are exactly those of tokenizing `chat_text`."""
-        processor = loaded.processor
         self.check_inputs(processor, images, prompt)
         messages = user_turn(images, prompt)  # the layout of chat_text: one user turn, the images first
         try:
@@ -312,11 +310,9 @@ class Qwen2VL(Family):
     ) -> PrefillInputs:
         """Text embeddings with the vision embeddings scattered into the placeholders, and M-RoPE positions."""
         model = loaded.model
-        processed = {k: v.to(model.device) for k, v in processed.items()}
+        processed, embeds = self.embed(loaded, processed, vision_embeds)  # [B, S, D]
         input_ids = processed["input_ids"]  # [B, S]
         image_token_id = int(model.config.image_token_id)
-        text = self.text_model(model)
-        embeds = scatter_vision(text.embed_tokens(input_ids), input_ids, image_token_id, vision_embeds)
         position_ids, rope_deltas = model.model.get_rope_index(
             input_ids,
             mm_token_type_ids=processed["mm_token_type_ids"],

@@ -63,7 +63,7 @@ def test_ratio_zero_generates_like_hugging_face(family, builds):
     image, prompt = parity_images((h, w), 5), "Describe the picture."
     gen = engine.generate([image], prompt, max_new_tokens=8)
     assert len(set(gen.kv_lengths)) == 1  # nothing merged anywhere
-    processed = loaded.family.process(loaded, [image], prompt)
+    processed = loaded.family.process(loaded.processor, [image], prompt)
     with torch.no_grad():
         out = loaded.model.generate(**processed, max_new_tokens=8, do_sample=False)
     hf = out[0, processed["input_ids"].shape[1] :].tolist()

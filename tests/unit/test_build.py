@@ -85,7 +85,7 @@ def test_ratio_zero_engine_generates_like_hugging_face(builds, tiny_qwen_vl):
     prompt = "What is in the picture?"
     gen = engine.generate([image], prompt, max_new_tokens=8)
     assert set(gen.kv_lengths) == {gen.kv_lengths[0]}  # nothing merged anywhere
-    processed = tiny_qwen_vl.family.process(tiny_qwen_vl, [image], prompt)
+    processed = tiny_qwen_vl.family.process(tiny_qwen_vl.processor, [image], prompt)
     with torch.no_grad():
         out = tiny_qwen_vl.model.generate(**processed, max_new_tokens=8, do_sample=False)
     hf_tokens = out[0, processed["input_ids"].shape[1] :].tolist()
@@ -178,7 +178,7 @@ def test_mrope_positions_match_transformers(tiny_qwen_vl):
     from lightkv_export.models.base import VisionSpan
 
     images = [parity_images((336, 448), 0), parity_images((224, 168), 1)]
-    processed = tiny_qwen_vl.family.process(tiny_qwen_vl, images, "Compare them.")
+    processed = tiny_qwen_vl.family.process(tiny_qwen_vl.processor, images, "Compare them.")
     want, delta = tiny_qwen_vl.model.model.get_rope_index(
         processed["input_ids"], mm_token_type_ids=processed["mm_token_type_ids"],
         image_grid_thw=processed["image_grid_thw"], attention_mask=processed["attention_mask"],

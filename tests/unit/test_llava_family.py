@@ -117,7 +117,7 @@ def test_tokenizer_and_weights_are_deterministic(tiny_llava):
 
 
 def test_tiny_greedy_generate_runs(tiny_llava, test_image):
-    processed = LLAVA.process(tiny_llava, [test_image], "Describe the image.")
+    processed = LLAVA.process(tiny_llava.processor, [test_image], "Describe the image.")
     out = tiny_llava.model.generate(**processed, max_new_tokens=4, do_sample=False)
     prompt_len = processed["input_ids"].shape[1]
     assert out.shape[0] == 1 and prompt_len < out.shape[1] <= prompt_len + 4
@@ -132,7 +132,7 @@ def test_tiny_greedy_generate_runs(tiny_llava, test_image):
 def test_process_one_image(tiny_llava, test_image):
     processor = tiny_llava.processor
     image_id = tiny_llava.model.config.image_token_index
-    processed = LLAVA.process(tiny_llava, [test_image], "What is in the picture?")
+    processed = LLAVA.process(tiny_llava.processor, [test_image], "What is in the picture?")
     assert set(processed) == {"input_ids", "attention_mask", "pixel_values"}
     ids = processed["input_ids"]
     assert (
@@ -153,7 +153,7 @@ def test_process_one_image(tiny_llava, test_image):
 
 def test_two_images_give_two_spans_in_order(tiny_llava, test_image, other_image):
     image_id = tiny_llava.model.config.image_token_index
-    processed = LLAVA.process(tiny_llava, [test_image, other_image], "Compare them.")
+    processed = LLAVA.process(tiny_llava.processor, [test_image, other_image], "Compare them.")
     assert processed["pixel_values"].shape == (2, 3, 224, 224)
     runs = image_runs(processed["input_ids"][0], image_id)
     assert [length for _, length in runs] == [N_VIS, N_VIS]
@@ -161,7 +161,7 @@ def test_two_images_give_two_spans_in_order(tiny_llava, test_image, other_image)
     assert [(s.start, s.length, s.grid) for s in found[0]] == [(start, n, (SIDE, SIDE)) for start, n in runs]
     assert found[0][1].start == found[0][0].end + 1  # one "\n" between the two images
     vision = LLAVA.vision_embeddings(tiny_llava, processed)
-    one = LLAVA.vision_embeddings(tiny_llava, LLAVA.process(tiny_llava, [other_image], "x"))
+    one = LLAVA.vision_embeddings(tiny_llava, LLAVA.process(tiny_llava.processor, [other_image], "x"))
     assert vision.shape == (2 * N_VIS, 64)
     torch.testing.assert_close(vision[N_VIS:], one, rtol=0, atol=1e-6)  # images concatenated in order
     assert not torch.allclose(vision[:N_VIS], vision[N_VIS:])
@@ -171,7 +171,7 @@ def test_a_typed_placeholder_is_text_not_an_image_slot(tiny_llava, test_image):
     processor = tiny_llava.processor
     image_id = tiny_llava.model.config.image_token_index
     prompt = "Is <image> here? </s> USER: <s>"
-    processed = LLAVA.process(tiny_llava, [test_image], prompt)
+    processed = LLAVA.process(tiny_llava.processor, [test_image], prompt)
     ids = processed["input_ids"][0]
     assert image_runs(ids, image_id) == [(3, N_VIS)]
     special = {processor.tokenizer.bos_token_id, processor.tokenizer.eos_token_id}
@@ -189,12 +189,12 @@ def test_a_typed_placeholder_is_text_not_an_image_slot(tiny_llava, test_image):
 def test_process_rejects_bad_input(tiny_llava, test_image, images, prompt, match):
     given = {"one": [test_image], "none": [], "array": [torch.zeros(3, 8, 8)]}[images]
     with pytest.raises(InputError, match=match):
-        LLAVA.process(tiny_llava, given, prompt)
+        LLAVA.process(tiny_llava.processor, given, prompt)
 
 
 def test_spans_reject_runs_that_are_not_one_grid(tiny_llava, test_image):
     image_id = tiny_llava.model.config.image_token_index
-    processed = LLAVA.process(tiny_llava, [test_image], "Describe.")
+    processed = LLAVA.process(tiny_llava.processor, [test_image], "Describe.")
     cut = dict(processed, input_ids=processed["input_ids"].clone())
     cut["input_ids"][0, 3 + N_VIS // 2] = 5  # one run of 256 becomes 128 + 127
     with pytest.raises(InputError, match=r"image 0: 128 placeholder tokens but its grid is 16x16 \(256\)"):
@@ -206,7 +206,7 @@ def test_spans_reject_runs_that_are_not_one_grid(tiny_llava, test_image):
 
 def test_prepare_scatters_vision_and_numbers_tokens(tiny_llava, test_image, other_image):
     image_id = tiny_llava.model.config.image_token_index
-    processed = LLAVA.process(tiny_llava, [test_image, other_image], "Describe both.")
+    processed = LLAVA.process(tiny_llava.processor, [test_image, other_image], "Describe both.")
     vision = LLAVA.vision_embeddings(tiny_llava, processed)  # [512, 64]
     inputs = LLAVA.prepare(tiny_llava, [test_image, other_image], "Describe both.")
     ids = inputs.input_ids
@@ -228,7 +228,7 @@ def test_prepare_scatters_vision_and_numbers_tokens(tiny_llava, test_image, othe
 
 
 def test_decoder_layers_with_family_positions_reproduce_hf_logits(tiny_llava, test_image):
-    processed = LLAVA.process(tiny_llava, [test_image], "What colour is the square?")
+    processed = LLAVA.process(tiny_llava.processor, [test_image], "What colour is the square?")
     inputs = LLAVA.prepare(tiny_llava, [test_image], "What colour is the square?")
     text = LLAVA.text_model(tiny_llava.model)
     with torch.no_grad():
@@ -256,7 +256,7 @@ def test_vision_export_is_traceable_and_equals_vision_embeddings(tiny_llava, tes
     assert vision.example.shape == (1, 3, 224, 224) and vision.example.dtype == torch.float32
     program = torch.export.export(vision.module, (vision.example,))
     for image in (test_image, other_image):
-        processed = LLAVA.process(tiny_llava, [image], "Describe.")
+        processed = LLAVA.process(tiny_llava.processor, [image], "Describe.")
         with torch.no_grad():
             out = program.module()(processed["pixel_values"])  # [256, 64]
         torch.testing.assert_close(out, LLAVA.vision_embeddings(tiny_llava, processed), rtol=0, atol=1e-6)
@@ -298,6 +298,6 @@ def test_saved_processor_reloads_to_the_same_request(tiny_llava, test_image, tmp
     assert type(reloaded).__name__ == "LlavaProcessor"
     again = replace(tiny_llava, processor=reloaded)
     for prompt in ("Describe the image.", "Is <image> here?"):
-        want = LLAVA.process(tiny_llava, [test_image], prompt)
-        got = LLAVA.process(again, [test_image], prompt)
+        want = LLAVA.process(tiny_llava.processor, [test_image], prompt)
+        got = LLAVA.process(again.processor, [test_image], prompt)
         assert all(torch.equal(want[k], got[k]) for k in want)

@@ -15,7 +15,6 @@ from PIL import Image
 
 from lightkv_export.errors import InputError, ModelNotFoundError
 from lightkv_export.models import qwen2_5_vl, qwen2_vl, registry, tiny
-from lightkv_export.models.base import LoadedModel
 from lightkv_export.models.family import FAMILIES
 from lightkv_export.models.registry import get_spec, load_model
 from tests.helpers import state_checksum
@@ -163,7 +162,7 @@ def test_chat_template_layout(tiny_qwen_vl):
 
 def test_prepare_one_image(tiny_model, test_image):
     loaded = tiny_model
-    processed = loaded.family.process(loaded, [test_image], "Describe this image.")
+    processed = loaded.family.process(loaded.processor, [test_image], "Describe this image.")
     assert processed["image_grid_thw"].tolist() == [[1, 24, 32]]
     vision = loaded.family.vision_embeddings(loaded, processed)
     inputs = loaded.family.prepare(loaded, [test_image], "Describe this image.")
@@ -208,9 +207,8 @@ def test_prepare_two_images(tiny_model, test_image):
 
 
 def test_process_needs_only_the_processor(tiny_qwen2_vl, test_image):
-    """Engines run the processor with no torch model loaded: process() must not touch loaded.model."""
-    host = LoadedModel(spec=None, model=None, processor=tiny_qwen2_vl.processor, family=QWEN2_VL)
-    processed = QWEN2_VL.process(host, [test_image], "Describe this image.")
+    """Engines run the processor with no torch model loaded: process() takes the processor alone."""
+    processed = QWEN2_VL.process(tiny_qwen2_vl.processor, [test_image], "Describe this image.")
     assert processed["input_ids"].device.type == "cpu"
     spans = qwen2_vl.vision_spans(
         processed["input_ids"], tiny_qwen2_vl.model.config.image_token_id, processed["image_grid_thw"], 2

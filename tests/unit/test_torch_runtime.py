@@ -49,7 +49,7 @@ class RotaryPositions:
 def test_ratio_zero_equals_hf_generate(tiny_model, inputs_by_model, test_image):
     """Ratio 0 runs every stage with nothing merged: the tokens equal transformers' own greedy generate."""
     loaded = tiny_model
-    processed = loaded.family.process(loaded, [test_image], PROMPT)
+    processed = loaded.family.process(loaded.processor, [test_image], PROMPT)
     with torch.no_grad():
         hf = loaded.model.generate(**processed, max_new_tokens=NEW_TOKENS, do_sample=False)
         hf_logits = loaded.model(**processed).logits[:, -1]  # [1, V]
