@@ -32,6 +32,7 @@ from lightkv_export.errors import InputError
 
 MANIFEST = "manifest.json"
 PROCESSOR_DIR = "processor"  # the checkpoint's tokenizer and image processor files, inside every engine
+WEIGHTS_FILE = "weights.bin"  # an ort-cpu engine's weights, each distinct tensor once (passes/share_weights.py)
 MANIFEST_FORMAT = 2  # 2: files (SHA-256) and file_sizes (bytes) cover every file the engine runs from
 PARTIAL = ".partial-"
 LOCK_SUFFIX = ".lock"
@@ -123,6 +124,7 @@ class Manifest:
     dtype: str
     notes: list[str] = field(default_factory=list)
     target: str = ""  # set by the target that builds the engine
+    weight_bytes: int = 0  # the weights the engine holds at run time, all its sessions together (0: not recorded)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> SHA-256
     file_sizes: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
     extra: dict[str, Any] = field(default_factory=dict)

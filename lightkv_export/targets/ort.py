@@ -3,11 +3,16 @@
 Layout (everything needed to run it; nothing refers back to the export cache):
 
     manifest.json            what was built from what: model, schedule, settings, versions, the SHA-256 and size
-                             of every file, the expected KV bytes per layer for the reference request
-    vision.onnx embed.onnx   vanilla graphs (independent copies of the export cache's: reflinks where the file
-    decode.onnx              system can, never hard links)
+                             of every file, the expected KV bytes per layer for the reference request, the
+                             weight bytes the engine holds at run time
+    vision.onnx embed.onnx   the vanilla graphs, their large initializers as external data in weights.bin
+    decode.onnx
     prefill.onnx             the LightKV-transformed prefill (or the vanilla one for a vanilla engine)
+    weights.bin              every distinct large initializer of the four graphs, once (passes/share_weights.py)
     processor/               tokenizer, image processor and chat template
+
+`open_sessions` memory-maps weights.bin once and gives every session the same buffers (ONNX Runtime's shared
+initializers), so prefill and decode hold one copy of the weights between them, paged in from the file.
 
 The builder writes into the directory it is given; the pipeline stages, verifies and promotes it (artifacts.py).
 """
@@ -17,11 +22,16 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx.external_data_helper import ExternalDataInfo
 
-from lightkv_export.artifacts import PROCESSOR_DIR, Manifest, clone_file
+from lightkv_export.artifacts import PROCESSOR_DIR, WEIGHTS_FILE, Manifest
 from lightkv_export.export import ExportedGraphs, strip_roles
 from lightkv_export.passes.insert_lightkv import PassReport, insert_lightkv
+from lightkv_export.passes.share_weights import share_weights
+
+GRAPHS = ("vision", "embed", "prefill", "decode")
 
 LARGE_MODEL_BYTES = 1 << 30  # past this, graphs are written with external data (protobuf's 2 GiB limit)
 
@@ -29,13 +39,6 @@ LARGE_MODEL_BYTES = 1 << 30  # past this, graphs are written with external data 
 def save_graph(model: onnx.ModelProto, path: Path) -> None:
     large = model.ByteSize() > LARGE_MODEL_BYTES
     onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None)
-
-
-def copy_graph(src: Path, dst: Path) -> None:
-    """An independent copy of a graph and, for large models, its external data."""
-    for a, b in ((src, dst), (src.with_name(src.name + ".data"), dst.with_name(dst.name + ".data"))):
-        if a.exists():
-            clone_file(a, b)
 
 
 def transform_prefill(
@@ -57,12 +60,17 @@ def write_ort_engine(
     manifest: Manifest,
 ) -> Manifest:
     """Write the ort-cpu engine's files into `directory`; returns its manifest (the pipeline adds the file
-    records and writes it)."""
-    for name in ("vision", "embed", "decode"):
-        copy_graph(getattr(exported, name), directory / f"{name}.onnx")
-    save_graph(prefill, directory / "prefill.onnx")
+    records and writes it). The graphs are read without their weights; the pass streams them into weights.bin."""
+    models = {}
+    for name in GRAPHS:
+        source = exported.prefill if name == "prefill" else getattr(exported, name)
+        graph = prefill if name == "prefill" else onnx.load(str(source), load_external_data=False)
+        models[name] = (graph, source.parent)
+    shared = share_weights(models, directory / WEIGHTS_FILE)
+    for name, (graph, _) in models.items():
+        onnx.save(graph, str(directory / f"{name}.onnx"))
     processor.save_pretrained(str(directory / PROCESSOR_DIR))
-    return replace(manifest, target="ort-cpu")
+    return replace(manifest, target="ort-cpu", weight_bytes=shared.unique_bytes)
 
 
 def build_engine(
@@ -80,8 +88,22 @@ def build_engine(
     return write_ort_engine(directory, exported=exported, prefill=prefill, processor=processor, manifest=manifest)
 
 
-def open_sessions(directory: Path, manifest: Manifest) -> dict:
-    """One ONNX Runtime CPU session per graph."""
+def mapped_initializers(directory: Path, graph: onnx.ModelProto, weights: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph's initializers that live in weights.bin, as read-only views of the mapped file (no copies)."""
+    views = {}
+    for tensor in graph.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = ExternalDataInfo(tensor)
+        if info.location != WEIGHTS_FILE:
+            continue
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        view = weights[info.offset : info.offset + info.length].view(dtype)
+        views[tensor.name] = view.reshape(tuple(tensor.dims))
+    return views
+
+
+def session_options(shared: dict[str, object]):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -89,7 +111,35 @@ def open_sessions(directory: Path, manifest: Manifest) -> dict:
     # Idle ORT workers otherwise spin for a while after each run and starve the host work between graphs
     # (plan, embedding scatter) and the next graph's own threads.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return {
-        name: ort.InferenceSession(str(directory / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
-        for name in ("vision", "embed", "prefill", "decode")
-    }
+    # Pre-packing copies each weight into a per-session layout (the original then stays too, being shared):
+    # the shared buffers are used as they are, so the weights are held once whatever the number of sessions.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    for name, value in shared.items():
+        options.add_initializer(name, value)
+    return options
+
+
+def open_sessions(directory: Path, manifest: Manifest) -> dict:
+    """One ONNX Runtime CPU session per graph, all over one read-only mapping of weights.bin."""
+    return shared_sessions(directory, GRAPHS)
+
+
+def shared_sessions(directory: Path, names) -> dict:
+    """Sessions for `directory`/<name>.onnx, each weights.bin tensor one OrtValue over the mapped file for all."""
+    import onnxruntime as ort
+
+    weights = np.memmap(directory / WEIGHTS_FILE, dtype=np.uint8, mode="r")
+    values: dict[str, object] = {}  # one OrtValue per distinct tensor, handed to every session that uses it
+    sessions = {}
+    for name in names:
+        path = directory / f"{name}.onnx"
+        views = mapped_initializers(directory, onnx.load(str(path), load_external_data=False), weights)
+        for key, view in views.items():
+            if key not in values:
+                values[key] = ort.OrtValue.ortvalue_from_numpy(view)
+        used = {key: values[key] for key in views}
+        session = ort.InferenceSession(str(path), session_options(used), providers=["CPUExecutionProvider"])
+        # ONNX Runtime borrows shared initializers: they (and the mapping under them) must outlive the session.
+        session.shared_initializers = (weights, used)
+        sessions[name] = session
+    return sessions

@@ -166,7 +166,7 @@ def test_interrupted_build_leaves_no_engine_directory(builds, engines_out, monke
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ort_target, "save_graph", interrupted)
+    monkeypatch.setattr(ort_target, "share_weights", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run(BuildConfig(model="tiny-qwen-vl", ratio=0.45, out=engines_out, parity=False))
     parent = engines_out / "tiny-qwen-vl" / "r0.45"
@@ -388,23 +388,32 @@ def test_tensorrt_target_without_tensorrt_fails_alone_and_keeps_its_kernels(buil
         assert (kernels / "sm90" / f"{kernel}_fp16.cubin").read_bytes()[:4] == b"\x7fELF"
 
 
-def test_large_model_graphs_use_external_data(builds, engines_out, monkeypatch):
-    builds("tiny-qwen-vl", 0.55)  # export cached
-    from lightkv_export.targets import ort as ort_target
+def test_engine_holds_each_weight_once(builds):
+    import onnx
 
-    monkeypatch.setattr(ort_target, "LARGE_MODEL_BYTES", 0)  # treat the tiny graphs as past the protobuf limit
-    result = run(BuildConfig(model="tiny-qwen-vl", ratio=0.4, out=engines_out, parity=False))
-    engine_dir = result.engine_dirs["ort-cpu"]
-    assert (engine_dir / "prefill.onnx.data").is_file()
-    assert (engine_dir / "prefill.onnx").stat().st_size < (engine_dir / "prefill.onnx.data").stat().st_size
     from lightkv_export.artifacts import file_digest
+    from lightkv_export.passes.share_weights import NAME_PREFIX
 
-    files = json.loads((engine_dir / "manifest.json").read_text())["files"]
-    assert files["prefill.onnx.data"] == file_digest(engine_dir / "prefill.onnx.data")  # the weights are covered
-    on_disk = {p.relative_to(engine_dir).as_posix() for p in engine_dir.rglob("*") if p.is_file()}
-    assert {n for n in on_disk if ".onnx" in n or n.startswith("processor/")} <= set(files) <= on_disk
-    gen = Engine.load(engine_dir).generate([parity_images((336, 448), 0)], "Describe this image.", max_new_tokens=2)
-    assert gen.kv_lengths == result.reference.kv_lengths
+    result = builds("tiny-qwen-vl", 0.55)
+    engine_dir = result.engine_dirs["ort-cpu"]
+    graphs = {g: onnx.load(str(engine_dir / f"{g}.onnx"), load_external_data=False) for g in ("prefill", "decode")}
+    external = {
+        g: {t.name for t in m.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+        for g, m in graphs.items()
+    }
+    # Prefill and decode refer to the same tensors in weights.bin (the q/k/v/o, MLP and LM-head weights) ...
+    shared = external["prefill"] & external["decode"]
+    assert len(shared) >= 7 * 2 and all(n.startswith(NAME_PREFIX) for n in shared)
+    # ... which holds each once: the engine's weight bytes are the file's content, far less than two copies.
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    weights = engine_dir / "weights.bin"
+    assert manifest["files"]["weights.bin"] == file_digest(weights)
+    sizes = {t.name: int(dict((e.key, e.value) for e in t.external_data)["length"]) for m in graphs.values()
+             for t in m.graph.initializer if t.name in shared}  # fmt: skip
+    assert manifest["weight_bytes"] <= weights.stat().st_size
+    assert sum(sizes.values()) <= manifest["weight_bytes"]
+    for g in graphs:
+        assert (engine_dir / f"{g}.onnx").stat().st_size < weights.stat().st_size / 4
 
 
 @pytest.mark.parametrize("ratio", [0.55, None])
