@@ -34,6 +34,7 @@ class EngineAccount:
     flops: dict  # includes "guidance" and "merge" (0 for a vanilla engine)
     convention: FlopConvention
     plan_matches: bool  # the host-side plan traced here gives the manifest's kv_lengths
+    weight_bytes: int = 0  # weights the engine holds at run time (manifest.weight_bytes; 0: not recorded)
 
     @property
     def kv_total_vanilla(self) -> int:
@@ -128,4 +129,5 @@ def engine_account(manifest: Manifest, convention: FlopConvention = DEFAULT_CONV
         flops=prefill_flops(shape, measured, convention),
         convention=convention,
         plan_matches=planned.seq_per_layer == lengths,
+        weight_bytes=manifest.weight_bytes,
     )

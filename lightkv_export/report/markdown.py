@@ -31,6 +31,10 @@ def accounting_markdown(acc: EngineAccount, engine_label: str = "LightKV") -> st
         f"| prefill GFLOPs | {acc.flops_total_vanilla / 1e9:.4g} | {acc.flops_total / 1e9:.4g} | "
         f"{_pct(acc.flops_total_vanilla, acc.flops_total)} |",
         f"| of which guidance + merge, GFLOPs | 0 | {overhead / 1e9:.4g} | |",
+        *(
+            [f"| weights held at run time, bytes | | {acc.weight_bytes:,} | every graph, one process |"]
+            * bool(acc.weight_bytes)
+        ),
         "",
         f"| layer | tokens cached, vanilla | {engine_label} | vision tokens | KV bytes, vanilla | {engine_label} |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -370,7 +370,11 @@ def build_engine(
         ).__dict__
     processor.save_pretrained(str(directory / PROCESSOR_DIR))
     extra = {"compute_capability": f"{capability[0]}.{capability[1]}", "tensorrt": infos}
-    return replace(manifest, target=target, extra=json.loads(json.dumps(extra, default=str)))
+    # Each plan embeds the weights of its graph, so prefill and decode each hold a copy (refit-sharing between
+    # the two engines is not done yet): the bytes held are the plans' sizes.
+    held = sum((directory / name / "model.plan").stat().st_size for name in GRAPHS)
+    extra = json.loads(json.dumps(extra, default=str))
+    return replace(manifest, target=target, weight_bytes=held, extra=extra)
 
 
 # TensorRT DataType name -> torch dtype. Through torch, not trt.nptype: numpy has no bfloat16, and bf16 engines are

@@ -414,6 +414,10 @@ def test_engine_holds_each_weight_once(builds):
     assert sum(sizes.values()) <= manifest["weight_bytes"]
     for g in graphs:
         assert (engine_dir / f"{g}.onnx").stat().st_size < weights.stat().st_size / 4
+    assert (
+        f"| weights held at run time, bytes | | {manifest['weight_bytes']:,} |"
+        in (engine_dir / "report.md").read_text()
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.55, None])

@@ -123,6 +123,15 @@ def test_accounting_section_written_once_before_the_pictures(tmp_path):
     assert text.endswith("![x](p.png)\n")
 
 
+def test_accounting_states_the_weight_bytes_held():
+    from lightkv_export.accounting.engine import engine_account
+    from lightkv_export.report.markdown import accounting_markdown
+
+    assert "weights held" not in accounting_markdown(engine_account(TOY_MANIFEST))  # not recorded: no row
+    text = accounting_markdown(engine_account(replace(TOY_MANIFEST, weight_bytes=123_456)))
+    assert "| weights held at run time, bytes | | 123,456 | every graph, one process |" in text
+
+
 def test_upsert_section_replaces_appends_and_inserts():
     from lightkv_export.report.markdown import upsert_section
 
