@@ -12,7 +12,8 @@ Convention for a benchmark module (add `benchmarks/bench_<something>.py`; it is 
   smoke test of the same code path at a reduced size, never recorded as the real result.
 * Optional `MODEL = "<registry key>"`: the module builds engines of that model and its `run` takes `model=`;
   `--model KEY` (any tiny preset or model the registry loads here) runs those modules on another model.
-* Optional `REQUIRES = "cuda"`: skipped, with the reason, when `torch.cuda.is_available()` is False.
+* Optional `REQUIRES = "cuda"`: skipped, with the reason, when `torch.cuda.is_available()` is False;
+  `REQUIRES = "module:<name>"`: skipped when that package is not installed (an optional benchmark dependency).
 * Optional `markdown(result: dict) -> str`: the module's subsection of the README's performance section
   (default: a table of its ratios).
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -154,6 +156,10 @@ def skip_reason(mod) -> str | None:
 
         if not torch.cuda.is_available():
             return "needs a CUDA GPU (torch.cuda.is_available() is False)"
+    elif isinstance(requires, str) and requires.startswith("module:"):
+        module = requires.removeprefix("module:")
+        if importlib.util.find_spec(module) is None:
+            return f"needs the {module} package (pip install -e '.[peer]')"
     elif requires is not None:
         return f"unknown requirement {requires!r}"
     return None

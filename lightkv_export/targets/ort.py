@@ -103,11 +103,18 @@ def mapped_initializers(directory: Path, graph: onnx.ModelProto, weights: np.nda
     return views
 
 
-def session_options(shared: dict[str, object]):
+# Graphs whose intermediates are per-request and large (S x S attention scores, the vision tower's activations):
+# without ONNX Runtime's CPU arena they go back to the allocator after each run instead of staying held at their
+# peak for the life of the process. Decode and embed allocate little, the same every step: they keep the arena.
+NO_ARENA = frozenset({"vision", "prefill"})
+
+
+def session_options(shared: dict[str, object], *, arena: bool = True):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.enable_cpu_mem_arena = arena
     # Idle ORT workers otherwise spin for a while after each run and starve the host work between graphs
     # (plan, embedding scatter) and the next graph's own threads.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -138,7 +145,8 @@ def shared_sessions(directory: Path, names) -> dict:
             if key not in values:
                 values[key] = ort.OrtValue.ortvalue_from_numpy(view)
         used = {key: values[key] for key in views}
-        session = ort.InferenceSession(str(path), session_options(used), providers=["CPUExecutionProvider"])
+        options = session_options(used, arena=name not in NO_ARENA)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         # ONNX Runtime borrows shared initializers: they (and the mapping under them) must outlive the session.
         session.shared_initializers = (weights, used)
         sessions[name] = session

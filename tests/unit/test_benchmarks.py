@@ -150,3 +150,23 @@ def test_model_goes_to_the_benchmarks_that_build_engines(capsys):
     assert bench.main(["--quick", "--only", "paper_comparison", "--model", "gpt-4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model 'gpt-4'") and "tiny-llava" in err
+
+
+def test_optional_dependency_is_a_skip_with_the_reason():
+    import types
+
+    assert bench.skip_reason(types.SimpleNamespace(REQUIRES="module:json")) is None
+    reason = bench.skip_reason(types.SimpleNamespace(REQUIRES="module:no_such_package_here"))
+    assert reason == "needs the no_such_package_here package (pip install -e '.[peer]')"
+    assert bench.skip_reason(types.SimpleNamespace(REQUIRES="quantum")) == "unknown requirement 'quantum'"
+
+
+def test_peer_benchmark_declares_its_pinned_dependency():
+    """bench_peer's peer is the version pinned in pyproject's `peer` extra (what the recorded numbers are of)."""
+    import tomllib
+
+    from benchmarks import bench_peer
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["peer"] == [f"onnxruntime-genai=={bench_peer.PEER_VERSION}"]
+    assert bench_peer.REQUIRES == "module:onnxruntime_genai"
