@@ -51,6 +51,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from lightkv_export import rss
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -71,40 +73,19 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times) * 1e3
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _rss_bytes() -> int:
-    return _status_kib("VmRSS") * 1024
-
-
-def _reset_high_water_mark() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_during(call: Callable[[], object]) -> tuple[int, str]:
     """Bytes of resident memory added at the peak of one call, and the method used."""
     gc.collect()
-    if _reset_high_water_mark():
-        base = _rss_bytes()
+    if rss.reset_peak_rss():
+        base = rss.rss_bytes()
         call()
-        return _status_kib("VmHWM") * 1024 - base, "VmHWM after clear_refs"
+        return rss.peak_rss_bytes() - base, "VmHWM after clear_refs"
     # No clear_refs (not Linux, or restricted): sample RSS from a thread every millisecond.
-    base, peak, done = _rss_bytes(), [0], threading.Event()
+    base, peak, done = rss.rss_bytes(), [0], threading.Event()
 
     def sample() -> None:
         while not done.is_set():
-            peak[0] = max(peak[0], _rss_bytes())
+            peak[0] = max(peak[0], rss.rss_bytes())
             time.sleep(0.001)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -114,7 +95,7 @@ def _peak_during(call: Callable[[], object]) -> tuple[int, str]:
     finally:
         done.set()
         sampler.join()
-    return max(peak[0], _rss_bytes()) - base, "RSS sampled every 1 ms"
+    return max(peak[0], rss.rss_bytes()) - base, "RSS sampled every 1 ms"
 
 
 def _child_peak(module: str, factory: str, args: list) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from lightkv_export import __version__
+from lightkv_export import __version__, rss
 from lightkv_export.artifacts import (
     MANIFEST,
     MANIFEST_FORMAT,
@@ -59,6 +59,7 @@ class BuildResult:
     failed_targets: dict[str, LightKVError] = field(default_factory=dict)
     reference: ReferenceRequest | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    peak_rss: dict[str, int | None] = field(default_factory=dict)  # bytes per stage (None: not measurable here)
     triton_repo: Path | None = None
     rejected: dict[str, Path] = field(default_factory=dict)  # parity failed: kept as <target>.rejected, not promoted
 
@@ -76,9 +77,11 @@ class Progress:
 
     def __init__(self, console=None) -> None:
         self.console, self.timings = console, {}
+        self.peak_rss: dict[str, int | None] = {}  # bytes: the process's high-water mark during each stage
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        measured = rss.reset_peak_rss()
         t0 = time.perf_counter()
         if self.console is None:
             yield
@@ -86,7 +89,10 @@ class Progress:
             with self.console.status(f"{name} ..."):
                 yield
         self.timings[name] = time.perf_counter() - t0
-        self.log(f"[green]done[/] {name} [dim]({self.timings[name]:.1f} s)[/]")
+        peak = rss.peak_rss_bytes() if measured else None
+        self.peak_rss[name] = peak
+        memory = f", peak RSS {peak / 2**30:.2f} GiB" if peak is not None else ""
+        self.log(f"[green]done[/] {name} [dim]({self.timings[name]:.1f} s{memory})[/]")
 
     def log(self, message: str) -> None:
         if self.console is not None:
@@ -386,7 +392,7 @@ def run(config: BuildConfig, console=None) -> BuildResult:
 
         with progress.stage("Triton model repository"):
             result.triton_repo = write_repository(accepted, config.triton_repo)
-    result.timings = progress.timings
+    result.timings, result.peak_rss = progress.timings, progress.peak_rss
     return result
 
 

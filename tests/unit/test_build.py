@@ -506,3 +506,16 @@ def test_parity_fails_an_engine_that_decodes_from_the_compressed_length(builds, 
     cases = {c.case for c in report.checks if c.level == "model"}
     assert failing_outputs(report) == {("model", f"greedy-{DECODE_STEPS}")}
     assert {c.case for c in report.checks if not c.passed} == cases  # every request's continuation differs
+
+
+def test_build_reports_time_and_peak_memory_per_stage(builds):
+    """Every stage has its seconds and its peak resident memory (the process's high-water mark over the stage,
+    reset at the stage's start: later stages can show less than earlier ones)."""
+    from lightkv_export import rss
+
+    result = builds("tiny-qwen-vl", 0.55)
+    assert set(result.peak_rss) == set(result.timings) and any(s.startswith("parity") for s in result.timings)
+    if not rss.reset_peak_rss():
+        pytest.skip("this kernel refuses /proc/self/clear_refs: peak RSS per stage is not measurable here")
+    peaks = list(result.peak_rss.values())
+    assert all(isinstance(p, int) and 50 * 2**20 < p < 20 * 2**30 for p in peaks), result.peak_rss

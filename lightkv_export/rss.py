@@ -1,0 +1,39 @@
+"""This process's resident memory from /proc (Linux): now, and the peak since the last reset.
+
+The build reports each stage's peak (pipeline.Progress) and the benchmarks measure with the same functions; where
+/proc is missing or read-only (not Linux, a restricted container) they answer None and callers say so.
+"""
+
+from __future__ import annotations
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def rss_bytes() -> int | None:
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024
+
+
+def peak_rss_bytes() -> int | None:
+    """The high-water mark of resident memory since the process started or reset_peak_rss() last succeeded."""
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Set the high-water mark to the current resident size ("5" to clear_refs); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
