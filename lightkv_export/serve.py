@@ -495,11 +495,15 @@ def wait_unhealthy(server: Server, poll_s: float = HEALTH_POLL_S) -> str:
         time.sleep(poll_s)
 
 
-def serve_forever(server: Server, *, restarts: int = DEFAULT_RESTARTS) -> int:
-    """Block until Ctrl-C / SIGTERM (then stop the server: 0). When the server cannot answer any more (it exited,
-    or a model's backend stub died), restart it on the same port, at most `restarts` times; then exit 1."""
+def serve_forever(server: Server, *, restarts: int = DEFAULT_RESTARTS, banner: tuple[str, ...] = ()) -> int:
+    """Print `banner`, then block until Ctrl-C / SIGTERM (then stop the server: 0). When the server cannot answer
+    any more (it exited, or a model's backend stub died), restart it on the same port, at most `restarts` times;
+    then exit 1. The banner is printed inside the interrupt handler: a client that reads the URL and at once sends
+    Ctrl-C gets a clean stop, not "interrupted while starting"."""
     done = 0
     try:
+        for line in banner:
+            print(line, flush=True)
         while True:
             reason = wait_unhealthy(server)
             print(f"tritonserver cannot answer: {reason}; log tail:\n{tail(server.log_path)}", file=sys.stderr)
@@ -573,9 +577,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = Server(repo, port=port, startup_timeout_s=args.startup_timeout)
         try:
             server.start()
-            print(f"serving {', '.join(server.models())} from {repo}", flush=True)
-            print(f"url: {server.url}   (tritonserver pid {server.process.pid}; Ctrl-C to stop)", flush=True)
-            return serve_forever(server, restarts=args.restarts)
+            banner = (
+                f"serving {', '.join(server.models())} from {repo}",
+                f"url: {server.url}   (tritonserver pid {server.process.pid}; Ctrl-C to stop)",
+            )
+            return serve_forever(server, restarts=args.restarts, banner=banner)
         finally:
             server.close()
     except LightKVError as e:

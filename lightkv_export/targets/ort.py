@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx.external_data_helper import ExternalDataInfo
+from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
 from lightkv_export.artifacts import PROCESSOR_DIR, WEIGHTS_FILE, Manifest
 from lightkv_export.export import ExportedGraphs, strip_roles
@@ -36,7 +36,11 @@ GRAPHS = ("vision", "embed", "prefill", "decode")
 LARGE_MODEL_BYTES = 1 << 30  # past this, graphs are written with external data (protobuf's 2 GiB limit)
 
 
-def save_graph(model: onnx.ModelProto, path: Path) -> None:
+def save_graph(model: onnx.ModelProto, path: Path, base_dir: Path | None = None) -> None:
+    """Write `model` as a self-contained file at `path`; external data it refers to (relative to `base_dir`, e.g.
+    the export cache for a prefill transformed on its structure only) is read in first."""
+    if base_dir is not None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        load_external_data_for_model(model, str(base_dir))
     large = model.ByteSize() > LARGE_MODEL_BYTES
     onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None)
 
@@ -44,8 +48,11 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
 def transform_prefill(
     exported: ExportedGraphs, schedule, *, positions: str, grid_mode: str
 ) -> tuple[onnx.ModelProto, PassReport | None]:
-    """The prefill graph of the engine: LightKV inserted for `schedule`, or the vanilla graph when it is None."""
-    vanilla = onnx.load(str(exported.prefill))
+    """The prefill graph of the engine: LightKV inserted for `schedule`, or the vanilla graph when it is None.
+
+    Read without its weights: a large model's stay in the export's external data (relative to
+    exported.prefill.parent) and the pass rewires structure only; the engine writers stream them from there."""
+    vanilla = onnx.load(str(exported.prefill), load_external_data=False)
     if schedule is None:
         return strip_roles(vanilla), None
     return insert_lightkv(vanilla, schedule, positions=positions, grid_mode=grid_mode)

@@ -358,7 +358,8 @@ def build_engine(
     for name in GRAPHS:
         source = directory / "onnx" / f"{name}.onnx"
         source.parent.mkdir(exist_ok=True)
-        save_graph(prefill if name == "prefill" else onnx.load(str(getattr(exported, name))), source)
+        graph = prefill if name == "prefill" else onnx.load(str(getattr(exported, name)))
+        save_graph(graph, source, base_dir=exported.prefill.parent)
         infos[name] = build_trt_engine(
             source,
             directory / name,

@@ -454,3 +454,40 @@ def test_a_forced_rebuild_gives_byte_identical_graphs(engine_055, tmp_path):
     again = snapshot(result.engine_dirs["ort-cpu"])
     assert {n: h for n, h in again.items() if n.endswith(".onnx")} == graphs and len(graphs) == 4
     assert snapshot(out / ".cache" / "export" / entry.name) == snapshot(entry)
+
+
+def test_an_export_with_external_weights_builds_the_same_engine_without_loading_them(builds, tmp_path):
+    """Large models export with their weights as external data: the transform reads structure only (the weights
+    stay on disk) and the engine writer streams them into weights.bin. The engine is byte for byte the one built
+    from the same export with inline weights."""
+    import onnx
+
+    from lightkv_export.artifacts import PROCESSOR_DIR, WEIGHTS_FILE, read_manifest
+    from lightkv_export.export import _graphs
+    from lightkv_export.method.schedule import parse_schedule
+    from lightkv_export.models.registry import load_processor
+    from lightkv_export.targets.ort import GRAPHS, transform_prefill, write_ort_engine
+
+    engine = builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"]
+    entry = export_entry(engine)
+    exported = _graphs(entry, json.loads((entry / "export.json").read_text()))
+    moved = tmp_path / "export"
+    moved.mkdir()
+    for name in GRAPHS:
+        graph = onnx.load(str(getattr(exported, name)))
+        onnx.save(graph, str(moved / f"{name}.onnx"), save_as_external_data=True, location=f"{name}.onnx.data",
+                  size_threshold=1024)  # fmt: skip
+    external = dataclasses.replace(exported, directory=moved, **{n: moved / f"{n}.onnx" for n in GRAPHS})
+    manifest = read_manifest(engine)
+    schedule = parse_schedule(manifest.schedule, manifest.num_layers)
+    prefill, _ = transform_prefill(external, schedule, positions=manifest.positions, grid_mode=manifest.grid_mode)
+    on_disk = [t for t in prefill.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(on_disk) >= 7 * manifest.num_layers and not any(t.raw_data for t in on_disk)  # never loaded
+    out = tmp_path / "engine"
+    out.mkdir()
+    processor = load_processor(engine / PROCESSOR_DIR, manifest.family)
+    written = write_ort_engine(out, exported=external, prefill=prefill, processor=processor, manifest=manifest)
+    assert written.weight_bytes == manifest.weight_bytes
+    for name in (*GRAPHS, WEIGHTS_FILE):
+        suffix = "" if name == WEIGHTS_FILE else ".onnx"
+        assert (out / f"{name}{suffix}").read_bytes() == (engine / f"{name}{suffix}").read_bytes(), name
