@@ -153,6 +153,15 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def write_record(out_dir: Path, name: str, result: dict, env: dict | None = None, quick: bool = False) -> Path:
+    """One benchmark's result as `<out_dir>/<name>.json`, stamped with the machine it ran on."""
+    record = {"benchmark": name, "quick": quick, **(env if env is not None else environment()), **result}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
+
+
 def environment() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -309,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         for e in entries:
             if e["status"] == "ok":
-                record = {"benchmark": e["name"], "quick": args.quick, **env, **e["result"]}
-                (out_dir / f"{e['name']}.json").write_text(json.dumps(record, indent=2) + "\n")
+                write_record(out_dir, e["name"], e["result"], env, args.quick)
         entries = merge_previous(entries, out_dir, set(modules))
         summary = {**env, "quick": args.quick, "benchmarks": [{k: v for k, v in e.items() if k != "result"}
                                                                for e in entries]}  # fmt: skip

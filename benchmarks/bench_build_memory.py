@@ -87,7 +87,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.__main__ import RESULTS, environment
+    from benchmarks.__main__ import RESULTS, write_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny preset, writes nothing")
@@ -97,10 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print(result["title"])
     print(markdown(result))
     if not args.quick:
-        record = {"benchmark": NAME, "quick": False, **environment(), **result}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
-        print(f"results -> {RESULTS / f'{NAME}.json'}")
+        print(f"results -> {write_record(RESULTS, NAME, result)}")
     return 0
 
 

@@ -20,7 +20,6 @@ Run: `python -m benchmarks --only ort_prefill [--quick]` or `python benchmarks/b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from benchmarks.__main__ import RESULTS, environment
+    from benchmarks.__main__ import RESULTS, write_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, writes nothing")
@@ -273,10 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         f"KV bytes {result['ratios']['KV bytes']:.2f}x smaller; schedule {result['schedule']}"
     )
     if not args.quick:
-        record = {"benchmark": NAME, "quick": False, **environment(), **result}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
-        console.print(f"results -> {RESULTS / f'{NAME}.json'}")
+        console.print(f"results -> {write_record(RESULTS, NAME, result)}")
     return 0
 
 

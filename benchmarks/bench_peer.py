@@ -315,7 +315,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.__main__ import RESULTS, environment
+    from benchmarks.__main__ import RESULTS, write_record
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small model, writes nothing")
@@ -333,10 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     if not args.quick:
         name = NAME if args.context == "default" else f"{NAME}_{args.context}"
-        record = {"benchmark": name, "quick": False, **environment(), **result}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-        print(f"results -> {RESULTS / f'{name}.json'}")
+        print(f"results -> {write_record(RESULTS, name, result)}")
     return 0
 
 

@@ -95,7 +95,7 @@ def build_engine(
     return write_ort_engine(directory, exported=exported, prefill=prefill, processor=processor, manifest=manifest)
 
 
-def mapped_initializers(directory: Path, graph: onnx.ModelProto, weights: np.ndarray) -> dict[str, np.ndarray]:
+def mapped_initializers(graph: onnx.ModelProto, weights: np.ndarray) -> dict[str, np.ndarray]:
     """The graph's initializers that live in weights.bin, as read-only views of the mapped file (no copies)."""
     views = {}
     for tensor in graph.graph.initializer:
@@ -147,7 +147,7 @@ def shared_sessions(directory: Path, names) -> dict:
     sessions = {}
     for name in names:
         path = directory / f"{name}.onnx"
-        views = mapped_initializers(directory, onnx.load(str(path), load_external_data=False), weights)
+        views = mapped_initializers(onnx.load(str(path), load_external_data=False), weights)
         for key, view in views.items():
             if key not in values:
                 values[key] = ort.OrtValue.ortvalue_from_numpy(view)
