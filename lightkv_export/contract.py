@@ -8,10 +8,12 @@ method/merge_plan.py `stage_input_names`, `stage_kept_name`.)
 * embed:   INPUT_IDS -> INPUTS_EMBEDS
 * prefill: INPUTS_EMBEDS, POSITION_IDS, LENGTHS -> LOGITS, present(i, "key" | "value") for every layer
 * decode:  INPUTS_EMBEDS, POSITION_IDS, past(i, kind) and past_mask(i) for every layer -> LOGITS, present(i, kind)
+  (the ort-cpu engine's fused decode takes past_length(i) instead of past_mask(i), and its past(i, kind) are
+  buffers of fixed capacity that present(i, kind) alias: the new entries are written in place)
 
-Role outputs (`ROLE_PREFIX` + role) carry what the pass needs out of the exported prefill (each layer's output
-hidden state and post-RoPE query, the rotary tables), described by the JSON under ROLE_META_KEY in the model's
-metadata; the pass removes them.
+Role outputs (`ROLE_PREFIX` + role) carry what the passes need out of the exported graphs (each layer's output
+hidden state, post-RoPE query and attention output, the rotary tables; in decode the attention's boundary),
+described by the JSON under ROLE_META_KEY in the model's metadata; the passes remove them.
 """
 
 from __future__ import annotations
@@ -54,11 +56,31 @@ def role(name: str) -> str:
 
 def prefill_io(num_layers: int) -> tuple[list[str], list[str], list[str]]:
     """(inputs, outputs, role outputs) of the exported prefill graph."""
-    roles = [role("cos"), role("sin")] + [role(f"{r}.{i}") for i in range(num_layers) for r in ("hidden", "query")]
+    per_layer = ("hidden", *ATTENTION_ROLES)
+    roles = [role("cos"), role("sin")] + [role(f"{r}.{i}") for i in range(num_layers) for r in per_layer]
     return [INPUTS_EMBEDS, POSITION_IDS, LENGTHS], [LOGITS, *presents(num_layers)], roles
 
 
-def decode_io(num_layers: int) -> tuple[list[str], list[str]]:
-    """(inputs, outputs) of the decode graph."""
+# The prefill roles the ort-cpu attention fusion (passes/fuse_attention.py) reads after the LightKV pass: that pass
+# removes only the roles it alone uses, and every target's writer strips what is left (export.strip_roles).
+ATTENTION_ROLES = ("query", "attention")  # post-RoPE query [B, Hq, S, d], attention output [B, S, Hq, d]
+
+
+def is_attention_role(name: str) -> bool:
+    return name.startswith(ROLE_PREFIX) and name[len(ROLE_PREFIX) :].split(".")[0] in ATTENTION_ROLES
+
+
+DECODE_ROLES = ("dquery", "dkey", "dvalue", "dattention")  # per layer, in this order (export.py DecodeGraph)
+
+
+def decode_io(num_layers: int) -> tuple[list[str], list[str], list[str]]:
+    """(inputs, outputs, role outputs) of the exported decode graph."""
     pasts = [past(i, kind) for i in range(num_layers) for kind in KV] + [past_mask(i) for i in range(num_layers)]
-    return [INPUTS_EMBEDS, POSITION_IDS, *pasts], [LOGITS, *presents(num_layers)]
+    roles = [role(f"{r}.{i}") for i in range(num_layers) for r in DECODE_ROLES]
+    return [INPUTS_EMBEDS, POSITION_IDS, *pasts], [LOGITS, *presents(num_layers)], roles
+
+
+def past_length(layer: int) -> str:
+    """The in-place decode graph's (passes/fuse_attention.py) count of valid entries in `layer`'s cache
+    buffer per row before this step, where the new token's key and value are written: [B] int32."""
+    return f"past_length.{layer}"

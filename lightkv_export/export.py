@@ -20,7 +20,9 @@ Graphs (B batch, S prompt tokens, D hidden, L layers, Hkv KV heads, d head size,
            -> logits [B, V] (at each row's last valid token), present.{i}.key / .value [B, Hkv, S, d]
 * embed:   input_ids [B, S] int64 -> inputs_embeds [B, S, D] (the token embedding table, shared by both below)
 * decode:  inputs_embeds [B, 1, D], position_ids [*lead, B, 1], past.{i}.key / .value [B, Hkv, P_i, d] (each layer
-           its own P_i), past_mask.{i} [B, P_i] int64 (1 = real entry) -> logits [B, V], present.{i}.key / .value
+           its own P_i), past_mask.{i} [B, P_i] int64 (1 = real entry) -> logits [B, V], present.{i}.key / .value;
+           role outputs per layer (the attention's boundary, for passes/fuse_attention.py): the post-RoPE
+           query [B, Hq, 1, d], the new token's key and value [B, Hkv, 1, d], the attention output [B, 1, Hq, d]
 * vision:  pixel_values [N_patches, F] for one image of the profile's grid -> image_embeds [N_vis, D]
 """
 
@@ -57,7 +59,7 @@ from lightkv_export.models.positions import Positions
 
 EXPORT_ATTENTION = "lightkv_export_attention"
 OPSET = 21
-EXPORT_VERSION = 3  # bump when the graph contract changes: part of the export cache key
+EXPORT_VERSION = 4  # bump when the graph contract changes: part of the export cache key
 
 
 def export_attention(module, query, key, value, attention_mask, *, scaling=None, lightkv=None, **_kwargs):
@@ -69,6 +71,7 @@ def export_attention(module, query, key, value, attention_mask, *, scaling=None,
     """
     state = lightkv if lightkv is not None else {}
     past = state.get("past")
+    state["new_key"], state["new_value"] = key, value
     if past is not None:
         key = torch.cat([past[0], key], dim=2)  # [B, Hkv, P + s, d]
         value = torch.cat([past[1], value], dim=2)
@@ -79,7 +82,8 @@ def export_attention(module, query, key, value, attention_mask, *, scaling=None,
     out = torch.nn.functional.scaled_dot_product_attention(
         query, k, v, attn_mask=attention_mask, is_causal=attention_mask is None, scale=scaling
     )  # [B, Hq, s, d]
-    return out.transpose(1, 2).contiguous(), None
+    state["attention"] = out.transpose(1, 2).contiguous()  # [B, s, Hq, d]
+    return state["attention"], None
 
 
 AttentionInterface.register(EXPORT_ATTENTION, export_attention)
@@ -100,7 +104,7 @@ class PrefillGraph(torch.nn.Module):
             state: dict[str, torch.Tensor] = {}
             hidden = layer(hidden, attention_mask=None, position_embeddings=(cos, sin), lightkv=state)  # [B, S, D]
             presents += [state["key"], state["value"]]
-            roles += [hidden, state["query"]]
+            roles += [hidden, state["query"], state["attention"]]
         last = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, hidden.shape[-1])  # [B, 1, D]
         final = self.text.norm(hidden.gather(1, last))  # [B, 1, D]
         logits = self.lm_head(final)[:, 0].float()  # [B, V]
@@ -119,7 +123,7 @@ class DecodeGraph(torch.nn.Module):
         keys, values, masks = past[0 : 2 * n : 2], past[1 : 2 * n : 2], past[2 * n :]
         hidden = inputs_embeds  # [B, 1, D]
         cos, sin = self.text.rotary_emb(hidden, position_ids)
-        presents = []
+        presents, roles = [], []
         for i, layer in enumerate(self.text.layers):
             ones = torch.ones_like(masks[i][:, :1])  # [B, 1]: the new token
             keep = torch.cat([masks[i], ones], dim=1)  # [B, P_i + 1]
@@ -128,8 +132,9 @@ class DecodeGraph(torch.nn.Module):
             state = {"past": (keys[i], values[i])}
             hidden = layer(hidden, attention_mask=additive, position_embeddings=(cos, sin), lightkv=state)
             presents += [state["key"], state["value"]]
+            roles += [state["query"], state["new_key"], state["new_value"], state["attention"]]
         logits = self.lm_head(self.text.norm(hidden))[:, -1].float()  # [B, V]
-        return (logits, *presents)
+        return (logits, *presents, *roles)
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,12 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def attention_scaling(text_model) -> float:
+    """The attention's softmax scale: the HF module's own (`scaling`), else SDPA's default 1 / sqrt(d)."""
+    scaling = getattr(text_model.layers[0].self_attn, "scaling", None)
+    return float(scaling) if scaling else head_dim(text_model.config) ** -0.5
+
+
 def export_prefill(
     text_model, lm_head, path: Path, *, dtype: torch.dtype, positions: Positions, example_len: int = 24
 ) -> None:
@@ -224,6 +235,7 @@ def export_prefill(
         "num_heads": cfg.num_attention_heads,
         "num_kv_heads": cfg.num_key_value_heads,
         "head_dim": head_dim(cfg),
+        "scaling": attention_scaling(text_model),
     }
     onnx.helper.set_model_props(model, {contract.ROLE_META_KEY: json.dumps(meta)})
     onnx.save(model, str(path))
@@ -247,21 +259,32 @@ def export_decode(
     past_dyn = [{0: batch, 2: past_dims[i]} for i in range(n) for _ in range(2)]
     past_dyn += [{0: batch, 1: past_dims[i]} for i in range(n)]
     dyn = ({0: batch}, {positions.seq_axis - 1: batch}, tuple(past_dyn))  # *past is one tuple argument to torch.export
-    inputs, outputs = contract.decode_io(n)
+    inputs, outputs, roles = contract.decode_io(n)
     with attention_implementation(cfg, EXPORT_ATTENTION):
         _export(
             DecodeGraph(text_model, lm_head),
             args,
             path,
             input_names=inputs,
-            output_names=outputs,
+            output_names=outputs + roles,
             dynamic_shapes=dyn,
         )
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {
+        "num_layers": n,
+        "num_heads": cfg.num_attention_heads,
+        "num_kv_heads": hkv,
+        "head_dim": hd,
+        "scaling": attention_scaling(text_model),
+    }
+    onnx.helper.set_model_props(model, {contract.ROLE_META_KEY: json.dumps(meta)})
+    onnx.save(model, str(path))
 
 
-def strip_roles(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The vanilla prefill graph: role outputs removed (their producers stay; they feed the real outputs)."""
-    keep = [o for o in model.graph.output if not o.name.startswith(contract.ROLE_PREFIX)]
+def strip_roles(model: onnx.ModelProto, keep_role=lambda name: False) -> onnx.ModelProto:
+    """A graph with its role outputs removed (their producers stay; they feed the real outputs), but those that
+    `keep_role(name)`: the vanilla prefill, and the graphs of targets that keep the standard attention."""
+    keep = [o for o in model.graph.output if not o.name.startswith(contract.ROLE_PREFIX) or keep_role(o.name)]
     del model.graph.output[:]
     model.graph.output.extend(keep)
     return model

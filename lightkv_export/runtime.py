@@ -4,6 +4,8 @@ The generation loop is the same for every target: host preprocessing (the checkp
 processor, resized to the engine's image profile), the vision graph per image, the token embedding graph, the
 per-request merge plan (method/merge_plan.py), the LightKV prefill, then greedy decode steps over per-layer
 caches whose lengths differ by layer group. Decode positions continue from the uncompressed prompt length.
+The caches take the decode graph's form: grown by concatenation with a padding mask (the standard graph), or
+buffers sized once for the generation budget and written in place (the ort-cpu fused decode).
 
     engine = Engine.load("engines/tiny-qwen-vl/r0.55/ort-cpu")
     gen = engine.generate([Image.open("photo.png")], "Describe this image.", max_new_tokens=32)
@@ -34,6 +36,16 @@ class Session(Protocol):
     def run(self, output_names: Sequence[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
 
     def get_outputs(self) -> Sequence[Any]: ...
+
+
+class InPlaceSession(Session, Protocol):
+    """A decode session whose caches are buffers it writes into (the ort-cpu fused decode): `buffers` are fed
+    under their input names, and each output named in `aliases` (output -> input) is that input's buffer."""
+
+    def run_in_place(
+        self, output_names: Sequence[str], feeds: dict[str, np.ndarray], buffers: dict[str, np.ndarray],
+        aliases: dict[str, str],
+    ) -> list[np.ndarray]: ...  # fmt: skip
 
 
 @dataclass
@@ -71,6 +83,78 @@ class Generation:
     prefill_ms: float
     decode_ms: float
     kv_lengths: list[int] = field(default_factory=list)  # per layer, after prefill
+
+
+@dataclass
+class MaskedCache:
+    """The standard decode graph's caches: each step returns every layer's cache grown by one entry (past and the
+    new token concatenated), and a mask per layer marks the padding of shorter rows."""
+
+    keys: list[np.ndarray]  # per layer [B, Hkv, P_l, d]
+    values: list[np.ndarray]
+    masks: list[np.ndarray]  # per layer [B, P_l] int64, 0 at padding
+
+    @classmethod
+    def from_prefill(cls, pre: PrefillOutputs) -> MaskedCache:
+        masks = [
+            (np.arange(k.shape[2])[None, :] < pre.valid[i][:, None]).astype(np.int64) for i, k in enumerate(pre.keys)
+        ]
+        return cls(list(pre.keys), list(pre.values), masks)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[L, B] valid entries per layer and row."""
+        return np.stack([m.sum(axis=1) for m in self.masks])
+
+    def step(self, session: Session, names: Sequence[str], feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """Run one decode step on `feeds` (token embeddings and positions) plus the caches; returns logits [B, V]."""
+        for i, (k, v, m) in enumerate(zip(self.keys, self.values, self.masks, strict=True)):
+            feeds[contract.past(i, "key")], feeds[contract.past(i, "value")], feeds[contract.past_mask(i)] = k, v, m
+        out = dict(zip(names, session.run(names, feeds), strict=True))
+        n, ones = len(self.keys), np.ones((len(self.masks[0]), 1), dtype=np.int64)
+        self.keys = [out[contract.present(i, "key")] for i in range(n)]
+        self.values = [out[contract.present(i, "value")] for i in range(n)]
+        self.masks = [np.concatenate([m, ones], axis=1) for m in self.masks]
+        return out[contract.LOGITS]
+
+
+@dataclass
+class BufferCache:
+    """The fused decode graph's caches (passes/fuse_attention.py): one buffer per layer, allocated once
+    with room for the generation budget, into which each step writes the new token at each row's length. Nothing
+    is copied or grown between steps; a row's valid entries are contiguous from 0."""
+
+    keys: list[np.ndarray]  # per layer [B, Hkv, M_l, d], M_l = prefill length + budget
+    values: list[np.ndarray]
+    lengths: np.ndarray  # [L, B] valid entries per layer and row
+
+    @classmethod
+    def from_prefill(cls, pre: PrefillOutputs, steps: int) -> BufferCache:
+        """Buffers for `steps` decode steps after `pre` (each layer its own capacity: LightKV's are shorter)."""
+        keys, values = [], []
+        for k, v in zip(pre.keys, pre.values, strict=True):
+            b, h, s, d = k.shape  # [B, Hkv, S_l, d]
+            for src, dst in ((k, keys), (v, values)):
+                buffer = np.zeros((b, h, s + steps, d), dtype=src.dtype)  # [B, Hkv, S_l + steps, d]
+                buffer[:, :, :s] = src
+                dst.append(buffer)
+        # A row never has more valid entries than its cache holds (an engine whose prefill disagrees with its
+        # schedule is caught by parity, not by writing past the entries).
+        sizes = np.asarray([k.shape[2] for k in pre.keys])[:, None]  # [L, 1]
+        return cls(keys, values, np.minimum(pre.valid, sizes).astype(np.int64))
+
+    def step(self, session: InPlaceSession, names: Sequence[str], feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if any(int(self.lengths[i].max()) >= k.shape[2] for i, k in enumerate(self.keys)):
+            raise AssertionError("a decode step past the cache buffers' capacity (the generation budget)")
+        buffers, aliases = {}, {}
+        for i, (k, v) in enumerate(zip(self.keys, self.values, strict=True)):
+            feeds[contract.past_length(i)] = self.lengths[i].astype(np.int32)
+            for kind, buffer in (("key", k), ("value", v)):
+                buffers[contract.past(i, kind)] = buffer
+                aliases[contract.present(i, kind)] = contract.past(i, kind)
+        out = dict(zip(names, session.run_in_place(names, feeds, buffers, aliases), strict=True))
+        self.lengths = self.lengths + 1
+        return out[contract.LOGITS]
 
 
 def open_sessions(directory: Path, manifest: Manifest) -> dict[str, Session]:
@@ -176,28 +260,19 @@ class Engine:
             valid=layer_lengths(self.schedule, plan, lengths),
         )
 
-    def decode_step(
-        self,
-        tokens: np.ndarray,
-        positions: np.ndarray,
-        keys: list[np.ndarray],
-        values: list[np.ndarray],
-        masks: list[np.ndarray],
-    ) -> tuple[np.ndarray, list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        """One greedy step for every row: tokens [B], positions [B] (on every row of the scheme), per-layer caches
-        [B, Hkv, P_l, d] and masks [B, P_l] (0 at padding). Returns logits [B, V] and the grown caches and masks."""
+    def start_decode(self, pre: PrefillOutputs, steps: int) -> MaskedCache | BufferCache:
+        """The decode caches after `pre`, for up to `steps` decode steps, in the form the decode graph takes."""
+        if hasattr(self.sessions["decode"], "run_in_place"):
+            return BufferCache.from_prefill(pre, steps)
+        return MaskedCache.from_prefill(pre)
+
+    def decode_step(self, tokens: np.ndarray, positions: np.ndarray, cache: MaskedCache | BufferCache) -> np.ndarray:
+        """One greedy step for every row: tokens [B], positions [B] (on every row of the scheme); the caches
+        advance by one entry per layer and row. Returns logits [B, V]."""
         ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)  # [B, 1]
         embeds = self.sessions["embed"].run(None, {contract.INPUT_IDS: ids})[0]  # [B, 1, D]
         feeds = {contract.INPUTS_EMBEDS: embeds, contract.POSITION_IDS: self.positions.decode(positions)}
-        for i in range(self.num_layers):
-            feeds[contract.past(i, "key")], feeds[contract.past(i, "value")] = keys[i], values[i]
-            feeds[contract.past_mask(i)] = masks[i]
-        names = self.outputs["decode"]
-        out = dict(zip(names, self.sessions["decode"].run(names, feeds), strict=True))
-        n, ones = self.num_layers, np.ones((len(ids), 1), dtype=np.int64)
-        keys = [out[contract.present(i, "key")] for i in range(n)]
-        values = [out[contract.present(i, "value")] for i in range(n)]
-        return out[contract.LOGITS], keys, values, [np.concatenate([m, ones], axis=1) for m in masks]
+        return cache.step(self.sessions["decode"], self.outputs["decode"], feeds)
 
     def generate(self, images: Sequence[Any], prompt: str, *, max_new_tokens: int = 16) -> Generation:
         return self.generate_batch([(images, prompt)], max_new_tokens=max_new_tokens)[0]
@@ -250,10 +325,8 @@ class Engine:
         single = isinstance(requests, Request)
         rows = [requests] if single else list(requests)
         stops = set(self.manifest.eos_token_ids) if stop_at_eos else set()
-        masks = [
-            (np.arange(k.shape[2])[None, :] < pre.valid[i][:, None]).astype(np.int64) for i, k in enumerate(pre.keys)
-        ]
-        keys, values, logits = pre.keys, pre.values, pre.logits
+        cache = self.start_decode(pre, max(int(max_new_tokens) - 1, 0))  # the first token comes from prefill
+        logits = pre.logits
         # Decode continues from each row's uncompressed length, whatever LightKV removed.
         positions = np.asarray([r.seq_len + r.decode_offset for r in rows], dtype=np.int64)
         tokens: list[list[int]] = [[] for _ in rows]
@@ -266,5 +339,5 @@ class Engine:
                     done[b] = token in stops or len(tokens[b]) >= max_new_tokens
             if all(done):
                 return tokens[0] if single else tokens
-            logits, keys, values, masks = self.decode_step(step, positions, keys, values, masks)
+            logits = self.decode_step(step, positions, cache)
             positions = positions + 1

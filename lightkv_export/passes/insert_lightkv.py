@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from lightkv_export.contract import INPUTS_EMBEDS, PRESENT_PREFIX, ROLE_META_KEY, ROLE_PREFIX
+from lightkv_export.contract import INPUTS_EMBEDS, PRESENT_PREFIX, ROLE_META_KEY, ROLE_PREFIX, is_attention_role
 from lightkv_export.errors import InputError
 from lightkv_export.method.merge_plan import stage_input_names, stage_kept_name
 from lightkv_export.method.onnx_function import lightkv_function, node_attributes
@@ -267,10 +267,14 @@ def insert_lightkv(
 
 
 def _finish(irm: ir.Model, schedule: Schedule, seq_dims: list[str]) -> None:
-    """Drop role outputs, clean up, declare the shorter present K / V and attach the LightKVMerge function."""
+    """Drop the role outputs only this pass reads, clean up, declare the shorter present K / V and attach the
+    LightKVMerge function. (The attention roles stay for the ort-cpu fusion; target writers strip the rest.)"""
     graph = irm.graph
     for out in [o for o in graph.outputs if o.name and o.name.startswith(ROLE_PREFIX)]:
-        graph.outputs.remove(out)
+        if is_attention_role(out.name):
+            out.shape = ir.Shape([None] * len(out.shape)) if out.shape else None  # S' after a merge, not S
+        else:
+            graph.outputs.remove(out)
     # Values after a merge no longer have the prompt's length: let ONNX Runtime infer them afresh.
     for node in graph:
         if node.domain == OP_DOMAIN:

@@ -6,8 +6,10 @@ Layout (everything needed to run it; nothing refers back to the export cache):
                              of every file, the expected KV bytes per layer for the reference request, the
                              weight bytes the engine holds at run time
     vision.onnx embed.onnx   the vanilla graphs, their large initializers as external data in weights.bin
-    decode.onnx
-    prefill.onnx             the LightKV-transformed prefill (or the vanilla one for a vanilla engine)
+    decode.onnx              the decode step with GroupQueryAttention over in-place per-layer caches
+    prefill.onnx             the LightKV-transformed prefill (or the vanilla one for a vanilla engine), its
+                             attention GroupQueryAttention too (both: passes/fuse_attention.py, after
+                             passes/fuse_norms.py)
     weights.bin              every distinct large initializer of the four graphs, once (passes/share_weights.py)
     processor/               tokenizer, image processor and chat template
 
@@ -26,8 +28,12 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
 
+from lightkv_export import contract
 from lightkv_export.artifacts import PROCESSOR_DIR, WEIGHTS_FILE, Manifest
+from lightkv_export.contract import is_attention_role
 from lightkv_export.export import ExportedGraphs, strip_roles
+from lightkv_export.passes.fuse_attention import fuse_decode_attention, fuse_prefill_attention
+from lightkv_export.passes.fuse_norms import fuse_norms
 from lightkv_export.passes.insert_lightkv import PassReport, insert_lightkv
 from lightkv_export.passes.share_weights import share_weights
 
@@ -54,7 +60,7 @@ def transform_prefill(
     exported.prefill.parent) and the pass rewires structure only; the engine writers stream them from there."""
     vanilla = onnx.load(str(exported.prefill), load_external_data=False)
     if schedule is None:
-        return strip_roles(vanilla), None
+        return strip_roles(vanilla, keep_role=is_attention_role), None
     return insert_lightkv(vanilla, schedule, positions=positions, grid_mode=grid_mode)
 
 
@@ -72,6 +78,10 @@ def write_ort_engine(
     for name in GRAPHS:
         source = exported.prefill if name == "prefill" else getattr(exported, name)
         graph = prefill if name == "prefill" else onnx.load(str(source), load_external_data=False)
+        if name == "decode":
+            graph = fuse_decode_attention(fuse_norms(graph)[0])
+        elif name == "prefill":
+            graph = fuse_prefill_attention(fuse_norms(graph)[0])
         models[name] = (graph, source.parent)
     shared = share_weights(models, directory / WEIGHTS_FILE)
     for name, (graph, _) in models.items():
@@ -156,5 +166,42 @@ def shared_sessions(directory: Path, names) -> dict:
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         # ONNX Runtime borrows shared initializers: they (and the mapping under them) must outlive the session.
         session.shared_initializers = (weights, used)
-        sessions[name] = session
+        in_place = any(i.name == contract.past_length(0) for i in session.get_inputs())
+        sessions[name] = InPlaceDecode(session) if in_place else session
     return sessions
+
+
+class InPlaceDecode:
+    """The fused decode graph's session (runtime.InPlaceSession): its cache inputs and outputs are bound to the
+    same numpy buffers through ONNX Runtime's IOBinding, so GroupQueryAttention writes each step's entries into
+    them and nothing is copied back."""
+
+    def __init__(self, session) -> None:
+        self.session = session
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, output_names, feeds):
+        return self.session.run(output_names, feeds)
+
+    def run_in_place(self, output_names, feeds, buffers, aliases) -> list[np.ndarray]:
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in buffers.items()}  # no copies
+        for name, array in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        for name, value in values.items():
+            binding.bind_ortvalue_input(name, value)
+        for name in output_names:
+            if name in aliases:
+                binding.bind_ortvalue_output(name, values[aliases[name]])
+            else:
+                binding.bind_output(name)
+        self.session.run_with_iobinding(binding)
+        produced = binding.get_outputs()  # in the order bound
+        return [buffers[aliases[n]] if n in aliases else v.numpy() for n, v in zip(output_names, produced, strict=True)]

@@ -340,6 +340,7 @@ def build_engine(
     the compiled plugin kernels for the target.
     """
     from lightkv_export.artifacts import PROCESSOR_DIR, promote, staging
+    from lightkv_export.export import strip_roles
     from lightkv_export.targets.ort import save_graph
 
     precision: Precision = "bf16" if manifest.dtype == "bfloat16" else "fp16"
@@ -358,7 +359,7 @@ def build_engine(
     for name in GRAPHS:
         source = directory / "onnx" / f"{name}.onnx"
         source.parent.mkdir(exist_ok=True)
-        graph = prefill if name == "prefill" else onnx.load(str(getattr(exported, name)))
+        graph = strip_roles(prefill if name == "prefill" else onnx.load(str(getattr(exported, name))))
         save_graph(graph, source, base_dir=exported.prefill.parent)
         infos[name] = build_trt_engine(
             source,

@@ -210,6 +210,7 @@ def toy_prefill(cfg: ToyConfig = ToyConfig(), *, with_roles: bool = True) -> onn
             "num_heads": cfg.heads,
             "num_kv_heads": 1,
             "head_dim": cfg.head_dim,
+            "scaling": cfg.head_dim**-0.5,
         }
         helper.set_model_props(model, {ROLE_META_KEY: json.dumps(meta)})
     onnx.checker.check_model(model, full_check=True)

@@ -496,9 +496,9 @@ def test_parity_fails_an_engine_that_decodes_from_the_compressed_length(builds, 
     shutil.copytree(builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"], engine_dir)
     real_step = Engine.decode_step
 
-    def compressed_positions(self, tokens, positions, keys, values, masks):
-        removed = masks[0].sum(axis=1) - masks[-1].sum(axis=1)  # [B] tokens LightKV took from the last layer
-        return real_step(self, tokens, positions - removed, keys, values, masks)
+    def compressed_positions(self, tokens, positions, cache):
+        removed = cache.lengths[0] - cache.lengths[-1]  # [B] tokens LightKV took from the last layer
+        return real_step(self, tokens, positions - removed, cache)
 
     monkeypatch.setattr(Engine, "decode_step", compressed_positions)
     report = run_parity(engine_dir, loaded=tiny_qwen_vl)
