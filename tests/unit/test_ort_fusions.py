@@ -1,7 +1,7 @@
-"""The ort-cpu fusions (passes/fuse_attention.py, passes/fuse_norms.py) on real exported graphs. Prefill: the
-fused graph, vanilla or after the LightKV pass, computes what the standard graph computes on a padded batch. Decode: the fused
-step computes what the standard step computes over caches whose lengths differ per layer (LightKV) and per row (a
-padded batch), writes each step's entries in place, and reads no mask. Norms: every RMSNorm fused, same outputs."""
+"""The ort-cpu fusions (passes/fuse_attention.py, passes/fuse_norms.py) on real exported graphs. Prefill: the fused
+graph, vanilla or after the LightKV pass, computes what the standard graph computes on a padded batch. Decode: the
+fused step computes what the standard step computes over caches whose lengths differ per layer (LightKV) and per row
+(a padded batch), writes each step's entries in place, and reads no mask. Norms: every RMSNorm fused, same outputs."""
 
 from __future__ import annotations
 
