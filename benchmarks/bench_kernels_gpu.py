@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from lightkv_export.method.reference import StagePlan, apply_plan, plan_stage
+from lightkv_export.method.layout import StagePlan, plan_stage
+from lightkv_export.method.reference import apply_plan
 from lightkv_export.models.base import VisionSpan
 
 HIDDEN = 3584
@@ -60,7 +61,7 @@ def copy_bandwidth(nbytes: int, runs: int) -> float:
 
 def bytes_moved(plan: StagePlan, elem: int) -> int:
     """Vision tokens read once for matching; survivors read and written once; guidance and kept."""
-    vision = int((plan.win_index >= 0).sum()) if plan.win_index.numel() else 0
+    vision = int((plan.win_index >= 0).sum()) if plan.win_index.size else 0
     out = sum(plan.out_lengths)
     return (vision + 2 * out) * HIDDEN * elem + plan.batch * plan.seq_len * 4 + out * 8
 

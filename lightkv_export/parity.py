@@ -31,9 +31,10 @@ from lightkv_export.artifacts import Manifest, graph_digest, write_text_atomic
 from lightkv_export.errors import LightKVError
 from lightkv_export.export import GRAPHS, ExportedGraphs
 from lightkv_export.inputs import parity_cases, torch_inputs
+from lightkv_export.method.layout import plan_stage
 from lightkv_export.method.merge_plan import plan_request
 from lightkv_export.method.onnx_function import run_ort
-from lightkv_export.method.reference import lightkv_merge, plan_stage
+from lightkv_export.method.reference import lightkv_merge
 from lightkv_export.method.schedule import Schedule, Stage
 from lightkv_export.models.base import LoadedModel, VisionSpan
 from lightkv_export.runtime import Engine

@@ -28,7 +28,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.method.guidance import SoftmaxAxis, text_guidance
-from lightkv_export.method.reference import GridMode, VisionSpan, lightkv_merge
+from lightkv_export.method.layout import GridMode
+from lightkv_export.method.reference import VisionSpan, lightkv_merge
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.base import LoadedModel, PrefillInputs
 

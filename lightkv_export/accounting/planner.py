@@ -8,7 +8,7 @@ from lightkv_export.accounting.flops import FlopConvention, decode_flops, prefil
 from lightkv_export.accounting.trace import SequenceTrace, TokenLayout, analytic_kv_bytes_per_layer, trace_schedule
 from lightkv_export.accounting.units import GB
 from lightkv_export.errors import InputError
-from lightkv_export.method.reference import GridMode
+from lightkv_export.method.layout import GridMode
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.shapes import ArchShape
 

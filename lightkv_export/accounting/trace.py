@@ -13,7 +13,7 @@ from functools import lru_cache
 from lightkv_export.errors import InputError
 from lightkv_export.kv import kv_bytes_per_layer, kv_shapes
 from lightkv_export.method import merge_plan
-from lightkv_export.method.reference import GridMode
+from lightkv_export.method.layout import GridMode
 from lightkv_export.method.schedule import Schedule, Stage
 from lightkv_export.models.base import VisionSpan
 from lightkv_export.models.shapes import ArchShape, image_grids
@@ -107,7 +107,7 @@ def _trace_vision(
             continue
         st = plan.stages[k]
         valid = st.win_index >= 0  # [W, n_max]
-        pairs = int((valid[:, 0::2].sum(1) * valid[:, 1::2].sum(1)).sum()) if st.win_index.numel() else 0
+        pairs = int((valid[:, 0::2].sum(1) * valid[:, 1::2].sum(1)).sum()) if st.win_index.size else 0
         per_stage.append((stage.layer, st.out_lengths[0], sum(st.skipped[0]), pairs))
     per_layer = tuple(int(n) for n in merge_plan.layer_lengths(schedule, plan, [seq])[:, 0])  # [L] of row 0
     return per_layer, tuple(per_stage)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lightkv_export.method.reference import GridMode, StagePlan, plan_stage
+from lightkv_export.method.layout import GridMode, StagePlan, plan_stage
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.base import VisionSpan
 
@@ -84,9 +84,9 @@ def plan_request(
             cur_spans, seq, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode, lengths=cur_lengths
         )
         names = stage_input_names(k)
-        if plan.win_r.numel():
-            feeds[names["win_index"]] = plan.win_index.numpy().astype(np.int64)
-            feeds[names["win_r"]] = plan.win_r.numpy().astype(np.int64)
+        if plan.win_r.size:
+            feeds[names["win_index"]] = plan.win_index.astype(np.int64)
+            feeds[names["win_r"]] = plan.win_r.astype(np.int64)
         else:  # nothing to merge: one empty window, so no engine ever sees a zero-sized dimension
             feeds[names["win_index"]] = np.full((1, 2), -1, dtype=np.int64)
             feeds[names["win_r"]] = np.zeros(1, dtype=np.int64)

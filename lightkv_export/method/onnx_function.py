@@ -34,7 +34,8 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper
 
-from lightkv_export.method.reference import COS_EPS, OP_DOMAIN, OP_NAME, OP_VERSION, StagePlan
+from lightkv_export.method.layout import OP_DOMAIN, OP_NAME, OP_VERSION, StagePlan
+from lightkv_export.method.reference import COS_EPS
 
 # Standard opset of the function body. Every op it uses has had the same semantics since opset 18 (ScatterND
 # with reduction, ReduceMax/ReduceL2 with axes as an input), so `lightkv_function(opset=...)` may match the
@@ -311,8 +312,8 @@ def standalone_model(
 def plan_feeds(plan: StagePlan) -> dict[str, np.ndarray]:
     """The plan's index inputs (win_index, win_r, lengths, out_lengths) as int64 arrays."""
     return {
-        "win_index": plan.win_index.detach().cpu().to(torch.int64).numpy(),  # [W, n_max], W may be 0
-        "win_r": plan.win_r.detach().cpu().to(torch.int64).numpy().reshape(-1),
+        "win_index": np.asarray(plan.win_index, dtype=np.int64),  # [W, n_max], W may be 0
+        "win_r": np.asarray(plan.win_r, dtype=np.int64).reshape(-1),
         "lengths": np.asarray(plan.lengths, dtype=np.int64).reshape(plan.batch),
         "out_lengths": np.asarray(plan.out_lengths, dtype=np.int64).reshape(plan.batch),
     }

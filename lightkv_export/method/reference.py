@@ -2,9 +2,9 @@
 
 The op is split the way every backend runs it (DESIGN.md section 2):
 
-* `plan_stage` works on the host from spans and grids alone: window membership, A/B roles, r per window,
-  output lengths and the next stage's spans and grids. Nothing in it looks at tensor values, so S' is a
-  pure function of the layout and an engine can size its buffers before the data arrives.
+* `plan_stage` (method/layout.py, numpy) works on the host from spans and grids alone: window membership,
+  A/B roles, r per window, output lengths and the next stage's spans and grids. Nothing in it looks at tensor
+  values, so S' is a pure function of the layout and an engine can size its buffers before the data arrives.
 * `apply_plan` does the data-dependent part: cosine similarity, best match, top-r selection, guidance-weighted
   merge and order-preserving compaction. Similarity and weights are computed in fp32 whatever the hidden dtype.
 
@@ -37,44 +37,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from lightkv_export.errors import InputError
+from lightkv_export.method.layout import GridMode, StagePlan, plan_stage
 from lightkv_export.models.base import VisionSpan
 
-# The op's identity, shared by the ONNX node, the ONNX Runtime function and the TensorRT plugin.
-OP_DOMAIN = "lightkv"
-OP_NAME = "LightKVMerge"
-OP_VERSION = 1
-
-GridMode = Literal["true", "official"]
-GRID_MODES: tuple[str, ...] = ("true", "official")
-MIN_TOKENS_PER_WINDOW = 8  # an image needs at least 8 * p^2 tokens for a stage with p windows per side
 COS_EPS = 1e-8
-
-
-@dataclass(frozen=True)
-class StagePlan:
-    """The data-independent half of one stage: what to compare, how many to merge, the output layout.
-
-    win_index: [W, n_max] int64, flat index (b * S + s) of each window's tokens in raster order, -1 padding
-    win_r:     [W] int64, tokens to merge away in each window
-    """
-
-    batch: int
-    seq_len: int
-    lengths: tuple[int, ...]
-    out_lengths: tuple[int, ...]
-    win_index: torch.Tensor
-    win_r: torch.Tensor
-    spans: tuple[tuple[VisionSpan, ...], ...]
-    skipped: tuple[tuple[bool, ...], ...]
-
-    @property
-    def out_seq_len(self) -> int:
-        return max(self.out_lengths) if self.out_lengths else 0
 
 
 @dataclass(frozen=True)
@@ -91,161 +61,6 @@ class MergeResult:
     spans: tuple[tuple[VisionSpan, ...], ...]
     skipped: tuple[tuple[bool, ...], ...]
     merged_into: torch.Tensor | None = None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Host side: the plan
-# ---------------------------------------------------------------------------------------------------------
-
-
-def merge_count(n: int, ratio: float) -> int:
-    """r = min(floor(ratio * n), n // 2): tokens one window of n merges away."""
-    return min(math.floor(round(ratio * n, 9)), n // 2)
-
-
-# floor(round(p, 9)) is floor(p) + 1 exactly when p's fractional part exceeds the decimal 0.9999999995 (round()
-# is correctly rounded). The nearest double to that decimal lies just below it with no double in between, so a
-# strict `>` against it gives round()'s answer bit for bit.
-ROUND_UP_FRACTION = 0.9999999995
-
-
-def merge_counts(sizes: torch.Tensor, ratio: float) -> torch.Tensor:
-    """merge_count over a tensor of window sizes [W] -> r [W] int64, with identical results."""
-    n = sizes.to(torch.int64)
-    p = n.to(torch.float64) * ratio  # the same IEEE product as ratio * n in Python
-    whole = torch.floor(p)
-    r = whole.to(torch.int64) + ((p - whole) > ROUND_UP_FRACTION).to(torch.int64)  # p - floor(p) is exact
-    return torch.minimum(r, n // 2)
-
-
-def band_sizes(side: int, parts: int) -> list[int]:
-    """Split `side` cells into `parts` bands, the first `side % parts` one cell longer."""
-    base, rem = divmod(side, parts)
-    return [base + 1 if k < rem else base for k in range(parts)]
-
-
-def pseudo_square(n: int) -> tuple[int, int]:
-    """The released code's grid: the smallest square holding n tokens, padded at the end."""
-    side = math.isqrt(n)
-    if side * side < n:
-        side += 1
-    return side, side
-
-
-def derive_grid(grid: tuple[int, int], n_new: int) -> tuple[int, int]:
-    """Grid for n_new survivors of a (h, w) image: same aspect ratio, row-major, partial last row."""
-    h, w = grid
-    w_new = max(1, min(n_new, round(w * math.sqrt(n_new / (h * w)))))
-    return math.ceil(n_new / w_new), w_new
-
-
-def window_layout(n: int, grid: tuple[int, int], windows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Windows of one image: (members [p*p, n_max] token offsets in raster order, -1 padded; sizes [p*p])."""
-    h, w = grid
-    offsets = torch.arange(n)  # [n]
-    row_band = torch.repeat_interleave(torch.arange(windows), torch.tensor(band_sizes(h, windows)))  # [h]
-    col_band = torch.repeat_interleave(torch.arange(windows), torch.tensor(band_sizes(w, windows)))  # [w]
-    label = row_band[offsets // w] * windows + col_band[offsets % w]  # [n] window of each token
-    order = torch.argsort(label * n + offsets)  # [n] by window, then raster order
-    sizes = torch.bincount(label, minlength=windows * windows)  # [p*p]
-    starts = torch.cumsum(sizes, 0) - sizes  # [p*p]
-    sorted_label = label[order]
-    slot = torch.arange(n) - starts[sorted_label]  # [n] position inside its window
-    members = torch.full((windows * windows, int(sizes.max())), -1, dtype=torch.long)
-    members[sorted_label, slot] = order
-    return members, sizes
-
-
-def validate_layout(spans: Sequence[Sequence[VisionSpan]], lengths: Sequence[int]) -> None:
-    """Spans must be in order, non-overlapping, inside the row, with a grid that holds them."""
-    if len(spans) != len(lengths):
-        raise InputError(f"spans describe {len(spans)} batch rows but the hidden states have {len(lengths)}.")
-    for b, (row, length) in enumerate(zip(spans, lengths, strict=True)):
-        prev_end = 0
-        for i, span in enumerate(row):
-            where = f"batch row {b}, image {i} (start={span.start}, length={span.length}, grid={span.grid})"
-            if span.length < 1 or span.start < 0 or span.end > length:
-                raise InputError(
-                    f"{where}: the span is empty or outside the row's {length} valid tokens. "
-                    "Expected 0 <= start and start + length <= row length."
-                )
-            if span.start < prev_end:
-                raise InputError(
-                    f"{where}: overlaps or precedes the previous image (which ends at {prev_end}). "
-                    "Expected spans sorted by start and non-overlapping."
-                )
-            h, w = span.grid
-            if h < 1 or w < 1 or h * w < span.length or (h - 1) * w >= span.length:
-                raise InputError(
-                    f"{where}: grid {h}x{w} does not match {span.length} tokens. Expected "
-                    "(h - 1) * w < length <= h * w (a full grid, or a partial last row after a merge)."
-                )
-            prev_end = span.end
-
-
-def plan_stage(
-    spans: Sequence[Sequence[VisionSpan]],
-    seq_len: int,
-    *,
-    windows: int,
-    ratio: float,
-    grid_mode: GridMode = "true",
-    lengths: Sequence[int] | None = None,
-) -> StagePlan:
-    """Everything about one stage that depends only on the layout (no tensor values)."""
-    if not 0.0 <= ratio < 1.0:
-        raise InputError(f"stage ratio {ratio} is outside [0, 1): it is the fraction of each window merged away.")
-    if windows < 1:
-        raise InputError(f"windows per side must be >= 1, got {windows}.")
-    if grid_mode not in GRID_MODES:
-        raise InputError(f"grid mode {grid_mode!r} is unknown; expected one of {', '.join(GRID_MODES)}.")
-    lengths = tuple(int(n) for n in (lengths if lengths is not None else [seq_len] * len(spans)))
-    if any(n > seq_len or n < 0 for n in lengths):
-        raise InputError(f"row lengths {lengths} must lie in [0, {seq_len}] (the sequence length).")
-    validate_layout(spans, lengths)
-
-    blocks: list[torch.Tensor] = []
-    rs: list[torch.Tensor] = []
-    out_lengths, new_spans, skipped = [], [], []
-    for b, row in enumerate(spans):
-        removed = 0
-        row_spans, row_skipped = [], []
-        for span in row:
-            skip = span.length < MIN_TOKENS_PER_WINDOW * windows * windows
-            row_skipped.append(skip)
-            if skip or ratio == 0.0:
-                row_spans.append(VisionSpan(span.start - removed, span.length, span.grid))
-                continue
-            grid = span.grid if grid_mode == "true" else pseudo_square(span.length)
-            members, sizes = window_layout(span.length, grid, windows)
-            r = merge_counts(sizes, ratio)  # [p*p]
-            base = b * seq_len + span.start
-            blocks.append(torch.where(members >= 0, members + base, members))
-            rs.append(r)
-            n_new = span.length - int(r.sum())
-            row_spans.append(VisionSpan(span.start - removed, n_new, derive_grid(span.grid, n_new)))
-            removed += span.length - n_new
-        out_lengths.append(lengths[b] - removed)
-        new_spans.append(tuple(row_spans))
-        skipped.append(tuple(row_skipped))
-
-    n_max = max((blk.shape[1] for blk in blocks), default=0)
-    win_index = (
-        torch.cat([torch.nn.functional.pad(blk, (0, n_max - blk.shape[1]), value=-1) for blk in blocks])
-        if blocks
-        else torch.empty(0, 0, dtype=torch.long)
-    )
-    win_r = torch.cat(rs) if rs else torch.empty(0, dtype=torch.long)
-    return StagePlan(
-        batch=len(spans),
-        seq_len=seq_len,
-        lengths=lengths,
-        out_lengths=tuple(out_lengths),
-        win_index=win_index,
-        win_r=win_r,
-        spans=tuple(new_spans),
-        skipped=tuple(skipped),
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,9 +127,9 @@ def apply_plan(hidden: torch.Tensor, guidance: torch.Tensor, plan: StagePlan) ->
     keep = positions < torch.tensor(plan.lengths, device=device).unsqueeze(1)  # [B, S]
     merged_into = torch.where(keep, positions, -1).reshape(-1)  # [N] row-local index, -1 at padding
     out_flat = flat
-    if plan.win_index.numel():
+    if plan.win_index.size:
         x = flat.float()  # [N, D]
-        win_index, win_r = plan.win_index.to(device), plan.win_r.to(device)
+        win_index, win_r = torch.as_tensor(plan.win_index, device=device), torch.as_tensor(plan.win_r, device=device)
         src, dst = match_windows(x, win_index, win_r)
         if src.numel():
             touched, merged = weighted_merge(x, guidance.reshape(-1).float(), src, dst)

@@ -8,11 +8,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from lightkv_export.errors import InputError
 
 if TYPE_CHECKING:
+    import torch
+
     from lightkv_export.models.family import Family
 
 
@@ -133,6 +133,8 @@ def head_dim(text_config: Any) -> int:
 
 def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> list[list[tuple[int, int]]]:
     """Per row of input_ids [B, S], the (start, end) of each contiguous run of `token_id` (one image's tokens)."""
+    import torch  # here, not at import: the runtime uses this module's types without PyTorch
+
     runs = []
     for row in input_ids:  # [S]
         flags = torch.cat([torch.zeros(1), (row == token_id).float(), torch.zeros(1)])  # [S + 2]

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from lightkv_export.models.base import VisionSpan
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class Positions:
 
     def example(self, batch: int, seq: int) -> torch.Tensor:
         """Ids for an export example: 0..seq-1 on every row, [*lead, batch, seq]."""
+        import torch  # here, not at import: the runtime uses the host side without PyTorch
+
         return torch.arange(seq).expand(*self.shape(batch, seq)).contiguous()
 
     def after_merge(self, pos: torch.Tensor, kept: torch.Tensor, mode: str) -> torch.Tensor:
@@ -69,6 +73,8 @@ class Positions:
             index = kept.clamp(min=0).expand(*self.shape(*kept.shape))  # [*lead, B, S']
             return pos.gather(self.seq_axis, index.to(pos.device))
         width = kept.shape[1]
+        import torch
+
         return torch.arange(width, device=pos.device).expand(*self.shape(kept.shape[0], width))
 
     def after_merge_onnx(self, b: Any, pos: Any, kept: Any, mode: str) -> Any:

@@ -25,9 +25,9 @@ from onnx_ir.passes import common as common_passes
 
 from lightkv_export.contract import INPUTS_EMBEDS, PRESENT_PREFIX, ROLE_META_KEY, ROLE_PREFIX, is_attention_role
 from lightkv_export.errors import InputError
+from lightkv_export.method.layout import OP_DOMAIN, OP_NAME, OP_VERSION
 from lightkv_export.method.merge_plan import stage_input_names, stage_kept_name
 from lightkv_export.method.onnx_function import lightkv_function, node_attributes
-from lightkv_export.method.reference import OP_DOMAIN, OP_NAME, OP_VERSION
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.positions import SCHEMES
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from lightkv_export.method.reference import OP_DOMAIN, OP_NAME
+from lightkv_export.method.layout import OP_DOMAIN, OP_NAME
 
 PLUGIN_NAMESPACE = "lightkv"
 PLUGIN_VERSION = "1"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -30,12 +31,10 @@ from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_m
 
 from lightkv_export import contract
 from lightkv_export.artifacts import PROCESSOR_DIR, WEIGHTS_FILE, Manifest
-from lightkv_export.contract import is_attention_role
-from lightkv_export.export import ExportedGraphs, strip_roles
-from lightkv_export.passes.fuse_attention import fuse_decode_attention, fuse_prefill_attention
-from lightkv_export.passes.fuse_norms import fuse_norms
-from lightkv_export.passes.insert_lightkv import PassReport, insert_lightkv
-from lightkv_export.passes.share_weights import share_weights
+
+if TYPE_CHECKING:  # the build side (export, passes) stays out of a process that only runs engines
+    from lightkv_export.export import ExportedGraphs
+    from lightkv_export.passes.insert_lightkv import PassReport
 
 GRAPHS = ("vision", "embed", "prefill", "decode")
 
@@ -58,6 +57,10 @@ def transform_prefill(
 
     Read without its weights: a large model's stay in the export's external data (relative to
     exported.prefill.parent) and the pass rewires structure only; the engine writers stream them from there."""
+    from lightkv_export.contract import is_attention_role
+    from lightkv_export.export import strip_roles
+    from lightkv_export.passes.insert_lightkv import insert_lightkv
+
     vanilla = onnx.load(str(exported.prefill), load_external_data=False)
     if schedule is None:
         return strip_roles(vanilla, keep_role=is_attention_role), None
@@ -74,6 +77,10 @@ def write_ort_engine(
 ) -> Manifest:
     """Write the ort-cpu engine's files into `directory`; returns its manifest (the pipeline adds the file
     records and writes it). The graphs are read without their weights; the pass streams them into weights.bin."""
+    from lightkv_export.passes.fuse_attention import fuse_decode_attention, fuse_prefill_attention
+    from lightkv_export.passes.fuse_norms import fuse_norms
+    from lightkv_export.passes.share_weights import share_weights
+
     models = {}
     for name in GRAPHS:
         source = exported.prefill if name == "prefill" else getattr(exported, name)

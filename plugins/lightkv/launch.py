@@ -13,7 +13,7 @@ import torch
 import triton
 
 from lightkv_export.errors import InputError
-from lightkv_export.method.reference import StagePlan
+from lightkv_export.method.layout import StagePlan
 from plugins.lightkv import kernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -77,12 +77,12 @@ class PlanTensors:
 
 def plan_tensors(plan: StagePlan, device: torch.device | str) -> PlanTensors:
     """Copy the plan's index inputs to `device` (once per request, outside any timed kernel region)."""
-    win_index = plan.win_index.to(device=device, dtype=torch.int64).contiguous()  # [W, n_max]
+    win_index = torch.as_tensor(plan.win_index, dtype=torch.int64, device=device).contiguous()  # [W, n_max]
     if win_index.dim() != 2:
         win_index = win_index.reshape(-1, 0)
     return PlanTensors(
         win_index=win_index,
-        win_r=plan.win_r.to(device=device, dtype=torch.int64).contiguous(),  # [W]
+        win_r=torch.as_tensor(plan.win_r, dtype=torch.int64, device=device).contiguous(),  # [W]
         lengths=torch.tensor(plan.lengths, dtype=torch.int64, device=device),  # [B]
         out_lengths=torch.tensor(plan.out_lengths, dtype=torch.int64, device=device),  # [B]
         out_seq=plan.out_seq_len,

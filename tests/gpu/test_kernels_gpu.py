@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightkv_export.method.reference import StagePlan, apply_plan, plan_stage
+from lightkv_export.method.layout import StagePlan, plan_stage
+from lightkv_export.method.reference import apply_plan
 from lightkv_export.models.base import VisionSpan
 
 pytestmark = [

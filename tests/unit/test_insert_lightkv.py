@@ -18,8 +18,8 @@ import torch
 from lightkv_export.contract import ROLE_META_KEY, ROLE_PREFIX, is_attention_role
 from lightkv_export.errors import InputError
 from lightkv_export.export import export_prefill, strip_roles
+from lightkv_export.method.layout import OP_DOMAIN, OP_NAME
 from lightkv_export.method.merge_plan import RequestPlan, plan_request, stage_input_names, stage_kept_name
-from lightkv_export.method.reference import OP_DOMAIN, OP_NAME
 from lightkv_export.method.schedule import Schedule, Stage, solve
 from lightkv_export.models.base import VisionSpan
 from lightkv_export.models.positions import MROPE

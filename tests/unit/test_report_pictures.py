@@ -22,7 +22,8 @@ from lightkv_export.config import BuildConfig
 from lightkv_export.errors import InputError
 from lightkv_export.inputs import parity_images, torch_inputs
 from lightkv_export.kv import kv_bytes_per_layer
-from lightkv_export.method.reference import lightkv_merge, plan_stage, window_layout
+from lightkv_export.method.layout import plan_stage, window_layout
+from lightkv_export.method.reference import lightkv_merge
 from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.base import VisionSpan
 from lightkv_export.report import cli

@@ -150,3 +150,19 @@ def test_decode_positions_match_the_vanilla_continuation():
     generated text continues where the uncompressed prompt ended."""
     for r in REQUESTS.values():
         assert r.seq_len + r.decode_offset == int(r.position_ids.max()) + 1
+
+
+def test_the_runtime_and_the_merge_plan_import_no_torch():
+    """The generation loop and the host merge plan (method/layout.py) are numpy: a process that only runs engines
+    does not pay for PyTorch on their account. (The checkpoint's processor, loaded by Engine.load through
+    transformers, still imports it: issue 12's torch-free host preprocessing is open.)"""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lightkv_export.runtime, lightkv_export.method.merge_plan, lightkv_export.targets.ort; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"

@@ -11,7 +11,7 @@ import torch
 import lightkv_export.torch_runtime as rt
 from lightkv_export.errors import InputError
 from lightkv_export.method.guidance import text_guidance
-from lightkv_export.method.reference import plan_stage
+from lightkv_export.method.layout import plan_stage
 from lightkv_export.method.schedule import Schedule, Stage, solve
 
 PROMPT = "Describe this image."

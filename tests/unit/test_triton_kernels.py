@@ -23,7 +23,8 @@ import pytest  # noqa: E402  (after TRITON_INTERPRET, on purpose)
 import torch  # noqa: E402
 
 from lightkv_export.errors import InputError  # noqa: E402
-from lightkv_export.method.reference import StagePlan, apply_plan, plan_stage  # noqa: E402
+from lightkv_export.method.layout import StagePlan, plan_stage  # noqa: E402
+from lightkv_export.method.reference import apply_plan  # noqa: E402
 from lightkv_export.models.base import VisionSpan  # noqa: E402
 from plugins.lightkv.launch import INTERPRET_CONFIG, lightkv_merge_triton  # noqa: E402
 
@@ -123,7 +124,7 @@ def test_skipped_and_ratio_zero_stages_only_compact() -> None:
     guidance = torch.rand(2, 50, generator=gen)
     small = [[VisionSpan(3, 20, (4, 5))], [VisionSpan(1, 12, (3, 4))]]  # < 8 * 2^2 tokens: skipped
     skipped = plan_stage(small, 50, windows=2, ratio=0.5, lengths=[50, 33])
-    assert skipped.win_index.numel() == 0 and all(all(s) for s in skipped.skipped)
+    assert skipped.win_index.size == 0 and all(all(s) for s in skipped.skipped)
     check(hidden, guidance, skipped)
     ratio0 = plan_stage([[VisionSpan(3, 40, (5, 8))], []], 50, windows=1, ratio=0.0, lengths=[45, 50])
     check(hidden, guidance, ratio0)
