@@ -161,12 +161,12 @@ def test_cli_detects_a_corrupt_cached_export_and_rebuilds_it(builds, engines_out
 
 def test_interrupted_build_leaves_no_engine_directory(builds, engines_out, monkeypatch):
     builds("tiny-qwen-vl", 0.55)  # export cached
-    from lightkv_export.targets import ort as ort_target
+    from lightkv_export.passes import share_weights as share_pass
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ort_target, "share_weights", interrupted)
+    monkeypatch.setattr(share_pass, "share_weights", interrupted)  # the ort-cpu writer, mid-engine
     with pytest.raises(KeyboardInterrupt):
         run(BuildConfig(model="tiny-qwen-vl", ratio=0.45, out=engines_out, parity=False))
     parent = engines_out / "tiny-qwen-vl" / "r0.45"
