@@ -16,8 +16,11 @@ Writes parity.json and report.md into the engine directory. Exit code 0 pass, 1 
 from __future__ import annotations
 
 import argparse
+import functools
+import gc
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +40,10 @@ from lightkv_export.method.onnx_function import run_ort
 from lightkv_export.method.reference import lightkv_merge
 from lightkv_export.method.schedule import Schedule, Stage
 from lightkv_export.models.base import LoadedModel, VisionSpan
-from lightkv_export.runtime import Engine
+from lightkv_export.runtime import Engine, Request
 
 DECODE_STEPS = 16
+IDENTITY_CASES = 2  # the first cases also go through the merge-nothing and vanilla-export checks
 EXPORT_CACHE = ".cache/export"  # under the build's --out, as pipeline.py writes it
 
 
@@ -188,89 +192,127 @@ def check_op(report: ParityReport, tolerances: dict[str, float]) -> None:
             report.checks.append(compare("op", case, "hidden", out.float(), ref.hidden.float(), tolerances))
 
 
-def check_model(report: ParityReport, engine: Engine, loaded: LoadedModel, cases, tolerances) -> None:
+@dataclass
+class Expected:
+    """The PyTorch side of one case, computed on the engine's own prepared request before the engine's language
+    graphs run: a model and an engine of the same size need not be in memory together."""
+
+    name: str
+    request: Request
+    vision: torch.Tensor  # [N_vis, D] the PyTorch encoder on the same pixels
+    logits: torch.Tensor  # [1, V] the PyTorch LightKV runtime
+    keys: list[torch.Tensor]  # per layer [1, Hkv, S_l, d]
+    values: list[torch.Tensor]
+    kept: list[np.ndarray]  # per stage [1, S'_k]
+    greedy: list[int]
+    hf_logits: torch.Tensor | None  # the Hugging Face model's last-token logits (identity cases only)
+
+
+def prepare_requests(engine_dir: Path, cases) -> list[Request]:
+    """The engine's host preprocessing and vision graph for every case; the engine is closed again after."""
+    engine = Engine.load(engine_dir, full_hash=False)  # its files were verified by run_parity
+    return [engine.prepare(images, prompt) for _, images, prompt in cases]
+
+
+def expected_outputs(manifest: Manifest, schedule: Schedule, loaded: LoadedModel, cases, requests) -> list[Expected]:
     from lightkv_export import torch_runtime
 
-    manifest = engine.manifest
-    schedule = engine.schedule if not manifest.vanilla else Schedule(engine.num_layers, ())
-    for name, images, prompt in cases:
-        request = engine.prepare(images, prompt)
-        # Vision: the engine's graph vs the PyTorch encoder on the same pixels.
-        h, w = engine.image_size
+    h, w = manifest.image_size
+    out = []
+    for index, ((name, images, prompt), request) in enumerate(zip(cases, requests, strict=True)):
         processed = loaded.family.process(loaded.processor, [im.convert("RGB").resize((w, h)) for im in images], prompt)
-        vision_ref = loaded.family.vision_embeddings(loaded, processed)
-        placeholder = request.input_ids[0] == manifest.image_token_id
+        vision = loaded.family.vision_embeddings(loaded, processed).float()
+        pos = {"positions": manifest.positions, "grid_mode": manifest.grid_mode}
+        ref = torch_runtime.prefill(loaded, torch_inputs(request), schedule, **pos)
+        greedy = torch_runtime.generate(
+            loaded, torch_inputs(request), schedule, max_new_tokens=DECODE_STEPS, stop_at_eos=False, **pos
+        ).tokens
+        hf = None
+        if index < IDENTITY_CASES:
+            with torch.no_grad():
+                hf = loaded.model(**processed, use_cache=False).logits[:, -1].float()  # [1, V]
+        out.append(
+            Expected(
+                name,
+                request,
+                vision,
+                ref.logits,
+                [layer.keys.float() for layer in ref.cache.layers],
+                [layer.values.float() for layer in ref.cache.layers],
+                [stage.kept.numpy() for stage in ref.stages],
+                greedy,
+                hf,
+            )
+        )
+    return out
+
+
+def check_model(report: ParityReport, engine: Engine, expected: list[Expected], tolerances) -> None:
+    """The engine vs the PyTorch LightKV runtime: vision, logits, every layer's K / V, kept, greedy tokens."""
+    for e in expected:
+        name, request = e.name, e.request
+        placeholder = request.input_ids[0] == engine.manifest.image_token_id
         report.checks.append(
-            compare("model", name, "vision", request.inputs_embeds[0, placeholder], vision_ref.float(), tolerances)
+            compare("model", name, "vision", request.inputs_embeds[0, placeholder], e.vision, tolerances)
         )
         pre = engine.prefill(request)
-        ref = torch_runtime.prefill(
-            loaded, torch_inputs(request), schedule, positions=manifest.positions, grid_mode=manifest.grid_mode
-        )
-        report.checks.append(compare("model", name, "logits", pre.logits, ref.logits, tolerances))
-        for i, layer in enumerate(ref.cache.layers):
-            report.checks.append(compare("model", name, f"kv.{i}.key", pre.keys[i], layer.keys.float(), tolerances))
-            report.checks.append(
-                compare("model", name, f"kv.{i}.value", pre.values[i], layer.values.float(), tolerances)
-            )
-        for k, stage in enumerate(ref.stages):
-            report.checks.append(exact("model", name, f"kept.{k}", pre.kept[k], stage.kept.numpy()))
+        report.checks.append(compare("model", name, "logits", pre.logits, e.logits, tolerances))
+        for i, (key, value) in enumerate(zip(e.keys, e.values, strict=True)):
+            report.checks.append(compare("model", name, f"kv.{i}.key", pre.keys[i], key, tolerances))
+            report.checks.append(compare("model", name, f"kv.{i}.value", pre.values[i], value, tolerances))
+        for k, kept in enumerate(e.kept):
+            report.checks.append(exact("model", name, f"kept.{k}", pre.kept[k], kept))
         got = engine.greedy(pre, request, DECODE_STEPS, stop_at_eos=False)
-        want = torch_runtime.generate(
-            loaded, torch_inputs(request), schedule, max_new_tokens=DECODE_STEPS, stop_at_eos=False,
-            positions=manifest.positions, grid_mode=manifest.grid_mode,
-        ).tokens  # fmt: skip
-        report.checks.append(exact("model", name, f"greedy-{DECODE_STEPS}", got, want))
+        report.checks.append(exact("model", name, f"greedy-{DECODE_STEPS}", got, e.greedy))
+
+
+def release_weights(loaded: LoadedModel) -> None:
+    """Free a PyTorch model's weights (its last use): the module stays, its tensors move to the meta device."""
+    loaded.model.to("meta")
+    gc.collect()
 
 
 def identity_schedule(engine: Engine) -> Schedule:
     return Schedule(engine.num_layers, tuple(Stage(s.layer, s.windows, 0.0) for s in engine.schedule.stages))
 
 
-def check_identity(report, engine: Engine, loaded: LoadedModel, exported: ExportedGraphs | None, cases, tolerances):
-    """Merge-nothing prefill == vanilla export == Hugging Face model (last-token logits and, engine vs vanilla, KV)."""
-    vanilla = None
-    if exported is not None:
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        # From the path, not a serialised proto: external data is found next to the file, and a 7B graph stays
-        # clear of protobuf's 2 GiB limit. The role outputs are simply not fetched.
-        vanilla = ort.InferenceSession(str(exported.prefill), options, providers=["CPUExecutionProvider"])
-    for name, images, prompt in cases[:2]:
-        request = engine.prepare(images, prompt)
+def check_identity(report: ParityReport, engine: Engine, expected: list[Expected], tolerances) -> None:
+    """Merge-nothing prefill == Hugging Face model (last-token logits), and every layer keeps all S tokens."""
+    if engine.manifest.positions == "official":
+        report.notes.append(
+            "identity: no merge-nothing check in official positions mode (positions are renumbered after "
+            "every stage even when nothing merges, as the released code does)."
+        )
+        return
+    if engine.manifest.vanilla:
+        return
+    for e in expected[:IDENTITY_CASES]:
+        request = e.request
+        plan = plan_request(request.spans, [request.seq_len], identity_schedule(engine), grid_mode="true")
+        ident = engine.prefill(request, plan=plan)
+        check = compare("identity", e.name, "merge-nothing-logits", ident.logits, e.hf_logits, tolerances, "logits")
+        report.checks.append(check)
+        lengths = [k.shape[2] for k in ident.keys]
+        report.checks.append(exact("identity", e.name, "kv-lengths", lengths, [request.seq_len] * len(lengths)))
+
+
+def check_vanilla_export(report: ParityReport, exported: ExportedGraphs, expected: list[Expected], tolerances) -> None:
+    """The vanilla export's prefill == the Hugging Face model (last-token logits)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    # From the path, not a serialised proto: external data is found next to the file, and a 7B graph stays
+    # clear of protobuf's 2 GiB limit. The role outputs are simply not fetched.
+    vanilla = ort.InferenceSession(str(exported.prefill), options, providers=["CPUExecutionProvider"])
+    for e in expected[:IDENTITY_CASES]:
+        request = e.request
         feeds = {
             contract.INPUTS_EMBEDS: request.inputs_embeds,
             contract.POSITION_IDS: request.position_ids,
             contract.LENGTHS: np.asarray([request.seq_len], dtype=np.int64),
         }
-        h, w = engine.image_size
-        processed = loaded.family.process(loaded.processor, [im.convert("RGB").resize((w, h)) for im in images], prompt)
-        with torch.no_grad():
-            hf = loaded.model(**processed, use_cache=False).logits[:, -1].float()  # [1, V]
-        if engine.manifest.positions == "official":
-            if name == cases[0][0]:
-                report.notes.append(
-                    "identity: no merge-nothing check in official positions mode (positions are renumbered after "
-                    "every stage even when nothing merges, as the released code does)."
-                )
-        elif not engine.manifest.vanilla:
-            plan = plan_request(request.spans, [request.seq_len], identity_schedule(engine), grid_mode="true")
-            ident = engine.prefill(request, plan=plan)
-            report.checks.append(
-                compare("identity", name, "merge-nothing-logits", ident.logits, hf, tolerances, "logits")
-            )
-            report.checks.append(
-                exact(
-                    "identity",
-                    name,
-                    "kv-lengths",
-                    [k.shape[2] for k in ident.keys],
-                    [request.seq_len] * len(ident.keys),
-                )
-            )
-        if vanilla is not None:
-            (logits,) = vanilla.run([contract.LOGITS], feeds)
-            report.checks.append(compare("identity", name, "vanilla-export-logits", logits, hf, tolerances, "logits"))
+        (logits,) = vanilla.run([contract.LOGITS], feeds)
+        check = compare("identity", e.name, "vanilla-export-logits", logits, e.hf_logits, tolerances, "logits")
+        report.checks.append(check)
 
 
 def cached_export(engine_dir: Path, manifest: Manifest) -> tuple[ExportedGraphs | None, str]:
@@ -304,13 +346,15 @@ def run_parity(
     name: str | Path | None = None,
     full_hash: bool = True,
     log=lambda msg: None,
+    release_model: Callable[[], None] | None = None,
 ) -> ParityReport:
     """All three levels on `engine_dir`; writes parity.json and report.md there. `name`: what the report calls
     the engine (the build checks a staging directory that becomes `name` only once it passed).
 
     The engine's files are verified against its manifest first (`full_hash`: SHA-256, else sizes). Without
     `exported`, the vanilla export is looked up in the build's cache; when it is gone, the identity check against
-    it is skipped and the report says so.
+    it is skipped and the report says so. `release_model` is called once the PyTorch side is done (a build frees
+    the model's weights there when nothing else needs them; parity then holds the engine or the model, not both).
     """
     engine = Engine.load(engine_dir, full_hash=full_hash)
     manifest = engine.manifest
@@ -324,12 +368,28 @@ def run_parity(
         from lightkv_export.models.registry import load_model
 
         loaded = load_model(manifest.model_source, random_weights=manifest.random_weights)
+        if not loaded.spec.tiny:  # loaded here for parity alone (tiny presets are cached and shared in-process)
+            release_model = release_model or functools.partial(release_weights, loaded)
     tolerances = dict(loaded.spec.tolerances)
     cases = parity_cases(tuple(manifest.image_size))
+    schedule = engine.schedule if not manifest.vanilla else Schedule(engine.num_layers, ())
+    # One large thing in memory at a time: the engine (for its host side and vision graph), then the PyTorch
+    # model (every reference output), then the engine again, then the vanilla export.
+    del engine
+    log("parity: PyTorch reference outputs")
+    expected = expected_outputs(manifest, schedule, loaded, cases, prepare_requests(engine_dir, cases))
+    if release_model is not None:
+        release_model()
+    gc.collect()
+    engine = Engine.load(engine_dir, full_hash=False)
     log("parity: model level (engine vs PyTorch LightKV runtime)")
-    check_model(report, engine, loaded, cases, tolerances)
+    check_model(report, engine, expected, tolerances)
     log("parity: identity (merge-nothing vs vanilla export vs Hugging Face)")
-    check_identity(report, engine, loaded, exported, cases, tolerances)
+    check_identity(report, engine, expected, tolerances)
+    del engine
+    gc.collect()  # the engine's mapping of weights.bin goes before the vanilla export's weights come in
+    if exported is not None:
+        check_vanilla_export(report, exported, expected, tolerances)
     # The op level last: on torch 2.13 CPU the first PyTorch vision forward after its float16 reference cases can
     # be off by ~2e-4 (depending on PYTHONHASHSEED), which failed the model level's vision check at random.
     log("parity: op level (ONNX function vs reference)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import platform
 import time
@@ -45,7 +46,7 @@ from lightkv_export.kv import kv_bytes
 from lightkv_export.method.merge_plan import layer_lengths, plan_request
 from lightkv_export.method.schedule import MAX_STAGE_RATIO, Schedule, resolve
 from lightkv_export.models.base import LoadedModel
-from lightkv_export.parity import EXPORT_CACHE, ParityReport, run_parity
+from lightkv_export.parity import EXPORT_CACHE, ParityReport, release_weights, run_parity
 
 REFERENCE_PROMPT = "Describe this image."
 
@@ -315,7 +316,7 @@ def smoke_request(directory: Path, reference: ReferenceRequest, image_size: tupl
 
 def check_and_promote(
     target: str, staged: Path, destination: Path, *, config: BuildConfig, loaded, exported, reference, result,
-    progress: Progress,
+    progress: Progress, release_model=None,
 ) -> None:  # fmt: skip
     """Verify the staged engine (parity unless --no-parity, and a real request), then put it in place.
 
@@ -325,8 +326,9 @@ def check_and_promote(
         if config.parity:
             with progress.stage(f"parity {target}"):
                 report = run_parity(
-                    staged, loaded=loaded, exported=exported, name=destination, full_hash=False, log=progress.log
-                )
+                    staged, loaded=loaded, exported=exported, name=destination, full_hash=False, log=progress.log,
+                    release_model=release_model,
+                )  # fmt: skip
             result.parity[target] = report
         else:
             from lightkv_export.report import write_build_report
@@ -443,9 +445,14 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
                             processor=loaded.processor, manifest=manifest, config=config,
                         )  # fmt: skip
                         write_manifest(staged, built)
+                    # The last target's parity frees the PyTorch weights once its reference outputs are computed
+                    # (nothing later needs them), so the check never holds the model and the engine at once.
+                    # Tiny presets are cached in-process and shared: they stay.
+                    last = target == targets[-1] and not loaded.spec.tiny
                     check_and_promote(
                         target, staged, destination, config=config, loaded=loaded, exported=exported,
                         reference=reference, result=result, progress=progress,
+                        release_model=functools.partial(release_weights, loaded) if last else None,
                     )  # fmt: skip
         except LightKVError as exc:
             result.failed_targets[target] = exc

@@ -519,3 +519,33 @@ def test_build_reports_time_and_peak_memory_per_stage(builds):
         pytest.skip("this kernel refuses /proc/self/clear_refs: peak RSS per stage is not measurable here")
     peaks = list(result.peak_rss.values())
     assert all(isinstance(p, int) and 50 * 2**20 < p < 20 * 2**30 for p in peaks), result.peak_rss
+
+
+def test_parity_holds_the_pytorch_model_or_the_engine_never_both(builds, monkeypatch, tiny_qwen_vl, tmp_path):
+    """Parity computes every PyTorch reference output first, then frees the model (`release_model`), and only then
+    runs the engine's language graphs: a build needs memory for one copy of the weights at a time. The released
+    model's weights are on the meta device, so any later use of it would fail the run."""
+    import copy
+    import shutil
+
+    from lightkv_export.parity import release_weights, run_parity
+
+    engine_dir = tmp_path / "engine"
+    shutil.copytree(builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"], engine_dir)
+    loaded = copy.deepcopy(tiny_qwen_vl)  # the fixture's model is shared: release a copy
+    events: list[str] = []
+    real_prefill = Engine.prefill
+
+    def prefill(self, *args, **kwargs):
+        events.append("engine prefill")
+        return real_prefill(self, *args, **kwargs)
+
+    def release():
+        events.append("release")
+        release_weights(loaded)
+
+    monkeypatch.setattr(Engine, "prefill", prefill)
+    report = run_parity(engine_dir, loaded=loaded, release_model=release)
+    assert report.passed, report.failure_lines()
+    assert events[0] == "release" and events.count("release") == 1 and "engine prefill" in events
+    assert all(p.device.type == "meta" for p in loaded.model.parameters())
