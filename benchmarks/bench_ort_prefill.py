@@ -72,6 +72,9 @@ def build_model(size: BenchSize):
         "num_hidden_layers": size.layers,
         "num_attention_heads": size.heads,
         "num_key_value_heads": size.kv_heads,
+        # Room for the long-context request (about 4,100 tokens): the peer's builder sizes its rotary tables
+        # from this (the tiny preset's 4,096 is too short for it).
+        "max_position_embeddings": 16384,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(size.mrope_section)},
     }
     config_kw["vision_config"] = {**config_kw["vision_config"], "out_hidden_size": size.hidden}

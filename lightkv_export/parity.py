@@ -29,7 +29,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from lightkv_export import contract
+from lightkv_export import contract, rss
 from lightkv_export.artifacts import Manifest, graph_digest, write_text_atomic
 from lightkv_export.errors import LightKVError
 from lightkv_export.export import GRAPHS, ExportedGraphs
@@ -230,7 +230,9 @@ def expected_outputs(manifest: Manifest, schedule: Schedule, loaded: LoadedModel
         hf = None
         if index < IDENTITY_CASES:
             with torch.no_grad():
-                hf = loaded.model(**processed, use_cache=False).logits[:, -1].float()  # [1, V]
+                # The LM head on the last token only: [1, S, V] logits would be S x vocab floats (about 0.8 GB
+                # for a 1,400-token Qwen request) next to the model's weights.
+                hf = loaded.model(**processed, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [1, V]
         out.append(
             Expected(
                 name,
@@ -270,6 +272,7 @@ def release_weights(loaded: LoadedModel) -> None:
     """Free a PyTorch model's weights (its last use): the module stays, its tensors move to the meta device."""
     loaded.model.to("meta")
     gc.collect()
+    rss.return_free_heap()  # what parity holds next is not on top of the freed weights
 
 
 def identity_schedule(engine: Engine) -> Schedule:

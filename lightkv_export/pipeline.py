@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import gc
 import os
 import platform
 import time
@@ -82,6 +83,8 @@ class Progress:
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        gc.collect()
+        rss.return_free_heap()  # each stage's peak from what is live, not what the previous stage freed
         measured = rss.reset_peak_rss()
         t0 = time.perf_counter()
         if self.console is None:

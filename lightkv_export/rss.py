@@ -6,6 +6,9 @@ The build reports each stage's peak (pipeline.Progress) and the benchmarks measu
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+
 
 def _status_kib(field: str) -> int | None:
     try:
@@ -37,3 +40,11 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def return_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere). Tensors below glibc's
+    mmap threshold (which grows to 32 MiB as large blocks are freed) live on the heap, and freeing them does not
+    shrink the process: without this, a stage that follows one that freed gigabytes starts from that high mark."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
