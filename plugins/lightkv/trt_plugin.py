@@ -38,13 +38,17 @@ _registered: set[str] = set()
 
 def _artifact(kernel: str, dtype: str, tactic: int, target: str, cache: dict[tuple[str, str, int], KernelArtifact]):
     """Compile (once per kernel, dtype and tactic) for `target`; PTX with the TensorRT parameter list."""
+    import atexit
+    import shutil
     import tempfile
     from pathlib import Path
 
     key = (kernel, dtype, tactic)
     if key not in cache:
         spec = kernel_specs(dtype, TACTICS[tactic])[kernel]
-        cache[key] = compile_kernel(spec, target, Path(tempfile.mkdtemp(prefix="lightkv-aot-")))
+        workdir = Path(tempfile.mkdtemp(prefix="lightkv-aot-"))
+        atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # the compiler's files, not left in /tmp
+        cache[key] = compile_kernel(spec, target, workdir)
     return cache[key]
 
 
