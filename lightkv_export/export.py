@@ -196,10 +196,18 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def attention_scaling(text_model) -> float:
-    """The attention's softmax scale: the HF module's own (`scaling`), else SDPA's default 1 / sqrt(d)."""
+def attention_meta(text_model) -> dict[str, Any]:
+    """The decoder's attention sizes, recorded in every graph's role metadata for the passes: layers, heads,
+    KV heads, head size and the softmax scale (the HF module's own `scaling`, else SDPA's 1 / sqrt(d))."""
+    cfg = text_model.config
     scaling = getattr(text_model.layers[0].self_attn, "scaling", None)
-    return float(scaling) if scaling else head_dim(text_model.config) ** -0.5
+    return {
+        "num_layers": len(text_model.layers),
+        "num_heads": cfg.num_attention_heads,
+        "num_kv_heads": cfg.num_key_value_heads,
+        "head_dim": head_dim(cfg),
+        "scaling": float(scaling) if scaling else head_dim(cfg) ** -0.5,
+    }
 
 
 def export_prefill(
@@ -223,7 +231,7 @@ def export_prefill(
         )
     model = onnx.load(str(path), load_external_data=False)
     meta = {
-        "num_layers": n,
+        **attention_meta(text_model),
         "hidden": [contract.role(f"hidden.{i}") for i in range(n)],
         "query": [contract.role(f"query.{i}") for i in range(n)],
         "key": [contract.present(i, "key") for i in range(n)],
@@ -232,10 +240,6 @@ def export_prefill(
         "position_ids": contract.POSITION_IDS,
         "position_scheme": positions.name,
         "lengths": contract.LENGTHS,
-        "num_heads": cfg.num_attention_heads,
-        "num_kv_heads": cfg.num_key_value_heads,
-        "head_dim": head_dim(cfg),
-        "scaling": attention_scaling(text_model),
     }
     onnx.helper.set_model_props(model, {contract.ROLE_META_KEY: json.dumps(meta)})
     onnx.save(model, str(path))
@@ -270,14 +274,7 @@ def export_decode(
             dynamic_shapes=dyn,
         )
     model = onnx.load(str(path), load_external_data=False)
-    meta = {
-        "num_layers": n,
-        "num_heads": cfg.num_attention_heads,
-        "num_kv_heads": hkv,
-        "head_dim": hd,
-        "scaling": attention_scaling(text_model),
-    }
-    onnx.helper.set_model_props(model, {contract.ROLE_META_KEY: json.dumps(meta)})
+    onnx.helper.set_model_props(model, {contract.ROLE_META_KEY: json.dumps(attention_meta(text_model))})
     onnx.save(model, str(path))
 
 

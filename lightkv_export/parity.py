@@ -30,7 +30,7 @@ import onnxruntime as ort
 import torch
 
 from lightkv_export import contract, rss
-from lightkv_export.artifacts import Manifest, graph_digest, write_text_atomic
+from lightkv_export.artifacts import Manifest, graph_digest, verify_engine, write_text_atomic
 from lightkv_export.errors import LightKVError
 from lightkv_export.export import GRAPHS, ExportedGraphs
 from lightkv_export.inputs import parity_cases, torch_inputs
@@ -40,7 +40,7 @@ from lightkv_export.method.onnx_function import run_ort
 from lightkv_export.method.reference import lightkv_merge
 from lightkv_export.method.schedule import Schedule, Stage
 from lightkv_export.models.base import LoadedModel, VisionSpan
-from lightkv_export.runtime import Engine, Request
+from lightkv_export.runtime import Engine, Request, engine_schedule
 
 DECODE_STEPS = 16
 IDENTITY_CASES = 2  # the first cases also go through the merge-nothing and vanilla-export checks
@@ -359,8 +359,7 @@ def run_parity(
     it is skipped and the report says so. `release_model` is called once the PyTorch side is done (a build frees
     the model's weights there when nothing else needs them; parity then holds the engine or the model, not both).
     """
-    engine = Engine.load(engine_dir, full_hash=full_hash)
-    manifest = engine.manifest
+    manifest = verify_engine(engine_dir, full_hash=full_hash)  # the engine's sessions open only where they run
     report = ParityReport(engine=str(name or engine_dir))
     if exported is None:
         exported, why = cached_export(engine_dir, manifest)
@@ -375,10 +374,9 @@ def run_parity(
             release_model = release_model or functools.partial(release_weights, loaded)
     tolerances = dict(loaded.spec.tolerances)
     cases = parity_cases(tuple(manifest.image_size))
-    schedule = engine.schedule if not manifest.vanilla else Schedule(engine.num_layers, ())
+    schedule = Schedule(manifest.num_layers, ()) if manifest.vanilla else engine_schedule(manifest)
     # One large thing in memory at a time: the engine (for its host side and vision graph), then the PyTorch
     # model (every reference output), then the engine again, then the vanilla export.
-    del engine
     log("parity: PyTorch reference outputs")
     expected = expected_outputs(manifest, schedule, loaded, cases, prepare_requests(engine_dir, cases))
     if release_model is not None:

@@ -157,6 +157,13 @@ class BufferCache:
         return out[contract.LOGITS]
 
 
+def engine_schedule(manifest: Manifest) -> Schedule:
+    """The schedule an engine was built for (no stages for a vanilla engine)."""
+    if not manifest.schedule:
+        return Schedule(manifest.num_layers, ())
+    return parse_schedule(manifest.schedule, manifest.num_layers)
+
+
 def open_sessions(directory: Path, manifest: Manifest) -> dict[str, Session]:
     """One session per graph, for the engine's target."""
     from lightkv_export.targets import target
@@ -175,9 +182,7 @@ class Engine:
         self.positions = self.family.positions
         self.processor = processor
         self.num_layers = manifest.num_layers
-        self.schedule: Schedule = (
-            parse_schedule(manifest.schedule, self.num_layers) if manifest.schedule else Schedule(self.num_layers, ())
-        )
+        self.schedule = engine_schedule(manifest)
         self.image_size = tuple(manifest.image_size)
         self.outputs = {name: [o.name for o in s.get_outputs()] for name, s in sessions.items()}
 

@@ -25,140 +25,98 @@ Decode (`fuse_decode_attention`): an in-place KV cache.
 
 from __future__ import annotations
 
-import json
-
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
 from lightkv_export import contract
 from lightkv_export.errors import InputError
+from lightkv_export.passes.graph_edit import Builder, role_meta
 
 GQA_DOMAIN = "com.microsoft"
 INT32 = ir.DataType.INT32
 
 
-def graph_meta(model: onnx.ModelProto, graph: str) -> dict:
-    """The attention sizes the exporter recorded in the graph's metadata."""
-    props = {p.key: p.value for p in model.metadata_props}
-    if contract.ROLE_META_KEY not in props:
-        raise InputError(
-            f"the {graph} graph has no role metadata: it comes from an older export; build again with --force "
-            "so that the model is exported afresh."
-        )
-    return json.loads(props[contract.ROLE_META_KEY])
+def _open(model: onnx.ModelProto, roles: list[str], what: str) -> tuple[ir.Model, dict[str, ir.Value]]:
+    """The model in onnx-ir and its graph outputs by name; the role outputs leave the graph's outputs (their
+    values stay, as the boundary of what is replaced)."""
+    irm = ir.serde.deserialize_model(model)
+    outputs = {v.name: v for v in irm.graph.outputs}
+    missing = [name for name in roles if name not in outputs]
+    if missing:
+        raise InputError(f"the {what} graph lacks the role outputs {missing[:2]}...; build again with --force.")
+    for out in [o for o in irm.graph.outputs if o.name.startswith(contract.ROLE_PREFIX)]:
+        irm.graph.outputs.remove(out)
+    return irm, outputs
 
 
-class _Graph:
-    """Appends nodes to an onnx-ir graph; finds its inputs, outputs and role values by name."""
-
-    def __init__(self, model: onnx.ModelProto, roles: list[str], what: str) -> None:
-        self.model = ir.serde.deserialize_model(model)
-        self.graph = self.model.graph
-        self.outputs = {v.name: v for v in self.graph.outputs}
-        self.inputs = {v.name: v for v in self.graph.inputs}
-        missing = [name for name in roles if name not in self.outputs]
-        if missing:
-            raise InputError(f"the {what} graph lacks the role outputs {missing[:2]}...; build again with --force.")
-        for out in [o for o in self.graph.outputs if o.name.startswith(contract.ROLE_PREFIX)]:
-            self.graph.outputs.remove(out)  # the values stay, as the boundary of what is replaced
-
-    def op(self, op_type, inputs, attrs=None, *, label: str, num_outputs=1, domain="") -> list[ir.Value]:
-        node = ir.Node(
-            domain,
-            op_type,
-            inputs,
-            attributes=ir.convenience.convert_attributes(attrs or {}),
-            num_outputs=num_outputs,
-            name=f"{label}/{op_type}_{len(self.graph)}",
-        )
-        self.graph.append(node)
-        return list(node.outputs)
-
-    def ints(self, values, label: str) -> ir.Value:
-        return self.op("Constant", [], {"value_ints": list(values)}, label=label)[0]
-
-    def finish(self) -> onnx.ModelProto:
-        common_passes.RemoveUnusedNodesPass()(self.model)
-        common_passes.TopologicalSortPass()(self.model)
-        self.model.opset_imports[GQA_DOMAIN] = 1
-        return ir.serde.serialize_model(self.model)
+def _finish(irm: ir.Model) -> onnx.ModelProto:
+    common_passes.RemoveUnusedNodesPass()(irm)
+    common_passes.TopologicalSortPass()(irm)
+    irm.opset_imports[GQA_DOMAIN] = 1
+    return ir.serde.serialize_model(irm)
 
 
-def _gqa_attrs(meta: dict) -> dict:
-    return {"num_heads": meta["num_heads"], "kv_num_heads": meta["num_kv_heads"], "scale": float(meta["scaling"])}
+def _gqa(b: Builder, meta: dict, inputs: list, **extra) -> list[ir.Value]:
+    attrs = {"num_heads": meta["num_heads"], "kv_num_heads": meta["num_kv_heads"], "scale": float(meta["scaling"])}
+    return b.multi("GroupQueryAttention", inputs, {**attrs, **extra}, num_outputs=3, domain=GQA_DOMAIN)
 
 
 def fuse_prefill_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     """The prefill graph (vanilla, or after the LightKV pass) with GroupQueryAttention in every layer; the attention
     roles it reads are removed, the rest of the graph and its inputs and outputs stay."""
-    meta = graph_meta(model, "prefill")
+    meta = role_meta(model, "prefill")
     n, hq, hd = meta["num_layers"], meta["num_heads"], meta["head_dim"]
-    roles = [contract.role(f"{r}.{i}") for i in range(n) for r in contract.ATTENTION_ROLES]
-    g = _Graph(model, roles, "prefill")
+    irm, outputs = _open(
+        model, [contract.role(f"{r}.{i}") for i in range(n) for r in contract.ATTENTION_ROLES], "prefill"
+    )
     for i in range(n):
-        label = f"lightkv.attention.{i}"
-        query = g.outputs[contract.role(f"query.{i}")]  # [B, Hq, S_i, d]
-        bsh = g.ints([0, 0, -1], label)
+        b = Builder(irm.graph, f"lightkv.attention.{i}")
+        query = outputs[contract.role(f"query.{i}")]  # [B, Hq, S_i, d]
+        bsh = b.ints([0, 0, -1])
         q, k, v = (
-            g.op("Reshape", [g.op("Transpose", [x], {"perm": [0, 2, 1, 3]}, label=label)[0], bsh], label=label)[0]
-            for x in (query, g.outputs[contract.present(i, "key")], g.outputs[contract.present(i, "value")])
+            b.op("Reshape", [b.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), bsh])
+            for x in (query, outputs[contract.present(i, "key")], outputs[contract.present(i, "value")])
         )  # [B, S_i, H * d]
-        seq = g.op("Shape", [query], {"start": 2, "end": 3}, label=label)[0]  # [1] int64: S_i
-        batch = g.op("Shape", [query], {"start": 0, "end": 1}, label=label)[0]
-        last = g.op("Cast", [g.op("Sub", [seq, g.ints([1], label)], label=label)[0]], {"to": INT32}, label=label)[0]
-        seqlens = g.op("Expand", [last, batch], label=label)[0]  # [B]: every row attends over all S_i, causally
-        total = g.op("Squeeze", [g.op("Cast", [seq], {"to": INT32}, label=label)[0]], label=label)[0]
-        attended = g.op(
-            "GroupQueryAttention",
-            [q, k, v, None, None, seqlens, total],
-            _gqa_attrs(meta),
-            label=label,
-            num_outputs=3,
-            domain=GQA_DOMAIN,
-        )[0]  # [B, S_i, Hq * d]
-        heads = g.op("Reshape", [attended, g.ints([0, 0, hq, hd], label)], label=label)[0]
-        g.outputs[contract.role(f"attention.{i}")].replace_all_uses_with(heads)  # [B, S_i, Hq, d]
-    return g.finish()
+        seq = b.op("Shape", [query], {"start": 2, "end": 3})  # [1] int64: S_i
+        last = b.op("Cast", [b.op("Sub", [seq, b.ints([1])])], {"to": INT32})
+        seqlens = b.op("Expand", [last, b.op("Shape", [query], {"start": 0, "end": 1})])  # [B]: all S_i, causally
+        total = b.op("Squeeze", [b.op("Cast", [seq], {"to": INT32})])
+        attended = _gqa(b, meta, [q, k, v, None, None, seqlens, total])[0]  # [B, S_i, Hq * d]
+        heads = b.op("Reshape", [attended, b.ints([0, 0, hq, hd])])  # [B, S_i, Hq, d]
+        outputs[contract.role(f"attention.{i}")].replace_all_uses_with(heads)
+    return _finish(irm)
 
 
 def fuse_decode_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     """The exported decode graph (with its role outputs) rewritten to in-place GroupQueryAttention per layer."""
-    meta = graph_meta(model, "decode")
+    meta = role_meta(model, "decode")
     n, hq, hd = meta["num_layers"], meta["num_heads"], meta["head_dim"]
-    g = _Graph(model, [contract.role(f"{r}.{i}") for i in range(n) for r in contract.DECODE_ROLES], "decode")
+    irm, outputs = _open(model, [contract.role(f"{r}.{i}") for i in range(n) for r in contract.DECODE_ROLES], "decode")
+    graph = irm.graph
+    inputs = {v.name: v for v in graph.inputs}
     for i in range(n):
-        label = f"lightkv.decode_attention.{i}"
-        flat = g.ints([0, 1, -1], label)  # [B, H, 1, d] -> [B, 1, H * d]
-        q, k, v = (
-            g.op("Reshape", [g.outputs[contract.role(f"{r}.{i}")], flat], label=label)[0]
-            for r in contract.DECODE_ROLES[:3]
-        )
-        past_key, past_value = g.inputs[contract.past(i, "key")], g.inputs[contract.past(i, "value")]
+        b = Builder(graph, f"lightkv.decode_attention.{i}")
+        flat = b.ints([0, 1, -1])  # [B, H, 1, d] -> [B, 1, H * d]
+        q, k, v = (b.op("Reshape", [outputs[contract.role(f"{r}.{i}")], flat]) for r in contract.DECODE_ROLES[:3])
+        past_key, past_value = inputs[contract.past(i, "key")], inputs[contract.past(i, "value")]
         length = ir.Value(name=contract.past_length(i), type=ir.TensorType(INT32), shape=ir.Shape(["batch"]))
-        g.graph.inputs.append(length)
+        graph.inputs.append(length)
         # total_sequence_length: the buffer's capacity (the op's static-cache form), from the buffer itself.
-        capacity = g.op("Shape", [past_key], {"start": 2, "end": 3}, label=label)[0]
-        total = g.op("Squeeze", [g.op("Cast", [capacity], {"to": INT32}, label=label)[0]], label=label)[0]
-        attended, key_out, value_out = g.op(
-            "GroupQueryAttention",
-            [q, k, v, past_key, past_value, length, total],
-            {**_gqa_attrs(meta), "do_rotary": 0},
-            label=label,
-            num_outputs=3,
-            domain=GQA_DOMAIN,
-        )  # [B, 1, Hq * d], [B, Hkv, M_i, d] x 2 (the past buffers, written in place)
-        heads = g.op("Reshape", [attended, g.ints([0, 1, hq, hd], label)], label=label)[0]
-        g.outputs[contract.role(f"dattention.{i}")].replace_all_uses_with(heads)  # [B, 1, Hq, d]
+        total = b.op("Squeeze", [b.op("Cast", [b.op("Shape", [past_key], {"start": 2, "end": 3})], {"to": INT32})])
+        attended, key_out, value_out = _gqa(b, meta, [q, k, v, past_key, past_value, length, total], do_rotary=0)
+        # [B, 1, Hq * d], then [B, Hkv, M_i, d] x 2: the past buffers, written in place
+        heads = b.op("Reshape", [attended, b.ints([0, 1, hq, hd])])  # [B, 1, Hq, d]
+        outputs[contract.role(f"dattention.{i}")].replace_all_uses_with(heads)
         for kind, new in (("key", key_out), ("value", value_out)):
-            previous = g.outputs[contract.present(i, kind)]
+            previous = outputs[contract.present(i, kind)]
             previous.name = None  # the Concat's output: dead once the graph output is the op's
             new.name, new.type, new.shape = contract.present(i, kind), previous.type, past_key.shape
-            g.graph.outputs[g.graph.outputs.index(previous)] = new
-    common_passes.RemoveUnusedNodesPass()(g.model)
+            graph.outputs[graph.outputs.index(previous)] = new
+    common_passes.RemoveUnusedNodesPass()(irm)
     for i in range(n):
-        mask = g.inputs[contract.past_mask(i)]
+        mask = inputs[contract.past_mask(i)]
         if mask.uses():
             raise AssertionError(f"{contract.past_mask(i)} is still read after the fusion: the pattern changed")
-        g.graph.inputs.remove(mask)
-    return g.finish()
+        graph.inputs.remove(mask)
+    return _finish(irm)

@@ -14,7 +14,6 @@ Later layers then compute, and output, shorter K and V. Each stage's `kept` beco
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -23,13 +22,14 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from lightkv_export.contract import INPUTS_EMBEDS, PRESENT_PREFIX, ROLE_META_KEY, ROLE_PREFIX, is_attention_role
+from lightkv_export.contract import INPUTS_EMBEDS, PRESENT_PREFIX, ROLE_PREFIX, is_attention_role
 from lightkv_export.errors import InputError
 from lightkv_export.method.layout import OP_DOMAIN, OP_NAME, OP_VERSION
 from lightkv_export.method.merge_plan import stage_input_names, stage_kept_name
 from lightkv_export.method.onnx_function import lightkv_function, node_attributes
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.positions import SCHEMES
+from lightkv_export.passes.graph_edit import Builder, role_meta
 
 PositionMode = Literal["preserve", "official"]
 INT64, FLOAT, BOOL = ir.DataType.INT64, ir.DataType.FLOAT, ir.DataType.BOOL
@@ -40,37 +40,6 @@ class PassReport:
     stages: int
     cloned_nodes: int
     guidance_nodes: int
-
-
-class _Builder:
-    """Appends nodes to the graph; constants are small initializers."""
-
-    def __init__(self, graph: ir.Graph, prefix: str) -> None:
-        self.graph, self.prefix, self.count = graph, prefix, 0
-
-    def op(self, op_type: str, inputs: Sequence[ir.Value | None], attrs: dict | None = None, **kw) -> ir.Value:
-        return self.multi(op_type, inputs, attrs, num_outputs=1, **kw)[0]
-
-    def multi(self, op_type, inputs, attrs=None, *, num_outputs: int, domain: str = "", names=None) -> list[ir.Value]:
-        self.count += 1
-        outputs = [ir.Value(name=n) for n in names] if names else None
-        node = ir.Node(
-            domain,
-            op_type,
-            inputs,
-            attributes=ir.convenience.convert_attributes(attrs or {}),
-            num_outputs=None if outputs else num_outputs,
-            outputs=outputs,
-            name=f"{self.prefix}/{op_type}_{self.count}",
-        )
-        self.graph.append(node)
-        return list(node.outputs)
-
-    def ints(self, values: Sequence[int]) -> ir.Value:
-        return self.op("Constant", [], {"value_ints": list(values)})
-
-    def f32(self, value: float) -> ir.Value:
-        return self.op("Constant", [], {"value_float": float(value)})
 
 
 def _forward_nodes(start: ir.Value) -> set[ir.Node]:
@@ -98,7 +67,7 @@ def _forward_values(starts: Iterable[ir.Value]) -> set[ir.Value]:
 class _Cloner:
     """Recomputes values from replaced sources: clone(v) is v's subgraph with the sources substituted."""
 
-    def __init__(self, builder: _Builder, substitute: dict[ir.Value, ir.Value]) -> None:
+    def __init__(self, builder: Builder, substitute: dict[ir.Value, ir.Value]) -> None:
         self.b, self.memo, self.cloned = builder, dict(substitute), 0
 
     def __call__(self, value: ir.Value) -> ir.Value:
@@ -131,7 +100,7 @@ def _new_input(graph: ir.Graph, name: str, dtype: ir.DataType, dims: Sequence[in
     return value
 
 
-def _guidance(b: _Builder, query, key, lengths, text_index, text_valid, *, groups: int, head_dim: int) -> ir.Value:
+def _guidance(b: Builder, query, key, lengths, text_index, text_valid, *, groups: int, head_dim: int) -> ir.Value:
     """xi [B, S] fp32 as method/guidance.text_guidance (softmax over queries).
 
     query [B, Hq, S, d] and key [B, Hkv, S, d]: the layer's post-RoPE projections.
@@ -187,10 +156,7 @@ def insert_lightkv(
     """The vanilla prefill with one LightKV stage per scheduled layer (a new model; the input is not modified)."""
     if positions not in ("preserve", "official"):
         raise InputError(f"positions must be 'preserve' or 'official', got {positions!r}.")
-    props = {p.key: p.value for p in model.metadata_props}
-    if ROLE_META_KEY not in props:
-        raise InputError("this ONNX model has no LightKV role metadata: it must be a prefill graph from export.py.")
-    meta = json.loads(props[ROLE_META_KEY])
+    meta = role_meta(model, "prefill")
     if schedule.num_layers != meta["num_layers"]:
         raise InputError(f"schedule is for {schedule.num_layers} layers, the graph has {meta['num_layers']}.")
 
@@ -205,7 +171,7 @@ def insert_lightkv(
     seq_dims: list[str] = []
 
     for k, stage in enumerate(schedule.stages):
-        b = _Builder(graph, f"lightkv_{k}")
+        b = Builder(graph, f"lightkv_{k}")
         names = stage_input_names(k)
         win_index = _new_input(graph, names["win_index"], INT64, [f"W_{k}", f"n_max_{k}"])
         win_r = _new_input(graph, names["win_r"], INT64, [f"W_{k}"])

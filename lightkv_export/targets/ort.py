@@ -57,13 +57,12 @@ def transform_prefill(
 
     Read without its weights: a large model's stay in the export's external data (relative to
     exported.prefill.parent) and the pass rewires structure only; the engine writers stream them from there."""
-    from lightkv_export.contract import is_attention_role
     from lightkv_export.export import strip_roles
     from lightkv_export.passes.insert_lightkv import insert_lightkv
 
     vanilla = onnx.load(str(exported.prefill), load_external_data=False)
     if schedule is None:
-        return strip_roles(vanilla, keep_role=is_attention_role), None
+        return strip_roles(vanilla, keep_role=contract.is_attention_role), None
     return insert_lightkv(vanilla, schedule, positions=positions, grid_mode=grid_mode)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from lightkv_export.models.base import VisionSpan
 from lightkv_export.models.positions import MROPE, ROPE_1D, SCHEMES, Positions
-from lightkv_export.passes.insert_lightkv import _Builder
+from lightkv_export.passes.graph_edit import Builder
 
 SPANS = [VisionSpan(3, 12, (3, 4)), VisionSpan(20, 4, (2, 2))]
 SEQ = 30
@@ -63,7 +63,7 @@ def onnx_after_merge(scheme: Positions, pos: np.ndarray, kept: np.ndarray, mode:
     pos_in = ir.Value(name="pos", type=int64, shape=ir.Shape([*scheme.lead, "B", "S"]))
     kept_in = ir.Value(name="kept", type=int64, shape=ir.Shape(["B", "S2"]))
     graph = ir.Graph([pos_in, kept_in], [], nodes=[], opset_imports={"": 21}, name="after_merge")
-    out = scheme.after_merge_onnx(_Builder(graph, "t"), pos_in, kept_in, mode)
+    out = scheme.after_merge_onnx(Builder(graph, "t"), pos_in, kept_in, mode)
     out.name, out.type = "new_pos", int64
     graph.outputs.append(out)
     proto = ir.serde.serialize_model(ir.Model(graph, ir_version=10))
