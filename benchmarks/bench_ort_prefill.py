@@ -49,6 +49,7 @@ class BenchSize:
     text_after: int
     windows: tuple[int, ...]
     repeats: int
+    max_positions: int = 4096  # the config's context (the peer's builder sizes its rotary tables from it)
 
 
 # About a third of Qwen2.5-VL-7B's width and depth; 32 x 32 = 1024 vision tokens (an 896 x 896 image).
@@ -72,9 +73,7 @@ def build_model(size: BenchSize):
         "num_hidden_layers": size.layers,
         "num_attention_heads": size.heads,
         "num_key_value_heads": size.kv_heads,
-        # Room for the long-context request (about 4,100 tokens): the peer's builder sizes its rotary tables
-        # from this (the tiny preset's 4,096 is too short for it).
-        "max_position_embeddings": 16384,
+        "max_position_embeddings": size.max_positions,
         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(size.mrope_section)},
     }
     config_kw["vision_config"] = {**config_kw["vision_config"], "out_hidden_size": size.hidden}
