@@ -276,6 +276,14 @@ def merge_previous(entries: list[dict], out_dir: Path, known: set[str]) -> list[
                 continue
             e = {**e, "result": json.loads(path.read_text()), "carried_over": True}
         kept.append(e)
+    # Records a benchmark wrote when run on its own (python -m benchmarks.bench_peer): not in the summary yet.
+    listed = ran | {e["name"] for e in kept}
+    for name in sorted(known - listed):
+        path = out_dir / f"{name}.json"
+        if path.exists():
+            result = json.loads(path.read_text())
+            entry = {"name": name, "status": "ok", "reason": None, "ratios": result["ratios"], "seconds": 0.0}
+            kept.append({**entry, "title": result["title"], "result": result, "carried_over": True})
     order = sorted(known)
     return sorted(entries + kept, key=lambda e: order.index(e["name"]))
 
@@ -292,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     modules = {m.NAME: m for m in discover()}
+    # A module that records other modes too (bench_peer --context long -> peer_long) names them in
+    # EXTRA_RECORDS, so that runs of other benchmarks carry those records over into the summary and the README.
+    records = {name: m for m in modules.values() for name in (m.NAME, *getattr(m, "EXTRA_RECORDS", ()))}
     if args.list:
         for name, mod in modules.items():
             print(f"{name:<24}{skip_reason(mod) or 'runs here'}")
@@ -319,11 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         for e in entries:
             if e["status"] == "ok":
                 write_record(out_dir, e["name"], e["result"], env, args.quick)
-        entries = merge_previous(entries, out_dir, set(modules))
+        entries = merge_previous(entries, out_dir, set(records))
         summary = {**env, "quick": args.quick, "benchmarks": [{k: v for k, v in e.items() if k != "result"}
                                                                for e in entries]}  # fmt: skip
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        (out_dir / "README_SECTION.md").write_text(readme_section(env, entries, modules))
+        (out_dir / "README_SECTION.md").write_text(readme_section(env, entries, records))
         print(f"results -> {out_dir}")
     return 1 if any(e["status"] == "failed" for e in entries) else 0
 

@@ -52,6 +52,7 @@ STEPS = 32
 ROUNDS = 11
 ENGINES = ("peer", "vanilla", "lightkv")
 # About 4,000 vision tokens (a 64 x 64 grid): decode attention weighs more there.
+EXTRA_RECORDS = ("peer_long",)  # --context long writes its own record
 LONG = replace(FULL, grid=(64, 64), repeats=5, max_positions=16384)  # about 4,100 tokens need the room
 
 

@@ -170,3 +170,18 @@ def test_peer_benchmark_declares_its_pinned_dependency():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["peer"] == [f"onnxruntime-genai=={bench_peer.PEER_VERSION}"]
     assert bench_peer.REQUIRES == "module:onnxruntime_genai"
+
+
+def test_records_written_by_a_benchmark_run_on_its_own_are_carried_into_the_summary(tmp_path):
+    """`python -m benchmarks.bench_peer --context long` writes peer_long.json only; the next `python -m benchmarks
+    --only X` keeps it in the summary and the README (bench_peer names it in EXTRA_RECORDS), dated as carried over."""
+    from benchmarks import bench_peer
+    from benchmarks.__main__ import merge_previous
+
+    assert "peer_long" in bench_peer.EXTRA_RECORDS
+    record = {"benchmark": "peer_long", "title": "long", "ratios": {"r": 1.5}, "date": "2026-12-03"}
+    (tmp_path / "peer_long.json").write_text(json.dumps(record))
+    fresh = [{"name": "ort_prefill", "status": "ok", "ratios": {"x": 2.0}, "title": "t", "result": {}}]
+    entries = merge_previous(fresh, tmp_path, {"ort_prefill", "peer", "peer_long"})
+    assert [e["name"] for e in entries] == ["ort_prefill", "peer_long"]  # peer has no record here: left out
+    assert entries[1]["carried_over"] and entries[1]["ratios"] == {"r": 1.5} and entries[1]["result"] == record
