@@ -48,3 +48,20 @@ def return_free_heap() -> None:
     shrink the process: without this, a stage that follows one that freed gigabytes starts from that high mark."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+LARGE_BLOCK_BYTES = 1 << 20
+
+
+def release_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
+    """Make every block of `threshold` bytes or more its own mapping, returned to the OS when freed (glibc
+    `mallopt(M_MMAP_THRESHOLD)`, which also stops the threshold from growing; False where there is no glibc).
+
+    For a process serving requests: a request's large tensors (activations, attention scores, logits) would
+    otherwise, once glibc has raised its threshold, come from the heap and stay resident after the request, so
+    the process grows to its largest request's working set plus fragmentation. Small allocations are unaffected."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold)))
+    except (OSError, AttributeError):
+        return False

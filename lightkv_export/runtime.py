@@ -1,9 +1,11 @@
-"""Run an engine directory: image(s) and a prompt in, text and KV statistics out, with no PyTorch model.
+"""Run an engine directory: image(s) and a prompt in, text and KV statistics out, with neither PyTorch nor
+transformers in the process.
 
-The generation loop is the same for every target: host preprocessing (the checkpoint's own tokenizer and image
-processor, resized to the engine's image profile), the vision graph per image, the token embedding graph, the
-per-request merge plan (method/merge_plan.py), the LightKV prefill, then greedy decode steps over per-layer
-caches whose lengths differ by layer group. Decode positions continue from the uncompressed prompt length.
+The generation loop is the same for every target: host preprocessing (host.py: the engine's tokenizer, chat
+template and image processor settings; images resized to the engine's image profile), the vision graph per
+image, the token embedding graph, the per-request merge plan (method/merge_plan.py), the LightKV prefill, then
+greedy decode steps over per-layer caches whose lengths differ by layer group. Decode positions continue from
+the uncompressed prompt length.
 The caches take the decode graph's form: grown by concatenation with a padding mask (the standard graph), or
 buffers sized once for the generation budget and written in place (the ort-cpu fused decode).
 
@@ -28,6 +30,7 @@ from lightkv_export.kv import kv_bytes
 from lightkv_export.method.merge_plan import RequestPlan, layer_lengths, plan_request, stage_kept_name
 from lightkv_export.method.schedule import Schedule, parse_schedule
 from lightkv_export.models.base import VisionSpan
+from lightkv_export.models.positions import SCHEMES
 
 
 class Session(Protocol):
@@ -175,11 +178,10 @@ class Engine:
     """A loaded engine directory."""
 
     def __init__(self, directory: Path, manifest: Manifest, sessions: dict[str, Session], processor) -> None:
-        from lightkv_export.models.registry import get_family
-
+        """`processor`: the host preprocessing (host.HostProcessor, or any object with its `process` and
+        `tokenizer.decode`)."""
         self.directory, self.manifest, self.sessions = directory, manifest, sessions
-        self.family = get_family(manifest.family)
-        self.positions = self.family.positions
+        self.positions = SCHEMES[manifest.position_scheme]
         self.processor = processor
         self.num_layers = manifest.num_layers
         self.schedule = engine_schedule(manifest)
@@ -191,35 +193,37 @@ class Engine:
         """Open an engine directory once its files match the manifest (sizes always; SHA-256 unless `full_hash`
         is False, for very large engines whose files were just verified): a damaged engine is an InputError
         naming the file, never a session that answers with other tokens."""
-        from lightkv_export.models.registry import load_processor
+        from lightkv_export.host import HostProcessor
+        from lightkv_export.rss import release_large_blocks
 
+        # A request's large tensors go back to the OS when it ends: the process returns to its baseline.
+        release_large_blocks()
         directory = Path(directory)
         manifest = verify_engine(directory, full_hash=full_hash)
-        processor = load_processor(directory / PROCESSOR_DIR, manifest.family)
+        processor = HostProcessor(directory / PROCESSOR_DIR, tuple(manifest.vision_token_grid))
         return cls(directory, manifest, open_sessions(directory, manifest), processor)
 
     # --- host side --------------------------------------------------------------------------------------------
 
     def prepare(self, images: Sequence[Any], prompt: str) -> Request:
         """Tokenize, encode each image with the vision graph, embed, scatter, and compute the position ids."""
-        self.family.check_inputs(self.processor, list(images), prompt)
+        self.processor.check(list(images), prompt)  # as given: before .convert / .resize touch them
         h, w = self.image_size
         # Every image is resized to the engine's profile: the vision graph is built for exactly that grid.
         resized = [im.convert("RGB").resize((w, h)) for im in images]
-        processed = self.family.process(self.processor, resized, prompt)
-        input_ids = processed["input_ids"].numpy().astype(np.int64)  # [1, S]
-        pixels = processed["pixel_values"].numpy()  # [N_images * patches, F]
-        per_image = pixels.shape[0] // len(resized)
+        host = self.processor.process(resized, prompt)
+        input_ids = host.input_ids  # [1, S]
         vision = [
-            self.sessions["vision"].run(None, {contract.PIXEL_VALUES: pixels[i * per_image : (i + 1) * per_image]})[0]
-            for i in range(len(resized))
+            self.sessions["vision"].run(None, {contract.PIXEL_VALUES: pixels})[0] for pixels in host.pixels
         ]  # each [N_vis, D]
         embeds = self.sessions["embed"].run(None, {contract.INPUT_IDS: input_ids})[0]  # [1, S, D]
         placeholder = input_ids[0] == self.manifest.image_token_id
+        vision_tokens = sum(v.shape[0] for v in vision)
+        if int(placeholder.sum()) != vision_tokens:
+            raise InputError(f"{int(placeholder.sum())} image placeholder tokens but {vision_tokens} vision tokens.")
         embeds[0, placeholder] = np.concatenate(vision).astype(embeds.dtype)
-        spans = self.family.spans(self.processor, processed, self.manifest.image_token_id)
-        positions, offset = self.positions.host(input_ids.shape[1], spans[0])  # [*lead, S]
-        return Request(input_ids, embeds, positions[..., None, :], offset, spans)
+        positions, offset = self.positions.host(input_ids.shape[1], host.spans[0])  # [*lead, S]
+        return Request(input_ids, embeds, positions[..., None, :], offset, host.spans)
 
     # --- graphs -----------------------------------------------------------------------------------------------
 

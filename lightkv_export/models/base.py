@@ -131,22 +131,20 @@ def head_dim(text_config: Any) -> int:
     return int(explicit) if explicit else text_config.hidden_size // text_config.num_attention_heads
 
 
-def placeholder_runs(input_ids: torch.Tensor, token_id: int) -> list[list[tuple[int, int]]]:
-    """Per row of input_ids [B, S], the (start, end) of each contiguous run of `token_id` (one image's tokens)."""
-    import torch  # here, not at import: the runtime uses this module's types without PyTorch
+def placeholder_runs(input_ids, token_id: int) -> list[list[tuple[int, int]]]:
+    """Per row of input_ids [B, S] (numpy or torch), the (start, end) of each contiguous run of `token_id` (one
+    image's tokens)."""
+    import numpy as np  # numpy, not torch: the engine runtime calls this too
 
     runs = []
-    for row in input_ids:  # [S]
-        flags = torch.cat([torch.zeros(1), (row == token_id).float(), torch.zeros(1)])  # [S + 2]
-        edges = torch.diff(flags)  # +1 where a run starts, -1 one past where it ends
-        starts, ends = (edges > 0).nonzero().flatten().tolist(), (edges < 0).nonzero().flatten().tolist()
-        runs.append(list(zip(starts, ends, strict=True)))
+    for row in np.asarray(input_ids):  # [S]
+        flags = np.concatenate([[0], (row == token_id).astype(np.int8), [0]])  # [S + 2]
+        edges = np.diff(flags)  # +1 where a run starts, -1 one past where it ends
+        runs.append(list(zip(np.flatnonzero(edges > 0).tolist(), np.flatnonzero(edges < 0).tolist(), strict=True)))
     return runs
 
 
-def spans_on_grids(
-    input_ids: torch.Tensor, token_id: int, grids: list[tuple[int, int]], hint: str
-) -> list[list[VisionSpan]]:
+def spans_on_grids(input_ids, token_id: int, grids: list[tuple[int, int]], hint: str) -> list[list[VisionSpan]]:
     """Each placeholder run, in order, as a VisionSpan on the next image's (h, w) token grid. A run of another
     length, or another number of runs than images, is an InputError; `hint` names the family's likely cause."""
     spans, image = [], 0

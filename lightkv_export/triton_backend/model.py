@@ -26,13 +26,6 @@ ENGINE_SUBDIR = "engine"
 FULL_HASH_ENV = "LIGHTKV_ENGINE_FULL_HASH"  # serve.FULL_HASH_ENV
 
 
-def _template_tokens(processor, images: int) -> int:
-    """Tokens of the chat template around an empty prompt with `images` image placeholders (one token each)."""
-    content = [{"type": "image"} for _ in range(images)] + [{"type": "text", "text": ""}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         from lightkv_export.runtime import Engine  # heavy import: only once the stub is up
@@ -48,10 +41,10 @@ class TritonPythonModel:
         manifest = self.engine.manifest
         h, w = (int(x) for x in manifest.vision_token_grid)  # every image is resized to the profile
         vision_per_image = h * w
-        processor = self.engine.processor
-        self.template_tokens = _template_tokens(processor, 0)
+        host = self.engine.processor  # host.HostProcessor: no torch, no transformers in this process
+        self.template_tokens = host.template_tokens(0)
         # Each image adds its wrapper tokens, and its one placeholder becomes vision_per_image tokens.
-        self.per_image_tokens = _template_tokens(processor, 1) - self.template_tokens - 1 + vision_per_image
+        self.per_image_tokens = host.template_tokens(1) - self.template_tokens - 1 + vision_per_image
         self.logger = pb_utils.Logger
         self.logger.log_info(f"lightkv_export: loaded {engine_dir} ({manifest.target}), {self.limits}")
 
@@ -60,8 +53,7 @@ class TritonPythonModel:
 
     def _prompt_tokens(self, prompt: str) -> int:
         # As plain text, the way the runtime tokenizes the user's content (control-token text is not a token).
-        tokenizer = self.engine.processor.tokenizer
-        return len(tokenizer(prompt, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+        return self.engine.processor.prompt_tokens(prompt)
 
     def _answer(self, request) -> pb_utils.InferenceResponse:
         limits = self.limits

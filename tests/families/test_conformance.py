@@ -107,6 +107,53 @@ def test_the_accounting_is_what_the_engine_holds(family):
     assert np.isclose(account.retention, manifest.retention, atol=0.02)
 
 
+# User text with every kind of control-token text a prompt can carry, non-ASCII and odd spacing.
+HOST_PROMPTS = (
+    "Describe this image.",
+    "What is <|im_end|><|im_start|>assistant\nhi <|image_pad|> x?",
+    "<image> USER: hi </s><s> ok",
+    "  spaces  and\nnewlines ",
+    "数字 123 émoji 🙂",
+)
+
+
+def test_host_preprocessing_is_the_hugging_face_processor(family):
+    """The engine's own host preprocessing (host.py: tokenizers, jinja2, numpy) makes the token ids, pixels and
+    spans that the checkpoint's Hugging Face processor makes, for prompts with control-token text and 1-2 images."""
+    _, loaded, result = family
+    engine = Engine.load(result.engine_dirs["ort-cpu"])
+    h, w = engine.image_size
+    token = engine.manifest.image_token_id
+    for n_images in (1, 2):
+        images = [parity_images((h, w), i) for i in range(n_images)]
+        for prompt in HOST_PROMPTS:
+            want = loaded.family.process(loaded.processor, images, prompt)
+            got = engine.processor.process(images, prompt)
+            assert got.input_ids.tolist() == want["input_ids"].tolist(), prompt
+            pixels = np.concatenate(got.pixels)
+            assert pixels.shape == tuple(want["pixel_values"].shape)
+            assert np.abs(pixels - want["pixel_values"].numpy()).max() < 1e-5, prompt
+            assert got.spans == loaded.family.spans(loaded.processor, want, token), prompt
+
+
+def test_an_engine_process_imports_neither_torch_nor_transformers(family):
+    """Loading an engine and answering a request needs ONNX Runtime, numpy and tokenizers only (a serving
+    process does not hold PyTorch's or transformers' memory)."""
+    import subprocess
+    import sys
+
+    _, _, result = family
+    code = (
+        "import sys; from PIL import Image; from lightkv_export.runtime import Engine; "
+        f"e = Engine.load({str(result.engine_dirs['ort-cpu'])!r}); "
+        "g = e.generate([Image.new('RGB', (64, 48), 'red')], 'Describe.', max_new_tokens=3); "
+        "print(len(g.token_ids), sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "3 []"
+
+
 @pytest.fixture(scope="module")
 def server(builds, tmp_path_factory):
     """One real tritonserver (loopback) serving every family's LightKV engine from one repository."""

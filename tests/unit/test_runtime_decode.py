@@ -154,13 +154,13 @@ def test_decode_positions_match_the_vanilla_continuation():
 
 def test_the_runtime_and_the_merge_plan_import_no_torch():
     """The generation loop and the host merge plan (method/layout.py) are numpy: a process that only runs engines
-    does not pay for PyTorch on their account. (The checkpoint's processor, loaded by Engine.load through
-    transformers, still imports it: issue 12's torch-free host preprocessing is open.)"""
+    does not pay for PyTorch on their account (an engine's whole request path: tests/families/test_conformance.py)."""
     import subprocess
     import sys
 
     code = (
-        "import sys, lightkv_export.runtime, lightkv_export.method.merge_plan, lightkv_export.targets.ort; "
+        "import sys, lightkv_export.runtime, lightkv_export.method.merge_plan, lightkv_export.targets.ort, "
+        "lightkv_export.host; "
         "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
