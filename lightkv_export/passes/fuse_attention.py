@@ -19,8 +19,13 @@ Decode (`fuse_decode_attention`): an in-place KV cache.
 * `past_mask.{i}` [B, P_i] gives way to `past_length.{i}` [B] int32, the row's valid entries before this step
   (the op's `seqlens_k`): a row's valid entries are contiguous from 0, so LightKV's per-layer lengths and a
   padded batch's per-row lengths are both just lengths;
-* the decode step is one token per row (s = 1), so [B, H, 1, d] and [B, 1, H * d] have the same memory order
-  and every layout change is a Reshape.
+* the rotary embedding becomes com.microsoft RotaryEmbedding on the projections as they come out of their
+  MatMuls ([B, 1, H * d], the layout GroupQueryAttention reads), so the per-head reshapes, transposes and the
+  rotate-half chain of every layer go (about 20 nodes a layer: on a CPU decode step, node overhead is what is
+  left once the weights stream). The op looks cos / sin up by position id; it is given the exported
+  per-token cos / sin (M-RoPE's sections already mixed) as a table of B x s rows and each token's row index as
+  its id, so it rotates by exactly the exported angles, whatever the position scheme. A layer whose rotary
+  is not the rotate-half pattern keeps its exported form.
 """
 
 from __future__ import annotations
@@ -88,6 +93,79 @@ def fuse_prefill_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     return _finish(irm)
 
 
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type and node.domain == "" else None
+
+
+def _head_split(value: ir.Value) -> ir.Value | None:
+    """x [B, s, H * d] when `value` is Transpose(Reshape(x), perm 0 2 1 3) [B, H, s, d]."""
+    transpose = _producer(value, "Transpose")
+    if transpose is None or list(transpose.attributes.get_ints("perm", [])) != [0, 2, 1, 3]:
+        return None
+    reshape = _producer(transpose.inputs[0], "Reshape")
+    return reshape.inputs[0] if reshape is not None else None
+
+
+def _rotate_half(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
+    """(x [B, s, H * d], cos [B, s, d], sin [B, s, d]) when `value` is x_heads * cos + rotate_half(x_heads) * sin,
+    x_heads the head split of x and cos / sin unsqueezed over the heads (the exporter's rotary)."""
+    add = _producer(value, "Add")
+    if add is None:
+        return None
+    muls = [_producer(v, "Mul") for v in add.inputs]
+    if None in muls:
+        return None
+    rotated = [m for m in muls if any(_producer(v, "Concat") for v in m.inputs)]
+    if len(rotated) != 1:
+        return None
+    (rot,), (plain,) = rotated, [m for m in muls if m is not rotated[0]]
+    heads = next((v for v in plain.inputs if _head_split(v) is not None), None)
+    concat = next(_producer(v, "Concat") for v in rot.inputs if _producer(v, "Concat"))
+    if heads is None or not all(_producer(v, "Neg") or _producer(v, "Slice") for v in concat.inputs):
+        return None
+    halves = [_producer(v, "Slice") or _producer(_producer(v, "Neg").inputs[0], "Slice") for v in concat.inputs]
+    if None in halves or any(h.inputs[0] is not heads for h in halves):
+        return None
+    cos_u, sin_u = (
+        next(v for v in m.inputs if v is not other) for m, other in ((plain, heads), (rot, concat.outputs[0]))
+    )
+    tables = [_producer(v, "Unsqueeze") for v in (cos_u, sin_u)]
+    if None in tables:
+        return None
+    return _head_split(heads), tables[0].inputs[0], tables[1].inputs[0]
+
+
+def _rotary(b: Builder, x: ir.Value, cos: ir.Value, sin: ir.Value, heads: int, head_dim: int, tables: dict):
+    """RotaryEmbedding of x [B, s, H * d] at the exported per-token angles: row b * s + t of the cos / sin
+    tables [B * s, d / 2] is token t of row b (rotate-half tables repeat their first half)."""
+    key = (id(cos), id(sin))
+    if key not in tables:
+        half = b.ints([head_dim // 2])
+        cache = [
+            b.op("Reshape", [b.op("Slice", [t, b.ints([0]), half, b.ints([2])]), b.ints([-1, head_dim // 2])])
+            for t in (cos, sin)
+        ]  # each [B * s, d / 2]
+        lead = b.op("Shape", [cos], {"start": 0, "end": 2})  # [2]: B, s
+        count = b.op("ReduceProd", [lead], {"keepdims": 0})
+        ids = b.op("Reshape", [b.op("Range", [b.i64(0), count, b.i64(1)]), lead])  # [B, s]
+        tables[key] = (ids, *cache)
+    ids, cos_cache, sin_cache = tables[key]
+    return b.op(
+        "RotaryEmbedding", [x, ids, cos_cache, sin_cache], {"num_heads": heads, "interleaved": 0}, domain=GQA_DOMAIN
+    )  # [B, s, H * d]
+
+
+def _bsh(b: Builder, role: ir.Value, tables: dict, meta: dict, heads: int) -> ir.Value:
+    """A decode role [B, H, 1, d] (query and key after the rotary, value) as [B, 1, H * d]: the projection
+    itself (rotated by RotaryEmbedding) where the pattern is the exporter's, else a Reshape (s = 1: same order)."""
+    rotary = _rotate_half(role)
+    if rotary is not None and rotary[0] is not None:
+        return _rotary(b, *rotary, heads, meta["head_dim"], tables)
+    split = _head_split(role)
+    return split if split is not None else b.op("Reshape", [role, b.ints([0, 1, -1])])
+
+
 def fuse_decode_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     """The exported decode graph (with its role outputs) rewritten to in-place GroupQueryAttention per layer."""
     meta = role_meta(model, "decode")
@@ -95,10 +173,13 @@ def fuse_decode_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     irm, outputs = _open(model, [contract.role(f"{r}.{i}") for i in range(n) for r in contract.DECODE_ROLES], "decode")
     graph = irm.graph
     inputs = {v.name: v for v in graph.inputs}
+    tables: dict = {}  # the rotary tables, once per distinct cos / sin
     for i in range(n):
         b = Builder(graph, f"lightkv.decode_attention.{i}")
-        flat = b.ints([0, 1, -1])  # [B, H, 1, d] -> [B, 1, H * d]
-        q, k, v = (b.op("Reshape", [outputs[contract.role(f"{r}.{i}")], flat]) for r in contract.DECODE_ROLES[:3])
+        q, k, v = (
+            _bsh(b, outputs[contract.role(f"{r}.{i}")], tables, meta, h)
+            for r, h in zip(contract.DECODE_ROLES[:3], (hq, meta["num_kv_heads"], meta["num_kv_heads"]), strict=True)
+        )  # each [B, 1, H * d]
         past_key, past_value = inputs[contract.past(i, "key")], inputs[contract.past(i, "value")]
         length = ir.Value(name=contract.past_length(i), type=ir.TensorType(INT32), shape=ir.Shape(["batch"]))
         graph.inputs.append(length)

@@ -50,5 +50,9 @@ class Builder:
     def ints(self, values: Sequence[int]) -> ir.Value:
         return self.op("Constant", [], {"value_ints": list(values)})
 
+    def i64(self, value: int) -> ir.Value:
+        """A scalar int64."""
+        return self.op("Constant", [], {"value_int": int(value)})
+
     def f32(self, value: float) -> ir.Value:
         return self.op("Constant", [], {"value_float": float(value)})

@@ -5,6 +5,8 @@ fused step computes what the standard step computes over caches whose lengths di
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -149,6 +151,9 @@ def test_the_fused_graph_reads_lengths_not_masks_and_copies_no_cache(exported, t
     pasts = {contract.past(i, kind) for i in range(n) for kind in contract.KV}
     readers = {node.op_type for node in fused.graph.node for x in node.input if x in pasts}
     assert readers == {"GroupQueryAttention", "Shape"}  # no Concat of the cache, no Expand to all heads
+    ops = Counter(node.op_type for node in fused.graph.node)
+    # The rotary on the projections as they come (query and key of every layer); no per-head layout is left.
+    assert ops["RotaryEmbedding"] == 2 * n and ops["Transpose"] == ops["Neg"] == 0
     assert not any(o.name.startswith(contract.ROLE_PREFIX) for o in fused.graph.output)
     assert [o.name for o in fused.graph.output] == [o.name for o in strip_roles(copy(exported)).graph.output]
 
