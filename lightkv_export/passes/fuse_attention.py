@@ -3,13 +3,20 @@
 The exported graphs (export.py) are standard ONNX, which TensorRT keeps: K and V repeated to every query head,
 an additive mask, a separate Softmax. This pass replaces, between the export's role outputs, each layer's
 attention with one GroupQueryAttention (grouped heads read in place, the causal softmax fused, nothing S x S
-materialised but the scores of one head at a time). The rotary embedding stays the exported one (do_rotary=0):
-M-RoPE is not the op's 1-D rotary, and decode positions continue from the uncompressed prompt length.
+materialised but the scores of one head at a time). The op's own rotary stays off (do_rotary=0: M-RoPE is not its
+1-D rotary, and decode positions continue from the uncompressed prompt length); instead the rotary becomes
+com.microsoft RotaryEmbedding on the projections as they come out of their MatMuls ([B, s, H * d], the layout
+GroupQueryAttention reads), so the per-head reshapes, transposes and rotate-half chains of every layer go (about
+20 nodes a layer: on a CPU decode step, node overhead is what is left once the weights stream). The op looks
+cos / sin up by position id; it is given the exported per-token cos / sin (M-RoPE's sections already mixed, and
+after a merge the kept tokens' own) as a table of B x s rows and each token's row as its id, so it rotates by
+exactly the exported angles, whatever the position scheme. A layer whose rotary is not the exporter's
+rotate-half pattern keeps its exported form.
 
 Prefill (`fuse_prefill_attention`, after the LightKV pass): causal over each layer's own sequence, S before the
-first merge and S' after it, read from the layer's query at run time, so the pass needs no schedule. Every row
-attends over the full padded length, as the exported causal attention does (rows are right-padded: no real
-token sees padding).
+first merge and S' after it, read from the layer's query at run time, so the pass needs no schedule; the layer's
+present K / V are the op's own outputs. Every row attends over the full padded length, as the exported causal
+attention does (rows are right-padded: no real token sees padding).
 
 Decode (`fuse_decode_attention`): an in-place KV cache.
 * `past.{i}.key / .value` become buffers [B, Hkv, M_i, d] of a fixed capacity M_i per layer (the runtime sizes
@@ -18,14 +25,7 @@ Decode (`fuse_decode_attention`): an in-place KV cache.
   token's entries at each row's `past_length.{i}`;
 * `past_mask.{i}` [B, P_i] gives way to `past_length.{i}` [B] int32, the row's valid entries before this step
   (the op's `seqlens_k`): a row's valid entries are contiguous from 0, so LightKV's per-layer lengths and a
-  padded batch's per-row lengths are both just lengths;
-* the rotary embedding becomes com.microsoft RotaryEmbedding on the projections as they come out of their
-  MatMuls ([B, 1, H * d], the layout GroupQueryAttention reads), so the per-head reshapes, transposes and the
-  rotate-half chain of every layer go (about 20 nodes a layer: on a CPU decode step, node overhead is what is
-  left once the weights stream). The op looks cos / sin up by position id; it is given the exported
-  per-token cos / sin (M-RoPE's sections already mixed) as a table of B x s rows and each token's row index as
-  its id, so it rotates by exactly the exported angles, whatever the position scheme. A layer whose rotary
-  is not the rotate-half pattern keeps its exported form.
+  padded batch's per-row lengths are both just lengths.
 """
 
 from __future__ import annotations
@@ -71,25 +71,34 @@ def fuse_prefill_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     """The prefill graph (vanilla, or after the LightKV pass) with GroupQueryAttention in every layer; the attention
     roles it reads are removed, the rest of the graph and its inputs and outputs stay."""
     meta = role_meta(model, "prefill")
-    n, hq, hd = meta["num_layers"], meta["num_heads"], meta["head_dim"]
+    n, hq, hkv, hd = meta["num_layers"], meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]
     irm, outputs = _open(
         model, [contract.role(f"{r}.{i}") for i in range(n) for r in contract.ATTENTION_ROLES], "prefill"
     )
+    tables: dict = {}  # the rotary tables, once per distinct cos / sin (one per layer group)
+    graph = irm.graph
     for i in range(n):
-        b = Builder(irm.graph, f"lightkv.attention.{i}")
+        b = Builder(graph, f"lightkv.attention.{i}")
         query = outputs[contract.role(f"query.{i}")]  # [B, Hq, S_i, d]
-        bsh = b.ints([0, 0, -1])
+        present = {kind: outputs[contract.present(i, kind)] for kind in contract.KV}  # each [B, Hkv, S_i, d]
         q, k, v = (
-            b.op("Reshape", [b.op("Transpose", [x], {"perm": [0, 2, 1, 3]}), bsh])
-            for x in (query, outputs[contract.present(i, "key")], outputs[contract.present(i, "value")])
-        )  # [B, S_i, H * d]
-        seq = b.op("Shape", [query], {"start": 2, "end": 3})  # [1] int64: S_i
+            _bsh(b, x, tables, hd, heads, _from_heads)
+            for x, heads in ((query, hq), (present["key"], hkv), (present["value"], hkv))
+        )  # each [B, S_i, H * d]
+        seq = b.op("Shape", [q], {"start": 1, "end": 2})  # [1] int64: S_i
         last = b.op("Cast", [b.op("Sub", [seq, b.ints([1])])], {"to": INT32})
-        seqlens = b.op("Expand", [last, b.op("Shape", [query], {"start": 0, "end": 1})])  # [B]: all S_i, causally
+        seqlens = b.op("Expand", [last, b.op("Shape", [q], {"start": 0, "end": 1})])  # [B]: all S_i, causally
         total = b.op("Squeeze", [b.op("Cast", [seq], {"to": INT32})])
-        attended = _gqa(b, meta, [q, k, v, None, None, seqlens, total])[0]  # [B, S_i, Hq * d]
+        attended, key_out, value_out = _gqa(b, meta, [q, k, v, None, None, seqlens, total])
+        # [B, S_i, Hq * d]; [B, Hkv, S_i, d] x 2: the rotated key and the value, as the exported present
         heads = b.op("Reshape", [attended, b.ints([0, 0, hq, hd])])  # [B, S_i, Hq, d]
         outputs[contract.role(f"attention.{i}")].replace_all_uses_with(heads)
+        for kind, new in (("key", key_out), ("value", value_out)):
+            previous = present[kind]  # stays only where the graph still reads it (the LightKV guidance)
+            name = previous.name
+            previous.name = f"{name}.unfused"
+            new.name, new.type, new.shape = name, previous.type, previous.shape
+            graph.outputs[graph.outputs.index(previous)] = new
     return _finish(irm)
 
 
@@ -156,14 +165,24 @@ def _rotary(b: Builder, x: ir.Value, cos: ir.Value, sin: ir.Value, heads: int, h
     )  # [B, s, H * d]
 
 
-def _bsh(b: Builder, role: ir.Value, tables: dict, meta: dict, heads: int) -> ir.Value:
-    """A decode role [B, H, 1, d] (query and key after the rotary, value) as [B, 1, H * d]: the projection
-    itself (rotated by RotaryEmbedding) where the pattern is the exporter's, else a Reshape (s = 1: same order)."""
+def _from_heads(b: Builder, value: ir.Value) -> ir.Value:
+    """[B, H, s, d] -> [B, s, H * d], any s."""
+    return b.op("Reshape", [b.op("Transpose", [value], {"perm": [0, 2, 1, 3]}), b.ints([0, 0, -1])])
+
+
+def _from_step_heads(b: Builder, value: ir.Value) -> ir.Value:
+    """[B, H, 1, d] -> [B, 1, H * d]: for one token the memory order is the same."""
+    return b.op("Reshape", [value, b.ints([0, 1, -1])])
+
+
+def _bsh(b: Builder, role: ir.Value, tables: dict, head_dim: int, heads: int, fallback) -> ir.Value:
+    """A query, key or value [B, H, s, d] (query and key after the rotary) as [B, s, H * d]: the projection
+    itself (rotated by RotaryEmbedding) where the pattern is the exporter's, else `fallback`'s relayout."""
     rotary = _rotate_half(role)
     if rotary is not None and rotary[0] is not None:
-        return _rotary(b, *rotary, heads, meta["head_dim"], tables)
+        return _rotary(b, *rotary, heads, head_dim, tables)
     split = _head_split(role)
-    return split if split is not None else b.op("Reshape", [role, b.ints([0, 1, -1])])
+    return split if split is not None else fallback(b, role)
 
 
 def fuse_decode_attention(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -177,7 +196,7 @@ def fuse_decode_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     for i in range(n):
         b = Builder(graph, f"lightkv.decode_attention.{i}")
         q, k, v = (
-            _bsh(b, outputs[contract.role(f"{r}.{i}")], tables, meta, h)
+            _bsh(b, outputs[contract.role(f"{r}.{i}")], tables, hd, h, _from_step_heads)
             for r, h in zip(contract.DECODE_ROLES[:3], (hq, meta["num_kv_heads"], meta["num_kv_heads"]), strict=True)
         )  # each [B, 1, H * d]
         past_key, past_value = inputs[contract.past(i, "key")], inputs[contract.past(i, "value")]

@@ -91,6 +91,8 @@ def test_the_fused_prefill_equals_the_standard_prefill_on_a_padded_batch(exporte
         np.testing.assert_allclose(also[name], want[name], atol=2e-5, err_msg=name)
     nodes = fuse_prefill_attention(copy(graph)).graph.node
     assert sum(n.op_type == "GroupQueryAttention" for n in nodes) == cfg.num_hidden_layers
+    # Every layer's query and key rotated on the projection (LightKV's merged layers too, at the kept tokens' angles).
+    assert sum(n.op_type == "RotaryEmbedding" for n in nodes) == 2 * cfg.num_hidden_layers
     guidance = 0 if schedule is None else 2  # the LightKV guidance's own softmax over queries, one per stage
     assert sum(n.op_type == "Softmax" for n in nodes) == guidance
 
