@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from lightkv_export.errors import InputError
-from lightkv_export.models.base import VisionSpan, check_request, spans_on_grids
+from lightkv_export.models.base import VisionSpan, check_request, leading_ids, spans_on_grids
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # Private-use code points (never typed text) that fence a control token of the user's text through the template.
@@ -83,11 +83,7 @@ class ChatTokenizer:
     @cached_property
     def prefix(self) -> list[int]:
         """The ids the tokenizer itself puts before a text (LLaVA: [<s>]; Qwen: none)."""
-        plain, full = self.encode("a"), self.tokenizer.encode("a", add_special_tokens=True).ids
-        for i in range(len(full) - len(plain) + 1):
-            if full[i : i + len(plain)] == plain:
-                return full[:i]
-        return []
+        return leading_ids(self.encode("a"), self.tokenizer.encode("a", add_special_tokens=True).ids)
 
     def token_id(self, token: str) -> int:
         index = self.tokenizer.token_to_id(token)

@@ -144,6 +144,16 @@ def placeholder_runs(input_ids, token_id: int) -> list[list[tuple[int, int]]]:
     return runs
 
 
+def leading_ids(plain: list[int], full: list[int]) -> list[int]:
+    """The ids a tokenizer put before a text: `full` (with its special tokens) up to where `plain` (without) starts.
+    Read from what it does, not from an `add_bos_token` flag (a saved and reloaded tokenizer reports False while
+    still adding <s>)."""
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return full[:i]
+    return []
+
+
 def spans_on_grids(input_ids, token_id: int, grids: list[tuple[int, int]], hint: str) -> list[list[VisionSpan]]:
     """Each placeholder run, in order, as a VisionSpan on the next image's (h, w) token grid. A run of another
     length, or another number of runs than images, is an InputError; `hint` names the family's likely cause."""

@@ -27,6 +27,7 @@ from lightkv_export.models.base import (
     VisionExport,
     VisionSpan,
     check_request,
+    leading_ids,
     spans_on_grids,
     user_turn,
 )
@@ -162,14 +163,8 @@ def chat_text(processor: Any, num_images: int, prompt: str) -> str:
 
 
 def special_prefix(tokenizer: Any) -> list[int]:
-    """The ids the tokenizer itself puts before a text (LLaVA: [<s>]). Read from what it does, not from its
-    `add_bos_token` attribute, which a saved and reloaded tokenizer reports False while still adding <s>."""
-    plain = tokenizer.encode("a", add_special_tokens=False)
-    full = tokenizer.encode("a", add_special_tokens=True)
-    for i in range(len(full) - len(plain) + 1):
-        if full[i : i + len(plain)] == plain:
-            return full[:i]
-    return []
+    """The ids the tokenizer itself puts before a text (LLaVA: [<s>])."""
+    return leading_ids(tokenizer.encode("a", add_special_tokens=False), tokenizer.encode("a", add_special_tokens=True))
 
 
 def token_side(processor: Any, image_size: int) -> int:

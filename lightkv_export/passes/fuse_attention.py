@@ -116,29 +116,29 @@ def _head_split(value: ir.Value) -> ir.Value | None:
     return reshape.inputs[0] if reshape is not None else None
 
 
+def _half(value: ir.Value) -> ir.Node | None:
+    """The Slice behind `value`, through a Neg (rotate_half's -x2 and x1)."""
+    neg = _producer(value, "Neg")
+    return _producer(neg.inputs[0] if neg is not None else value, "Slice")
+
+
 def _rotate_half(value: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value] | None:
     """(x [B, s, H * d], cos [B, s, d], sin [B, s, d]) when `value` is x_heads * cos + rotate_half(x_heads) * sin,
     x_heads the head split of x and cos / sin unsqueezed over the heads (the exporter's rotary)."""
     add = _producer(value, "Add")
-    if add is None:
-        return None
-    muls = [_producer(v, "Mul") for v in add.inputs]
+    muls = [_producer(v, "Mul") for v in add.inputs] if add is not None else [None]
     if None in muls:
         return None
-    rotated = [m for m in muls if any(_producer(v, "Concat") for v in m.inputs)]
-    if len(rotated) != 1:
+    concats = [(m, c) for m in muls for v in m.inputs if (c := _producer(v, "Concat")) is not None]
+    if len(concats) != 1:
         return None
-    (rot,), (plain,) = rotated, [m for m in muls if m is not rotated[0]]
+    (rot, concat), plain = concats[0], next(m for m in muls if m is not concats[0][0])
     heads = next((v for v in plain.inputs if _head_split(v) is not None), None)
-    concat = next(_producer(v, "Concat") for v in rot.inputs if _producer(v, "Concat"))
-    if heads is None or not all(_producer(v, "Neg") or _producer(v, "Slice") for v in concat.inputs):
+    halves = [_half(v) for v in concat.inputs]
+    if heads is None or None in halves or any(h.inputs[0] is not heads for h in halves):
         return None
-    halves = [_producer(v, "Slice") or _producer(_producer(v, "Neg").inputs[0], "Slice") for v in concat.inputs]
-    if None in halves or any(h.inputs[0] is not heads for h in halves):
-        return None
-    cos_u, sin_u = (
-        next(v for v in m.inputs if v is not other) for m, other in ((plain, heads), (rot, concat.outputs[0]))
-    )
+    cos_u = next(v for v in plain.inputs if v is not heads)
+    sin_u = next(v for v in rot.inputs if v is not concat.outputs[0])
     tables = [_producer(v, "Unsqueeze") for v in (cos_u, sin_u)]
     if None in tables:
         return None
@@ -179,7 +179,7 @@ def _bsh(b: Builder, role: ir.Value, tables: dict, head_dim: int, heads: int, fa
     """A query, key or value [B, H, s, d] (query and key after the rotary) as [B, s, H * d]: the projection
     itself (rotated by RotaryEmbedding) where the pattern is the exporter's, else `fallback`'s relayout."""
     rotary = _rotate_half(role)
-    if rotary is not None and rotary[0] is not None:
+    if rotary is not None:
         return _rotary(b, *rotary, heads, head_dim, tables)
     split = _head_split(role)
     return split if split is not None else fallback(b, role)
