@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
+import threading
 
 
 def _status_kib(field: str) -> int | None:
@@ -65,3 +67,36 @@ def release_large_blocks(threshold: int = LARGE_BLOCK_BYTES) -> bool:
         return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(threshold)))
     except (OSError, AttributeError):
         return False
+
+
+class DroppedPages:
+    """While open, keep dropping this process's resident pages of a read-only file mapping (MADV_DONTNEED, every
+    `interval` s, from a thread; once more on exit). A clean page of a file mapping leaves only the page table:
+    the next read faults it back from the page cache, so what the mapping holds is unchanged.
+
+    For ONNX Runtime pre-packing weights it reads from the mapping: each weight is packed into memory of its own
+    and its mapped original is not read again, but every page read while packing would stay resident until
+    the mapping goes, and the process would peak at the weights twice over."""
+
+    def __init__(self, mapping: mmap.mmap | None, interval: float = 0.005) -> None:
+        self.mapping, self.interval = mapping, interval
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._drop_until_done, daemon=True)
+
+    def _drop(self) -> None:
+        if self.mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                self.mapping.madvise(mmap.MADV_DONTNEED)
+
+    def _drop_until_done(self) -> None:
+        while not self.done.wait(self.interval):
+            self._drop()
+
+    def __enter__(self) -> DroppedPages:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self._drop()

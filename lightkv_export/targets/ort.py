@@ -14,14 +14,17 @@ Layout (everything needed to run it; nothing refers back to the export cache):
     processor/               tokenizer, image processor and chat template
 
 `open_sessions` memory-maps weights.bin once and gives every session the same buffers (ONNX Runtime's shared
-initializers), so prefill and decode hold one copy of the weights between them, paged in from the file.
+initializers). Prefill and decode run as the two branches of one session over both graphs (`join_graphs`, built in
+memory at load), so ONNX Runtime pre-packs each MatMul weight once for both and the engine holds the weights once,
+pre-packed; the mapped originals it packs from are dropped from the process as it goes (rss.DroppedPages).
 
 The builder writes into the directory it is given; the pipeline stages, verifies and promotes it (artifacts.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+import mmap
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,6 +34,7 @@ from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_m
 
 from lightkv_export import contract
 from lightkv_export.artifacts import PROCESSOR_DIR, WEIGHTS_FILE, Manifest
+from lightkv_export.rss import DroppedPages
 
 if TYPE_CHECKING:  # the build side (export, passes) stays out of a process that only runs engines
     from lightkv_export.export import ExportedGraphs
@@ -132,7 +136,7 @@ def mapped_initializers(graph: onnx.ModelProto, weights: np.ndarray) -> dict[str
 NO_ARENA = frozenset({"vision", "prefill"})
 
 
-def session_options(shared: dict[str, object], *, arena: bool = True):
+def session_options(shared: dict[str, object], *, arena: bool = True, prepack: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -141,73 +145,246 @@ def session_options(shared: dict[str, object], *, arena: bool = True):
     # Idle ORT workers otherwise spin for a while after each run and starve the host work between graphs
     # (plan, embedding scatter) and the next graph's own threads.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    # Pre-packing copies each weight into a per-session layout (the original then stays too, being shared):
-    # the shared buffers are used as they are, so the weights are held once whatever the number of sessions.
-    options.add_session_config_entry("session.disable_prepacking", "1")
+    if not prepack:
+        # Pre-packing copies each weight into a per-session layout, and a shared original stays too: sessions
+        # that share buffers use them as they are, so the weights are held once whatever their number.
+        options.add_session_config_entry("session.disable_prepacking", "1")
     for name, value in shared.items():
         options.add_initializer(name, value)
     return options
 
 
+# Prefill and decode run as the two branches of one graph in one session: ONNX Runtime pre-packs each MatMul
+# weight into its GEMM layout once per session (an initializer two nodes share is packed once) and frees the
+# original, while two sessions would each hold their own packed copy (its Python API has no shared
+# pre-packed-weights container). So the weights are held once, pre-packed.
+JOINED = ("prefill", "decode")
+BRANCH = "run_prefill"  # bool scalar input of the joined graph: True runs the prefill branch, False the decode step
+
+
+def join_graphs(branches: dict[str, onnx.ModelProto]) -> onnx.ModelProto:
+    """One graph whose If node runs `branches[JOINED[0]]` when BRANCH is true, else `branches[JOINED[1]]`.
+
+    Each branch's inputs and outputs become the joined graph's under "<branch>/<name>"; a branch also yields an
+    empty tensor for each of the other's outputs (an If node's branches have the same outputs). Initializers
+    stored in weights.bin move to the outer graph, where both branches read the same tensor."""
+    assert set(branches) == set(JOINED), branches
+    outer_inputs = [onnx.helper.make_tensor_value_info(BRANCH, onnx.TensorProto.BOOL, [])]
+    outer_outputs, shared = [], {}
+    for name in JOINED:
+        graph = branches[name].graph
+        outer_inputs += [_renamed(v, f"{name}/{v.name}") for v in graph.input]
+        outer_outputs += [_renamed(v, f"{name}/{v.name}") for v in graph.output]
+        for tensor in graph.initializer:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                shared.setdefault(tensor.name, tensor)  # names are content hashes (passes/share_weights.py)
+    bodies = {name: _branch_body(branches, name) for name in JOINED}
+    node = onnx.helper.make_node(
+        "If", [BRANCH], [v.name for v in outer_outputs], then_branch=bodies[JOINED[0]], else_branch=bodies[JOINED[1]]
+    )
+    graph = onnx.helper.make_graph([node], "prefill_decode", outer_inputs, outer_outputs, list(shared.values()))
+    opsets: dict[str, int] = {}
+    for model in branches.values():
+        for opset in model.opset_import:
+            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
+    model.ir_version = max(m.ir_version for m in branches.values())
+    seen = set()
+    for m in branches.values():
+        for function in m.functions:
+            if (function.domain, function.name) not in seen:
+                seen.add((function.domain, function.name))
+                model.functions.append(function)
+    return model
+
+
+def _renamed(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(value)
+    copy.name = name
+    return copy
+
+
+def _branch_body(branches: dict[str, onnx.ModelProto], name: str) -> onnx.GraphProto:
+    """Branch `name` as an If body: it reads the outer "<name>/<input>" values and the outer weights; its outputs
+    are, in JOINED order, its own graph's outputs and an empty tensor of the right type and rank for each output
+    of the other branch."""
+    graph = branches[name].graph
+    inputs = {v.name: f"{name}/{v.name}" for v in graph.input}
+    nodes = []
+    for node in graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [inputs.get(i, i) for i in node.input]
+        nodes.append(copy)
+    # The other branch's outputs, sized at run time: ONNX Runtime types an If node's outputs by its then-branch,
+    # so a constant's fixed zero sizes would become the other branch's output shapes.
+    zero = f"{name}.none/zero"
+    nodes += [
+        onnx.helper.make_node("Cast", [BRANCH], [f"{zero}.flag"], to=onnx.TensorProto.INT64),
+        onnx.helper.make_node("Sub", [f"{zero}.flag", f"{zero}.flag"], [zero]),
+    ]
+    outputs = []
+    for slot in JOINED:
+        for v in branches[slot].graph.output:
+            if slot == name and v.name in inputs:  # a graph input passed straight through
+                nodes.append(onnx.helper.make_node("Identity", [inputs[v.name]], [f"{name}.out/{v.name}"]))
+                outputs.append(_renamed(v, f"{name}.out/{v.name}"))
+            elif slot == name:
+                outputs.append(v)
+            else:
+                outputs.append(_empty_output(v, f"{name}.none/{v.name}", zero, nodes))
+    local = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+    return onnx.helper.make_graph(nodes, name, [], outputs, local, value_info=list(graph.value_info))
+
+
+def _empty_output(like: onnx.ValueInfoProto, name: str, zero: str, nodes: list) -> onnx.ValueInfoProto:
+    """Append the nodes of an empty tensor of `like`'s type and rank, its sizes `zero` (a run-time 0) each."""
+    tensor = like.type.tensor_type
+    rank = len(tensor.shape.dim)
+    ones = onnx.helper.make_tensor(f"{name}.ones", onnx.TensorProto.INT64, [rank], [1] * rank)
+    value = onnx.helper.make_tensor(f"{name}.value", tensor.elem_type, [1], [0])
+    nodes += [
+        onnx.helper.make_node("Constant", [], [ones.name], value=ones),
+        onnx.helper.make_node("Mul", [ones.name, zero], [f"{name}.sizes"]),
+        onnx.helper.make_node("ConstantOfShape", [f"{name}.sizes"], [name], value=value),
+    ]
+    return onnx.helper.make_tensor_value_info(name, tensor.elem_type, [None] * rank)
+
+
 def open_sessions(directory: Path, manifest: Manifest) -> dict:
-    """One ONNX Runtime CPU session per graph, all over one read-only mapping of weights.bin."""
-    return shared_sessions(directory, GRAPHS)
-
-
-def shared_sessions(directory: Path, names) -> dict:
-    """Sessions for `directory`/<name>.onnx, each weights.bin tensor one OrtValue over the mapped file for all."""
-    import onnxruntime as ort
-
-    weights = np.memmap(directory / WEIGHTS_FILE, dtype=np.uint8, mode="r")
-    values: dict[str, object] = {}  # one OrtValue per distinct tensor, handed to every session that uses it
-    sessions = {}
-    for name in names:
-        path = directory / f"{name}.onnx"
-        views = mapped_initializers(onnx.load(str(path), load_external_data=False), weights)
-        for key, view in views.items():
-            if key not in values:
-                values[key] = ort.OrtValue.ortvalue_from_numpy(view)
-        used = {key: values[key] for key in views}
-        options = session_options(used, arena=name not in NO_ARENA)
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        # ONNX Runtime borrows shared initializers: they (and the mapping under them) must outlive the session.
-        session.shared_initializers = (weights, used)
-        in_place = any(i.name == contract.past_length(0) for i in session.get_inputs())
-        sessions[name] = InPlaceDecode(session) if in_place else session
+    """ONNX Runtime CPU sessions for the engine, all over one read-only mapping of weights.bin: vision and embed
+    use the mapped tensors as they are; prefill and decode are the branches of one session (`join_graphs`) whose
+    MatMul weights are pre-packed once."""
+    weights = MappedWeights(directory / WEIGHTS_FILE)
+    sessions = shared_sessions(directory, [name for name in GRAPHS if name not in JOINED], weights)
+    sessions.update(joined_sessions(directory, weights))
     return sessions
 
 
-class InPlaceDecode:
-    """The fused decode graph's session (runtime.InPlaceSession): its cache inputs and outputs are bound to the
-    same numpy buffers through ONNX Runtime's IOBinding, so GroupQueryAttention writes each step's entries into
-    them and nothing is copied back."""
+class MappedWeights:
+    """weights.bin mapped read-only once, each tensor one OrtValue over it for every session that uses it."""
 
-    def __init__(self, session) -> None:
-        self.session = session
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            self.mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        self.array = np.frombuffer(self.mapping, dtype=np.uint8) if size else np.empty(0, np.uint8)
+        self.values: dict[str, object] = {}
 
-    def get_inputs(self):
-        return self.session.get_inputs()
+    def values_for(self, graph: onnx.ModelProto) -> dict[str, object]:
+        import onnxruntime as ort
 
-    def get_outputs(self):
-        return self.session.get_outputs()
+        views = mapped_initializers(graph, self.array)
+        for key, view in views.items():
+            if key not in self.values:
+                self.values[key] = ort.OrtValue.ortvalue_from_numpy(view)
+        return {key: self.values[key] for key in views}
+
+
+def joined_sessions(directory: Path, weights: MappedWeights) -> dict:
+    """{"prefill": ..., "decode": ...}: views of one session over `join_graphs` of the engine's two graphs."""
+    import onnxruntime as ort
+
+    branches = {name: onnx.load(str(directory / f"{name}.onnx"), load_external_data=False) for name in JOINED}
+    joined = join_graphs(branches)
+    used = weights.values_for(joined)
+    options = session_options(used, arena=False, prepack=True)
+    # The joined graph exists in memory only; its external-data references are checked against the directory.
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
+    with DroppedPages(weights.mapping):  # the originals ONNX Runtime packs do not stay resident besides
+        session = ort.InferenceSession(joined.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session.shared_initializers = (weights, used)  # borrowed by ONNX Runtime: they must outlive the session
+    in_place = {name: any(v.name == contract.past_length(0) for v in g.graph.input) for name, g in branches.items()}
+    return {name: (InPlaceBranch if in_place[name] else Branch).of(session, name, branches) for name in JOINED}
+
+
+def shared_sessions(directory: Path, names, weights: MappedWeights | None = None) -> dict:
+    """Sessions for `directory`/<name>.onnx that use the mapped weights.bin tensors as they are (not pre-packed)."""
+    import onnxruntime as ort
+
+    weights = weights or MappedWeights(directory / WEIGHTS_FILE)
+    sessions = {}
+    for name in names:
+        path = directory / f"{name}.onnx"
+        used = weights.values_for(onnx.load(str(path), load_external_data=False))
+        options = session_options(used, arena=name not in NO_ARENA)
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session.shared_initializers = (weights, used)  # borrowed by ONNX Runtime: they must outlive the session
+        sessions[name] = session
+    return sessions
+
+
+@dataclass(frozen=True)
+class Arg:
+    """A graph input or output as a branch of the joined session shows it (ONNX Runtime's NodeArg, renamed)."""
+
+    name: str
+    shape: list
+    type: str
+
+
+def _idle_feed(value: onnx.ValueInfoProto) -> np.ndarray:
+    """An empty tensor for an input of the branch not taken (its fixed dims kept, the symbolic ones 0)."""
+    tensor = value.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else 0 for d in tensor.shape.dim]
+    return np.zeros(shape, dtype=onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type))
+
+
+class Branch:
+    """A session under a graph's own input and output names (runtime.Session): one branch of the joined session
+    (`prefix` "<branch>/", the other branch's inputs fed `idle`), or a plain session (no prefix)."""
+
+    def __init__(self, session, prefix: str = "", idle: dict[str, np.ndarray] | None = None) -> None:
+        self.session, self.prefix, self.idle = session, prefix, idle or {}
+        self.inputs = self._args(session.get_inputs())
+        self.outputs = self._args(session.get_outputs())
+
+    @classmethod
+    def of(cls, session, name: str, branches: dict[str, onnx.ModelProto]) -> Branch:
+        # ONNX Runtime wants every graph input fed: the other branch's get empty tensors, which it never reads.
+        idle = {BRANCH: np.array(name == JOINED[0])}
+        for other in JOINED:
+            if other != name:
+                idle.update({f"{other}/{v.name}": _idle_feed(v) for v in branches[other].graph.input})
+        return cls(session, f"{name}/", idle)
+
+    def _args(self, node_args) -> list[Arg]:
+        n = len(self.prefix)
+        return [Arg(a.name[n:], a.shape, a.type) for a in node_args if a.name.startswith(self.prefix)]
+
+    def get_inputs(self) -> list[Arg]:
+        return self.inputs
+
+    def get_outputs(self) -> list[Arg]:
+        return self.outputs
 
     def run(self, output_names, feeds):
-        return self.session.run(output_names, feeds)
+        names = [self.prefix + n for n in output_names or [o.name for o in self.outputs]]
+        return self.session.run(names, {**self.idle, **{self.prefix + k: v for k, v in feeds.items()}})
+
+
+class InPlaceBranch(Branch):
+    """The fused decode graph's session or branch (runtime.InPlaceSession): its cache inputs and outputs are
+    bound to the same numpy buffers through ONNX Runtime's IOBinding, so GroupQueryAttention writes each step's
+    entries into them and nothing is copied back."""
 
     def run_in_place(self, output_names, feeds, buffers, aliases) -> list[np.ndarray]:
         import onnxruntime as ort
 
         binding = self.session.io_binding()
         values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in buffers.items()}  # no copies
+        for name, array in self.idle.items():
+            binding.bind_cpu_input(name, array)
         for name, array in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            binding.bind_cpu_input(self.prefix + name, np.ascontiguousarray(array))
         for name, value in values.items():
-            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_input(self.prefix + name, value)
         for name in output_names:
             if name in aliases:
-                binding.bind_ortvalue_output(name, values[aliases[name]])
+                binding.bind_ortvalue_output(self.prefix + name, values[aliases[name]])
             else:
-                binding.bind_output(name)
+                binding.bind_output(self.prefix + name)
         self.session.run_with_iobinding(binding)
         produced = binding.get_outputs()  # in the order bound
         return [buffers[aliases[n]] if n in aliases else v.numpy() for n, v in zip(output_names, produced, strict=True)]

@@ -23,7 +23,7 @@ from lightkv_export.models.positions import MROPE
 from lightkv_export.passes.fuse_attention import fuse_decode_attention, fuse_prefill_attention
 from lightkv_export.passes.fuse_norms import fuse_norms
 from lightkv_export.passes.insert_lightkv import insert_lightkv
-from lightkv_export.targets.ort import InPlaceDecode
+from lightkv_export.targets.ort import InPlaceBranch
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_the_fused_steps_equal_the_standard_steps_over_per_layer_and_per_row_len
     lengths = np.stack([[30 - 3 * i, 21 - 2 * i] for i in range(n)])  # [L, B]: shorter later layers, row 1 padded
     steps = 3
     standard = session(strip_roles(copy(exported)))
-    fused = InPlaceDecode(session(fuse_decode_attention(copy(exported))))
+    fused = InPlaceBranch(session(fuse_decode_attention(copy(exported))))
     keys, values, masks, buffers = [], [], [], {}
     for i in range(n):
         width = int(lengths[i].max())
