@@ -210,7 +210,9 @@ class Expected:
 
 def prepare_requests(engine_dir: Path, cases) -> list[Request]:
     """The engine's host preprocessing and vision graph for every case; the engine is closed again after."""
-    engine = Engine.load(engine_dir, full_hash=False)  # its files were verified by run_parity
+    # Lazy: preparing runs the vision and embed graphs only, so the language graphs' weights are never packed
+    # while the PyTorch model is in memory.
+    engine = Engine.load(engine_dir, full_hash=False, lazy=True)  # its files were verified by run_parity
     return [engine.prepare(images, prompt) for _, images, prompt in cases]
 
 

@@ -189,10 +189,11 @@ class Engine:
         self.outputs = {name: [o.name for o in s.get_outputs()] for name, s in sessions.items()}
 
     @classmethod
-    def load(cls, directory: str | Path, *, full_hash: bool = True) -> Engine:
+    def load(cls, directory: str | Path, *, full_hash: bool = True, lazy: bool = False) -> Engine:
         """Open an engine directory once its files match the manifest (sizes always; SHA-256 unless `full_hash`
         is False, for very large engines whose files were just verified): a damaged engine is an InputError
-        naming the file, never a session that answers with other tokens."""
+        naming the file, never a session that answers with other tokens. `lazy`: sessions that open on first
+        use (ort-cpu's prefill/decode, which pre-packs the weights) open then, not here."""
         from lightkv_export.host import HostProcessor
         from lightkv_export.rss import release_large_blocks
 
@@ -201,17 +202,29 @@ class Engine:
         directory = Path(directory)
         manifest = verify_engine(directory, full_hash=full_hash)
         processor = HostProcessor(directory / PROCESSOR_DIR, tuple(manifest.vision_token_grid))
-        return cls(directory, manifest, open_sessions(directory, manifest), processor)
+        engine = cls(directory, manifest, open_sessions(directory, manifest), processor)
+        if not lazy:
+            for session in engine.sessions.values():
+                getattr(session, "load", lambda: None)()
+        return engine
 
     # --- host side --------------------------------------------------------------------------------------------
 
     def prepare(self, images: Sequence[Any], prompt: str) -> Request:
         """Tokenize, encode each image with the vision graph, embed, scatter, and compute the position ids."""
+        return self.request_from_host(self.host_inputs(images, prompt))
+
+    def host_inputs(self, images: Sequence[Any], prompt: str):
+        """The request's token ids, pixels and vision spans (host.HostInputs): no graph runs yet, so its KV
+        lengths per layer are known (the merge plan) before any compute."""
         self.processor.check(list(images), prompt)  # as given: before .convert / .resize touch them
         h, w = self.image_size
         # Every image is resized to the engine's profile: the vision graph is built for exactly that grid.
         resized = [im.convert("RGB").resize((w, h)) for im in images]
-        host = self.processor.process(resized, prompt)
+        return self.processor.process(resized, prompt)
+
+    def request_from_host(self, host) -> Request:
+        """Encode each image with the vision graph, embed, scatter, and compute the position ids."""
         input_ids = host.input_ids  # [1, S]
         vision = [
             self.sessions["vision"].run(None, {contract.PIXEL_VALUES: pixels})[0] for pixels in host.pixels
@@ -301,25 +314,31 @@ class Engine:
         t1 = time.perf_counter()
         tokens = self.greedy(pre, requests, int(max_new_tokens))
         t2 = time.perf_counter()
+        itemsize = pre.keys[0].itemsize
+        return [
+            self.generation(request, [int(n) for n in pre.valid[:, b]], tokens[b], itemsize, t1 - t0, t2 - t1)
+            for b, request in enumerate(requests)
+        ]
+
+    def generation(
+        self, request: Request, kv_lengths: Sequence[int], tokens: list[int], itemsize: int, prefill_s: float,
+        decode_s: float,
+    ) -> Generation:  # fmt: skip
+        """A request's result from its per-layer cache lengths after prefill and its tokens."""
         groups = self.schedule.layer_groups() if self.schedule.stages else [(1, self.num_layers)]
-        _, hkv, _, hd = pre.keys[0].shape  # [B, Hkv, S_0, d]
-        results = []
-        for b, request in enumerate(requests):
-            kv_lengths = [int(n) for n in pre.valid[:, b]]
-            vision_in = sum(s.length for s in request.spans[0])
-            results.append(
-                Generation(
-                    text=self.processor.tokenizer.decode(tokens[b], skip_special_tokens=True),
-                    token_ids=tokens[b],
-                    vision_tokens_in=vision_in,
-                    vision_tokens_per_group=[vision_in - (kv_lengths[0] - kv_lengths[f - 1]) for f, _ in groups],
-                    kv_bytes=sum(kv_bytes(kv_lengths, hkv, hd, pre.keys[0].itemsize)),
-                    prefill_ms=(t1 - t0) * 1e3,
-                    decode_ms=(t2 - t1) * 1e3,
-                    kv_lengths=kv_lengths,
-                )
-            )
-        return results
+        m = self.manifest
+        vision_in = sum(s.length for s in request.spans[0])
+        kv_lengths = [int(n) for n in kv_lengths]
+        return Generation(
+            text=self.processor.tokenizer.decode(tokens, skip_special_tokens=True),
+            token_ids=list(tokens),
+            vision_tokens_in=vision_in,
+            vision_tokens_per_group=[vision_in - (kv_lengths[0] - kv_lengths[f - 1]) for f, _ in groups],
+            kv_bytes=sum(kv_bytes(kv_lengths, m.num_kv_heads, m.head_dim, itemsize)),
+            prefill_ms=prefill_s * 1e3,
+            decode_ms=decode_s * 1e3,
+            kv_lengths=kv_lengths,
+        )
 
     def greedy(
         self,

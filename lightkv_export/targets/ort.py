@@ -24,6 +24,7 @@ The builder writes into the directory it is given; the pipeline stages, verifies
 from __future__ import annotations
 
 import mmap
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -283,11 +284,17 @@ class MappedWeights:
 
 
 def joined_sessions(directory: Path, weights: MappedWeights) -> dict:
-    """{"prefill": ..., "decode": ...}: views of one session over `join_graphs` of the engine's two graphs."""
+    """{"prefill": ..., "decode": ...}: views of one session over `join_graphs` of the engine's two graphs, opened
+    when either is first run (or `load`ed): a process that only prepares requests never packs the weights."""
+    branches = {name: onnx.load(str(directory / f"{name}.onnx"), load_external_data=False) for name in JOINED}
+    opened = OnFirstUse(lambda: _open_joined(directory, weights, join_graphs(branches)))
+    in_place = {name: any(v.name == contract.past_length(0) for v in g.graph.input) for name, g in branches.items()}
+    return {name: (InPlaceBranch if in_place[name] else Branch).of(opened, name, branches) for name in JOINED}
+
+
+def _open_joined(directory: Path, weights: MappedWeights, joined: onnx.ModelProto):
     import onnxruntime as ort
 
-    branches = {name: onnx.load(str(directory / f"{name}.onnx"), load_external_data=False) for name in JOINED}
-    joined = join_graphs(branches)
     used = weights.values_for(joined)
     options = session_options(used, arena=False, prepack=True)
     # The joined graph exists in memory only; its external-data references are checked against the directory.
@@ -295,8 +302,20 @@ def joined_sessions(directory: Path, weights: MappedWeights) -> dict:
     with DroppedPages(weights.mapping):  # the originals ONNX Runtime packs do not stay resident besides
         session = ort.InferenceSession(joined.SerializeToString(), options, providers=["CPUExecutionProvider"])
     session.shared_initializers = (weights, used)  # borrowed by ONNX Runtime: they must outlive the session
-    in_place = {name: any(v.name == contract.past_length(0) for v in g.graph.input) for name, g in branches.items()}
-    return {name: (InPlaceBranch if in_place[name] else Branch).of(session, name, branches) for name in JOINED}
+    return session
+
+
+class OnFirstUse:
+    """A session opened by `open()` the first time it is asked for (once, whichever thread asks)."""
+
+    def __init__(self, open_session) -> None:
+        self.open_session, self.session, self.lock = open_session, None, threading.Lock()
+
+    def get(self):
+        with self.lock:
+            if self.session is None:
+                self.session = self.open_session()
+            return self.session
 
 
 def shared_sessions(directory: Path, names, weights: MappedWeights | None = None) -> dict:
@@ -324,6 +343,12 @@ class Arg:
     type: str
 
 
+def _arg(value: onnx.ValueInfoProto) -> Arg:
+    tensor = value.type.tensor_type
+    shape = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in tensor.shape.dim]
+    return Arg(value.name, shape, f"tensor({onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)})")
+
+
 def _idle_feed(value: onnx.ValueInfoProto) -> np.ndarray:
     """An empty tensor for an input of the branch not taken (its fixed dims kept, the symbolic ones 0)."""
     tensor = value.type.tensor_type
@@ -333,21 +358,34 @@ def _idle_feed(value: onnx.ValueInfoProto) -> np.ndarray:
 
 class Branch:
     """A session under a graph's own input and output names (runtime.Session): one branch of the joined session
-    (`prefix` "<branch>/", the other branch's inputs fed `idle`), or a plain session (no prefix)."""
+    (`prefix` "<branch>/", the other branch's inputs fed `idle`, opened on first use), or a plain session."""
 
-    def __init__(self, session, prefix: str = "", idle: dict[str, np.ndarray] | None = None) -> None:
-        self.session, self.prefix, self.idle = session, prefix, idle or {}
-        self.inputs = self._args(session.get_inputs())
-        self.outputs = self._args(session.get_outputs())
+    def __init__(
+        self, session, prefix: str = "", idle: dict[str, np.ndarray] | None = None,
+        args: tuple[list[Arg], list[Arg]] | None = None,
+    ) -> None:  # fmt: skip
+        self._session, self.prefix, self.idle = session, prefix, idle or {}
+        if args is None:
+            args = self._args(session.get_inputs()), self._args(session.get_outputs())
+        self.inputs, self.outputs = args
 
     @classmethod
-    def of(cls, session, name: str, branches: dict[str, onnx.ModelProto]) -> Branch:
+    def of(cls, session: OnFirstUse, name: str, branches: dict[str, onnx.ModelProto]) -> Branch:
         # ONNX Runtime wants every graph input fed: the other branch's get empty tensors, which it never reads.
         idle = {BRANCH: np.array(name == JOINED[0])}
         for other in JOINED:
             if other != name:
                 idle.update({f"{other}/{v.name}": _idle_feed(v) for v in branches[other].graph.input})
-        return cls(session, f"{name}/", idle)
+        graph = branches[name].graph
+        return cls(session, f"{name}/", idle, ([_arg(v) for v in graph.input], [_arg(v) for v in graph.output]))
+
+    @property
+    def session(self):
+        return self._session.get() if isinstance(self._session, OnFirstUse) else self._session
+
+    def load(self) -> None:
+        """Open the session now rather than on the first request."""
+        _ = self.session
 
     def _args(self, node_args) -> list[Arg]:
         n = len(self.prefix)

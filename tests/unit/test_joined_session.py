@@ -100,6 +100,7 @@ weights = target.MappedWeights(directory / target.WEIGHTS_FILE)
 base = rss.rss_bytes()
 assert rss.reset_peak_rss()
 sessions = target.joined_sessions(directory, weights)
+sessions["prefill"].load()  # opened on first use otherwise
 print((rss.peak_rss_bytes() - base) >> 20, (rss.rss_bytes() - base) >> 20)
 """
 
