@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--no-parity", action="store_true", help="skip the parity stage (not recommended)")
     p.add_argument("--no-parity-gate", action="store_true", help="report a parity failure but exit 0")
     p.add_argument("--triton-repo", type=Path, help="also write a Triton Inference Server model repository here")
+    from lightkv_export.triton_repo import add_batching_arguments
+
+    add_batching_arguments(p)  # the served models' scheduler settings (with --triton-repo)
     return p
 
 
@@ -98,6 +101,7 @@ def build(args: argparse.Namespace) -> int:
         from lightkv_export.config import BuildConfig, parse_image_size
         from lightkv_export.pipeline import run
         from lightkv_export.summary import print_summary
+        from lightkv_export.triton_repo import batching_from
 
         config = BuildConfig(
             model=args.model,
@@ -115,6 +119,7 @@ def build(args: argparse.Namespace) -> int:
             parity=not args.no_parity,
             parity_gate=not args.no_parity_gate,
             triton_repo=args.triton_repo,
+            batching=batching_from(args),
         )
         result = run(config, console=console)
     except LightKVError as exc:

@@ -1,14 +1,21 @@
-"""Load on a real Triton Inference Server: the tiny model, LightKV engine vs vanilla engine, ort-cpu.
+"""Continuous batching through a real Triton Inference Server: how many requests a KV budget holds, vanilla vs LightKV.
 
-Both engines are built by the pipeline into a temporary directory and served side by side by one tritonserver
-on 127.0.0.1 (one CPU instance each, no batching: see triton_repo.py). For each engine and each concurrency
-(1, 4, 16 client threads, each with its own HTTP connection) the same request (one image, a fixed prompt,
-max_new_tokens fixed) is sent a bounded number of times, with a bounded wall time per cell, after warm-up. The
-whole grid is repeated ROUNDS times, interleaved, so one burst of load elsewhere on a shared machine lands in
-one round of both engines, not in one engine. Reported per cell: the median requests per second over rounds
-with their min-max, p50 and p99 latency over every request of every round (client side, full round trip);
-headline ratios are the median over rounds of the paired LightKV / vanilla ratios, with their min-max.
-Results go to benchmarks/results/serving.json.
+The model is the `ort_prefill` configuration (Qwen2.5-VL's language model, 12 layers, D 1024, 16/4 heads, MLP 2816,
+seeded random weights, saved with save_pretrained), built by the pipeline twice: vanilla and LightKV at ratio 0.55,
+ort-cpu, with an image profile of 896 x 896 (a 32 x 32 grid: 1,024 vision tokens). Both are served by one
+tritonserver on 127.0.0.1, each model with the same KV budget: exactly BUDGET_REQUESTS vanilla reservations (a
+reservation is the request's per-layer cache lengths after prefill plus MAX_NEW_TOKENS entries, K and V; the
+scheduler computes it before any compute, and so does this script, in-process, for the same request).
+
+Load: CLIENTS client threads in a closed loop (each sends a streaming request, /generate_stream, reads it to the end,
+sends the next) until a cell's REQUESTS requests are issued. Per cell (engine, round): requests/s and generated
+tokens/s over the cell's wall time, p50 / p99 time to first token (client side: the first server-sent event) and
+end-to-end latency, and the requests in flight: each request runs from its arrival plus the server's queue_ms to
+its last event, and the mean and max of the running count are taken while the clients still issue requests
+(the steady state, before the tail drains). Beside it the analytic ceiling: min(clients, max_batch,
+floor(budget / reservation)). Rounds interleave the engines (the order alternates); then one round at a budget of
+CLIENTS vanilla reservations (the server restarted with it) separates the gain of admission from that of LightKV's
+cheaper prefill and decode. Results go to benchmarks/results/serving.json.
 
     python benchmarks/bench_serving.py [--quick]
 """
@@ -20,102 +27,143 @@ import io
 import json
 import os
 import platform
+import re
 import sys
-import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+if not __package__:  # run as `python benchmarks/bench_serving.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_ort_prefill import FULL, QUICK, BenchSize
+
 NAME = "serving"
 RESULTS = Path(__file__).parent / "results" / f"{NAME}.json"
-# Built here (git-ignored): the pipeline caches the vanilla export in it, so later runs skip the export.
+# Built here (git-ignored): the checkpoint and the pipeline's export cache, so later runs skip both.
 ENGINES = Path(__file__).resolve().parent.parent / "engines" / "bench_serving"
-CONCURRENCY = (1, 4, 16)
-PROMPT = "Describe the image in one sentence."
-MAX_NEW_TOKENS = 8
-IMAGE_SIZE = (224, 224)  # (width, height) sent; the engine resizes to its own profile
-# Per cell and round: (requests, wall-time budget in seconds); the cell stops at whichever comes first. Full run:
-# 5 rounds x 6 cells x ~4 s of requests, about 2 minutes of load plus the build and the server's start.
-BUDGET = {False: (96, 20.0), True: (8, 8.0)}
-ROUNDS = {False: 5, True: 1}
-WARMUP = 2
-
-
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+RATIO = 0.55
+CLIENTS = 16
+BUDGET_REQUESTS = 4  # the KV budget holds exactly this many vanilla requests
+PROMPT = "Describe the image."
+SEND_SIZE = (224, 224)  # (width, height) of the PNG sent; the engine resizes it to its profile
+SETTINGS = {  # quick: a smoke run at a toy size (writes nothing)
+    False: {"size": FULL, "image": (896, 896), "new": 32, "requests": 32, "rounds": 3},
+    True: {"size": replace(QUICK, layers=4), "image": (448, 448), "new": 8, "requests": 12, "rounds": 1},
+}
 
 
 def request_png(seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (IMAGE_SIZE[1], IMAGE_SIZE[0], 3), dtype=np.uint8))  # [H, W, 3]
+    img = Image.fromarray(rng.integers(0, 256, (SEND_SIZE[1], SEND_SIZE[0], 3), dtype=np.uint8))  # [H, W, 3]
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
 
 
-MODEL = "tiny-qwen-vl"  # what `python -m benchmarks --model KEY` replaces
-
-
-def build_engines(out: Path, model: str = MODEL) -> dict[str, Path]:
+def build_engines(size: BenchSize, image: tuple[int, int], out: Path) -> dict[str, Path]:
+    """The random-weight checkpoint (written once) and its vanilla and LightKV ort-cpu engines."""
+    from benchmarks.bench_peer import write_checkpoint
     from lightkv_export.config import BuildConfig
     from lightkv_export.pipeline import run as build
 
-    # Parity is the build's own gate, tested elsewhere: it is not what is measured here.
-    configs = {
-        "lightkv": BuildConfig(model=model, ratio=0.55, out=out, parity=False),
-        "vanilla": BuildConfig(model=model, vanilla=True, out=out, parity=False),
-    }
-    return {kind: build(cfg).engine_dirs["ort-cpu"] for kind, cfg in configs.items()}
+    checkpoint = out / f"checkpoint-{size.layers}x{size.hidden}"
+    if not (checkpoint / "config.json").is_file():
+        write_checkpoint(size, checkpoint)
+    engines = {}
+    for kind in ("vanilla", "lightkv"):
+        kw = {"vanilla": True} if kind == "vanilla" else {"ratio": RATIO}
+        # Parity is the build's own gate, tested elsewhere: it is not what is measured here.
+        result = build(BuildConfig(model=str(checkpoint), out=out, image_size=image, parity=False, **kw))
+        if "ort-cpu" not in result.engine_dirs or result.failed_targets:
+            raise RuntimeError(f"the {kind} build failed: {result.failed_targets}")
+        engines[kind] = result.engine_dirs["ort-cpu"]
+    return engines
 
 
-def load_cell(url: str, model: str, concurrency: int, n_requests: int, budget_s: float, png: bytes) -> dict:
-    """Send up to n_requests with `concurrency` threads (stop issuing after budget_s); latency stats and answers."""
-    import tritonclient.http as httpclient
+def reservations(engines: dict[str, Path], png: bytes, new: int) -> dict[str, int]:
+    """Each engine's KV reservation for the benchmark's request, as its scheduler computes it (no graph runs)."""
+    from lightkv_export.runtime import Engine
+    from lightkv_export.scheduler import Scheduler
 
-    from lightkv_export.client import address, build_inputs, parse_answer
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    out = {}
+    for kind, directory in engines.items():
+        engine = Engine.load(directory, lazy=True)  # host preprocessing only: the text weights stay unpacked
+        out[kind] = Scheduler(engine, kv_budget=1 << 40).prepare([image], PROMPT, max_new_tokens=new).reserved_bytes
+    return out
 
-    deadline = time.perf_counter() + budget_s
+
+def ceiling(budget: int, reservation: int, clients: int = CLIENTS, max_batch: int = CLIENTS) -> int:
+    """Requests the budget can hold at once, as the scheduler admits them."""
+    return min(clients, max_batch, budget // reservation)
+
+
+def in_flight(intervals: list[tuple[float, float]], start: float, end: float) -> tuple[float, int]:
+    """(mean, max) of how many intervals cover a time in [start, end]: a sweep over their edges."""
+    edges = sorted([(max(a, start), 1) for a, b in intervals if b > start and a < end]
+                   + [(min(b, end), -1) for a, b in intervals if b > start and a < end])  # fmt: skip
+    running, peak, area, last = 0, 0, 0.0, start
+    for t, step in edges:
+        area += running * (t - last)
+        running, last = running + step, t
+        peak = max(peak, running)
+    return (area / (end - start) if end > start else 0.0), peak
+
+
+def load_cell(url: str, model: str, png: bytes, new: int, n_requests: int) -> dict:
+    """CLIENTS closed-loop streaming clients until n_requests are issued; every request's times and answer."""
+    from lightkv_export.client import Piece, stream
+
     issued = iter(range(n_requests))
+    lock = threading.Lock()
+    last_issue = [0.0]
 
-    def worker(_: int) -> list[tuple[float, object]]:
-        # One connection per thread, kept open: the latency is the inference round trip, not the handshake.
-        client = httpclient.InferenceServerClient(address(url), network_timeout=300.0)
-        inputs = build_inputs([png], PROMPT, MAX_NEW_TOKENS)
+    def worker(_: int) -> list[dict]:
         done = []
-        try:
-            for _i in issued:  # shared iterator: each request index is taken once (next() holds the GIL)
-                if time.perf_counter() > deadline:
-                    break
-                t0 = time.perf_counter()
-                answer = parse_answer(client.infer(model, inputs))
-                done.append((time.perf_counter() - t0, answer))
-        finally:
-            client.close()
+        for _i in issued:  # shared iterator: each request index is taken once (next() holds the GIL)
+            t0 = time.perf_counter()
+            with lock:
+                last_issue[0] = max(last_issue[0], t0)
+            first, answer = None, None
+            for item in stream(url, [png], PROMPT, model=model, max_new_tokens=new, timeout_s=600):
+                if isinstance(item, Piece):
+                    first = first or time.perf_counter()
+                else:
+                    answer = item[1]
+            t1 = time.perf_counter()
+            done.append({"sent": t0, "first": first, "end": t1, "answer": answer})
         return done
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = [r for chunk in pool.map(worker, range(concurrency)) for r in chunk]
-    wall = time.perf_counter() - t0
-    answers = [r[1] for r in results]
-    if len({(a.text, tuple(a.token_ids)) for a in answers}) != 1:
+    t_start = time.perf_counter()
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        results = [r for chunk in pool.map(worker, range(CLIENTS)) for r in chunk]
+    wall = time.perf_counter() - t_start
+    answers = [r["answer"] for r in results]
+    if len({tuple(a.token_ids) for a in answers}) != 1:
         raise RuntimeError(f"{model}: the same request got different answers under load")
+    running = [(r["sent"] + r["answer"].queue_ms / 1e3, r["end"]) for r in results]
+    mean, peak = in_flight(running, t_start, last_issue[0])
+    tokens = sum(len(a.token_ids) for a in answers)
     return {
-        "concurrency": concurrency,
         "requests": len(results),
         "wall_s": round(wall, 3),
-        "rps": round(len(results) / wall, 3),
-        "latencies_ms": [r[0] * 1e3 for r in results],
-        "server_prefill_ms": [a.prefill_ms for a in answers],
-        "server_decode_ms": [a.decode_ms for a in answers],
+        "rps": round(len(results) / wall, 4),
+        "tokens_per_s": round(tokens / wall, 2),
+        "in_flight_mean": round(mean, 3),
+        "in_flight_max": peak,
+        "ttft_ms": [round((r["first"] - r["sent"]) * 1e3, 2) for r in results],
+        "latency_ms": [round((r["end"] - r["sent"]) * 1e3, 2) for r in results],
+        "queue_ms": [round(a.queue_ms, 2) for a in answers],
         "tokens": len(answers[0].token_ids),
         "kv_bytes": answers[0].kv_bytes,
-        "vision_tokens_in": answers[0].vision_tokens_in,
-        "vision_tokens_per_group": answers[0].vision_tokens_per_group,
+        "kv_bytes_reserved": answers[0].kv_bytes_reserved,
     }
 
 
@@ -123,143 +171,173 @@ def spread(values: list[float]) -> dict:
     return {"median": round(float(np.median(values)), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
+def percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(np.asarray(values, dtype=np.float64), q)), 2)
+
+
 def summarise(rounds: list[dict]) -> dict:
-    """One (engine, concurrency) cell over its rounds: rps per round and latency percentiles over all requests."""
-    latencies = [t for r in rounds for t in r["latencies_ms"]]
-    first = rounds[0]
+    """One engine's cells over rounds: per-round rates with spread, percentiles over every request of every round."""
+    every = {k: [t for r in rounds for t in r[k]] for k in ("ttft_ms", "latency_ms")}
     return {
-        "concurrency": first["concurrency"],
         "rounds": len(rounds),
         "requests": sum(r["requests"] for r in rounds),
-        "rps_per_round": [r["rps"] for r in rounds],
-        "rps": spread([r["rps"] for r in rounds]),
-        "p50_ms": round(percentile(latencies, 50), 2),
-        "p99_ms": round(percentile(latencies, 99), 2),
-        "p50_ms_per_round": [round(percentile(r["latencies_ms"], 50), 2) for r in rounds],
-        "server_prefill_ms_p50": round(percentile([t for r in rounds for t in r["server_prefill_ms"]], 50), 2),
-        "server_decode_ms_p50": round(percentile([t for r in rounds for t in r["server_decode_ms"]], 50), 2),
-        **{k: first[k] for k in ("tokens", "kv_bytes", "vision_tokens_in", "vision_tokens_per_group")},
+        **{k: spread([r[k] for r in rounds]) for k in ("rps", "tokens_per_s", "in_flight_mean")},
+        "in_flight_max": max(r["in_flight_max"] for r in rounds),
+        "ttft_p50_ms": percentile(every["ttft_ms"], 50),
+        "ttft_p99_ms": percentile(every["ttft_ms"], 99),
+        "latency_p50_ms": percentile(every["latency_ms"], 50),
+        "latency_p99_ms": percentile(every["latency_ms"], 99),
+        "per_round": {k: [r[k] for r in rounds] for k in ("rps", "tokens_per_s", "in_flight_mean")},
+        **{k: rounds[0][k] for k in ("tokens", "kv_bytes", "kv_bytes_reserved")},
     }
 
 
-def paired(lightkv: dict, vanilla: dict) -> dict:
-    """Per-round ratios of one concurrency, in the benchmarks' convention (higher is better for LightKV)."""
-    rps = [a / b for a, b in zip(lightkv["rps_per_round"], vanilla["rps_per_round"], strict=True)]
-    p50 = [b / a for a, b in zip(lightkv["p50_ms_per_round"], vanilla["p50_ms_per_round"], strict=True)]
-    return {"rps": spread(rps), "p50": spread(p50), "p99": round(vanilla["p99_ms"] / lightkv["p99_ms"], 3)}
+def paired(lightkv: dict, vanilla: dict, key: str) -> dict:
+    """Per-round LightKV / vanilla ratios of one rate, with their spread."""
+    a, b = lightkv["per_round"][key], vanilla["per_round"][key]
+    return spread([x / y for x, y in zip(a, b, strict=True)])
 
 
-def run(quick: bool = False, model: str = MODEL) -> dict:
-    """Build both engines, serve them, measure every (engine, concurrency) cell; returns numbers and ratios."""
-    from lightkv_export import triton_repo
+def serve_rounds(repo: Path, names: dict[str, str], png: bytes, new: int, n: int, rounds: int) -> dict:
     from lightkv_export.client import ask
     from lightkv_export.serve import Server
 
-    n_requests, budget_s = BUDGET[quick]
+    cells: dict[str, list[dict]] = {k: [] for k in names}
+    with Server(repo) as server:
+        for name in names.values():
+            ask(server.url, [png], PROMPT, model=name, max_new_tokens=new)  # warm-up: sessions open, arenas grow
+        for r in range(rounds):
+            for kind in list(names)[:: 1 if r % 2 == 0 else -1]:
+                cells[kind].append(load_cell(server.url, names[kind], png, new, n))
+                print(f"  round {r + 1}/{rounds} {kind}: {cells[kind][-1]['rps']:.3f} req/s, in flight "
+                      f"{cells[kind][-1]['in_flight_mean']:.2f}", file=sys.stderr)  # fmt: skip
+    return cells
+
+
+def set_budget(repo: Path, budget: int) -> None:
+    """Rewrite every model's kv_budget parameter in place (the server reads it at start)."""
+    for config in repo.glob("*/config.pbtxt"):
+        text = config.read_text()
+        config.write_text(re.sub(r'(key: "kv_budget", value: \{ string_value: ")[^"]*(")', rf"\g<1>{budget}b\2", text))
+
+
+def run(quick: bool = False) -> dict:
+    """Build both engines, serve them under a KV budget of BUDGET_REQUESTS vanilla requests, then of CLIENTS."""
+    import tempfile
+
+    from lightkv_export import triton_repo
+    from lightkv_export.artifacts import read_manifest
+    from lightkv_export.triton_backend.codec import Batching
+
+    s = SETTINGS[quick]
     png = request_png()
+    t0 = time.perf_counter()
+    engines = build_engines(s["size"], s["image"], ENGINES / ("quick" if quick else "full"))
+    build_s = time.perf_counter() - t0
+    need = reservations(engines, png, s["new"])
+    budget = BUDGET_REQUESTS * need["vanilla"]
+    names = {kind: triton_repo.model_name(read_manifest(d)) for kind, d in engines.items()}
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        t0 = time.perf_counter()
-        engines = build_engines(ENGINES, model)
-        build_s = time.perf_counter() - t0
-        repo = triton_repo.write_repository(list(engines.values()), Path(tmp) / "repo")
-        names = {
-            kind: triton_repo.model_name(json.loads((d / "manifest.json").read_text())) for kind, d in engines.items()
-        }
-        raw: dict[tuple[str, int], list[dict]] = {(k, c): [] for k in names for c in CONCURRENCY}
-        loadavg = []
-        with Server(repo) as server:
-            for name in names.values():
-                for _ in range(WARMUP):
-                    ask(server.url, [png], PROMPT, model=name, max_new_tokens=MAX_NEW_TOKENS)
-            for r in range(ROUNDS[quick]):
-                for i, c in enumerate(CONCURRENCY):  # engine order alternates per cell and round
-                    for kind in list(names)[:: 1 if (i + r) % 2 == 0 else -1]:
-                        raw[kind, c].append(load_cell(server.url, names[kind], c, n_requests, budget_s, png))
-                loadavg.append(round(os.getloadavg()[0], 2))
-    cells = {k: [summarise(raw[k, c]) for c in CONCURRENCY] for k in names}
-    by_concurrency = {
-        str(lk["concurrency"]): paired(lk, va) for lk, va in zip(cells["lightkv"], cells["vanilla"], strict=True)
+        batching = Batching(kv_budget=f"{budget}b", max_batch=CLIENTS, max_queue=4 * CLIENTS, max_queue_s=3600)
+        repo = triton_repo.write_repository(list(engines.values()), Path(tmp) / "repo", batching=batching)
+        print(f"budget {budget} bytes = {BUDGET_REQUESTS} vanilla reservations of {need['vanilla']}", file=sys.stderr)
+        tight = serve_rounds(repo, names, png, s["new"], s["requests"], s["rounds"])
+        set_budget(repo, CLIENTS * need["vanilla"])
+        print(f"budget for all {CLIENTS}", file=sys.stderr)
+        roomy = serve_rounds(repo, names, png, s["new"], s["requests"], 1)
+    budgets = {"tight": budget, "roomy": CLIENTS * need["vanilla"]}
+    cells = {phase: {k: summarise(v) for k, v in raw.items()} for phase, raw in (("tight", tight), ("roomy", roomy))}
+    analytic = {phase: {k: ceiling(b, need[k]) for k in need} for phase, b in budgets.items()}
+    t, r = cells["tight"], cells["roomy"]
+    ratios = {
+        "KV reservation per request (vanilla / LightKV)": need["vanilla"] / need["lightkv"],
+        "requests in flight, analytic (LightKV / vanilla)": analytic["tight"]["lightkv"] / analytic["tight"]["vanilla"],
+        "requests in flight, measured (LightKV / vanilla)": paired(t["lightkv"], t["vanilla"], "in_flight_mean")[
+            "median"
+        ],
+        f"throughput at a budget of {BUDGET_REQUESTS} vanilla requests (LightKV / vanilla req/s)": paired(
+            t["lightkv"], t["vanilla"], "rps"
+        )["median"],
+        f"throughput at a budget of {CLIENTS} (LightKV / vanilla req/s)": paired(r["lightkv"], r["vanilla"], "rps")[
+            "median"
+        ],
     }
-    # Headline ratios in the benchmarks' convention: baseline (vanilla) / ours, higher is better for LightKV.
-    ratios = {"KV cache bytes (vanilla / LightKV)": cells["vanilla"][0]["kv_bytes"] / cells["lightkv"][0]["kv_bytes"]}
-    for c, pair in by_concurrency.items():
-        ratios[f"throughput at concurrency {c} (LightKV / vanilla req/s)"] = pair["rps"]["median"]
-        ratios[f"p50 latency at concurrency {c} (vanilla / LightKV)"] = pair["p50"]["median"]
     return {
         "name": NAME,
         "title": (
-            f"Triton Inference Server (Python backend, ort-cpu), {model}, LightKV r0.55 vs vanilla: "
-            f"1 image {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}, {MAX_NEW_TOKENS} new tokens, concurrency "
-            f"{', '.join(map(str, CONCURRENCY))}"
+            f"Triton Inference Server, continuous batching under a KV budget (ort-cpu, random-weight Qwen2.5-VL "
+            f"{s['size'].layers} layers D={s['size'].hidden}, one {s['image'][0]}x{s['image'][1]} image, "
+            f"{s['new']} new tokens, {CLIENTS} closed-loop clients): LightKV r{RATIO} vs vanilla"
         ),
         "ratios": {k: round(v, 3) for k, v in ratios.items()},
         "quick": quick,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "setup": {
-            "model": model,
-            "target": "ort-cpu",
-            "ratio": 0.55,
-            "models": names,
+            "size": s["size"].__dict__,
+            "image_profile": list(s["image"]),
             "prompt": PROMPT,
-            "image_size": list(IMAGE_SIZE),
-            "max_new_tokens": MAX_NEW_TOKENS,
-            "rounds": ROUNDS[quick],
-            "max_requests_per_cell_and_round": n_requests,
-            "budget_s_per_cell_and_round": budget_s,
-            "warmup": WARMUP,
+            "max_new_tokens": s["new"],
+            "clients": CLIENTS,
+            "requests_per_cell": s["requests"],
+            "rounds": s["rounds"],
+            "models": names,
+            "reservation_bytes": need,
+            "budget_bytes": budgets,
             "engine_build_s": round(build_s, 1),
         },
+        "analytic_in_flight": analytic,
         "cells": cells,
-        "lightkv_over_vanilla_by_concurrency": by_concurrency,
-        "loadavg_1min_after_each_round": loadavg,
+        "lightkv_over_vanilla": {
+            phase: {k: paired(c["lightkv"], c["vanilla"], k) for k in ("rps", "tokens_per_s", "in_flight_mean")}
+            for phase, c in cells.items()
+        },
     }
 
 
 def markdown(result: dict) -> str:
-    """The README subsection: one row per (engine, concurrency), then the ratios with their spread over rounds."""
-    rounds = result["setup"]["rounds"]
+    """The README subsection: one row per (budget, engine), then the paired ratios with their spread."""
+    setup = result["setup"]
     lines = [
-        f"{rounds} interleaved rounds per cell; req/s: median over rounds (min-max); p50 and p99: over every "
-        "request of every round.",
+        f"KV budget: {BUDGET_REQUESTS} vanilla reservations ({setup['budget_bytes']['tight']} bytes; a reservation is "
+        f"{setup['reservation_bytes']['vanilla']} bytes vanilla, {setup['reservation_bytes']['lightkv']} LightKV), "
+        f"then one round at {CLIENTS}. {setup['rounds']} interleaved rounds of {setup['requests_per_cell']} requests "
+        "per engine; rates: median over rounds (min-max); percentiles over every request.",
         "",
-        "| engine | concurrency | requests | req/s | p50 ms | p99 ms | KV bytes |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| budget | engine | in flight: analytic | mean (min-max) | max | req/s | tokens/s | TTFT p50 / p99 ms "
+        "| latency p50 / p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for kind, cells in result["cells"].items():
-        lines += [
-            f"| {kind} | {c['concurrency']} | {c['requests']} | {c['rps']['median']:.2f} "
-            f"({c['rps']['min']:.2f}-{c['rps']['max']:.2f}) | {c['p50_ms']:.1f} | {c['p99_ms']:.1f} | {c['kv_bytes']} |"
-            for c in cells
-        ]
-    lines += ["", "| LightKV vs vanilla | median over rounds | min-max |", "|---|---:|---:|"]
-    for c, pair in result["lightkv_over_vanilla_by_concurrency"].items():
-        for label, key in (("throughput, LightKV / vanilla", "rps"), ("p50 latency, vanilla / LightKV", "p50")):
-            r = pair[key]
-            lines.append(f"| {label}, concurrency {c} | {r['median']:.2f}x | {r['min']:.2f}-{r['max']:.2f}x |")
+    for phase, cells in result["cells"].items():
+        for kind, c in cells.items():
+            f = c["in_flight_mean"]
+            lines.append(
+                f"| {phase} | {kind} | {result['analytic_in_flight'][phase][kind]} | {f['median']:.2f} "
+                f"({f['min']:.2f}-{f['max']:.2f}) | {c['in_flight_max']} | {c['rps']['median']:.3f} | "
+                f"{c['tokens_per_s']['median']:.1f} | {c['ttft_p50_ms']:.0f} / {c['ttft_p99_ms']:.0f} | "
+                f"{c['latency_p50_ms']:.0f} / {c['latency_p99_ms']:.0f} |"
+            )
+    lines += ["", "| LightKV / vanilla | budget | median | min-max |", "|---|---|---:|---:|"]
+    for phase, pairs in result["lightkv_over_vanilla"].items():
+        for key, label in (
+            ("in_flight_mean", "requests in flight"),
+            ("rps", "requests/s"),
+            ("tokens_per_s", "tokens/s"),
+        ):
+            r = pairs[key]
+            lines.append(f"| {label} | {phase} | {r['median']:.2f}x | {r['min']:.2f}-{r['max']:.2f}x |")
     return "\n".join(lines)
 
 
 def table(result: dict) -> str:
-    rows = [f"{'engine':8} {'conc':>4} {'reqs':>5} {'req/s':>8} {'min-max':>13} {'p50 ms':>9} {'p99 ms':>9}"]
-    for kind, cells in result["cells"].items():
-        for c in cells:
-            rps = c["rps"]
-            rows.append(
-                f"{kind:8} {c['concurrency']:>4} {c['requests']:>5} {rps['median']:>8.2f} "
-                f"{rps['min']:>6.2f}-{rps['max']:<6.2f} {c['p50_ms']:>9.1f} {c['p99_ms']:>9.1f}"
-            )
-    for label, v in result["ratios"].items():
-        rows.append(f"{label}: {v:.3f}x")
-    return "\n".join(rows)
+    return markdown(result)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="few requests per cell (a smoke run)")
-    parser.add_argument("--model", default=MODEL, help=f"the model to build and serve (default {MODEL})")
+    parser.add_argument("--quick", action="store_true", help="a toy-size smoke run (writes nothing)")
     args = parser.parse_args()
-    result = run(quick=args.quick, model=args.model)
+    result = run(quick=args.quick)
     print(table(result))
     if not args.quick:  # a smoke run is never recorded as the result
         RESULTS.parent.mkdir(parents=True, exist_ok=True)

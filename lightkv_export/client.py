@@ -1,9 +1,11 @@
-"""Ask a served engine a question about one or more images (tritonclient over HTTP).
+"""Ask a served engine a question about one or more images, over Triton's generate endpoints (HTTP, JSON).
 
     python -m lightkv_export.client --url http://127.0.0.1:8000 --image photo.png --prompt "What is this?"
 
---model may be left out when the server serves exactly one model. Prints the answer, then the stats (--json: one
-JSON object with every output, token ids included).
+--model may be left out when the server serves exactly one model. Prints the answer as its tokens come
+(/generate_stream, server-sent events), then the stats; --json waits for the whole answer (/generate) and prints
+one JSON object with every output, token ids included. Any client of Triton's generate extension works the same
+way: POST {"prompt": ..., "image": [base64 PNG/JPEG, ...], "max_new_tokens": N, "stream": true}.
 
 Timeouts: --connect-timeout (default 10 s) bounds connecting and every short call (liveness, the model list);
 --timeout (default 300 s) bounds waiting for the answer to the request itself (a generation). A server that accepts
@@ -13,18 +15,18 @@ the connection and never answers is reported within those bounds, with a message
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
+import http.client
 import json
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from lightkv_export.errors import InputError, LightKVError
-from lightkv_export.triton_backend.codec import encode_images
 
 INT32_MAX = 2**31 - 1  # max_new_tokens travels as INT32
 CONNECT_TIMEOUT_S = 10.0
@@ -47,6 +49,17 @@ class Answer:
     kv_bytes: int
     prefill_ms: float
     decode_ms: float
+    kv_bytes_reserved: int = 0  # what the scheduler reserved: prefill lengths + max_new_tokens, every layer
+    queue_ms: float = 0.0  # waiting for room in the server's KV budget
+    time_to_first_token_ms: float = 0.0  # from arrival at the server
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One streamed token and the text it adds (empty while it is part of a character still incomplete)."""
+
+    text: str
+    token: int
 
 
 def address(url: str) -> str:
@@ -80,39 +93,42 @@ def read_images(paths: Sequence[Path]) -> list[bytes]:
     return blobs
 
 
-def build_inputs(images: Sequence[bytes], prompt: str, max_new_tokens: int | None) -> list:
-    """tritonclient InferInputs for the served signature (see triton_backend/codec.py)."""
-    import tritonclient.http as httpclient
-
-    arrays: list[tuple[str, np.ndarray, str]] = [
-        ("prompt", np.array([prompt.encode("utf-8")], dtype=np.object_), "BYTES"),  # [1]
-        ("image", encode_images(list(images)), "BYTES"),  # [N]
-    ]
+def request_body(images: Sequence[bytes], prompt: str, max_new_tokens: int | None, stream: bool = False) -> dict:
+    """The generate request: the served model's inputs by name, the images as base64 text (see codec.py)."""
+    body: dict[str, Any] = {"prompt": prompt, "image": [base64.b64encode(b).decode("ascii") for b in images]}
     if max_new_tokens is not None:
-        arrays.append(("max_new_tokens", np.array([max_new_tokens], dtype=np.int32), "INT32"))  # [1]
-    inputs = []
-    for name, array, dtype in arrays:
-        tensor = httpclient.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+        body["max_new_tokens"] = max_new_tokens
+    if stream:
+        body["stream"] = True
+    return body
 
 
-def parse_answer(result) -> Answer:
-    """An InferResult as an Answer."""
+def _ints(value) -> list[int]:
+    """A JSON output of dims [-1]: Triton writes one element as a bare number."""
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
 
-    def one(name: str):
-        return result.as_numpy(name).reshape(-1)[0]
 
-    return Answer(
-        text=one("text").decode("utf-8"),
-        token_ids=[int(t) for t in result.as_numpy("token_ids").reshape(-1)],
-        vision_tokens_in=int(one("vision_tokens_in")),
-        vision_tokens_per_group=[int(t) for t in result.as_numpy("vision_tokens_per_group").reshape(-1)],
-        kv_bytes=int(one("kv_bytes")),
-        prefill_ms=float(one("prefill_ms")),
-        decode_ms=float(one("decode_ms")),
-    )
+def _one(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def parse_answer(obj: dict, text: str | None = None, token_ids: list[int] | None = None) -> Answer:
+    """The generate response (or a stream's last event, with the text and tokens streamed before it)."""
+    try:
+        return Answer(
+            text=obj["text"] if text is None else text,
+            token_ids=_ints(obj["token_ids"]) if token_ids is None else token_ids,
+            vision_tokens_in=int(_one(obj["vision_tokens_in"])),
+            vision_tokens_per_group=_ints(obj["vision_tokens_per_group"]),
+            kv_bytes=int(_one(obj["kv_bytes"])),
+            prefill_ms=float(_one(obj["prefill_ms"])),
+            decode_ms=float(_one(obj["decode_ms"])),
+            kv_bytes_reserved=int(_one(obj.get("kv_bytes_reserved", 0))),
+            queue_ms=float(_one(obj.get("queue_ms", 0.0))),
+            time_to_first_token_ms=float(_one(obj.get("time_to_first_token_ms", 0.0))),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise ClientError(f"the answer lacks {e} or has it in another form: is this a lightkv_export model?") from None
 
 
 def check_timeout(seconds: float, flag: str) -> float:
@@ -162,6 +178,61 @@ def choose_model(client, model: str | None, url: str) -> str:
     return model
 
 
+def _served(url: str, model: str | None, connect_timeout_s: float) -> str:
+    client = connect(url, connect_timeout_s)
+    try:
+        try:
+            return choose_model(client, model, url)
+        except TimeoutError:
+            raise ClientError(
+                f"{url} did not list its models within {connect_timeout_s:g} s (--connect-timeout)"
+            ) from None
+    finally:
+        client.close()
+
+
+def _post(url: str, name: str, endpoint: str, body: dict, timeout_s: float):
+    """POST the generate request; the open response (status 200), or the server's refusal as a ClientError."""
+    host, port = address(url).rsplit(":", 1)
+    conn = http.client.HTTPConnection(host.strip("[]"), int(port), timeout=timeout_s)
+    conn.request("POST", f"/v2/models/{name}/{endpoint}", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+        raw = response.read()
+        conn.close()
+        try:  # a stream refused before its first token says so as one server-sent event
+            message = json.loads(raw.strip().removeprefix(b"data:"))["error"]
+        except (ValueError, KeyError, TypeError):
+            message = raw.decode("utf-8", errors="replace") or f"HTTP {response.status}"
+        raise ClientError(f"{name} refused the request: {message}")
+    return conn, response
+
+
+def _checked(obj: Any, name: str) -> dict:
+    if not isinstance(obj, dict):
+        raise ClientError(f"{name} answered {obj!r}, not a JSON object")
+    if "error" in obj:
+        raise ClientError(f"{name} refused the request: {obj['error']}")
+    return obj
+
+
+def _request(url, images, prompt, model, max_new_tokens, connect_timeout_s, timeout_s) -> str:
+    check_max_new_tokens(max_new_tokens)  # before connecting: a bad argument is not a server problem
+    check_timeout(connect_timeout_s, "--connect-timeout")
+    check_timeout(timeout_s, "--timeout")
+    return _served(url, model, connect_timeout_s)
+
+
+def _transport_error(e: Exception, name: str, url: str, timeout_s: float) -> ClientError:
+    if isinstance(e, TimeoutError):
+        return ClientError(
+            f"{name} at {url} gave no answer within {timeout_s:g} s (--timeout); the request may still be running "
+            "on the server"
+        )
+    # The connection was reset or refused, or the reply cut short: the server went away mid-request.
+    return ClientError(f"the connection to {url} failed during the request ({type(e).__name__}: {e})")
+
+
 def ask(
     url: str,
     images: Sequence[bytes],
@@ -172,52 +243,82 @@ def ask(
     connect_timeout_s: float = CONNECT_TIMEOUT_S,
     timeout_s: float = TIMEOUT_S,
 ) -> tuple[str, Answer]:
-    """(model name, Answer) for one request; server-side refusals and timeouts become a ClientError."""
-    from tritonclient.utils import InferenceServerException
+    """(model name, Answer) for one request (POST /generate); refusals and timeouts become a ClientError."""
+    name = _request(url, images, prompt, model, max_new_tokens, connect_timeout_s, timeout_s)
+    body = request_body(images, prompt, max_new_tokens)
+    try:
+        conn, response = _post(url, name, "generate", body, timeout_s)
+        try:
+            obj = json.loads(response.read())
+        finally:
+            conn.close()
+    except ClientError:
+        raise
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        raise _transport_error(e, name, url, timeout_s) from None
+    return name, parse_answer(_checked(obj, name))
 
-    check_max_new_tokens(max_new_tokens)  # before connecting: a bad argument is not a server problem
-    check_timeout(connect_timeout_s, "--connect-timeout")
-    check_timeout(timeout_s, "--timeout")
-    client = connect(url, connect_timeout_s)
+
+def stream(
+    url: str,
+    images: Sequence[bytes],
+    prompt: str,
+    *,
+    model: str | None = None,
+    max_new_tokens: int | None = None,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    timeout_s: float = TIMEOUT_S,
+) -> Iterator[Piece | tuple[str, Answer]]:
+    """The answer as it is generated (POST /generate_stream, server-sent events): a Piece per token, then
+    (model name, Answer). Closing the generator early closes the connection, which cancels the request on the
+    server. --timeout bounds the wait for each token."""
+    name = _request(url, images, prompt, model, max_new_tokens, connect_timeout_s, timeout_s)
+    body = request_body(images, prompt, max_new_tokens, stream=True)
     try:
-        try:
-            name = choose_model(client, model, url)
-        except TimeoutError:
-            raise ClientError(
-                f"{url} did not list its models within {connect_timeout_s:g} s (--connect-timeout)"
-            ) from None
-    finally:
-        client.close()
-    client = _client(url, connect_timeout_s, timeout_s)
+        conn, response = _post(url, name, "generate_stream", body, timeout_s)
+    except ClientError:
+        raise
+    except (OSError, http.client.HTTPException) as e:
+        raise _transport_error(e, name, url, timeout_s) from None
+    text, tokens = [], []
     try:
-        try:
-            result = client.infer(name, build_inputs(images, prompt, max_new_tokens))
-        except InferenceServerException as e:
-            raise ClientError(f"{name} refused the request: {e.message()}") from None
-        except TimeoutError:
-            raise ClientError(
-                f"{name} at {url} gave no answer within {timeout_s:g} s (--timeout); the request may still be running "
-                "on the server"
-            ) from None
-        except OSError as e:  # the connection was reset or refused: the server went away mid-request
-            raise ClientError(f"the connection to {url} failed during the request ({type(e).__name__}: {e})") from None
-        return name, parse_answer(result)
+        for line in response:
+            if not line.startswith(b"data:"):
+                continue  # the blank line between events
+            try:
+                obj = _checked(json.loads(line[5:]), name)
+            except ValueError:
+                raise ClientError(f"{name} sent an event that is not JSON: {line[:200]!r}") from None
+            piece = Piece(str(obj.get("text", "")), _ints(obj["token_ids"])[0])
+            text.append(piece.text)
+            tokens.append(piece.token)
+            yield piece
+            if "kv_bytes" in obj:  # the last event carries the statistics
+                yield name, parse_answer(obj, "".join(text), tokens)
+                return
+        raise ClientError(f"{name} at {url} ended the stream before the last token")
+    except (OSError, http.client.HTTPException) as e:
+        raise _transport_error(e, name, url, timeout_s) from None
     finally:
-        client.close()
+        conn.close()
 
 
 def format_answer(model: str, a: Answer) -> str:
+    return "\n".join([a.text, "", format_stats(model, a)])
+
+
+def format_stats(model: str, a: Answer) -> str:
     groups = ", ".join(map(str, a.vision_tokens_per_group))
     return "\n".join(
         [
-            a.text,
-            "",
             f"model                    {model}",
             f"tokens generated         {len(a.token_ids)}",
             f"vision tokens in         {a.vision_tokens_in}",
             f"vision tokens per group  [{groups}]",
             f"KV cache                 {a.kv_bytes / 2**20:.2f} MiB ({a.kv_bytes} bytes)",
+            f"KV reserved              {a.kv_bytes_reserved / 2**20:.2f} MiB (prefill + max_new_tokens)",
             f"prefill / decode         {a.prefill_ms:.1f} ms / {a.decode_ms:.1f} ms",
+            f"queue / first token      {a.queue_ms:.1f} ms / {a.time_to_first_token_ms:.1f} ms",
         ]
     )
 
@@ -238,29 +339,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--timeout", type=float, default=TIMEOUT_S, help=f"seconds to wait for the answer (default {TIMEOUT_S:g})"
     )
-    parser.add_argument("--json", action="store_true", help="print the answer as one JSON object (token ids too)")
+    parser.add_argument(
+        "--json", action="store_true", help="wait for the whole answer and print it as one JSON object (token ids too)"
+    )
     args = parser.parse_args(argv)
     try:
         address(args.url)
         check_timeout(args.connect_timeout, "--connect-timeout")
         check_timeout(args.timeout, "--timeout")
         images = read_images(args.image)
-        model, answer = ask(
-            args.url,
-            images,
-            args.prompt,
+        options = dict(
             model=args.model,
             max_new_tokens=args.max_new_tokens,
             connect_timeout_s=args.connect_timeout,
             timeout_s=args.timeout,
         )
+        if args.json:
+            model, answer = ask(args.url, images, args.prompt, **options)
+            print(json.dumps({"model": model, **dataclasses.asdict(answer)}))
+            return 0
+        for item in stream(args.url, images, args.prompt, **options):
+            if isinstance(item, Piece):
+                print(item.text, end="", flush=True)
+            else:
+                model, answer = item
+                print("\n\n" + format_stats(model, answer))
     except LightKVError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    if args.json:
-        print(json.dumps({"model": model, **dataclasses.asdict(answer)}))
-    else:
-        print(format_answer(model, answer))
     return 0
 
 

@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +38,7 @@ class BuildConfig:
     parity_gate: bool = True  # a failing parity fails the build (exit 1)
     max_new_tokens_limit: int = 512
     triton_repo: Path | None = None  # also write a Triton model repository here
+    batching: Any = None  # its models' scheduler settings (triton_backend.codec.Batching; default: its defaults)
 
     def __post_init__(self) -> None:
         if self.ratio is not None and self.schedule is not None:

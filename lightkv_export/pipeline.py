@@ -396,7 +396,7 @@ def run(config: BuildConfig, console=None) -> BuildResult:
         from lightkv_export.triton_repo import write_repository
 
         with progress.stage("Triton model repository"):
-            result.triton_repo = write_repository(accepted, config.triton_repo)
+            result.triton_repo = write_repository(accepted, config.triton_repo, batching=config.batching)
     result.timings, result.peak_rss = progress.timings, progress.peak_rss
     return result
 

@@ -53,7 +53,7 @@ from lightkv_export.artifacts import (
     staging,
 )
 from lightkv_export.errors import InputError, LightKVError
-from lightkv_export.triton_backend.codec import Limits
+from lightkv_export.triton_backend.codec import Batching, Limits
 
 MARKER = ".lightkv_repository"
 MODEL_TEMPLATE = Path(__file__).parent / "triton_backend" / "model.py"
@@ -66,6 +66,10 @@ LIMIT_NOTES = {
     "max_images": "images per request",
     "max_image_pixels": "width x height of each image as sent",
     "max_sequence_length": "template + prompt + vision tokens + max_new_tokens",
+    "kv_budget": "KV the running requests reserve together: a size, or a share of free memory (40%)",
+    "max_batch": "requests decoded together in one step",
+    "max_queue": "requests waiting for KV room; one more is refused (UNAVAILABLE)",
+    "max_queue_s": "seconds a request may wait for KV room, then refused (UNAVAILABLE)",
 }
 
 
@@ -97,8 +101,9 @@ def default_max_new_tokens(manifest: Manifest) -> int:
     return max(1, min(DEFAULT_MAX_NEW_TOKENS, limit))
 
 
-def render_config(manifest: Manifest, instances: int = 1) -> str:
+def render_config(manifest: Manifest, instances: int = 1, batching: Batching | None = None) -> str:
     """config.pbtxt for one engine (pure: golden-file tested)."""
+    batching = batching or Batching()
     target = manifest.target
     kind = instance_kind(target)
     # The schedule is a comment, not a parameter: model.py reads it from the engine's manifest.
@@ -107,11 +112,11 @@ def render_config(manifest: Manifest, instances: int = 1) -> str:
     where = "ONNX Runtime on CPU" if kind == "KIND_CPU" else f"TensorRT engines ({target}), not verified here"
     instance_note = (
         "# One instance: an ONNX Runtime session already uses every core (intra-op threads); more instances\n"
-        "# would only contend for them and each would hold its own copy of the weights."
+        "# would only contend for them and each would hold its own copy of the weights and its own KV budget."
         if kind == "KIND_CPU"
-        else "# One instance per GPU: the engines size their buffers for one request at a time."
+        else "# One instance per GPU: its scheduler owns the KV budget of that GPU."
     )
-    limits = list(Limits().parameters().items())
+    limits = [*Limits().parameters().items(), *batching.parameters().items()]
     limit_lines = "\n".join(
         f'  {{ key: "{name}", value: {{ string_value: "{value}" }} }}{"," if i + 1 < len(limits) else ""}'
         f"  # {LIMIT_NOTES[name]}"
@@ -123,33 +128,38 @@ def render_config(manifest: Manifest, instances: int = 1) -> str:
 name: "{model_name(manifest)}"
 backend: "python"
 
-# No batching: one request is one generation (its own images, prompt length and LightKV merge plan), so
-# max_batch_size is 0 and there is no dynamic batcher; the scheduler queues requests for the instance.
-# Batching would change the wire format (a leading batch dimension on every input and output, token_ids of
-# different lengths padded), need ragged batching for requests with different image counts, and share one
-# max_new_tokens per batch (runtime.Engine.generate_batch); it is not measured to help ONNX Runtime on CPU.
+# Decoupled: the model streams each request's tokens as they come (Triton's /generate_stream with "stream": true,
+# or gRPC streaming) and answers /generate with one response. Triton's own batcher stays off (max_batch_size 0):
+# the model batches inside (lightkv_export/scheduler.py), admitting requests while their KV reservations (per-layer
+# cache lengths after LightKV's merges, plus max_new_tokens) fit kv_budget, and decoding them in one step.
+model_transaction_policy {{ decoupled: true }}
 max_batch_size: 0
 
 input [
   {{ name: "prompt", data_type: TYPE_STRING, dims: [ 1 ] }},  # UTF-8 text
-  {{ name: "image", data_type: TYPE_STRING, dims: [ -1 ] }},  # encoded PNG or JPEG bytes, one per image
-  {{ name: "max_new_tokens", data_type: TYPE_INT32, dims: [ 1 ], optional: true }}  # default below
+  {{ name: "image", data_type: TYPE_STRING, dims: [ -1 ] }},  # PNG or JPEG, bytes or base64 text, one per image
+  {{ name: "max_new_tokens", data_type: TYPE_INT32, dims: [ 1 ], optional: true }},  # default below
+  {{ name: "stream", data_type: TYPE_BOOL, dims: [ 1 ], optional: true }}  # one response per token
 ]
 output [
-  {{ name: "text", data_type: TYPE_STRING, dims: [ 1 ] }},
-  {{ name: "token_ids", data_type: TYPE_INT64, dims: [ -1 ] }},
+  {{ name: "text", data_type: TYPE_STRING, dims: [ 1 ] }},  # streamed: the new piece of text
+  {{ name: "token_ids", data_type: TYPE_INT64, dims: [ -1 ] }},  # streamed: the new token
   {{ name: "vision_tokens_in", data_type: TYPE_INT64, dims: [ 1 ] }},
   {{ name: "vision_tokens_per_group", data_type: TYPE_INT64, dims: [ -1 ] }},  # per layer group, layer order
   {{ name: "kv_bytes", data_type: TYPE_INT64, dims: [ 1 ] }},  # K + V held after prefill, every layer
   {{ name: "prefill_ms", data_type: TYPE_FP32, dims: [ 1 ] }},
-  {{ name: "decode_ms", data_type: TYPE_FP32, dims: [ 1 ] }}
+  {{ name: "decode_ms", data_type: TYPE_FP32, dims: [ 1 ] }},
+  {{ name: "kv_bytes_reserved", data_type: TYPE_INT64, dims: [ 1 ] }},  # prefill lengths + max_new_tokens
+  {{ name: "queue_ms", data_type: TYPE_FP32, dims: [ 1 ] }},  # waiting for room in the KV budget
+  {{ name: "time_to_first_token_ms", data_type: TYPE_FP32, dims: [ 1 ] }}  # from arrival
 ]
 
 {instance_note}
 instance_group [ {{ kind: {kind}, count: {instances} }} ]
 
 # Server limits (lightkv_export/triton_backend/codec.py Limits), checked before any work: a request over one is
-# refused with INVALID_ARG naming the parameter. Raise a value here and restart the server to allow more.
+# refused with INVALID_ARG naming the parameter; then the scheduler's settings (codec.Batching). Change a value
+# here and restart the server.
 parameters [
   {{ key: "engine_dir", value: {{ string_value: "{ENGINE_SUBDIR}" }} }},  # relative to the version directory
   {{ key: "default_max_new_tokens", value: {{ string_value: "{default_max_new_tokens(manifest)}" }} }},
@@ -165,11 +175,11 @@ def copy_file(src: str, dst: str) -> str:
     return dst
 
 
-def _write_model(engine_dir: Path, manifest: Manifest, root: Path, instances: int) -> None:
+def _write_model(engine_dir: Path, manifest: Manifest, root: Path, instances: int, batching: Batching) -> None:
     model_dir = root / model_name(manifest)
     version_dir = model_dir / VERSION
     version_dir.mkdir(parents=True)
-    (model_dir / "config.pbtxt").write_text(render_config(manifest, instances))
+    (model_dir / "config.pbtxt").write_text(render_config(manifest, instances, batching))
     shutil.copy2(MODEL_TEMPLATE, version_dir / "model.py")
     shutil.copytree(engine_dir, version_dir / ENGINE_SUBDIR, copy_function=copy_file)
 
@@ -179,13 +189,17 @@ def is_repository(path: Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def write_repository(engine_dirs: Sequence[Path], repo_dir: Path, *, instances: int = 1) -> Path:
+def write_repository(
+    engine_dirs: Sequence[Path], repo_dir: Path, *, instances: int = 1, batching: Batching | None = None
+) -> Path:
     """Write one model per engine directory into repo_dir, keeping its other models; returns repo_dir.
 
     An existing repo_dir is updated only if this module wrote it (marker file); anything else is an InputError.
     Models of the same name are replaced; every other model of the old repository is kept. The whole new repository
     is staged next to repo_dir and exchanged with it in one step: a failure leaves the old one as it was.
+    `batching`: the scheduler settings written into each new model's config.pbtxt (default codec.Batching()).
     """
+    batching = batching or Batching()
     engine_dirs = [Path(d) for d in engine_dirs]
     repo_dir = Path(repo_dir)
     if not engine_dirs:
@@ -223,7 +237,7 @@ def write_repository(engine_dirs: Sequence[Path], repo_dir: Path, *, instances: 
                 if entry.name in previous:
                     kept[entry.name] = previous[entry.name]
             for engine_dir, manifest in zip(engine_dirs, manifests, strict=True):
-                _write_model(engine_dir, manifest, tmp, instances)
+                _write_model(engine_dir, manifest, tmp, instances, batching)
             models = dict(sorted({**kept, **dict(zip(names, map(str, engine_dirs), strict=True))}.items()))
             (tmp / MARKER).write_text(json.dumps({"models": models}) + "\n")
             promote(tmp, repo_dir)  # an atomic exchange with the old repository, which is then removed
@@ -260,6 +274,41 @@ def repository_models(repo_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in Path(repo_dir).glob("*/config.pbtxt"))
 
 
+def add_batching_arguments(parser: argparse.ArgumentParser) -> None:
+    """The scheduler settings of the served models (config.pbtxt parameters; see codec.Batching)."""
+    d = Batching()
+    group = parser.add_argument_group("serving: continuous batching under a KV budget")
+    group.add_argument(
+        "--kv-budget",
+        default=d.kv_budget,
+        help=f"KV cache the running requests of a model may reserve together: a size (512MiB, 2GB) or a share of "
+        f"the memory free where it runs (40%%) (default {d.kv_budget})",
+    )
+    group.add_argument(
+        "--max-batch", type=int, default=d.max_batch, help=f"requests decoded together (default {d.max_batch})"
+    )
+    group.add_argument(
+        "--max-queue", type=int, default=d.max_queue,
+        help=f"requests waiting for KV room before more are refused (default {d.max_queue})",
+    )  # fmt: skip
+    group.add_argument(
+        "--max-queue-s", type=float, default=d.max_queue_s,
+        help=f"seconds a request may wait for KV room before it is refused (default {d.max_queue_s:g})",
+    )  # fmt: skip
+
+
+def batching_from(args: argparse.Namespace) -> Batching:
+    """The Batching of parsed arguments (add_batching_arguments), checked: an InputError names the flag."""
+    params = {f: str(getattr(args, f)) for f in Batching().parameters()}
+    for name, value in params.items():
+        try:
+            Batching.from_parameters({name: value})
+        except InputError as e:
+            message = str(e).replace(f"config.pbtxt parameter {name}: ", "")
+            raise InputError(f"--{name.replace('_', '-')} {value}: {message}") from None
+    return Batching.from_parameters(params)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lightkv_export.triton_repo", description=__doc__.splitlines()[0])
     parser.add_argument("engine_dirs", nargs="+", type=Path, metavar="ENGINE_DIR")
@@ -270,9 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="repository directory to write, or to add the models to (same names are replaced)",
     )
     parser.add_argument("--instances", type=int, default=1, help="model instances per engine (default 1)")
+    add_batching_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        repo = write_repository(args.engine_dirs, args.out, instances=args.instances)
+        repo = write_repository(args.engine_dirs, args.out, instances=args.instances, batching=batching_from(args))
     except LightKVError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

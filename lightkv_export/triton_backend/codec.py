@@ -1,10 +1,14 @@
 """Request decoding, server limits and response encoding for the served engines (no Triton import: unit-testable).
 
-Wire format (config.pbtxt written by `triton_repo.py`):
-  inputs   prompt [1] BYTES (UTF-8), image [-1] BYTES (encoded PNG or JPEG, one element per image),
-           max_new_tokens [1] INT32 (optional)
+Wire format (config.pbtxt written by `triton_repo.py`; the same names are the JSON fields of Triton's generate
+endpoints):
+  inputs   prompt [1] BYTES (UTF-8), image [-1] BYTES (PNG or JPEG, one element per image: the encoded bytes, or
+           their base64 text, which is how JSON carries them), max_new_tokens [1] INT32 (optional),
+           stream [1] BOOL (optional: one response per token, the last one with the statistics)
   outputs  text [1] BYTES, token_ids [-1] INT64, vision_tokens_in [1] INT64, vision_tokens_per_group [-1] INT64,
-           kv_bytes [1] INT64, prefill_ms [1] FP32, decode_ms [1] FP32
+           kv_bytes [1] INT64, prefill_ms [1] FP32, decode_ms [1] FP32, kv_bytes_reserved [1] INT64,
+           queue_ms [1] FP32, time_to_first_token_ms [1] FP32
+  A streamed response carries text (the new piece) and token_ids (its token); the last one adds the rest.
 
 Limits (`Limits`, read from config.pbtxt `parameters`) are checked before any work, cheapest first: the number of
 images and the prompt's characters from the tensors' sizes, then the prompt's tokens, the total sequence length
@@ -15,6 +19,8 @@ InputError (INVALID_ARG on the wire) naming the limit, the value and the config.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import re
 import warnings
@@ -36,7 +42,12 @@ OUTPUT_DTYPES = {
     "kv_bytes": np.int64,
     "prefill_ms": np.float32,
     "decode_ms": np.float32,
+    "kv_bytes_reserved": np.int64,
+    "queue_ms": np.float32,
+    "time_to_first_token_ms": np.float32,
 }
+STATS = ("kv_bytes_reserved", "queue_ms", "time_to_first_token_ms")  # from the scheduler, not the generation
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
@@ -82,6 +93,42 @@ class Limits:
                 f"{what} is over the server's limit of {limit} (config.pbtxt parameter {name}; "
                 "raise it in the model's config.pbtxt to allow more)"
             )
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How the served model's scheduler batches (config.pbtxt parameters of the same names; see scheduler.py)."""
+
+    kv_budget: str = "1GiB"  # K and V bytes the running requests may reserve together, or a share: "40%"
+    max_batch: int = 16  # requests decoded together
+    max_queue: int = 64  # requests waiting for room; one more is refused (retry later)
+    max_queue_s: float = 60.0  # seconds a request may wait for room before it is refused
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> Batching:
+        from lightkv_export.scheduler import parse_budget
+
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name not in params:
+                continue
+            raw = str(params[f.name]).strip()
+            if f.name == "kv_budget":
+                parse_budget(raw, available=1)  # the form only: the share is resolved where the engine runs
+                values[f.name] = raw
+                continue
+            try:
+                value = float(raw) if f.type == "float" else int(raw)
+            except ValueError:
+                value = 0
+            if value <= 0:
+                raise InputError(f"config.pbtxt parameter {f.name}: expected a positive number, got {raw!r}")
+            values[f.name] = value
+        return cls(**values)
+
+    def parameters(self) -> dict[str, str]:
+        return {f.name: f"{getattr(self, f.name):g}" if f.type == "float" else str(getattr(self, f.name))
+                for f in fields(self)}  # fmt: skip
 
 
 def require(values: np.ndarray | None, name: str) -> np.ndarray:
@@ -166,7 +213,7 @@ def decode_images(values: np.ndarray, limits: Limits | None = None) -> list[Imag
     opened = []
     try:
         for i, blob in enumerate(flat):
-            data = bytes(blob)
+            data = image_bytes(blob, i)
             try:
                 img = _open(data, i, limits)
             except (UnidentifiedImageError, OSError, SyntaxError) as e:
@@ -189,6 +236,31 @@ def decode_images(values: np.ndarray, limits: Limits | None = None) -> list[Imag
             img.close()
 
 
+def image_bytes(blob: Any, i: int) -> bytes:
+    """An image element as encoded bytes: sent as they are, or as base64 text (a data: URL too), as JSON has it."""
+    data = bytes(blob) if not isinstance(blob, str) else blob.encode("ascii", errors="replace")
+    if data.startswith(_IMAGE_MAGIC):
+        return data
+    text = data.strip()
+    if text.startswith(b"data:") and b"," in text:
+        text = text.split(b",", 1)[1]
+    try:
+        decoded = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return data  # neither: the image check names it as unreadable
+    return decoded if decoded.startswith(_IMAGE_MAGIC) else data
+
+
+def decode_stream(values: np.ndarray | None) -> bool:
+    """The optional stream tensor ([1] BOOL); absent means one response with the whole answer."""
+    if values is None:
+        return False
+    flat = values.reshape(-1)
+    if flat.size != 1:
+        raise InputError(f"stream: expected one value, got {flat.size}")
+    return bool(flat[0])
+
+
 def decode_max_new_tokens(values: np.ndarray | None, default: int) -> int:
     """The optional max_new_tokens tensor ([1] INT32); absent means `default`."""
     if values is None:
@@ -199,8 +271,10 @@ def decode_max_new_tokens(values: np.ndarray | None, default: int) -> int:
     return int(flat[0])
 
 
-def encode_generation(gen: Any) -> dict[str, np.ndarray]:
-    """A runtime.Generation as output arrays, named and typed as in config.pbtxt."""
+def encode_generation(gen: Any, stats: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:
+    """A runtime.Generation (and the scheduler's statistics of its request) as output arrays, named and typed as
+    in config.pbtxt."""
+    extra = {name: np.array([stats[name]], dtype=OUTPUT_DTYPES[name]) for name in STATS if stats and name in stats}
     return {
         "text": np.array([gen.text.encode("utf-8")], dtype=np.object_),  # [1]
         "token_ids": np.asarray(gen.token_ids, dtype=np.int64).reshape(-1),  # [T]
@@ -209,6 +283,14 @@ def encode_generation(gen: Any) -> dict[str, np.ndarray]:
         "kv_bytes": np.array([gen.kv_bytes], dtype=np.int64),  # [1]
         "prefill_ms": np.array([gen.prefill_ms], dtype=np.float32),  # [1]
         "decode_ms": np.array([gen.decode_ms], dtype=np.float32),  # [1]
+    } | extra
+
+
+def encode_piece(text: str, token: int) -> dict[str, np.ndarray]:
+    """A streamed response: the new text and its token."""
+    return {
+        "text": np.array([text.encode("utf-8")], dtype=np.object_),  # [1]
+        "token_ids": np.array([token], dtype=np.int64),  # [1]
     }
 
 

@@ -1,21 +1,30 @@
 """Triton Python-backend model serving one lightkv_export engine (copied into <repo>/<model>/1/model.py).
 
 The engine directory sits next to this file (`<repo>/<model>/1/engine`); `runtime.Engine` dispatches on its
-manifest target (ONNX Runtime on CPU, or the TensorRT engines on a GPU). One request is one `Engine.generate`
-call: requests are not batched (max_batch_size 0), so `execute` answers the requests it is given one by one.
+manifest target (ONNX Runtime on CPU, or the TensorRT engines on a GPU). The model is decoupled: `execute` checks
+each request and hands it to the scheduler (lightkv_export/scheduler.py: continuous batching under the KV budget
+of config.pbtxt), and one loop thread steps the scheduler and sends each request's responses as its tokens come:
+with `stream` true one response per token (its text piece and id), the last with the statistics; otherwise one
+response with the whole answer, which is what Triton's /generate endpoint needs.
 
 Every request is checked against the server limits (codec.Limits, from config.pbtxt `parameters`) before any work:
 the image count and prompt characters first, then the prompt's tokens and the total sequence length, then each
-image's header size, and only then are the pixels decoded and the engine run. Bad requests (a missing input, a
-limit exceeded, a corrupt image, an empty prompt, max_new_tokens out of range, ...) come back as INVALID_ARG with a
-message that says what to change; the model instance stays loaded and the server stays healthy.
+image's header size, and only then are the pixels decoded and the KV reservation computed. Bad requests (a missing
+input, a limit exceeded, a corrupt image, an empty prompt, max_new_tokens out of range, a request larger than the
+whole KV budget, ...) come back as INVALID_ARG with a message that says what to change; a full queue, or a wait
+longer than max_queue_s, as UNAVAILABLE (retry later). A client that goes away cancels its request: its
+reservation and cache row are freed at the next step. The model instance stays loaded and the server healthy.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import triton_python_backend_utils as pb_utils
 
@@ -24,11 +33,30 @@ from lightkv_export.triton_backend import codec
 
 ENGINE_SUBDIR = "engine"
 FULL_HASH_ENV = "LIGHTKV_ENGINE_FULL_HASH"  # serve.FULL_HASH_ENV
+IDLE_WAIT_S = 0.05  # how often an idle loop looks at the queue (a new request wakes it at once)
+CANCEL_POLL_S = 0.05  # how often the loop asks whether clients went away (each ask is a call to the server)
+
+
+@dataclass
+class Sink:
+    """Where one request's responses go."""
+
+    request: Any
+    sender: Any
+    stream: bool
+    text: Any  # scheduler.TextDeltas
+    seq: Any = None  # scheduler.SequenceState
+
+
+def _error(message: str, code: str = "INVALID_ARG"):
+    kind = getattr(pb_utils.TritonError, code, pb_utils.TritonError.INTERNAL)
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, kind))
 
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         from lightkv_export.runtime import Engine  # heavy import: only once the stub is up
+        from lightkv_export.scheduler import Scheduler, parse_budget
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -37,6 +65,7 @@ class TritonPythonModel:
         self.engine = Engine.load(engine_dir, full_hash=os.environ.get(FULL_HASH_ENV, "1") != "0")
         self.default_max_new_tokens = int(params.get("default_max_new_tokens", "16"))
         self.limits = codec.Limits.from_parameters(params)
+        batching = codec.Batching.from_parameters(params)
         codec.allow_pil_pixels(self.limits)
         manifest = self.engine.manifest
         h, w = (int(x) for x in manifest.vision_token_grid)  # every image is resized to the profile
@@ -45,17 +74,38 @@ class TritonPythonModel:
         self.template_tokens = host.template_tokens(0)
         # Each image adds its wrapper tokens, and its one placeholder becomes vision_per_image tokens.
         self.per_image_tokens = host.template_tokens(1) - self.template_tokens - 1 + vision_per_image
+        self.scheduler = Scheduler(
+            self.engine,
+            kv_budget=parse_budget(batching.kv_budget),
+            max_batch=batching.max_batch,
+            max_queue=batching.max_queue,
+            max_queue_s=batching.max_queue_s,
+        )
+        self.sinks: dict[int, Sink] = {}
+        self.sinks_lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.polled = 0.0
         self.logger = pb_utils.Logger
-        self.logger.log_info(f"lightkv_export: loaded {engine_dir} ({manifest.target}), {self.limits}")
+        self.loop = threading.Thread(target=self._loop, name="lightkv-scheduler", daemon=True)
+        self.loop.start()
+        pooled = "one batched decode" if self.scheduler.pooled else "each request decoded alone"
+        self.logger.log_info(
+            f"lightkv_export: loaded {engine_dir} ({manifest.target}), {self.limits}, {batching} "
+            f"({self.scheduler.budget} bytes of KV, {pooled})"
+        )
 
-    def execute(self, requests: list) -> list:
-        return [self._answer(request) for request in requests]
+    # --- requests in --------------------------------------------------------------------------------------------
 
-    def _prompt_tokens(self, prompt: str) -> int:
-        # As plain text, the way the runtime tokenizes the user's content (control-token text is not a token).
-        return self.engine.processor.prompt_tokens(prompt)
+    def execute(self, requests: list) -> None:
+        for request in requests:
+            self._enqueue(request)
+        return None
 
-    def _answer(self, request) -> pb_utils.InferenceResponse:
+    def _enqueue(self, request) -> None:
+        from lightkv_export.scheduler import QueueFull, TextDeltas
+
+        sender = request.get_response_sender()
         limits = self.limits
         try:
             prompt_values = codec.require(_input(request, "prompt"), "prompt")
@@ -63,20 +113,106 @@ class TritonPythonModel:
             n_images = codec.check_image_count(image_values, limits)
             prompt = codec.decode_prompt(prompt_values, limits)
             max_new = codec.decode_max_new_tokens(_input(request, "max_new_tokens"), self.default_max_new_tokens)
-            prompt_tokens = self._prompt_tokens(prompt)
+            stream = codec.decode_stream(_input(request, "stream"))
+            prompt_tokens = self.engine.processor.prompt_tokens(prompt)  # as plain text, as the runtime has it
             limits.check("max_prompt_tokens", prompt_tokens, f"the prompt has {prompt_tokens} tokens, which")
-            # A max_new_tokens over the engine's own limit is refused by the runtime, with that limit in the message.
+            # A max_new_tokens over the engine's own limit is refused by the scheduler, with that limit in the message.
             new = min(max(0, max_new), self.engine.manifest.max_new_tokens_limit)
             codec.check_sequence(limits, self.template_tokens, self.per_image_tokens, n_images, prompt_tokens, new)
             images = codec.decode_images(image_values, limits)
-            gen = self.engine.generate(images, prompt, max_new_tokens=max_new)
+            seq = self.scheduler.prepare(images, prompt, max_new_tokens=max_new)
+            sink = Sink(request, sender, stream, TextDeltas(self.engine.processor.tokenizer), seq)
+            with self.sinks_lock:  # registered before it can be admitted: no token of it is ever lost
+                self.sinks[seq.id] = sink
+            try:
+                self.scheduler.enqueue(seq)
+            except QueueFull:
+                with self.sinks_lock:
+                    self.sinks.pop(seq.id, None)
+                raise
+        except QueueFull as e:
+            sender.send(_error(str(e), "UNAVAILABLE"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
         except InputError as e:
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e), pb_utils.TritonError.INVALID_ARG))
+            sender.send(_error(str(e)), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
         except Exception as e:  # a bug, not the client's fault: report it, keep serving
-            self.logger.log_error(f"lightkv_export: generate failed: {type(e).__name__}: {e}")
-            return pb_utils.InferenceResponse(error=pb_utils.TritonError(f"internal error: {type(e).__name__}: {e}"))
-        outputs = [pb_utils.Tensor(name, array) for name, array in codec.encode_generation(gen).items()]
-        return pb_utils.InferenceResponse(output_tensors=outputs)
+            self.logger.log_error(f"lightkv_export: request failed: {type(e).__name__}: {e}")
+            message = f"internal error: {type(e).__name__}: {e}"
+            sender.send(_error(message, "INTERNAL"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        self.wake.set()
+
+    # --- the loop -----------------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self.stopping:
+            if self.scheduler.idle:
+                self.wake.wait(IDLE_WAIT_S)
+                self.wake.clear()
+                continue
+            self._cancel_gone()
+            try:
+                events = self.scheduler.step()
+            except Exception as e:  # a failed step ends the requests in it; the server goes on
+                self.logger.log_error(f"lightkv_export: decode step failed: {type(e).__name__}: {e}")
+                events = self.scheduler.abort(f"internal error: {type(e).__name__}: {e}")
+            for event in events:
+                self._send(event)
+
+    def _cancel_gone(self) -> None:
+        """Requests whose client went away: cancelled, their reservation and row freed for this step."""
+        now = time.monotonic()
+        if now - self.polled < CANCEL_POLL_S:
+            return
+        self.polled = now
+        with self.sinks_lock:
+            gone = [s for s in self.sinks.values() if s.request.is_cancelled()]
+            for sink in gone:
+                self.sinks.pop(sink.seq.id, None)
+        for sink in gone:
+            self.scheduler.cancel(sink.seq)
+            seq = sink.seq
+            self.logger.log_info(
+                f"lightkv_export: request {seq.id} cancelled by its client after {len(seq.tokens)} of "
+                f"{seq.max_new_tokens} tokens; {seq.reserved_bytes} bytes of KV reservation freed"
+            )
+            sink.sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _send(self, event) -> None:
+        seq = event.sequence
+        with self.sinks_lock:
+            sink = self.sinks.get(seq.id) if not event.final else self.sinks.pop(seq.id, None)
+        if sink is None:
+            return
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if event.final else 0
+        if event.token is None:  # refused in the queue, or its prefill failed
+            code = "UNAVAILABLE" if seq.state == "refused" else "INTERNAL"
+            message = f"{seq.error}; retry later" if seq.state == "refused" else f"internal error: {seq.error}"
+            sink.sender.send(_error(message, code), flags=final)
+            return
+        piece = sink.text.add(event.token) + (sink.text.rest() if event.final else "")
+        if sink.stream:
+            arrays = codec.encode_piece(piece, event.token)
+            if event.final:
+                arrays = {**codec.encode_generation(seq.result(self.engine, self.scheduler.itemsize), seq.stats()),
+                          **arrays}  # fmt: skip
+        elif event.final:
+            arrays = codec.encode_generation(seq.result(self.engine, self.scheduler.itemsize), seq.stats())
+        else:
+            return  # one response at the end
+        outputs = [pb_utils.Tensor(name, array) for name, array in arrays.items()]
+        sink.sender.send(pb_utils.InferenceResponse(output_tensors=outputs), flags=final)
+
+    def finalize(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.loop.join(timeout=10)
+        with self.sinks_lock:
+            left, self.sinks = list(self.sinks.values()), {}
+        for sink in left:
+            message = "the model is unloading (server shutting down); retry on another replica"
+            sink.sender.send(_error(message, "UNAVAILABLE"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _input(request, name: str):

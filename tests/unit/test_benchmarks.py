@@ -108,36 +108,41 @@ def test_recorded_paper_comparison_is_what_the_accounting_computes():
         assert bool(row[key]) == (not row["reproduced"])  # found for both unreproduced figures, here
 
 
-def test_serving_cells_summarise_rounds_and_pair_them():
+def test_serving_in_flight_sweep_ceiling_and_summary():
     from benchmarks import bench_serving as serving
 
-    def cell(rps: float, latencies: list[float]) -> dict:
-        return {"concurrency": 1, "requests": len(latencies), "rps": rps, "latencies_ms": latencies,
-                "server_prefill_ms": [1.0], "server_decode_ms": [2.0], "tokens": 8, "kv_bytes": 10,
-                "vision_tokens_in": 4, "vision_tokens_per_group": [4]}  # fmt: skip
+    # Two requests overlap for 1 s of a 4 s window, one runs alone for 2 s more: mean 1.0, max 2.
+    assert serving.in_flight([(0.0, 2.0), (1.0, 3.0)], 0.0, 4.0) == (1.0, 2)
+    assert serving.in_flight([(-5.0, 1.0), (3.5, 9.0)], 0.0, 4.0) == (0.375, 1)  # clipped to the window
+    assert serving.ceiling(400, 100) == 4 and serving.ceiling(400, 60) == 6 and serving.ceiling(10**6, 1) == 16
 
-    light = serving.summarise([cell(10.0, [1.0, 3.0]), cell(20.0, [2.0, 2.0]), cell(30.0, [4.0, 4.0])])
-    vanilla = serving.summarise([cell(20.0, [2.0, 2.0]), cell(20.0, [2.0, 2.0]), cell(20.0, [2.0, 2.0])])
-    assert light["requests"] == 6 and light["rps"] == {"median": 20.0, "min": 10.0, "max": 30.0}
-    assert light["p50_ms_per_round"] == [2.0, 2.0, 4.0] and light["p50_ms"] == 2.5  # over all six requests
-    pair = serving.paired(light, vanilla)
-    assert pair["rps"] == {"median": 1.0, "min": 0.5, "max": 1.5}
-    assert pair["p50"] == {"median": 1.0, "min": 0.5, "max": 1.0}
-    result = {"setup": {"rounds": 3}, "cells": {"lightkv": [light], "vanilla": [vanilla]},
-              "lightkv_over_vanilla_by_concurrency": {"1": pair}}  # fmt: skip
+    def cell(rps: float, in_flight: float, ttft: list[float]) -> dict:
+        return {"requests": len(ttft), "rps": rps, "tokens_per_s": 32 * rps, "in_flight_mean": in_flight,
+                "in_flight_max": 4, "ttft_ms": ttft, "latency_ms": [t + 100 for t in ttft], "tokens": 32,
+                "kv_bytes": 10, "kv_bytes_reserved": 12}  # fmt: skip
+
+    light = serving.summarise([cell(2.0, 6.0, [1.0, 3.0]), cell(3.0, 5.5, [2.0, 2.0]), cell(1.0, 6.0, [4.0, 4.0])])
+    vanilla = serving.summarise([cell(1.0, 4.0, [2.0, 2.0])] * 3)
+    assert light["requests"] == 6 and light["rps"] == {"median": 2.0, "min": 1.0, "max": 3.0}
+    assert light["ttft_p50_ms"] == 2.5 and light["latency_p50_ms"] == 102.5  # over all six requests
+    assert serving.paired(light, vanilla, "in_flight_mean") == {"median": 1.5, "min": 1.375, "max": 1.5}
+    result = {
+        "setup": {"budget_bytes": {"tight": 400, "roomy": 1600}, "reservation_bytes": {"vanilla": 100, "lightkv": 60},
+                  "rounds": 3, "requests_per_cell": 2},
+        "analytic_in_flight": {"tight": {"lightkv": 6, "vanilla": 4}},
+        "cells": {"tight": {"lightkv": light, "vanilla": vanilla}},
+        "lightkv_over_vanilla": {"tight": {k: serving.paired(light, vanilla, k)
+                                           for k in ("rps", "tokens_per_s", "in_flight_mean")}},
+    }  # fmt: skip
     text = serving.markdown(result)
-    assert "| lightkv | 1 | 6 | 20.00 (10.00-30.00) |" in text
-    assert "| throughput, LightKV / vanilla, concurrency 1 | 1.00x | 0.50-1.50x |" in text
+    assert "| tight | lightkv | 6 | 6.00 (5.50-6.00) | 4 | 2.000 | 64.0 | 2 / 4 | 102 / 104 |" in text
+    assert "| requests in flight | tight | 1.50x | 1.38-1.50x |" in text
 
 
 def test_model_goes_to_the_benchmarks_that_build_engines(capsys):
-    """--model reaches run() of modules that declare MODEL (serving builds that model's engines), not the others;
+    """--model reaches run() of modules that declare MODEL (they build that model's engines), not the others;
     an unknown key is refused before anything runs."""
     from types import SimpleNamespace
-
-    from benchmarks import bench_serving
-
-    assert bench_serving.MODEL == "tiny-qwen-vl"
 
     def run(quick, model="x"):
         return {"title": model, "ratios": {}}

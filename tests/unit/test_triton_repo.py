@@ -91,7 +91,9 @@ def test_config_parses_as_triton_model_config(key):
         ("prompt", pb.TYPE_STRING, [1], False),
         ("image", pb.TYPE_STRING, [-1], False),
         ("max_new_tokens", pb.TYPE_INT32, [1], True),
+        ("stream", pb.TYPE_BOOL, [1], True),
     ]
+    assert config.model_transaction_policy.decoupled  # tokens stream back as they come
     assert {o.name: o.data_type for o in config.output}["prefill_ms"] == pb.TYPE_FP32
     assert {o.name: list(o.dims) for o in config.output} == {
         "text": [1],
@@ -101,6 +103,9 @@ def test_config_parses_as_triton_model_config(key):
         "kv_bytes": [1],
         "prefill_ms": [1],
         "decode_ms": [1],
+        "kv_bytes_reserved": [1],
+        "queue_ms": [1],
+        "time_to_first_token_ms": [1],
     }
     kind = "KIND_CPU" if manifest.target == "ort-cpu" else "KIND_GPU"
     assert [(pb.ModelInstanceGroup.Kind.Name(g.kind), g.count) for g in config.instance_group] == [(kind, 2)]
@@ -115,6 +120,13 @@ def test_config_parses_as_triton_model_config(key):
         "max_images": 8,
         "max_image_pixels": 4096 * 4096,
         "max_sequence_length": 4096,
+    }
+    assert codec.Batching.from_parameters(params) == codec.Batching()  # and the scheduler's settings
+    assert {k: params[k] for k in codec.Batching().parameters()} == {
+        "kv_budget": "1GiB",
+        "max_batch": "16",
+        "max_queue": "64",
+        "max_queue_s": "60",
     }
 
 
@@ -329,6 +341,48 @@ def test_limits_from_config_parameters():
             codec.Limits.from_parameters({"max_images": bad})
 
 
+def test_images_as_base64_and_the_stream_flag():
+    """JSON carries images as base64 text (a data: URL too); raw bytes pass as they are."""
+    import base64
+
+    raw = [png_bytes(), png_bytes((16, 16), "JPEG")]
+    text = [base64.b64encode(raw[0]), f"data:image/jpeg;base64,{base64.b64encode(raw[1]).decode()}".encode()]
+    images = codec.decode_images(np.array(text, dtype=np.object_))
+    assert [im.size for im in images] == [(32, 24), (16, 16)]
+    assert codec.image_bytes(raw[0], 0) == raw[0]
+    with pytest.raises(InputError, match="image 0: not a readable PNG or JPEG"):  # base64 of something else
+        codec.decode_images(np.array([base64.b64encode(b"GIF89a not a png")], dtype=np.object_))
+    assert codec.decode_stream(None) is False and codec.decode_stream(np.array([True])) is True
+    with pytest.raises(InputError, match="stream: expected one value"):
+        codec.decode_stream(np.array([True, False]))
+    piece = codec.encode_piece("é", 7)
+    assert piece["text"].tolist() == ["é".encode()] and piece["token_ids"].tolist() == [7]
+
+
+def test_batching_settings_and_flags(tmp_path, capsys):
+    b = codec.Batching.from_parameters({"kv_budget": "40%", "max_batch": "8", "max_queue_s": "2.5"})
+    assert (b.kv_budget, b.max_batch, b.max_queue, b.max_queue_s) == ("40%", 8, 64, 2.5)
+    for params, message in (
+        ({"kv_budget": "lots"}, "memory size 'lots' is not NUMBER"),
+        ({"kv_budget": "150%"}, "at most 100%"),
+        ({"max_batch": "0"}, "max_batch: expected a positive number, got '0'"),
+        ({"max_queue_s": "soon"}, "max_queue_s: expected a positive number, got 'soon'"),
+    ):
+        with pytest.raises(InputError, match=message):
+            codec.Batching.from_parameters(params)
+    a = fake_engine(tmp_path / "e", MANIFESTS["ort_cpu_lightkv"])
+    args = [str(a), "--out", str(tmp_path / "repo"), "--kv-budget", "256MiB", "--max-batch", "4"]
+    assert triton_repo.main(args) == 0
+    (config,) = (tmp_path / "repo").glob("*/config.pbtxt")
+    text = config.read_text()
+    assert '{ key: "kv_budget", value: { string_value: "256MiB" } }' in text
+    assert '{ key: "max_batch", value: { string_value: "4" } }' in text
+    capsys.readouterr()
+    assert triton_repo.main([str(a), "--out", str(tmp_path / "r2"), "--max-queue", "0"]) == 2
+    assert "--max-queue 0: expected a positive number, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+
+
 def test_missing_input_is_named():
     with pytest.raises(InputError, match="missing input 'prompt'"):
         codec.require(None, "prompt")
@@ -350,8 +404,11 @@ def test_encode_generation_names_every_field():
         decode_ms=3.25,
         kv_lengths=[1, 2],
     )
-    out = codec.encode_generation(gen)
+    assert list(codec.encode_generation(gen)) == [k for k in codec.OUTPUT_DTYPES if k not in codec.STATS]
+    stats = {"kv_bytes_reserved": 400000, "queue_ms": 1.5, "time_to_first_token_ms": 20.25, "new_tokens": 3}
+    out = codec.encode_generation(gen, stats)
     assert list(out) == list(codec.OUTPUT_DTYPES)
+    assert [out[k].tolist() for k in codec.STATS] == [[400000], [1.5], [20.25]]
     assert {k: v.dtype for k, v in out.items()} == {k: np.dtype(t) for k, t in codec.OUTPUT_DTYPES.items()}
     assert out["text"].tolist() == ["héllo".encode()]
     assert out["token_ids"].tolist() == [11, 12, 13]
@@ -391,7 +448,7 @@ def silent_listener():
 
 @contextlib.contextmanager
 def server_that_never_answers_infer():
-    """An HTTP server that says it is live and serves model "m", then never answers an inference."""
+    """An HTTP server that says it is live and serves model "m", then never answers a generate request."""
     release = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -409,7 +466,7 @@ def server_that_never_answers_infer():
 
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.path.endswith("/infer"):
+            if "/generate" in self.path:
                 release.wait(30)
                 return
             self.reply(json.dumps([{"name": "m", "version": "1", "state": "READY"}]).encode())
