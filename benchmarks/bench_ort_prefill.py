@@ -24,8 +24,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,28 +59,42 @@ FULL = BenchSize(12, 1024, 16, 4, 2816, (8, 12, 12), (32, 32), 15, 24, (4, 2, 1)
 QUICK = BenchSize(6, 256, 4, 2, 704, (8, 12, 12), (16, 16), 15, 24, (2, 1), 2)
 
 
-def build_model(size: BenchSize):
-    """Qwen2.5-VL's language model at `size` with seeded random weights (the tiny vision tower: it is not run)."""
-    import torch
-
+def qwen_config(
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, mrope: Sequence[int], max_positions: int,
+    **text: Any,
+):  # fmt: skip
+    """(family, config) of a Qwen2.5-VL language model of these sizes with the tiny vision tower (a benchmark feeds
+    embeddings in its place); `text`: more text-config fields (vocab_size, ...)."""
     from lightkv_export.models import tiny
-    from lightkv_export.models.registry import build_seeded, get_family
+    from lightkv_export.models.registry import get_family
 
     family = get_family("qwen2_5_vl")
     config_kw = tiny.tiny_config_dict("qwen2_5_vl", tiny.build_tokenizer())
     config_kw["text_config"] = {
         **config_kw["text_config"],
-        "hidden_size": size.hidden,
-        "intermediate_size": size.intermediate,
-        "num_hidden_layers": size.layers,
-        "num_attention_heads": size.heads,
-        "num_key_value_heads": size.kv_heads,
-        "max_position_embeddings": size.max_positions,
-        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(size.mrope_section)},
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": max_positions,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": list(mrope)},
+        **text,
     }
-    config_kw["vision_config"] = {**config_kw["vision_config"], "out_hidden_size": size.hidden}
-    model = build_seeded(family, family.config_class()(**config_kw), torch.float32)
-    return family, model
+    config_kw["vision_config"] = {**config_kw["vision_config"], "out_hidden_size": hidden}
+    return family, family.config_class()(**config_kw)
+
+
+def build_model(size: BenchSize):
+    """Qwen2.5-VL's language model at `size` with seeded random weights (the tiny vision tower: it is not run)."""
+    import torch
+
+    from lightkv_export.models.registry import build_seeded
+
+    family, config = qwen_config(
+        size.hidden, size.intermediate, size.layers, size.heads, size.kv_heads, size.mrope_section, size.max_positions
+    )
+    return family, build_seeded(family, config, torch.float32)
 
 
 def export_graphs(size: BenchSize, workdir: Path):

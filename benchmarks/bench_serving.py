@@ -10,12 +10,12 @@ scheduler computes it before any compute, and so does this script, in-process, f
 Load: CLIENTS client threads in a closed loop (each sends a streaming request, /generate_stream, reads it to the end,
 sends the next) until a cell's REQUESTS requests are issued. Per cell (engine, round): requests/s and generated
 tokens/s over the cell's wall time, p50 / p99 time to first token (client side: the first server-sent event) and
-end-to-end latency, and the requests in flight: each request runs from its arrival plus the server's queue_ms to
-its last event, and the mean and max of the running count are taken while the clients still issue requests
-(the steady state, before the tail drains). Beside it the analytic ceiling: min(clients, max_batch,
-floor(budget / reservation)). Rounds interleave the engines (the order alternates); then one round at a budget of
-CLIENTS vanilla reservations (the server restarted with it) separates the gain of admission from that of LightKV's
-cheaper prefill and decode. Results go to benchmarks/results/serving.json.
+end-to-end latency, and the requests in flight as the server counts them: each request reports the running batch
+of the decode steps it took part in (decode_batch_mean, decode_batch_max); the mean is taken over the steady state
+(requests issued after the first one finished and finished before the last one was issued). Beside it the
+analytic ceiling: min(clients, max_batch, floor(budget / reservation)). Rounds interleave the engines (the order
+alternates); then one round at a budget of CLIENTS vanilla reservations (the server restarted with it) separates
+the gain of admission from that of LightKV's cheaper prefill and decode. Results go to benchmarks/results/serving.json.
 
     python benchmarks/bench_serving.py [--quick]
 """
@@ -54,8 +54,8 @@ BUDGET_REQUESTS = 4  # the KV budget holds exactly this many vanilla requests
 PROMPT = "Describe the image."
 SEND_SIZE = (224, 224)  # (width, height) of the PNG sent; the engine resizes it to its profile
 SETTINGS = {  # quick: a smoke run at a toy size (writes nothing)
-    False: {"size": FULL, "image": (896, 896), "new": 32, "requests": 32, "rounds": 3},
-    True: {"size": replace(QUICK, layers=4), "image": (448, 448), "new": 8, "requests": 12, "rounds": 1},
+    False: {"size": FULL, "image": (896, 896), "new": 32, "requests": 48, "rounds": 3},
+    True: {"size": replace(QUICK, layers=4), "image": (448, 448), "new": 8, "requests": 40, "rounds": 1},
 }
 
 
@@ -76,6 +76,12 @@ def build_engines(size: BenchSize, image: tuple[int, int], out: Path) -> dict[st
     checkpoint = out / f"checkpoint-{size.layers}x{size.hidden}"
     if not (checkpoint / "config.json").is_file():
         write_checkpoint(size, checkpoint)
+    # The tiny processor caps images at 448 x 448; this profile is larger (about a thousand vision tokens).
+    processor = checkpoint / "processor_config.json"
+    config = json.loads(processor.read_text())
+    edges = config["image_processor"]["size"]
+    edges["longest_edge"] = max(int(edges["longest_edge"]), image[0] * image[1])
+    processor.write_text(json.dumps(config, indent=2) + "\n")
     engines = {}
     for kind in ("vanilla", "lightkv"):
         kw = {"vanilla": True} if kind == "vanilla" else {"ratio": RATIO}
@@ -103,18 +109,6 @@ def reservations(engines: dict[str, Path], png: bytes, new: int) -> dict[str, in
 def ceiling(budget: int, reservation: int, clients: int = CLIENTS, max_batch: int = CLIENTS) -> int:
     """Requests the budget can hold at once, as the scheduler admits them."""
     return min(clients, max_batch, budget // reservation)
-
-
-def in_flight(intervals: list[tuple[float, float]], start: float, end: float) -> tuple[float, int]:
-    """(mean, max) of how many intervals cover a time in [start, end]: a sweep over their edges."""
-    edges = sorted([(max(a, start), 1) for a, b in intervals if b > start and a < end]
-                   + [(min(b, end), -1) for a, b in intervals if b > start and a < end])  # fmt: skip
-    running, peak, area, last = 0, 0, 0.0, start
-    for t, step in edges:
-        area += running * (t - last)
-        running, last = running + step, t
-        peak = max(peak, running)
-    return (area / (end - start) if end > start else 0.0), peak
 
 
 def load_cell(url: str, model: str, png: bytes, new: int, n_requests: int) -> dict:
@@ -148,8 +142,15 @@ def load_cell(url: str, model: str, png: bytes, new: int, n_requests: int) -> di
     answers = [r["answer"] for r in results]
     if len({tuple(a.token_ids) for a in answers}) != 1:
         raise RuntimeError(f"{model}: the same request got different answers under load")
-    running = [(r["sent"] + r["answer"].queue_ms / 1e3, r["end"]) for r in results]
-    mean, peak = in_flight(running, t_start, last_issue[0])
+    # The server's own count: each request reports the running batch of the decode steps it took part in; in the
+    # steady state (every request issued while others wait) its mean over requests is the mean running batch.
+    # steady state: requests issued after the first one finished (the ramp-up is over) that finished before the
+    # last one was issued (the queue has not drained yet); the whole cell when there are none (a smoke run).
+    first_end = min(r["end"] for r in results)
+    steady = [r["answer"] for r in results if r["sent"] >= first_end and r["end"] <= last_issue[0]]
+    steady = [a for a in steady or answers if a.decode_batch_max]
+    mean = float(np.mean([a.decode_batch_mean for a in steady]))
+    peak = max(a.decode_batch_max for a in answers)
     tokens = sum(len(a.token_ids) for a in answers)
     return {
         "requests": len(results),
@@ -158,6 +159,7 @@ def load_cell(url: str, model: str, png: bytes, new: int, n_requests: int) -> di
         "tokens_per_s": round(tokens / wall, 2),
         "in_flight_mean": round(mean, 3),
         "in_flight_max": peak,
+        "steady_requests": len(steady),
         "ttft_ms": [round((r["first"] - r["sent"]) * 1e3, 2) for r in results],
         "latency_ms": [round((r["end"] - r["sent"]) * 1e3, 2) for r in results],
         "queue_ms": [round(a.queue_ms, 2) for a in answers],

@@ -52,6 +52,8 @@ class Answer:
     kv_bytes_reserved: int = 0  # what the scheduler reserved: prefill lengths + max_new_tokens, every layer
     queue_ms: float = 0.0  # waiting for room in the server's KV budget
     time_to_first_token_ms: float = 0.0  # from arrival at the server
+    decode_batch_mean: float = 0.0  # requests in the decode steps it took part in (itself included), mean
+    decode_batch_max: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ def parse_answer(obj: dict, text: str | None = None, token_ids: list[int] | None
             kv_bytes_reserved=int(_one(obj.get("kv_bytes_reserved", 0))),
             queue_ms=float(_one(obj.get("queue_ms", 0.0))),
             time_to_first_token_ms=float(_one(obj.get("time_to_first_token_ms", 0.0))),
+            decode_batch_mean=float(_one(obj.get("decode_batch_mean", 0.0))),
+            decode_batch_max=int(_one(obj.get("decode_batch_max", 0))),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ClientError(f"the answer lacks {e} or has it in another form: is this a lightkv_export model?") from None

@@ -105,6 +105,9 @@ class SequenceState:
     tokens: list[int] = field(default_factory=list)
     held_bytes: int = 0  # K and V actually held when it left the pool
     request: Any = None  # runtime.Request, once admitted
+    batch_sum: int = 0  # requests in the decode steps it took part in, summed (its running batch)
+    batch_max: int = 0
+    decode_steps: int = 0
     cache: Any = None  # its own decode caches when the scheduler does not pool them
     prefill_s: float = 0.0
 
@@ -124,6 +127,8 @@ class SequenceState:
             "time_to_first_token_ms": (first - self.submitted) * 1e3,
             "decode_ms": (end - first) * 1e3,
             "new_tokens": len(self.tokens),
+            "decode_batch_mean": self.batch_sum / self.decode_steps if self.decode_steps else 0.0,
+            "decode_batch_max": self.batch_max,
         }
 
     def result(self, engine: Engine, itemsize: int) -> Generation:
@@ -381,6 +386,15 @@ class Scheduler:
             events.append(self._emit(seq, int(pre.logits[0].argmax())))
         return events
 
+    def _count_batch(self) -> None:
+        n = len(self.running)
+        for seq in self.running.values():
+            seq.batch_sum, seq.batch_max, seq.decode_steps = (
+                seq.batch_sum + n,
+                max(seq.batch_max, n),
+                seq.decode_steps + 1,
+            )
+
     def _emit(self, seq: SequenceState, token: int) -> TokenEvent:
         seq.tokens.append(token)
         final = token in self.stops or len(seq.tokens) >= seq.max_new_tokens
@@ -391,6 +405,7 @@ class Scheduler:
     def _decode(self) -> list[TokenEvent]:
         if not self.running:
             return []
+        self._count_batch()
         if not self.pooled:
             return self._decode_each()
         n = max(self.running) + 1  # rows 0..n-1; free rows among them step on a dummy token and are reset

@@ -28,13 +28,15 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.method.guidance import SoftmaxAxis, text_guidance
-from lightkv_export.method.layout import GridMode
-from lightkv_export.method.reference import VisionSpan, lightkv_merge
+from lightkv_export.method.layout import GridMode, plan_stage
+from lightkv_export.method.reference import MergeResult, VisionSpan, lightkv_merge
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.base import LoadedModel, PrefillInputs
 
 PositionMode = Literal["preserve", "official"]
 POSITION_MODES = ("preserve", "official")
+MergeImpl = Literal["reference", "triton"]
+MERGE_IMPLS = ("reference", "triton")
 CAPTURE_ATTENTION = "lightkv_capture_sdpa"
 
 
@@ -108,6 +110,17 @@ def vision_mask(
     return mask
 
 
+def merge_with_kernels(hidden: torch.Tensor, guidance: torch.Tensor, spans, **stage) -> MergeResult:
+    """One stage through the LightKVMerge Triton kernels: the plan from the layout (as the reference op plans it),
+    then the kernels on the data. `merged_into` is left out (the kernels do not report it)."""
+    from plugins.lightkv.launch import lightkv_merge_triton
+
+    plan = plan_stage(spans, hidden.shape[1], **stage)
+    out, kept = lightkv_merge_triton(hidden, guidance.float(), plan)  # [B, S', D], [B, S']
+    lengths = torch.tensor(plan.out_lengths, dtype=torch.int64, device=out.device)  # [B]
+    return MergeResult(out, kept, lengths, plan.spans, plan.skipped)
+
+
 def kv_bytes(cache: DynamicCache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
@@ -121,13 +134,20 @@ def prefill(
     positions: PositionMode = "preserve",
     grid_mode: GridMode = "true",
     softmax_over: SoftmaxAxis = "query",
+    merge: MergeImpl = "reference",
 ) -> PrefillResult:
-    """Prefill with LightKV: merge after each scheduled layer; returns last logits and the per-layer cache."""
+    """Prefill with LightKV: merge after each scheduled layer; returns last logits and the per-layer cache.
+
+    Rows of a batch must be unpadded and of one length (equal layouts merge to equal lengths). `merge`: the
+    reference op (method/reference.py, the truth) or the LightKVMerge Triton kernels (plugins/lightkv: natively on
+    CUDA, interpreted on the CPU under TRITON_INTERPRET=1)."""
     if positions not in POSITION_MODES:
         raise InputError(f"positions must be one of {POSITION_MODES}, got {positions!r}.")
-    hidden = inputs.inputs_embeds  # [1, S, D]
-    if hidden.shape[0] != 1 or not bool(inputs.attention_mask.all()):
-        raise InputError("the PyTorch runtime runs one unpadded request at a time (B = 1); loop over requests.")
+    if merge not in MERGE_IMPLS:
+        raise InputError(f"merge must be one of {MERGE_IMPLS}, got {merge!r}.")
+    hidden = inputs.inputs_embeds  # [B, S, D]
+    if not bool(inputs.attention_mask.all()):
+        raise InputError("the PyTorch runtime runs unpadded rows of one length; run shorter requests on their own.")
     text = loaded.family.text_model(loaded.model)
     if schedule.num_layers != len(text.layers):
         raise InputError(f"schedule is for {schedule.num_layers} layers, the model has {len(text.layers)}.")
@@ -153,7 +173,12 @@ def prefill(
             xi = text_guidance(
                 capture["query"], capture["key"], vision_mask(spans, seq, hidden.device), softmax_over=softmax_over
             )  # [1, S]
-            res = lightkv_merge(hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode)
+            if merge == "triton":
+                res = merge_with_kernels(
+                    hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode
+                )
+            else:
+                res = lightkv_merge(hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode)
             records.append(StageRecord(idx + 1, res.kept, res.spans, res.skipped, xi, res.merged_into))
             hidden, spans = res.hidden, res.spans
             pos = scheme.after_merge(pos, res.kept, positions)  # [*lead, 1, S']

@@ -151,7 +151,9 @@ output [
   {{ name: "decode_ms", data_type: TYPE_FP32, dims: [ 1 ] }},
   {{ name: "kv_bytes_reserved", data_type: TYPE_INT64, dims: [ 1 ] }},  # prefill lengths + max_new_tokens
   {{ name: "queue_ms", data_type: TYPE_FP32, dims: [ 1 ] }},  # waiting for room in the KV budget
-  {{ name: "time_to_first_token_ms", data_type: TYPE_FP32, dims: [ 1 ] }}  # from arrival
+  {{ name: "time_to_first_token_ms", data_type: TYPE_FP32, dims: [ 1 ] }},  # from arrival
+  {{ name: "decode_batch_mean", data_type: TYPE_FP32, dims: [ 1 ] }},  # requests decoded beside it, mean
+  {{ name: "decode_batch_max", data_type: TYPE_INT64, dims: [ 1 ] }}
 ]
 
 {instance_note}

@@ -447,6 +447,12 @@ class TrtSession:
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        # One allocator for the session's life: the context keeps every allocator it is given alive, so a new one
+        # per run would hold a new set of buffers per decode step. Its buffers grow, never shrink, and outputs
+        # are copied to the host before the next run writes them again.
+        self.allocator = _output_allocator(trt, torch)
+        for name in self.output_names:
+            self.context.set_output_allocator(name, self.allocator)
 
     def get_outputs(self) -> list[Any]:
         from types import SimpleNamespace
@@ -454,16 +460,14 @@ class TrtSession:
         return [SimpleNamespace(name=n) for n in self.output_names]
 
     def run(self, output_names, feeds):
-        trt, torch = self.trt, self.torch
-        allocator = _output_allocator(trt, torch)
+        torch = self.torch
+        allocator = self.allocator
         keep_alive = []
         for name in self.inputs:
             tensor = to_device(feeds[name], torch_dtype(self.engine.get_tensor_dtype(name)), name)
             keep_alive.append(tensor)
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
-        for name in self.output_names:
-            self.context.set_output_allocator(name, allocator)
         stream = torch.cuda.current_stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
@@ -477,7 +481,10 @@ class TrtSession:
         return out
 
 
-def _output_allocator(trt, torch):
+def _output_allocator(trt, torch, device: str = "cuda"):
+    """TensorRT's output allocator over torch buffers, one per output name, reused across runs and grown when a
+    run needs more (Polygraphy's runner does the same)."""
+
     class Allocator(trt.IOutputAllocator):
         def __init__(self) -> None:
             super().__init__()
@@ -485,8 +492,11 @@ def _output_allocator(trt, torch):
             self.shapes: dict[str, tuple[int, ...]] = {}
 
         def reallocate_output_async(self, tensor_name, memory, size, alignment, stream):
-            self.buffers[tensor_name] = torch.empty(max(int(size), 1), dtype=torch.uint8, device="cuda")
-            return self.buffers[tensor_name].data_ptr()
+            buffer = self.buffers.get(tensor_name)
+            if buffer is None or buffer.numel() < int(size):
+                buffer = torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
+                self.buffers[tensor_name] = buffer
+            return buffer.data_ptr()
 
         def notify_shape(self, tensor_name, shape):
             self.shapes[tensor_name] = tuple(shape)

@@ -7,7 +7,8 @@ endpoints):
            stream [1] BOOL (optional: one response per token, the last one with the statistics)
   outputs  text [1] BYTES, token_ids [-1] INT64, vision_tokens_in [1] INT64, vision_tokens_per_group [-1] INT64,
            kv_bytes [1] INT64, prefill_ms [1] FP32, decode_ms [1] FP32, kv_bytes_reserved [1] INT64,
-           queue_ms [1] FP32, time_to_first_token_ms [1] FP32
+           queue_ms [1] FP32, time_to_first_token_ms [1] FP32, decode_batch_mean [1] FP32, decode_batch_max [1] INT64
+           (the running batch of the decode steps the request took part in)
   A streamed response carries text (the new piece) and token_ids (its token); the last one adds the rest.
 
 Limits (`Limits`, read from config.pbtxt `parameters`) are checked before any work, cheapest first: the number of
@@ -45,8 +46,16 @@ OUTPUT_DTYPES = {
     "kv_bytes_reserved": np.int64,
     "queue_ms": np.float32,
     "time_to_first_token_ms": np.float32,
+    "decode_batch_mean": np.float32,
+    "decode_batch_max": np.int64,
 }
-STATS = ("kv_bytes_reserved", "queue_ms", "time_to_first_token_ms")  # from the scheduler, not the generation
+STATS = (
+    "kv_bytes_reserved",
+    "queue_ms",
+    "time_to_first_token_ms",
+    "decode_batch_mean",
+    "decode_batch_max",
+)  # from the scheduler, not the generation
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 

@@ -98,7 +98,7 @@ def kernel_specs(dtype: str, config: KernelConfig = DEFAULT_CONFIG) -> dict[str,
     if dtype not in DTYPES:
         raise InputError(f"dtype {dtype!r} is unknown; expected one of {', '.join(DTYPES)}.")
     h, c = f"*{DTYPES[dtype]}", config
-    match = {"hidden_ptr": h, "win_index_ptr": "*i64", "n_max": "i32", "dim": "i32"}
+    match = {"hidden_ptr": h, "win_index_ptr": "*i64", "n_max": "i32", "dim": "i32", "n_tokens": "i32"}
     match |= {"best_ptr": "*fp32", "partner_ptr": "*i32"}
     plan = {
         "guidance_ptr": "*fp32",

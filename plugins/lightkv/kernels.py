@@ -24,6 +24,12 @@ use IEEE fp32 dots (no TF32), so ties and rankings match the reference.
 
 `dest` code per token (int32, internal): -1 gone or padding, else 2 * output position + touched (a B token that
 received at least one merge).
+
+Safe on any input: TensorRT runs plugins on made-up inputs while it times tactics, so no kernel trusts what it
+loads. Every loaded index is checked before it addresses memory (a token index in [0, N) and, in Plan, in the
+program's own row; a slot in its window's range; an output position in [0, S')), S' is clamped to [0, S], and
+every loop's bounds are launch scalars, never loaded data. Garbage in gives garbage out, deterministically, and
+nothing outside the buffers is read or written (tests/unit/test_triton_kernels.py feeds such plans).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ def match_kernel(
     win_index_ptr,  # [W, n_max] int64
     n_max,
     dim,
+    n_tokens,  # N = B * S: a token index outside [0, N) is padding, whatever the plan says
     best_ptr,  # [W, na] fp32 out: best similarity of each A slot (-inf for padding)
     partner_ptr,  # [W, na] int32 out: B slot of that best match (lowest slot on ties)
     BLOCK_A: tl.constexpr,
@@ -53,7 +60,7 @@ def match_kernel(
     nb = n_max // 2
     a_slot = tl.program_id(1) * BLOCK_A + tl.arange(0, BLOCK_A)  # [BA]
     a_idx = tl.load(win_index_ptr + w * n_max + 2 * a_slot, mask=a_slot < na, other=-1)  # [BA]
-    a_ok = a_idx >= 0
+    a_ok = a_idx.to(tl.uint64) < n_tokens  # one unsigned compare: a negative index wraps past N
     a_row = tl.where(a_ok, a_idx, 0).to(tl.int64) * dim  # [BA]
     d_off = tl.arange(0, BLOCK_D)  # [BD]
 
@@ -71,7 +78,7 @@ def match_kernel(
     for b0 in range(0, nb, BLOCK_B):
         b_slot = b0 + tl.arange(0, BLOCK_B)  # [BB]
         b_idx = tl.load(win_index_ptr + w * n_max + 2 * b_slot + 1, mask=b_slot < nb, other=-1)  # [BB]
-        b_ok = b_idx >= 0
+        b_ok = b_idx.to(tl.uint64) < n_tokens
         b_row = tl.where(b_ok, b_idx, 0).to(tl.int64) * dim  # [BB]
         dots = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
         sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
@@ -133,7 +140,10 @@ def plan_kernel(
     out_seq = 0
     for b0 in range(0, batch, BLOCK_S):
         n = tl.load(out_lengths_ptr + b0 + s_off, mask=b0 + s_off < batch, other=0)  # [BS]
+        n = tl.minimum(tl.maximum(n, 0), seq)  # S' <= S whatever out_lengths holds: `kept` is sized by it
         out_seq = tl.maximum(out_seq, tl.max(n, axis=0).to(tl.int32))
+    nb = n_max // 2
+    row_end = row_base + seq
 
     # 1. Every token of the row starts as an untouched survivor (code 0).
     for s0 in range(0, seq, BLOCK_S):
@@ -146,7 +156,7 @@ def plan_kernel(
     j_off = tl.arange(0, BLOCK_J)
     for w in range(0, n_win):
         first = tl.load(win_index_ptr + tl.cast(w, tl.int64) * n_max)  # slot 0 is never padding
-        if first // seq == row:
+        if (first >= row_base) & (first < row_end):  # this row's window: only its program writes the row
             r = tl.load(win_r_ptr + w)
             for i0 in range(0, na, BLOCK_R):
                 i = i0 + r_off  # [BR]
@@ -163,10 +173,11 @@ def plan_kernel(
                     ahead = ahead & (j < na)[None, :]
                     rank += tl.sum(ahead.to(tl.int32), axis=1)
                 a_idx = tl.load(win_index_ptr + w * n_max + 2 * i, mask=i_ok, other=-1)  # [BR]
-                merged = (rank < r) & (a_idx >= 0) & i_ok
                 slot = tl.load(partner_ptr + w * na + i, mask=i_ok, other=0)  # [BR]
+                merged = (rank < r) & (a_idx >= row_base) & (a_idx < row_end) & i_ok & (slot >= 0) & (slot < nb)
+                b_idx = tl.load(win_index_ptr + w * n_max + 2 * slot + 1, mask=merged, other=-1)  # [BR]
+                merged = merged & (b_idx >= row_base) & (b_idx < row_end)
                 tl.store(assign_ptr + w * na + i, tl.where(merged, slot, -1), mask=i_ok)
-                b_idx = tl.load(win_index_ptr + w * n_max + 2 * slot + 1, mask=merged, other=0)  # [BR]
                 tl.store(dest_ptr + a_idx, tl.full([BLOCK_R], -1, tl.int32), mask=merged)
                 tl.store(dest_ptr + b_idx, tl.full([BLOCK_R], 1, tl.int32), mask=merged)  # same value if shared
     tl.debug_barrier()
@@ -182,9 +193,10 @@ def plan_kernel(
         tl.store(dest_ptr + row_base + s, tl.where(keep, 2 * pos + code, -1), mask=s < seq)
         tl.store(kept_ptr + tl.cast(row, tl.int64) * out_seq + pos, s.to(tl.int64), mask=keep & (pos < out_seq))
         count += tl.sum(keep.to(tl.int32), axis=0)
-    for p0 in range(count, out_seq, BLOCK_S):
+    for p0 in range(0, out_seq, BLOCK_S):  # bounds from S' (clamped to S), not from the data-dependent count
         p = p0 + s_off
-        tl.store(kept_ptr + tl.cast(row, tl.int64) * out_seq + p, tl.full([BLOCK_S], -1, tl.int64), mask=p < out_seq)
+        pad = (p >= count) & (p < out_seq)
+        tl.store(kept_ptr + tl.cast(row, tl.int64) * out_seq + p, tl.full([BLOCK_S], -1, tl.int64), mask=pad)
 
     # 4. S', written once: the size tensor of TensorRT's data-dependent output shape.
     if row == 0:
@@ -220,6 +232,7 @@ def emit_kernel(
         p = (pid % tl.cdiv(out_seq, BLOCK_S)) * BLOCK_S + tl.arange(0, BLOCK_S)  # [BS]
         p_ok = p < out_seq
         src = tl.load(kept_ptr + tl.cast(row, tl.int64) * out_seq + p, mask=p_ok, other=-1)  # [BS]
+        src = tl.where((src >= 0) & (src < seq), src, -1)  # a source outside the row is padding
         flat = tl.cast(row, tl.int64) * seq + tl.where(src >= 0, src, 0)  # [BS]
         code = tl.load(dest_ptr + flat, mask=src >= 0, other=0)
         plain = (src >= 0) & ((code & 1) == 0)
@@ -235,9 +248,12 @@ def emit_kernel(
         b_tiles = tl.cdiv(nb, BLOCK_B)
         w = tile // b_tiles
         j = (tile % b_tiles) * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB] B slots
+        n_tokens = tl.cast(batch, tl.int64) * seq
         b_idx = tl.load(win_index_ptr + w * n_max + 2 * j + 1, mask=j < nb, other=-1)  # [BB]
+        b_idx = tl.where((b_idx >= 0) & (b_idx < n_tokens), b_idx, -1)
         b_code = tl.load(dest_ptr + tl.where(b_idx >= 0, b_idx, 0), mask=b_idx >= 0, other=0)
-        touched = (b_idx >= 0) & ((b_code & 1) == 1)
+        b_pos = b_code >> 1  # output position: written only inside [0, S')
+        touched = (b_idx >= 0) & ((b_code & 1) == 1) & (b_pos >= 0) & (b_pos < out_seq)
         if tl.max(touched.to(tl.int32), axis=0) > 0:
             b_flat = tl.where(b_idx >= 0, b_idx, 0)
             xb = tl.load(hidden_ptr + b_flat[:, None] * dim + d[None, :], mask=touched[:, None] & d_ok[None, :])
@@ -250,7 +266,9 @@ def emit_kernel(
             for i0 in range(0, na, BLOCK_A):
                 i = i0 + tl.arange(0, BLOCK_A)  # [BA] A slots
                 slot = tl.load(assign_ptr + w * na + i, mask=i < na, other=-1)  # [BA]
-                a_idx = tl.load(win_index_ptr + w * n_max + 2 * i, mask=slot >= 0, other=0)  # [BA]
+                a_idx = tl.load(win_index_ptr + w * n_max + 2 * i, mask=(slot >= 0) & (i < na), other=-1)  # [BA]
+                slot = tl.where((a_idx >= 0) & (a_idx < n_tokens) & (i < na), slot, -1)
+                a_idx = tl.where(slot >= 0, a_idx, 0)
                 xa = tl.load(hidden_ptr + a_idx[:, None] * dim + d[None, :], mask=(slot >= 0)[:, None] & d_ok[None, :])
                 xa = tl.where((slot >= 0)[:, None] & d_ok[None, :], xa.to(tl.float32), 0.0)  # [BA, BD]
                 xi_a = tl.load(guidance_ptr + a_idx, mask=slot >= 0, other=0.0)  # [BA]
@@ -265,6 +283,6 @@ def emit_kernel(
             weighted = (xi_b[:, None] * xb + num) / tl.maximum(wsum, 1e-30)[:, None]
             plain_mean = (xb + sum_x) / (1.0 + cnt)[:, None]
             value = tl.where((wsum > 0)[:, None], weighted, plain_mean)  # [BB, BD]
-            b_out = (b_flat // seq) * out_seq + (b_code >> 1)  # [BB] output row of each B token
+            b_out = (b_flat // seq) * out_seq + b_pos  # [BB] output row of each B token
             out_ptrs = out_ptr + b_out[:, None] * dim + d[None, :]
             tl.store(out_ptrs, value.to(out_ptr.dtype.element_ty), mask=touched[:, None] & d_ok[None, :])

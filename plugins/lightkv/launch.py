@@ -128,7 +128,7 @@ def launch_kernels(
     partner = torch.empty(n_win, na, dtype=torch.int32, device=device)  # [W, na]
     if n_win and na:
         kernels.match_kernel[(n_win, triton.cdiv(na, c.match_a))](
-            flat, win_index, n_max, dim, best, partner,
+            flat, win_index, n_max, dim, bsz * seq, best, partner,
             BLOCK_A=c.match_a, BLOCK_B=c.match_b, BLOCK_D=c.match_d, IEEE=_ieee_dot(hidden.dtype),
             num_warps=c.match_warps, num_stages=c.num_stages,
         )  # fmt: skip

@@ -14,7 +14,8 @@ S' = max(out_lengths) depends on data, so LightKVPlan declares it as a size tens
 computes it (TensorRT knows a data-dependent size only after the kernel that writes it has run) and writes it.
 Needs TensorRT >= 10.9 (`tensorrt.plugin.aot_impl`); targets/trt.check_trt_available says so when it is older.
 Each plugin has an `aot_impl` returning the Triton kernel as PTX (so the engine runs without Python: trtexec, Triton
-Inference Server) and an `autotune` offering the kernel configurations of TACTICS for TensorRT to time.
+Inference Server) and an `autotune` offering the kernel configurations of TACTICS for TensorRT to time (one, for
+now: see TACTICS).
 W must be >= 1: a stage with no windows is fed one dummy window of -1 with r = 0, which merges nothing.
 
 `tensorrt` is imported only inside `register_plugins`, so this module imports without TensorRT.
@@ -29,8 +30,12 @@ from plugins.lightkv.launch import DEFAULT_CONFIG, KernelConfig
 NAMESPACE = "lightkv"
 PLUGINS = ("LightKVMatch", "LightKVPlan", "LightKVEmit")
 # Tactic id -> kernel configuration; TensorRT times each and keeps the fastest in the engine.
-TACTICS: dict[int, KernelConfig] = {
-    1: DEFAULT_CONFIG,
+# One tactic per AOT plugin until several are verified on a GPU with TensorRT: multi-tactic AOT plugins first appear
+# in TensorRT 11.1's sample, and its runner refuses --aot --multi_tactic up to 11.0. The second configuration stays
+# compiled and tested here (CANDIDATE_TACTICS), ready to be offered once a real build has timed it.
+TACTICS: dict[int, KernelConfig] = {1: DEFAULT_CONFIG}
+CANDIDATE_TACTICS: dict[int, KernelConfig] = {
+    **TACTICS,
     2: replace(DEFAULT_CONFIG, match_a=32, match_b=32, match_warps=4, emit_s=64),
 }
 _registered: set[str] = set()
@@ -45,7 +50,7 @@ def _artifact(kernel: str, dtype: str, tactic: int, target: str, cache: dict[tup
 
     key = (kernel, dtype, tactic)
     if key not in cache:
-        spec = kernel_specs(dtype, TACTICS[tactic])[kernel]
+        spec = kernel_specs(dtype, CANDIDATE_TACTICS[tactic])[kernel]
         workdir = Path(tempfile.mkdtemp(prefix="lightkv-aot-"))
         atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # the compiler's files, not left in /tmp
         cache[key] = compile_kernel(spec, target, workdir)
@@ -96,8 +101,9 @@ def register_plugins(target: str) -> None:
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         art = _artifact("match", dtype_names[hidden.dtype], tactic, target, cache)
         n_win, n_max, dim = win_index.shape_expr[0], win_index.shape_expr[1], hidden.shape_expr[2]
-        grid = (n_win, trtp.cdiv(trtp.cdiv(n_max, 2), TACTICS[tactic].match_a))
-        return launch(art, grid, [n_max, dim])
+        n_tokens = hidden.shape_expr[0] * hidden.shape_expr[1]  # B * S: plain input dimensions, no size tensor
+        grid = (n_win, trtp.cdiv(trtp.cdiv(n_max, 2), CANDIDATE_TACTICS[tactic].match_a))
+        return launch(art, grid, [n_max, dim, n_tokens])
 
     # --- LightKVPlan ------------------------------------------------------------------------------------------
     @trtp.register(f"{NAMESPACE}::LightKVPlan")
@@ -190,7 +196,7 @@ def register_plugins(target: str) -> None:
         outputs: tuple[trtp.TensorDesc],
         tactic: int,
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
-        cfg = TACTICS[tactic]
+        cfg = CANDIDATE_TACTICS[tactic]
         art = _artifact("emit", dtype_names[hidden.dtype], tactic, target, cache)
         bsz, seq, dim = hidden.shape_expr[0], hidden.shape_expr[1], hidden.shape_expr[2]
         n_win, n_max, out_seq = win_index.shape_expr[0], win_index.shape_expr[1], kept.shape_expr[1]

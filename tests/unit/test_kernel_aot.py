@@ -39,7 +39,7 @@ def test_summary_reports_resources_and_the_plugin_abi(built: tuple[Path, list[ao
     out, _ = built
     summary = json.loads((out / "summary.json").read_text())
     assert summary["triton_version"] and len(summary["kernels"]) == 3 * len(aot.TARGETS)
-    n_params = {"match": 6, "plan": 15, "emit": 12}  # inputs + int32 scalars + outputs: nothing else
+    n_params = {"match": 7, "plan": 15, "emit": 12}  # inputs + int32 scalars + outputs: nothing else
     for k in summary["kernels"]:
         assert 0 < k["registers"] <= 255 and k["stack_bytes"] >= 0
         assert 0 <= k["shared_bytes"] <= 100 * 1024  # fits sm86 / sm89 / sm120, the smallest shared memory here

@@ -137,3 +137,111 @@ def test_mismatched_inputs_are_input_errors() -> None:
         lightkv_merge_triton(torch.zeros(1, 104, 8), torch.zeros(1, 104), plan)
     with pytest.raises(InputError, match="dtype"):
         lightkv_merge_triton(torch.zeros(2, 104, 8, dtype=torch.float64), torch.zeros(2, 104), plan)
+
+
+GUARD = 256  # elements of guard on each side of every buffer: more than any near miss below can reach
+
+
+def guarded(shape: tuple[int, ...], dtype: torch.dtype, fill, guard_fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """(whole buffer, the view a kernel gets): GUARD elements of `guard_fill` on each side of the view."""
+    n = 1
+    for s in shape:
+        n *= s
+    buf = torch.full((GUARD + n + GUARD,), guard_fill, dtype=dtype)
+    buf[GUARD : GUARD + n] = fill.reshape(-1) if isinstance(fill, torch.Tensor) else fill
+    return buf, buf[GUARD : GUARD + n].view(shape)
+
+
+def guards_intact(buf: torch.Tensor, guard_fill) -> bool:
+    edges = torch.cat([buf[:GUARD], buf[-GUARD:]])
+    return bool(torch.isnan(edges).all()) if guard_fill != guard_fill else bool((edges == guard_fill).all())
+
+
+def garbage_launch(seed: int, float_guard: float, int_guard: int) -> dict[str, torch.Tensor]:
+    """The three kernels on made-up inputs, as TensorRT times tactics: indices, slots, codes, lengths and S' just
+    outside every range as well as inside (near misses, so that an unchecked one lands in a guard). Floats read
+    from a guard would change the outputs when the guards' contents change (the test runs it with two fillings);
+    anything written to a guard changes that guard. Returns the outputs (the buffers' insides)."""
+    from plugins.lightkv import kernels
+
+    c = INTERPRET_CONFIG
+    g = torch.Generator().manual_seed(seed)
+    bsz, seq, dim, n_win, n_max = 2, 24, 16, 5, 9
+    n, na, nb = bsz * seq, (n_max + 1) // 2, n_max // 2
+    nan = float_guard
+
+    def ints(shape, low, high, dtype=torch.int64):
+        return torch.randint(low, high, shape, generator=g, dtype=torch.int64).to(dtype)
+
+    def near(shape, valid, dtype=torch.int64, miss=3):  # values in [-miss, valid + miss)
+        return ints(shape, -miss, valid + miss, dtype)
+
+    hidden_buf, hidden = guarded((n, dim), torch.float32, torch.randn(n, dim, generator=g), nan)
+    xi_buf, xi = guarded((n,), torch.float32, torch.rand(n, generator=g), nan)
+    inputs = {
+        "win_index": guarded((n_win, n_max), torch.int64, near((n_win, n_max), n), int_guard),
+        "win_r": guarded((n_win,), torch.int64, near((n_win,), na), int_guard),
+        "lengths": guarded((bsz,), torch.int64, near((bsz,), seq), int_guard),
+        "out_lengths": guarded((bsz,), torch.int64, near((bsz,), seq, miss=seq), int_guard),
+        "partner": guarded((n_win, na), torch.int32, near((n_win, na), nb, torch.int32), int_guard),
+    }
+    (win_index_buf, win_index), (_, win_r), (_, lengths), (_, out_lengths), (partner_in_buf, partner_in) = (
+        inputs.values()
+    )
+    best_buf, best = guarded((n_win, na), torch.float32, 0.0, nan)
+    partner_buf, partner = guarded((n_win, na), torch.int32, 0, -7)
+    kernels.match_kernel[(n_win, triton_cdiv(na, c.match_a))](
+        hidden, win_index, n_max, dim, n, best, partner,
+        BLOCK_A=c.match_a, BLOCK_B=c.match_b, BLOCK_D=c.match_d, IEEE=True,
+    )  # fmt: skip
+    # Plan runs on garbage best/partner too (TensorRT times it alone, on inputs of its own making).
+    kept_buf, kept = guarded((bsz * seq,), torch.int64, 0, -7)  # S' <= S: TensorRT sizes it by the upper bound
+    out_len_buf, out_len = guarded((1,), torch.int32, 0, -7)
+    dest_buf, dest = guarded((n,), torch.int32, 0, -7)
+    assign_buf, assign = guarded((n_win, na), torch.int32, 0, -7)
+    garbage_best = torch.randn(n_win, na, generator=g)
+    kernels.plan_kernel[(bsz,)](
+        xi, win_index, win_r, lengths, out_lengths, garbage_best, partner_in, n_win, n_max, seq, bsz,
+        kept, out_len, dest, assign, BLOCK_S=c.plan_s, BLOCK_R=c.plan_r, BLOCK_J=c.plan_j,
+    )  # fmt: skip
+    # Emit on garbage kept / dest / assign and a host S' (an input dimension, within [0, S]).
+    out_seq = int(ints((1,), 1, seq + 1))
+    kept_g_buf, kept_g = guarded((bsz, out_seq), torch.int64, near((bsz, out_seq), seq), int_guard)
+    dest_g_buf, dest_g = guarded(
+        (n,), torch.int32, near((n,), 2 * out_seq, torch.int32, miss=6), int_guard
+    )  # 2p + touched
+    assign_g_buf, assign_g = guarded((n_win, na), torch.int32, near((n_win, na), nb, torch.int32), int_guard)
+    out_buf, out = guarded((bsz, out_seq, dim), torch.float32, 0.0, nan)
+    tiles = bsz * triton_cdiv(out_seq, c.emit_s) + n_win * triton_cdiv(nb, c.emit_b)
+    kernels.emit_kernel[(tiles, triton_cdiv(dim, c.emit_d))](
+        hidden, xi, win_index, kept_g, dest_g, assign_g, n_max, seq, bsz, out_seq, dim, out,
+        BLOCK_S=c.emit_s, BLOCK_B=c.emit_b, BLOCK_A=c.emit_a, BLOCK_D=c.emit_d,
+    )  # fmt: skip
+    float_bufs = {"hidden": hidden_buf, "guidance": xi_buf, "best": best_buf, "out": out_buf}
+    int_bufs = {"win_index": win_index_buf, "partner_in": partner_in_buf, "partner": partner_buf, "kept": kept_buf,
+                "out_len": out_len_buf, "dest": dest_buf, "assign": assign_buf, "kept_g": kept_g_buf,
+                "dest_g": dest_g_buf, "assign_g": assign_g_buf}  # fmt: skip
+    for name, buf in float_bufs.items():
+        assert guards_intact(buf, nan), f"{name}: a guard was written"
+    for name, buf in int_bufs.items():
+        outputs = ("partner", "kept", "out_len", "dest", "assign")
+        assert guards_intact(buf, -7 if name in outputs else int_guard), f"{name}: a guard was written"
+    assert 0 <= int(out_len) <= seq  # S' clamped to [0, S]
+    return {name: buf[GUARD:-GUARD].clone() for name, buf in {**float_bufs, **int_bufs}.items()}
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@interpreted
+@pytest.mark.parametrize("seed", range(4))
+def test_garbage_plans_stay_inside_the_buffers_and_are_deterministic(seed: int) -> None:
+    """Nothing outside the buffers is written (guards intact) or read (other guard contents, same outputs), S' stays
+    within [0, S], and the same garbage gives the same bytes."""
+    first = garbage_launch(seed, float("nan"), 6)
+    other_guards = garbage_launch(seed, 1e3, -5)
+    again = garbage_launch(seed, float("nan"), 6)
+    for name in first:
+        assert torch.equal(first[name], again[name]), f"{name}: not deterministic"
+        assert torch.equal(first[name], other_guards[name]), f"{name}: depends on memory outside the buffers"

@@ -106,6 +106,8 @@ def test_config_parses_as_triton_model_config(key):
         "kv_bytes_reserved": [1],
         "queue_ms": [1],
         "time_to_first_token_ms": [1],
+        "decode_batch_mean": [1],
+        "decode_batch_max": [1],
     }
     kind = "KIND_CPU" if manifest.target == "ort-cpu" else "KIND_GPU"
     assert [(pb.ModelInstanceGroup.Kind.Name(g.kind), g.count) for g in config.instance_group] == [(kind, 2)]
@@ -405,10 +407,11 @@ def test_encode_generation_names_every_field():
         kv_lengths=[1, 2],
     )
     assert list(codec.encode_generation(gen)) == [k for k in codec.OUTPUT_DTYPES if k not in codec.STATS]
-    stats = {"kv_bytes_reserved": 400000, "queue_ms": 1.5, "time_to_first_token_ms": 20.25, "new_tokens": 3}
+    stats = {"kv_bytes_reserved": 400000, "queue_ms": 1.5, "time_to_first_token_ms": 20.25, "new_tokens": 3,
+             "decode_batch_mean": 2.5, "decode_batch_max": 4}  # fmt: skip
     out = codec.encode_generation(gen, stats)
     assert list(out) == list(codec.OUTPUT_DTYPES)
-    assert [out[k].tolist() for k in codec.STATS] == [[400000], [1.5], [20.25]]
+    assert [out[k].tolist() for k in codec.STATS] == [[400000], [1.5], [20.25], [2.5], [4]]
     assert {k: v.dtype for k, v in out.items()} == {k: np.dtype(t) for k, t in codec.OUTPUT_DTYPES.items()}
     assert out["text"].tolist() == ["héllo".encode()]
     assert out["token_ids"].tolist() == [11, 12, 13]

@@ -226,6 +226,8 @@ def test_descriptors_and_autotune_match_the_io_count(stub_plugins: dict[str, dic
     assert [d.dtype for d in declared] == [o.dtype for o in outputs]
     for combo in fns["autotune"](*inputs, tuple(outputs)):
         assert len(combo.spec.split(",")) == len(inputs) + len(outputs), combo.spec
+        # One tactic per AOT plugin until several are verified (multi-tactic AOT needs TensorRT >= 11.1's runner).
+        assert combo.tactic_ids in (None, [1]), combo.tactic_ids
 
 
 def test_plan_declares_s_prime_as_a_size_tensor_bounded_by_s(stub_plugins: dict[str, dict[str, object]]) -> None:
@@ -252,7 +254,7 @@ def test_aot_scalars_fill_the_compiled_kernels_parameter_list(
 KERNEL_OF = {"LightKVMatch": "match_kernel", "LightKVPlan": "plan_kernel", "LightKVEmit": "emit_kernel"}
 # Every scalar parameter name of the kernels (plugins/lightkv/kernels.py), with its value for PLUGIN_IO's shapes.
 # The values are pairwise distinct, so a scalar in the wrong slot always shows.
-SCALARS = {"n_max": N_MAX, "dim": D, "n_win": W, "seq": S, "batch": B, "out_seq": S_OUT}
+SCALARS = {"n_max": N_MAX, "dim": D, "n_win": W, "seq": S, "batch": B, "out_seq": S_OUT, "n_tokens": B * S}
 assert len(set(SCALARS.values())) == len(SCALARS)
 
 
@@ -305,7 +307,7 @@ def _launch_py_grids_and_scalars(monkeypatch: pytest.MonkeyPatch, tactic: int) -
         out_seq=S_OUT,
     )  # fmt: skip
     hidden = torch.zeros(B, S, D, dtype=torch.float16)
-    launch.launch_kernels(hidden, torch.ones(B, S), plan, trt_plugin.TACTICS[tactic])
+    launch.launch_kernels(hidden, torch.ones(B, S), plan, trt_plugin.CANDIDATE_TACTICS[tactic])
     assert all(len(r.calls) == 1 for r in recorders.values())
     return {name: r.calls[0] for name, r in recorders.items()}
 
@@ -329,7 +331,7 @@ def test_aot_scalars_and_grid_are_the_kernels_declared_parameters(
     assert [int(args[n]) for n in scalar_names] == list(scalars)  # launch.py passes the same values
     got_grid = (params.grid_x,) if params.grid_y is None else (params.grid_x, params.grid_y)
     assert got_grid == grid, f"TensorRT grid {got_grid} != launch.py grid {grid}"
-    cfg = trt_plugin.TACTICS[tactic]
+    cfg = trt_plugin.CANDIDATE_TACTICS[tactic]
     want = {  # the grids written out from the kernels' program ids (a window and an A tile; a row; tiles and D)
         "LightKVMatch": (W, -(-NA // cfg.match_a)),
         "LightKVPlan": (B,),
@@ -419,3 +421,48 @@ def test_trt_dtypes_map_to_torch_with_bf16() -> None:
     x = torch.tensor([1.0, -2.5, 3.140625], dtype=torch.bfloat16)
     host = trt.to_host(x)
     assert host.dtype == np.float32 and torch.equal(torch.from_numpy(host).to(torch.bfloat16), x)  # exact round trip
+
+
+class _FakeContext:
+    """An execution context that does what TensorRT does with output allocators: it keeps each one it is given,
+    and on every run asks it for memory for each output (reallocate) and tells it the shape."""
+
+    def __init__(self, shapes: list[tuple[int, ...]]) -> None:
+        self.allocators: list[object] = []
+        self.shapes = iter(shapes)
+
+    def set_output_allocator(self, name: str, allocator: object) -> None:
+        self.allocators.append(allocator)
+
+    def set_input_shape(self, name, shape) -> None:
+        pass
+
+    def set_tensor_address(self, name, ptr) -> None:
+        pass
+
+    def run(self, allocator) -> None:
+        shape = next(self.shapes)
+        allocator.reallocate_output_async("out", 0, 4 * int(np.prod(shape)), 256, 0)
+        allocator.notify_shape("out", shape)
+
+
+def test_one_output_allocator_per_session_whose_buffers_grow_and_are_reused() -> None:
+    """TrtSession gives the context one allocator when it opens, never one per run (the context would keep each
+    alive: GPU memory growing with every decode step); the allocator reuses a buffer until a run needs more."""
+    fake_trt = types.SimpleNamespace(IOutputAllocator=object)
+    context = _FakeContext([(2, 8), (2, 4), (2, 16), (2, 3)])
+    session = object.__new__(trt.TrtSession)
+    session.context, session.output_names = context, ["out"]
+    session.allocator = trt._output_allocator(fake_trt, torch, device="cpu")
+    for name in session.output_names:  # what __init__ does, once
+        session.context.set_output_allocator(name, session.allocator)
+    pointers = []
+    for _ in range(4):
+        context.run(session.allocator)
+        pointers.append(session.allocator.buffers["out"].data_ptr())
+    assert len(context.allocators) == 1  # set once, at open
+    assert pointers[0] == pointers[1] != pointers[2] == pointers[3]  # grown once, for the larger output only
+    assert session.allocator.buffers["out"].numel() == 4 * 2 * 16 and session.allocator.shapes["out"] == (2, 3)
+    source = Path(trt.__file__).read_text()
+    run_body = source[source.index("    def run(self, output_names, feeds):") : source.index("def _output_allocator")]
+    assert "set_output_allocator" not in run_body and "_output_allocator(" not in run_body
