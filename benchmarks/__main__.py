@@ -274,7 +274,9 @@ def merge_previous(entries: list[dict], out_dir: Path, known: set[str]) -> list[
         if e.get("status") == "ok":
             if not path.exists():
                 continue
-            e = {**e, "result": json.loads(path.read_text()), "carried_over": True}
+            record = json.loads(path.read_text())  # the record is the truth: a run on its own may be newer
+            e = {**e, "title": record.get("title", e.get("title")), "ratios": record.get("ratios", e.get("ratios")),
+                 "result": record, "carried_over": True}  # fmt: skip
         kept.append(e)
     # Records a benchmark wrote when run on its own (python -m benchmarks.bench_peer): not in the summary yet.
     listed = ran | {e["name"] for e in kept}

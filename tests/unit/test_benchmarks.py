@@ -187,3 +187,9 @@ def test_records_written_by_a_benchmark_run_on_its_own_are_carried_into_the_summ
     entries = merge_previous(fresh, tmp_path, {"ort_prefill", "peer", "peer_long"})
     assert [e["name"] for e in entries] == ["ort_prefill", "peer_long"]  # peer has no record here: left out
     assert entries[1]["carried_over"] and entries[1]["ratios"] == {"r": 1.5} and entries[1]["result"] == record
+    # A benchmark in the summary re-run on its own (python benchmarks/bench_serving.py): its newer record's title and
+    # ratios win over the summary's stale ones.
+    stale = {"name": "peer_long", "status": "ok", "title": "old title", "ratios": {"r": 0.5}}
+    (tmp_path / "summary.json").write_text(json.dumps({"benchmarks": [stale]}))
+    (carried,) = merge_previous([], tmp_path, {"peer_long"})
+    assert (carried["title"], carried["ratios"]) == ("long", {"r": 1.5}) and carried["carried_over"]
