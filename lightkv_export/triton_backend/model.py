@@ -76,7 +76,7 @@ class TritonPythonModel:
         self.per_image_tokens = host.template_tokens(1) - self.template_tokens - 1 + vision_per_image
         self.scheduler = Scheduler(
             self.engine,
-            kv_budget=parse_budget(batching.kv_budget),
+            kv_budget=parse_budget(batching.kv_budget, available=_free_memory(manifest.target)),
             max_batch=batching.max_batch,
             max_queue=batching.max_queue,
             max_queue_s=batching.max_queue_s,
@@ -213,6 +213,18 @@ class TritonPythonModel:
         for sink in left:
             message = "the model is unloading (server shutting down); retry on another replica"
             sink.sender.send(_error(message, "UNAVAILABLE"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _free_memory(target_name: str) -> int | None:
+    """What a share ("40%") of kv_budget is taken of: the GPU's free memory once a TensorRT engine has loaded, or
+    None for a CPU target (scheduler.parse_budget then reads MemAvailable)."""
+    from lightkv_export.targets import target
+
+    if target(target_name).instance_kind != "KIND_GPU":
+        return None
+    import torch  # the TensorRT runtime runs through torch already
+
+    return int(torch.cuda.mem_get_info()[0])
 
 
 def _input(request, name: str):
