@@ -338,6 +338,8 @@ def check_and_promote(
 
             write_text_atomic(staged / "report.md", f"# Report: {destination}\n\nParity was skipped (--no-parity).\n")
             write_build_report(staged)
+        if release_model is not None:  # parity released it already; without parity the check must not hold it
+            release_model()
         with progress.stage(f"check request {target}"):
             smoke_request(staged, reference, loaded_image_size(config, loaded))
     except (LightKVError, OSError, KeyboardInterrupt):
