@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -215,12 +214,13 @@ def predicted(loaded, size: Size, images: int, schedule, itemsize: int) -> dict:
 
 
 def versions() -> dict:
+    """The benchmarks' own environment record (machine, versions), plus the GPU's capability and CUDA."""
     import torch
-    import transformers
-    import triton
 
-    out = {"python": platform.python_version(), "torch": torch.__version__, "triton": triton.__version__}
-    out["transformers"] = transformers.__version__
+    from benchmarks.__main__ import environment
+
+    env = environment()
+    out = {**env["versions"], "machine": env["machine"]}
     if torch.cuda.is_available():
         out["device"] = torch.cuda.get_device_name(0)
         out["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
@@ -234,6 +234,7 @@ def run(quick: bool = False, tiny: bool | None = None, device: str = "cuda") -> 
     from lightkv_export.method.schedule import Schedule, parse_schedule, solve
 
     tiny = quick if tiny is None else tiny
+    env = versions()
     size = TINY if tiny else QWEN_7B
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA GPU here; use --tiny --device cpu for the CPU check of this script")
@@ -279,7 +280,7 @@ def run(quick: bool = False, tiny: bool | None = None, device: str = "cuda") -> 
     return {
         "name": NAME,
         "title": (
-            f"PyTorch on {versions().get('device', device)}: Qwen2.5-VL-7B language model "
+            f"PyTorch on {env.get('device', device)}: Qwen2.5-VL-7B language model "
             f"({size.layers} layers, D={size.hidden}), random bf16 weights, vanilla vs LightKV (paper schedule "
             f"{size.paper_schedule}; r{RATIO} {schedules[f'r{RATIO}']})" + (" [tiny CPU check]" if tiny else "")
         ),
@@ -293,7 +294,7 @@ def run(quick: bool = False, tiny: bool | None = None, device: str = "cuda") -> 
         "device": device,
         "dtype": str(dtype).removeprefix("torch."),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "versions": versions(),
+        "versions": env,
         "size": size.__dict__,
         "schedules": {k: str(s) for k, s in schedules.items()},
         "build_s": round(build_s, 1),

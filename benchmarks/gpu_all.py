@@ -56,20 +56,13 @@ def device_info() -> dict:
         query = "--query-gpu=name,driver_version,memory.total,compute_cap"
         done = subprocess.run([smi, query, "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
         info["nvidia_smi"] = done.stdout.strip() or done.stderr.strip()
-    for module in ("torch", "triton", "transformers", "onnx", "onnxruntime"):
-        try:
-            info[module] = __import__(module).__version__
-        except Exception as e:  # absent on that machine: recorded, not fatal
-            info[module] = f"not importable ({type(e).__name__})"
-    try:
-        import torch
+    try:  # the benchmarks' environment record: machine and package versions
+        from benchmarks.__main__ import environment
 
-        if torch.cuda.is_available():
-            info["device"] = torch.cuda.get_device_name(0)
-            info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(0)))
-            info["cuda"] = torch.version.cuda
-    except Exception:
-        pass
+        env = environment()
+        info |= {**env["versions"], "machine": env["machine"], "device": env["machine"]["gpu"]}
+    except Exception as e:  # torch missing or broken on that machine: recorded, not fatal
+        info["environment"] = f"not readable ({type(e).__name__}: {e})"
     return info
 
 
@@ -88,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.device.startswith("cuda"):
         env["TRITON_INTERPRET"] = "1"
     record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "tiny": args.tiny, "info": device_info()}
-    print(f"gpu_all: {record['info'].get('device', args.device)} -> {out}", flush=True)
+    print(f"gpu_all: {record['info'].get('device') or args.device} -> {out}", flush=True)
     t_all, results = time.perf_counter(), []
     for name, cmd, why in steps(out, args.tiny, args.device):
         if cmd is None:

@@ -451,6 +451,9 @@ class TrtSession:
         # per run would hold a new set of buffers per decode step. Its buffers grow, never shrink, and outputs
         # are copied to the host before the next run writes them again.
         self.allocator = _output_allocator(trt, torch)
+        self._attach_allocator()
+
+    def _attach_allocator(self) -> None:
         for name in self.output_names:
             self.context.set_output_allocator(name, self.allocator)
 

@@ -454,8 +454,7 @@ def test_one_output_allocator_per_session_whose_buffers_grow_and_are_reused() ->
     session = object.__new__(trt.TrtSession)
     session.context, session.output_names = context, ["out"]
     session.allocator = trt._output_allocator(fake_trt, torch, device="cpu")
-    for name in session.output_names:  # what __init__ does, once
-        session.context.set_output_allocator(name, session.allocator)
+    session._attach_allocator()  # what __init__ does, once
     pointers = []
     for _ in range(4):
         context.run(session.allocator)
