@@ -194,6 +194,13 @@ def default_markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def where(record: dict) -> str:
+    """'date' or 'date, device' of a record measured on another machine (a GPU)."""
+    device = (record.get("versions") or {}).get("device") or record.get("device")
+    date = record.get("date", "?")[:10]
+    return f"{date}, {device}" if device and device.startswith(("NVIDIA", "AMD Instinct")) else date
+
+
 def readme_section(env: dict, entries: list[dict], modules: dict) -> str:
     m, v = env["machine"], env["versions"]
     out = [
@@ -205,7 +212,7 @@ def readme_section(env: dict, entries: list[dict], modules: dict) -> str:
         + f"), Python {v['python']}, torch {v['torch']}, onnxruntime {v['onnxruntime']}, "
         f"transformers {v['transformers']}. Ratios are baseline / ours, measured side by side in one run.",
     ]
-    carried = [f"{e['name']} ({e['result'].get('date', '?')[:10]})" for e in entries if e.get("carried_over")]
+    carried = [f"{e['name']} ({where(e['result'])})" for e in entries if e.get("carried_over")]
     if carried:  # --only: the others' last recorded results, so the section stays whole; say they are older
         out += ["", f"Carried over from earlier runs, not re-measured in this one: {', '.join(carried)}."]
     out += ["", "| benchmark | ratio | value |", "|---|---|---:|"]
@@ -261,6 +268,8 @@ def run_one(mod, quick: bool, model: str | None = None) -> dict:
 
 def merge_previous(entries: list[dict], out_dir: Path, known: set[str]) -> list[dict]:
     """With --only, keep the other benchmarks' last recorded entries so the summary and README stay whole."""
+    # A benchmark skipped here (it needs a GPU) keeps its last record from where it could run, dated.
+    entries = [e for e in entries if not (e["status"] == "skipped" and (out_dir / f"{e['name']}.json").exists())]
     ran = {e["name"] for e in entries}
     try:
         previous = json.loads((out_dir / "summary.json").read_text())["benchmarks"]
@@ -271,12 +280,12 @@ def merge_previous(entries: list[dict], out_dir: Path, known: set[str]) -> list[
         if e.get("name") in ran or e.get("name") not in known:
             continue
         path = out_dir / f"{e['name']}.json"
-        if e.get("status") == "ok":
+        if e.get("status") == "ok" or path.exists():
             if not path.exists():
                 continue
             record = json.loads(path.read_text())  # the record is the truth: a run on its own may be newer
-            e = {**e, "title": record.get("title", e.get("title")), "ratios": record.get("ratios", e.get("ratios")),
-                 "result": record, "carried_over": True}  # fmt: skip
+            e = {**e, "status": "ok", "reason": None, "title": record.get("title", e.get("title")),
+                 "ratios": record.get("ratios", e.get("ratios")), "result": record, "carried_over": True}  # fmt: skip
         kept.append(e)
     # Records a benchmark wrote when run on its own (python -m benchmarks.bench_peer): not in the summary yet.
     listed = ran | {e["name"] for e in kept}

@@ -16,6 +16,7 @@ import argparse
 import json
 import statistics
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -99,8 +100,22 @@ def run(quick: bool = False, runs: int = 200) -> dict:
         "ratios": {f"{r['case']} {r['dtype']} speed-up": r["speedup"] for r in results},
         "device": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "results": results,
     }
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        "| case | dtype | kernels ms | reference op ms | speed-up | memory floor ms | share of the floor |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in record["results"]:
+        lines.append(
+            f"| {r['case']} | {r['dtype']} | {r['triton_ms']:.3f} | {r['reference_ms']:.3f} | {r['speedup']:.2f}x | "
+            f"{r['memory_floor_ms']:.4f} | {r['fraction_of_floor']:.1%} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

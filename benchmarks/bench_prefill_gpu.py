@@ -10,11 +10,12 @@ and its merge runs through the LightKVMerge Triton kernels (plugins/lightkv). Sc
 Requests (random embeddings in place of the vision encoder, Qwen's M-RoPE positions): one 1024 x 768 image (999
 vision tokens, a 27 x 37 grid) with a 64-token prompt; four such images in one request; a batch of 8 of the first.
 For each: prefill (time to first token, CUDA events, after warm-up, median of N with min-max), decode ms per token
-at that context over DECODE_STEPS steps, peak GPU memory, KV bytes held; vanilla vs each LightKV schedule, side by
-side in one run. Printed beside the measured ratios: the FLOPs ratio the accounting predicts (accounting/flops.py)
-and the KV ratio of the planner (accounting/trace.py).
+at that context (each step timed on its own after DECODE_WARMUP steps, the median), peak GPU memory, KV bytes held,
+and where LightKV's time goes (guidance and merge, from one extra synchronized prefill); vanilla vs each LightKV
+schedule, side by side in one run. Printed beside the measured ratios: the FLOPs ratio the accounting predicts
+(accounting/flops.py) and the KV ratio of the planner (accounting/trace.py).
 
-    python -m benchmarks.bench_prefill_gpu [--out DIR]            # on a CUDA GPU (about 3 minutes on an H200)
+    python -m benchmarks.bench_prefill_gpu [--out DIR]            # on a CUDA GPU (about 70 s on an H200)
     python -m benchmarks.bench_prefill_gpu --tiny --device cpu    # the same code at toy size (CI, seconds)
 
 Writes prefill_gpu.json under --out (default $OUT when set, else benchmarks/results/).
@@ -61,6 +62,7 @@ class Size:
 
 QWEN_7B = Size(3584, 18944, 28, 28, 4, 152064, (16, 24, 24), (27, 37), 64, PAPER_SCHEDULE_7B, (6, 4, 2), 10, 64)
 TINY = Size(64, 128, 6, 4, 2, 512, (2, 3, 3), (6, 8), 8, "2:2:0.5,4:1:0.5", (2, 1), 1, 2)  # the kernels interpreted
+DECODE_WARMUP = 4  # decode steps before the timed ones
 TEMPLATE = 15  # chat-template tokens before the first image
 BETWEEN = 2  # tokens between two images (their wrappers)
 
@@ -171,14 +173,15 @@ def measure(loaded, inputs, schedule, clock: Clock, size: Size, device: str) -> 
     token = pre.logits.argmax(-1).view(-1, 1)  # [B, 1]
     position, cache = pre.next_position, pre.cache
 
-    def decode():
+    def decode_one():
         nonlocal token, position
-        for _ in range(size.decode_steps):
-            step = torch_runtime.decode_step(loaded, token, cache, position)  # [B, V]
-            token, position = step.argmax(-1).view(-1, 1), position + 1
+        step = torch_runtime.decode_step(loaded, token, cache, position)  # [B, V]
+        token, position = step.argmax(-1).view(-1, 1), position + 1
         return step
 
-    decode_ms, _ = clock.time(decode)
+    for _ in range(DECODE_WARMUP):  # the allocator's pools for a growing cache, the decode kernels chosen
+        decode_one()
+    steps_ms = [clock.time(decode_one)[0] for _ in range(size.decode_steps)]
     peak = torch.cuda.max_memory_allocated() if cuda else 0
     agreement = None
     if schedule.stages:  # the kernels against the reference op (the truth), after the measurements
@@ -192,12 +195,51 @@ def measure(loaded, inputs, schedule, clock: Clock, size: Size, device: str) -> 
         "max_logit_diff_kernels_vs_reference": agreement,
         "prefill_ms": spread(times),
         "prefill_ms_all": [round(t, 3) for t in times],
-        "decode_ms_per_token": round(decode_ms / size.decode_steps, 4),
+        "decode_ms_per_token": round(statistics.median(steps_ms), 4),
+        "decode_ms_spread": spread(steps_ms),
+        "lightkv_overhead_ms": overhead(loaded, inputs, schedule) if schedule.stages else None,
         "peak_memory_prefill_bytes": peak_prefill,
         "peak_memory_bytes": peak,
         "kv_bytes": kv,
         "kv_lengths": kv_lengths,
     }
+
+
+def overhead(loaded, inputs, schedule) -> dict:
+    """Where LightKV's prefill time goes, from one extra prefill with a synchronize around every guidance and merge
+    call (wall ms, host work included: the merge plan is made on the host). Its total is a little slower than the
+    timed runs (the synchronizations); the parts say what the overhead is made of."""
+    import torch
+
+    from lightkv_export import torch_runtime
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    spent = {"guidance_ms": 0.0, "merge_ms": 0.0}
+    originals = {"guidance_ms": torch_runtime.text_guidance, "merge_ms": torch_runtime.merge_with_kernels}
+
+    def timed(key, fn):
+        def wrapper(*args, **kwargs):
+            sync()
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync()
+            spent[key] += (time.perf_counter() - t0) * 1e3
+            return out
+
+        return wrapper
+
+    torch_runtime.text_guidance = timed("guidance_ms", originals["guidance_ms"])
+    torch_runtime.merge_with_kernels = timed("merge_ms", originals["merge_ms"])
+    try:
+        sync()
+        t0 = time.perf_counter()
+        torch_runtime.prefill(loaded, inputs, schedule, merge="triton")
+        sync()
+        total = (time.perf_counter() - t0) * 1e3
+    finally:
+        torch_runtime.text_guidance = originals["guidance_ms"]
+        torch_runtime.merge_with_kernels = originals["merge_ms"]
+    return {"total_ms": round(total, 3), **{k: round(v, 3) for k, v in spent.items()}}
 
 
 def predicted(loaded, size: Size, images: int, schedule, itemsize: int) -> dict:
@@ -261,7 +303,8 @@ def run(quick: bool = False, tiny: bool | None = None, device: str = "cuda") -> 
             row[name] = got
             print(f"{case:9} {name:8} prefill {got['prefill_ms']['median']:9.2f} ms  decode "
                   f"{got['decode_ms_per_token']:8.3f} ms/token  peak {got['peak_memory_bytes'] / 2**30:6.2f} GiB  "
-                  f"KV {got['kv_bytes'] / 2**20:8.1f} MiB", file=sys.stderr, flush=True)  # fmt: skip
+                  f"KV {got['kv_bytes'] / 2**20:8.1f} MiB  LightKV parts {got['lightkv_overhead_ms']}",
+                  file=sys.stderr, flush=True)  # fmt: skip
         for name in list(schedules)[1:]:
             v, light = row["vanilla"], row[name]
             row[f"{name}_vs_vanilla"] = {

@@ -1,6 +1,6 @@
 """The whole GPU evidence in one device call: the GPU tests, the kernel benchmark, then the prefill benchmark.
 
-    python -m benchmarks.gpu_all                       # on the lent GPU: everything under $OUT (about 6 minutes)
+    python -m benchmarks.gpu_all                       # on the lent GPU: everything under $OUT (84 s on an H200)
     python -m benchmarks.gpu_all --tiny --device cpu   # the same steps at toy size, on the CPU (CI, seconds)
 
 In order, each a subprocess with its own time limit (the whole run stays within BUDGET_S on an H200):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import sys
 import time
 from collections.abc import Iterator
@@ -121,6 +122,13 @@ def merge_with_kernels(hidden: torch.Tensor, guidance: torch.Tensor, spans, **st
     return MergeResult(out, kept, lengths, plan.spans, plan.skipped)
 
 
+def cache_kwarg(layer: torch.nn.Module) -> str:
+    """The decoder layer's keyword for the KV cache: `cache` in transformers 5.24 (the pin), `past_key_values`
+    before (the lent GPU machine has 5.17); a wrong name would be swallowed by **kwargs and fill no cache."""
+    params = inspect.signature(layer.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def kv_bytes(cache: DynamicCache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
@@ -159,13 +167,14 @@ def prefill(
     cache = DynamicCache(config=loaded.text_config)
     records: list[StageRecord] = []
 
+    cache_kw = cache_kwarg(text.layers[0])
     with capture_attention(text.config):
         for idx, layer in enumerate(text.layers):
             stage = stage_at.get(idx + 1)
             capture: dict[str, torch.Tensor] | None = {} if stage else None
             cos_sin = text.rotary_emb(hidden, pos)
             hidden = layer(
-                hidden, position_embeddings=cos_sin, cache=cache, use_cache=True, lightkv_capture=capture
+                hidden, position_embeddings=cos_sin, use_cache=True, lightkv_capture=capture, **{cache_kw: cache}
             )  # [1, S, D]
             if stage is None:
                 continue
@@ -196,8 +205,9 @@ def decode_step(loaded: LoadedModel, token: torch.Tensor, cache: DynamicCache, p
     text = loaded.family.text_model(model)
     hidden = text.embed_tokens(token)  # [1, 1, D]
     cos_sin = text.rotary_emb(hidden, position)
+    cache_kw = cache_kwarg(text.layers[0])
     for layer in text.layers:
-        hidden = layer(hidden, position_embeddings=cos_sin, cache=cache, use_cache=True)
+        hidden = layer(hidden, position_embeddings=cos_sin, use_cache=True, **{cache_kw: cache})
     return loaded.family.lm_head(model)(text.norm(hidden))[:, -1].float()  # [1, V]
 
 

@@ -83,7 +83,8 @@ def match_windows(x: torch.Tensor, win_index: torch.Tensor, win_r: torch.Tensor)
     partner = sim.argmax(dim=-1)  # [W, na] first maximum: lowest B position on ties
     best = sim.gather(-1, partner.unsqueeze(-1)).squeeze(-1).masked_fill(a_idx < 0, -math.inf)  # [W, na]
     order = torch.sort(best, dim=-1, descending=True, stable=True).indices  # [W, na]
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    slots = torch.arange(order.shape[1], device=order.device).expand_as(order)  # [W, na]
+    rank = torch.empty_like(order).scatter_(1, order, slots)
     merged = rank < win_r.unsqueeze(1)  # [W, na]
     return a_idx[merged], b_idx.gather(1, partner)[merged]
 
@@ -109,7 +110,7 @@ def weighted_merge(
 def compact(keep: torch.Tensor, out_len: int) -> torch.Tensor:
     """kept [B, out_len]: ascending indices of the True entries of keep [B, S] per row, -1 padded."""
     order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :out_len]  # [B, S']
-    valid = torch.arange(out_len).unsqueeze(0) < keep.sum(dim=1, keepdim=True)  # [B, S']
+    valid = torch.arange(out_len, device=keep.device).unsqueeze(0) < keep.sum(dim=1, keepdim=True)  # [B, S']
     return torch.where(valid, order, torch.full_like(order, -1))
 
 

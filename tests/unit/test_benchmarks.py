@@ -193,3 +193,30 @@ def test_records_written_by_a_benchmark_run_on_its_own_are_carried_into_the_summ
     (tmp_path / "summary.json").write_text(json.dumps({"benchmarks": [stale]}))
     (carried,) = merge_previous([], tmp_path, {"peer_long"})
     assert (carried["title"], carried["ratios"]) == ("long", {"r": 1.5}) and carried["carried_over"]
+
+
+def test_a_gpu_record_survives_a_run_where_its_benchmark_is_skipped(tmp_path):
+    """kernels_gpu measured on a lent GPU (its record copied into results/) is skipped on the CPU machines: the
+    summary and the README keep the measured record, dated and with its device, not the skip."""
+    from benchmarks import bench_kernels_gpu
+    from benchmarks.__main__ import merge_previous, readme_section
+
+    row = {"case": "B1", "dtype": "bfloat16", "triton_ms": 0.34, "reference_ms": 2.36, "speedup": 6.9,
+           "memory_floor_ms": 0.0117, "fraction_of_floor": 0.034}  # fmt: skip
+    record = {"title": "kernels on NVIDIA H200", "ratios": {"B1 bfloat16 speed-up": 6.9}, "device": "NVIDIA H200",
+              "date": "2026-12-04T18:22:29+00:00", "results": [row]}  # fmt: skip
+    (tmp_path / "kernels_gpu.json").write_text(json.dumps(record))
+    skipped = {"name": "kernels_gpu", "status": "skipped", "reason": "needs a CUDA GPU", "ratios": {}, "seconds": 0}
+    (tmp_path / "summary.json").write_text(json.dumps({"benchmarks": [skipped]}))
+    for fresh in ([skipped], []):  # a full CPU run (skipped now) and an --only run of another benchmark
+        (entry,) = merge_previous(list(fresh), tmp_path, {"kernels_gpu"})
+        assert entry["status"] == "ok" and entry["carried_over"] and entry["ratios"] == record["ratios"]
+    env = {"date": "2026-12-05", "machine": {"cpu": "EPYC", "cores": 2, "torch_threads": 2, "gpu": None},
+           "versions": {"python": "3.11", "torch": "2.13", "onnxruntime": "1.32", "transformers": "5.24"}}  # fmt: skip
+    text = readme_section(env, [entry], {"kernels_gpu": bench_kernels_gpu})
+    assert "kernels_gpu (2026-12-04, NVIDIA H200)" in text and "| kernels_gpu | B1 bfloat16 speed-up | 6.90x |" in text
+    assert "| B1 | bfloat16 | 0.340 | 2.360 | 6.90x | 0.0117 | 3.4% |" in text
+    # Without a record the skip stays, with its reason.
+    (tmp_path / "kernels_gpu.json").unlink()
+    (entry,) = merge_previous([skipped], tmp_path, {"kernels_gpu"})
+    assert entry["status"] == "skipped" and entry["reason"] == "needs a CUDA GPU"

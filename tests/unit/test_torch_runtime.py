@@ -226,3 +226,16 @@ def test_cli_subprocess():
     message = " ".join(bad.stderr.split())  # rich wraps lines
     assert "unknown model 'no-such-model'" in message and "tiny-qwen-vl" in message
     assert "Traceback" not in bad.stderr
+
+
+def test_the_cache_keyword_follows_the_installed_transformers(tiny_qwen_vl):
+    """5.24 (the pin) says `cache`, 5.17 (the lent GPU machine) `past_key_values`; a wrong keyword would vanish into
+    the layer's **kwargs and leave the cache empty, so the runtime reads it from the layer's signature."""
+
+    class Older(torch.nn.Module):
+        def forward(self, hidden_states, past_key_values=None, use_cache=False, **kwargs):
+            return hidden_states
+
+    layer = tiny_qwen_vl.family.text_model(tiny_qwen_vl.model).layers[0]
+    assert rt.cache_kwarg(layer) == "cache"
+    assert rt.cache_kwarg(Older()) == "past_key_values"
