@@ -591,8 +591,12 @@ def test_kv_budget_overload_and_cancellation(engine_out, tiny_qwen_vl, tmp_path)
     _, engine_dirs = engine_out
     engine = runtime.Engine.load(engine_dirs["lightkv"])
     name = triton_repo.model_name(engine.manifest)
-    blobs = request_images([(56, 56)], 0)
-    prompt, long_new = "Describe the image.", 200
+    # An image whose answer runs the whole 500 tokens (no early end-of-turn with these random weights), so that
+    # the request holding the budget is still decoding while the others arrive.
+    blobs = request_images([(56, 56)], 2)
+    prompt, long_new = "Describe the image.", 500
+    want = reference(tiny_qwen_vl, engine, blobs, prompt, long_new)
+    assert len(want.tokens) == long_new, "pick an image whose reference answer does not stop early"
     probe = Scheduler(engine, kv_budget=1 << 30)
     one = probe.prepare(decoded(blobs), prompt, max_new_tokens=long_new).reserved_bytes
     batching = Batching(kv_budget=f"{one}b", max_queue=1, max_queue_s=120)
@@ -602,7 +606,7 @@ def test_kv_budget_overload_and_cancellation(engine_out, tiny_qwen_vl, tmp_path)
         two = request_images([(56, 56), (56, 84)], 1)
         with pytest.raises(client.ClientError, match=r"more than the whole budget of .* raise the KV budget"):
             client.ask(server.url, two, prompt, max_new_tokens=long_new)
-        with pytest.raises(client.ClientError, match=r"refused the request: this request needs .* KiB of KV cache"):
+        with pytest.raises(client.ClientError, match=r"refused the request: this request needs .* [KM]iB of KV cache"):
             list(client.stream(server.url, two, prompt, max_new_tokens=long_new))
 
         def one_request(i: int):
@@ -611,17 +615,22 @@ def test_kv_budget_overload_and_cancellation(engine_out, tiny_qwen_vl, tmp_path)
             except client.ClientError as e:
                 return str(e)
 
-        with ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(one_request, range(6)))
-        answers = [r for r in results if isinstance(r, client.Answer)]
-        refused = [r for r in results if isinstance(r, str)]
-        assert answers and refused, results
-        want = reference(tiny_qwen_vl, engine, blobs, prompt, long_new)
-        for answer in answers:
+        # Overload without racing A: A runs (its first token is out) and holds the whole budget; of B and C, sent
+        # together, one waits in the queue for A's reservation and the other finds the queue full.
+        stream_a = client.stream(server.url, blobs, prompt, max_new_tokens=long_new)
+        first_a = next(stream_a)
+        with ThreadPoolExecutor(2) as pool:
+            others = list(pool.map(one_request, range(2)))
+            rest_a = list(stream_a)
+        refused = [r for r in others if isinstance(r, str)]
+        (answer_b,) = [r for r in others if isinstance(r, client.Answer)]
+        assert len(refused) == 1 and "already waiting (the queue's limit); retry later" in refused[0], others
+        (_, answer_a), pieces_a = rest_a[-1], [first_a, *rest_a[:-1]]
+        assert [p.token for p in pieces_a] == want.tokens
+        for answer in (answer_a, answer_b):
             same_answer(answer, want)
-        assert all("already waiting (the queue's limit); retry later" in r for r in refused), refused
-        answers.sort(key=lambda a: a.queue_ms)  # the queued one waited for the running one's reservation
-        assert len(answers) >= 2 and answers[-1].queue_ms > 0.5 * answers[0].decode_ms, answers
+        # B was admitted only once A's reservation came back
+        assert answer_b.queue_ms > 0.5 * answer_a.decode_ms, (answer_a, answer_b)
         assert serve.http_ready(server.url)
 
         stream = client.stream(server.url, blobs, prompt, max_new_tokens=long_new)
