@@ -7,10 +7,16 @@ it as inputs named by `stage_input_names`. One stage's inputs:
 * win_index [W, n_max] int64, win_r [W] int64, out_lengths [B] int64: the LightKVMerge plan (reference.StagePlan)
 * text_index [B, T] int64, text_valid [B, T] bool: the non-vision tokens each row's guidance attends to
   (T = the most non-vision tokens of any row; padding entries point at 0 and are invalid)
+
+A graph lowered to the TensorRT plugins (passes/lower_trt_plugin.py) takes one more input per stage, out_slots [S']
+int64 = 0..S'-1 (`lowered_feeds`): S' = max(out_lengths) as an input dimension, so that TensorRT sizes every output
+after the merge from plain input dimensions (no data-dependent size tensor). The ONNX function reads S' from
+out_lengths itself, so ONNX Runtime graphs have no such input.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,11 +27,33 @@ from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.base import VisionSpan
 
 STAGE_INPUTS = ("win_index", "win_r", "out_lengths", "text_index", "text_valid")
+OUT_SLOTS = "out_slots"  # the extra stage input of graphs lowered to the TensorRT plugins
 
 
 def stage_input_names(stage: int) -> dict[str, str]:
-    """Graph input names of stage `stage` (0-based), keyed by role."""
-    return {role: f"lightkv.{stage}.{role}" for role in STAGE_INPUTS}
+    """Graph input names of stage `stage` (0-based), keyed by role (OUT_SLOTS: TensorRT graphs only)."""
+    return {role: f"lightkv.{stage}.{role}" for role in (*STAGE_INPUTS, OUT_SLOTS)}
+
+
+def stage_of(name: str) -> int | None:
+    """The stage whose input or output `name` is (`lightkv.<k>.<role>`), else None."""
+    found = re.fullmatch(r"lightkv\.(\d+)\.\w+", name)
+    return int(found.group(1)) if found else None
+
+
+def out_slots(out_lengths: Sequence[int] | np.ndarray) -> np.ndarray:
+    """[S'] int64 0..S'-1, S' = max(out_lengths): a stage's output length as a tensor dimension."""
+    return np.arange(int(np.max(out_lengths, initial=0)), dtype=np.int64)
+
+
+def lowered_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inputs a graph lowered to the TensorRT plugins takes besides a plan's `feeds`: each stage's out_slots,
+    from its out_lengths."""
+    extra, k = {}, 0
+    while (names := stage_input_names(k))["out_lengths"] in feeds:
+        extra[names[OUT_SLOTS]] = out_slots(feeds[names["out_lengths"]])
+        k += 1
+    return extra
 
 
 def stage_kept_name(stage: int) -> str:

@@ -6,10 +6,14 @@ compiled kernel embedded in the engine, no Python at run time). See plugins/ligh
 one LightKVMerge (hidden, guidance, win_index, win_r, lengths, out_lengths) -> (hidden_out, kept) becomes
 
     LightKVMatch(hidden, win_index) -> best, partner
-    LightKVPlan(guidance, win_index, win_r, lengths, out_lengths, best, partner) -> kept, out_len, dest, assign
+    LightKVPlan(guidance, win_index, win_r, lengths, out_slots, best, partner) -> kept, dest, assign
     LightKVEmit(hidden, guidance, win_index, kept, dest, assign) -> hidden_out
 
-The LightKVMerge local function is dropped once no node uses it (TensorRT would otherwise inline its body).
+where out_slots [S'] is a new graph input per stage (method/merge_plan.py, OUT_SLOTS): the host knows S' from the
+merge plan, and as an input dimension it sizes kept and hidden_out with plain shape arithmetic. (A size tensor
+computed inside the plan kernel would forbid the arithmetic that Emit's launch grid needs, and would make TensorRT
+synchronise mid-graph.) The LightKVMerge local function is dropped once no node uses it (TensorRT would otherwise
+inline its body).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import onnx
 from onnx import helper
 
 from lightkv_export.method.layout import OP_DOMAIN, OP_NAME
+from lightkv_export.method.merge_plan import OUT_SLOTS, stage_input_names, stage_of
 
 PLUGIN_NAMESPACE = "lightkv"
 PLUGIN_VERSION = "1"
@@ -36,18 +41,24 @@ def _plugin_node(op: str, inputs: list[str], outputs: list[str], name: str) -> o
     )
 
 
+def out_slots_input(node: onnx.NodeProto) -> str:
+    """The out_slots graph input of a LightKVMerge node's stage (named after its out_lengths input)."""
+    stage = stage_of(node.input[5])
+    return stage_input_names(stage)[OUT_SLOTS] if stage is not None else OUT_SLOTS
+
+
 def lower_node(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    """The plugin chain for one LightKVMerge node (same input and output names)."""
-    hidden, guidance, win_index, win_r, lengths, out_lengths = node.input
+    """The plugin chain for one LightKVMerge node (same input and output names, plus its stage's out_slots)."""
+    hidden, guidance, win_index, win_r, lengths, _out_lengths = node.input
     hidden_out, kept = node.output
     tag = node.name or hidden_out
-    best, partner, out_len, dest, assign = (f"{tag}/{n}" for n in ("best", "partner", "out_len", "dest", "assign"))
+    best, partner, dest, assign = (f"{tag}/{n}" for n in ("best", "partner", "dest", "assign"))
     return [
         _plugin_node("LightKVMatch", [hidden, win_index], [best, partner], f"{tag}/match"),
         _plugin_node(
             "LightKVPlan",
-            [guidance, win_index, win_r, lengths, out_lengths, best, partner],
-            [kept, out_len, dest, assign],
+            [guidance, win_index, win_r, lengths, out_slots_input(node), best, partner],
+            [kept, dest, assign],
             f"{tag}/plan",
         ),
         _plugin_node("LightKVEmit", [hidden, guidance, win_index, kept, dest, assign], [hidden_out], f"{tag}/emit"),
@@ -58,28 +69,33 @@ def _is_merge(node: onnx.NodeProto) -> bool:
     return node.domain == OP_DOMAIN and node.op_type == OP_NAME
 
 
-def lower_graph(graph: onnx.GraphProto) -> int:
-    """Rewrite the graph in place (subgraphs too); returns how many LightKVMerge nodes were lowered."""
-    count, nodes = 0, []
+def lower_graph(graph: onnx.GraphProto) -> list[str]:
+    """Rewrite the graph in place (subgraphs too); returns the out_slots inputs the lowered nodes read."""
+    slots, nodes = [], []
     for node in graph.node:
         for attr in node.attribute:  # If / Loop bodies
             for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-                count += lower_graph(sub)
+                slots += lower_graph(sub)
         if _is_merge(node):
             nodes.extend(lower_node(node))
-            count += 1
+            slots.append(out_slots_input(node))
         else:
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    return count
+    return slots
 
 
 def lower_trt_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` with every LightKVMerge node lowered to the TensorRT plugins and its function dropped."""
+    """A copy of `model` with every LightKVMerge node lowered to the TensorRT plugins, each stage's out_slots
+    [S'] int64 added as a graph input, and the LightKVMerge function dropped."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    lower_graph(out.graph)
+    present = {i.name for i in out.graph.input}
+    for name in dict.fromkeys(lower_graph(out.graph)):  # once per stage, in stage order
+        if name not in present:
+            dim = f"S_out_{stage_of(name)}" if stage_of(name) is not None else "S_out"
+            out.graph.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, [dim]))
     used = {(n.domain, n.op_type) for f in out.functions for n in f.node}
     if (OP_DOMAIN, OP_NAME) not in used:
         kept = [f for f in out.functions if (f.domain, f.name) != (OP_DOMAIN, OP_NAME)]

@@ -23,6 +23,7 @@ import onnx
 from lightkv_export import contract
 from lightkv_export.artifacts import Manifest
 from lightkv_export.errors import InputError, LightKVError
+from lightkv_export.method.merge_plan import OUT_SLOTS, lowered_feeds, stage_input_names
 from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.positions import SCHEMES
 from lightkv_export.passes.lower_trt_plugin import lower_trt_plugin
@@ -297,13 +298,13 @@ def engine_profiles(manifest: Manifest) -> dict[str, Profile]:
         windows = stage.windows**2
         w = (1, windows, windows * MAX_IMAGES * MAX_BATCH)  # >= 1: a stage that merges nothing gets a dummy window
         n = (2, -(-vision // windows), max_seq)
+        text = (1, seq - vision, MAX_TEXT_TOKENS)
+        names = stage_input_names(k)
         prefill |= {
-            f"lightkv.{k}.win_index": dims(w, n),
-            f"lightkv.{k}.win_r": dims(w),
-            f"lightkv.{k}.out_lengths": dims(b),
-            f"lightkv.{k}.text_index": dims(b, (1, seq - vision, MAX_TEXT_TOKENS)),
-            f"lightkv.{k}.text_valid": dims(b, (1, seq - vision, MAX_TEXT_TOKENS)),
-        }
+            names["win_index"]: dims(w, n), names["win_r"]: dims(w), names["out_lengths"]: dims(b),
+            names["text_index"]: dims(b, text), names["text_valid"]: dims(b, text),
+            names[OUT_SLOTS]: dims((1, ref.kv_lengths[stage.layer], max_seq)),  # S' after this stage
+        }  # fmt: skip
     decode: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = {
         contract.INPUTS_EMBEDS: dims(b, one, (d, d, d)),
         contract.POSITION_IDS: dims(*lead, b, one),
@@ -466,6 +467,7 @@ class TrtSession:
         torch = self.torch
         allocator = self.allocator
         keep_alive = []
+        feeds = {**lowered_feeds(feeds), **feeds}  # each stage's out_slots [S'] from its plan's out_lengths
         for name in self.inputs:
             tensor = to_device(feeds[name], torch_dtype(self.engine.get_tensor_dtype(name)), name)
             keep_alive.append(tensor)

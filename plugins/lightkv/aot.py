@@ -105,11 +105,11 @@ def kernel_specs(dtype: str, config: KernelConfig = DEFAULT_CONFIG) -> dict[str,
         "win_index_ptr": "*i64",
         "win_r_ptr": "*i64",
         "lengths_ptr": "*i64",
-        "out_lengths_ptr": "*i64",
+        "out_slots_ptr": "*i64",
     }
     plan |= {"best_ptr": "*fp32", "partner_ptr": "*i32"}
-    plan |= {name: "i32" for name in ("n_win", "n_max", "seq", "batch")}  # S' is computed in the kernel
-    plan |= {"kept_ptr": "*i64", "out_len_ptr": "*i32", "dest_ptr": "*i32", "assign_ptr": "*i32"}
+    plan |= {name: "i32" for name in ("n_win", "n_max", "seq", "batch", "out_seq")}  # S': out_slots' dimension
+    plan |= {"kept_ptr": "*i64", "dest_ptr": "*i32", "assign_ptr": "*i32"}
     emit = {"hidden_ptr": h, "guidance_ptr": "*fp32", "win_index_ptr": "*i64", "kept_ptr": "*i64"}
     emit |= {"dest_ptr": "*i32", "assign_ptr": "*i32"}
     emit |= {name: "i32" for name in ("n_max", "seq", "batch", "out_seq", "dim")}

@@ -8,9 +8,9 @@ same three kernels back both the PyTorch launcher (launch.py) and the TensorRT p
    of its window, tiled over B slots and over D; writes each A slot's best similarity and partner B slot.
 2. `plan_kernel`    grid (B,): one program per batch row. Top-r ranking per window (stable: rank = #greater +
    #equal at a lower slot), the merge assignment, and the order-preserving compaction (a chunked prefix sum).
-   Writes `kept`, S' and a per-token destination code. One program owns a row, so its scratch writes need only
-   block barriers, no atomics. S' = max(out_lengths) is computed in the kernel, not passed in: it sizes this
-   kernel's own output, which TensorRT only learns from the size tensor the kernel writes.
+   Writes `kept` and a per-token destination code. One program owns a row, so its scratch writes need only
+   block barriers, no atomics. S' = max(out_lengths) comes from the host plan as a launch scalar (in TensorRT, the
+   dimension of the out_slots input), so every output is sized before any kernel runs.
 3. `emit_kernel`    grid (B * cdiv(S', BLOCK_S) + W * cdiv(nb, BLOCK_B), cdiv(D, BLOCK_D)): the first programs copy
    untouched survivors (and zero the padding), the rest compute each touched B token's guidance-weighted merge as
    two small matrix products over its window's A slots and write it at its output position. Each output row is
@@ -18,7 +18,7 @@ same three kernels back both the PyTorch launcher (launch.py) and the TensorRT p
 
 Shapes (N = B * S flat tokens, W windows, n_max slots per window, na = ceil(n_max / 2), nb = floor(n_max / 2)):
 hidden [N, D], guidance [N] fp32, win_index [W, n_max] int64 (flat b * S + s, -1 padded), win_r [W] int64,
-lengths / out_lengths [B] int64. Similarity, norms and merge weights are fp32 whatever the hidden dtype: fp16 and
+lengths [B] int64. Similarity, norms and merge weights are fp32 whatever the hidden dtype: fp16 and
 bf16 operands go to `tl.dot` natively (their products are exact in fp32, the accumulation is fp32), fp32 operands
 use IEEE fp32 dots (no TF32), so ties and rankings match the reference.
 
@@ -27,9 +27,10 @@ received at least one merge).
 
 Safe on any input: TensorRT runs plugins on made-up inputs while it times tactics, so no kernel trusts what it
 loads. Every loaded index is checked before it addresses memory (a token index in [0, N) and, in Plan, in the
-program's own row; a slot in its window's range; an output position in [0, S')), S' is clamped to [0, S], and
-every loop's bounds are launch scalars, never loaded data. Garbage in gives garbage out, deterministically, and
-nothing outside the buffers is read or written (tests/unit/test_triton_kernels.py feeds such plans).
+program's own row; a slot in its window's range; an output position in [0, S')), S' is the output buffer's own
+dimension, and every loop's bounds are launch scalars, never loaded data. Garbage in gives garbage out,
+deterministically, and nothing outside the buffers is read or written (tests/unit/test_triton_kernels.py feeds such
+plans).
 """
 
 from __future__ import annotations
@@ -115,15 +116,15 @@ def plan_kernel(
     win_index_ptr,  # [W, n_max] int64
     win_r_ptr,  # [W] int64
     lengths_ptr,  # [B] int64
-    out_lengths_ptr,  # [B] int64
+    out_slots_ptr,  # [S'] int64, unread: S' reaches TensorRT as this host input's dimension
     best_ptr,  # [W, na] fp32
     partner_ptr,  # [W, na] int32
     n_win,
     n_max,
     seq,
     batch,
+    out_seq,  # S', the row stride of `kept` (from the host plan: max(out_lengths))
     kept_ptr,  # [B, S'] int64 out: source index of each survivor, -1 padding
-    out_len_ptr,  # [1] int32 out: S' = max(out_lengths) (TensorRT's size tensor)
     dest_ptr,  # [B * S] int32 out: -1 gone/padding, else 2 * output position + touched
     assign_ptr,  # [W, na] int32 out: partner B slot of each merged A slot, -1 if it stays
     BLOCK_S: tl.constexpr,
@@ -134,14 +135,6 @@ def plan_kernel(
     na = (n_max + 1) // 2
     s_off = tl.arange(0, BLOCK_S)
     row_base = tl.cast(row, tl.int64) * seq
-
-    # 0. S' = max(out_lengths), the row stride of `kept`. Every program computes it (B small loads): it is this
-    # kernel's own data-dependent output size, so the launcher (TensorRT) cannot pass it in.
-    out_seq = 0
-    for b0 in range(0, batch, BLOCK_S):
-        n = tl.load(out_lengths_ptr + b0 + s_off, mask=b0 + s_off < batch, other=0)  # [BS]
-        n = tl.minimum(tl.maximum(n, 0), seq)  # S' <= S whatever out_lengths holds: `kept` is sized by it
-        out_seq = tl.maximum(out_seq, tl.max(n, axis=0).to(tl.int32))
     nb = n_max // 2
     row_end = row_base + seq
 
@@ -193,14 +186,10 @@ def plan_kernel(
         tl.store(dest_ptr + row_base + s, tl.where(keep, 2 * pos + code, -1), mask=s < seq)
         tl.store(kept_ptr + tl.cast(row, tl.int64) * out_seq + pos, s.to(tl.int64), mask=keep & (pos < out_seq))
         count += tl.sum(keep.to(tl.int32), axis=0)
-    for p0 in range(0, out_seq, BLOCK_S):  # bounds from S' (clamped to S), not from the data-dependent count
+    for p0 in range(0, out_seq, BLOCK_S):  # bounds from S' (a launch scalar), not from the data-dependent count
         p = p0 + s_off
         pad = (p >= count) & (p < out_seq)
         tl.store(kept_ptr + tl.cast(row, tl.int64) * out_seq + p, tl.full([BLOCK_S], -1, tl.int64), mask=pad)
-
-    # 4. S', written once: the size tensor of TensorRT's data-dependent output shape.
-    if row == 0:
-        tl.store(out_len_ptr, out_seq)
 
 
 @triton.jit

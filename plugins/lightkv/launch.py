@@ -14,6 +14,7 @@ import triton
 
 from lightkv_export.errors import InputError
 from lightkv_export.method.layout import StagePlan
+from lightkv_export.method.merge_plan import out_slots
 from plugins.lightkv import kernels
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,7 +72,7 @@ class PlanTensors:
     win_index: torch.Tensor  # [W, n_max] int64
     win_r: torch.Tensor  # [W] int64
     lengths: torch.Tensor  # [B] int64
-    out_lengths: torch.Tensor  # [B] int64
+    out_slots: torch.Tensor  # [S'] int64: S' as a tensor dimension, the way the TensorRT plugin receives it
     out_seq: int  # S' = max(out_lengths), known on the host from the plan
 
 
@@ -84,7 +85,7 @@ def plan_tensors(plan: StagePlan, device: torch.device | str) -> PlanTensors:
         win_index=win_index,
         win_r=torch.as_tensor(plan.win_r, dtype=torch.int64, device=device).contiguous(),  # [W]
         lengths=torch.tensor(plan.lengths, dtype=torch.int64, device=device),  # [B]
-        out_lengths=torch.tensor(plan.out_lengths, dtype=torch.int64, device=device),  # [B]
+        out_slots=torch.as_tensor(out_slots(plan.out_lengths), device=device),  # [S']
         out_seq=plan.out_seq_len,
     )
 
@@ -103,22 +104,19 @@ def lightkv_merge_triton(
         raise InputError(
             f"hidden {tuple(hidden.shape)} does not match the plan (batch {plan.batch}, seq {plan.seq_len})."
         )
-    out, kept, out_len = launch_kernels(hidden, guidance, plan_tensors(plan, hidden.device), config)
-    if int(out_len.item()) != plan.out_seq_len:  # the kernels and the host plan disagree: a bug, not a user error
-        raise AssertionError(f"plan_kernel computed S' = {int(out_len.item())}, the plan says {plan.out_seq_len}")
-    return out, kept
+    return launch_kernels(hidden, guidance, plan_tensors(plan, hidden.device), config)
 
 
 def launch_kernels(
     hidden: torch.Tensor, guidance: torch.Tensor, plan: PlanTensors, config: KernelConfig = DEFAULT_CONFIG
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The three kernel launches alone (no validation, no host sync): (hidden_out [B, S', D], kept [B, S'],
-    S' [1] int32 as plan_kernel computed it). Inputs as lightkv_merge_triton checks them."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three kernel launches alone (no validation, no host sync): (hidden_out [B, S', D], kept [B, S']).
+    Inputs as lightkv_merge_triton checks them."""
     bsz, seq, dim = hidden.shape
     device = hidden.device
     flat = hidden.contiguous().reshape(bsz * seq, dim)  # [N, D]
     xi = guidance.to(torch.float32).contiguous().reshape(bsz * seq)  # [N]
-    win_index, win_r, lengths, out_lengths = plan.win_index, plan.win_r, plan.lengths, plan.out_lengths
+    win_index, win_r, lengths = plan.win_index, plan.win_r, plan.lengths
     out_seq = plan.out_seq
     n_win, n_max = win_index.shape
     na, nb = (n_max + 1) // 2, n_max // 2
@@ -134,12 +132,11 @@ def launch_kernels(
         )  # fmt: skip
 
     kept = torch.empty(bsz, out_seq, dtype=torch.int64, device=device)  # [B, S']
-    out_len = torch.empty(1, dtype=torch.int32, device=device)
     dest = torch.empty(bsz * seq, dtype=torch.int32, device=device)  # [N]
     assign = torch.empty(n_win, na, dtype=torch.int32, device=device)  # [W, na]
     kernels.plan_kernel[(bsz,)](
-        xi, win_index, win_r, lengths, out_lengths, best, partner, n_win, n_max, seq, bsz,
-        kept, out_len, dest, assign,
+        xi, win_index, win_r, lengths, plan.out_slots, best, partner, n_win, n_max, seq, bsz, out_seq,
+        kept, dest, assign,
         BLOCK_S=c.plan_s, BLOCK_R=c.plan_r, BLOCK_J=c.plan_j, num_warps=c.num_warps, num_stages=c.num_stages,
     )  # fmt: skip
 
@@ -151,4 +148,4 @@ def launch_kernels(
             BLOCK_S=c.emit_s, BLOCK_B=c.emit_b, BLOCK_A=c.emit_a, BLOCK_D=c.emit_d, num_warps=c.num_warps,
             num_stages=c.num_stages,
         )  # fmt: skip
-    return out, kept, out_len
+    return out, kept

@@ -6,12 +6,14 @@ the compaction), so the op is three plugins in the "lightkv" namespace, one per 
 passes/lower_trt_plugin.py:
 
     LightKVMatch (hidden, win_index)                                          -> best [W, na] f32, partner [W, na] i32
-    LightKVPlan  (guidance, win_index, win_r, lengths, out_lengths, best, partner)
-                                              -> kept [B, S'] i64, S' (size tensor), dest [B*S] i32, assign [W, na] i32
+    LightKVPlan  (guidance, win_index, win_r, lengths, out_slots, best, partner)
+                                                        -> kept [B, S'] i64, dest [B*S] i32, assign [W, na] i32
     LightKVEmit  (hidden, guidance, win_index, kept, dest, assign)            -> hidden_out [B, S', D]
 
-S' = max(out_lengths) depends on data, so LightKVPlan declares it as a size tensor (upper bound S), and its kernel
-computes it (TensorRT knows a data-dependent size only after the kernel that writes it has run) and writes it.
+S' = max(out_lengths) is known on the host from the merge plan, so it arrives as the dimension of the input
+out_slots [S'] (method/merge_plan.py): every output shape and every launch expression is arithmetic on plain input
+dimensions. (`tensorrt.plugin` forbids arithmetic on size-tensor expressions, and a data-dependent size would make
+TensorRT synchronise with the host in the middle of the graph.)
 Needs TensorRT >= 10.9 (`tensorrt.plugin.aot_impl`); targets/trt.check_trt_available says so when it is older.
 Each plugin has an `aot_impl` returning the Triton kernel as PTX (so the engine runs without Python: trtexec, Triton
 Inference Server) and an `autotune` offering the kernel configurations of TACTICS for TensorRT to time (one, for
@@ -112,16 +114,15 @@ def register_plugins(target: str) -> None:
         win_index: trtp.TensorDesc,
         win_r: trtp.TensorDesc,
         lengths: trtp.TensorDesc,
-        out_lengths: trtp.TensorDesc,
+        out_slots: trtp.TensorDesc,
         best: trtp.TensorDesc,
         partner: trtp.TensorDesc,
-    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
+    ) -> tuple[trtp.TensorDesc, trtp.TensorDesc, trtp.TensorDesc]:
         bsz, seq = guidance.shape_expr[0], guidance.shape_expr[1]
-        out_len = trtp.size_tensor(opt=seq, upper_bound=seq)  # S' <= S; the plan decides it per request
-        kept = trtp.from_shape_expr((bsz, out_len.expr()), dtype=trt.int64)
+        kept = trtp.from_shape_expr((bsz, out_slots.shape_expr[0]), dtype=trt.int64)  # [B, S']
         dest = trtp.from_shape_expr((bsz * seq,), dtype=trt.int32)
         assign = trtp.from_shape_expr((best.shape_expr[0], best.shape_expr[1]), dtype=trt.int32)
-        return kept, out_len, dest, assign
+        return kept, dest, assign
 
     @trtp.autotune(f"{NAMESPACE}::LightKVPlan")
     def plan_tune(
@@ -129,12 +130,12 @@ def register_plugins(target: str) -> None:
         win_index: trtp.TensorDesc,
         win_r: trtp.TensorDesc,
         lengths: trtp.TensorDesc,
-        out_lengths: trtp.TensorDesc,
+        out_slots: trtp.TensorDesc,
         best: trtp.TensorDesc,
         partner: trtp.TensorDesc,
         outputs: tuple[trtp.TensorDesc],
     ) -> list[trtp.AutoTuneCombination]:
-        return [trtp.AutoTuneCombination("FP32, INT64, INT64, INT64, INT64, FP32, INT32, INT64, INT32, INT32, INT32")]
+        return [trtp.AutoTuneCombination("FP32, INT64, INT64, INT64, INT64, FP32, INT32, INT64, INT32, INT32")]
 
     @trtp.aot_impl(f"{NAMESPACE}::LightKVPlan")
     def plan_aot(
@@ -142,7 +143,7 @@ def register_plugins(target: str) -> None:
         win_index: trtp.TensorDesc,
         win_r: trtp.TensorDesc,
         lengths: trtp.TensorDesc,
-        out_lengths: trtp.TensorDesc,
+        out_slots: trtp.TensorDesc,
         best: trtp.TensorDesc,
         partner: trtp.TensorDesc,
         outputs: tuple[trtp.TensorDesc],
@@ -150,9 +151,8 @@ def register_plugins(target: str) -> None:
     ) -> tuple[str | bytes, str | bytes, trtp.KernelLaunchParams, trtp.SymExprs]:
         art = _artifact("plan", "fp32", 1, target, cache)  # no dtype dependence, one configuration
         bsz, seq = guidance.shape_expr[0], guidance.shape_expr[1]
-        # No S' here: it is this kernel's data-dependent output size, unknown before the launch; the kernel
-        # computes it from out_lengths.
-        return launch(art, (bsz,), [win_index.shape_expr[0], win_index.shape_expr[1], seq, bsz])
+        scalars = [win_index.shape_expr[0], win_index.shape_expr[1], seq, bsz, out_slots.shape_expr[0]]
+        return launch(art, (bsz,), scalars)
 
     # --- LightKVEmit ------------------------------------------------------------------------------------------
     @trtp.register(f"{NAMESPACE}::LightKVEmit")

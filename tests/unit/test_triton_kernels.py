@@ -182,30 +182,28 @@ def garbage_launch(seed: int, float_guard: float, int_guard: int) -> dict[str, t
         "win_index": guarded((n_win, n_max), torch.int64, near((n_win, n_max), n), int_guard),
         "win_r": guarded((n_win,), torch.int64, near((n_win,), na), int_guard),
         "lengths": guarded((bsz,), torch.int64, near((bsz,), seq), int_guard),
-        "out_lengths": guarded((bsz,), torch.int64, near((bsz,), seq, miss=seq), int_guard),
         "partner": guarded((n_win, na), torch.int32, near((n_win, na), nb, torch.int32), int_guard),
     }
-    (win_index_buf, win_index), (_, win_r), (_, lengths), (_, out_lengths), (partner_in_buf, partner_in) = (
-        inputs.values()
-    )
+    (win_index_buf, win_index), (_, win_r), (_, lengths), (partner_in_buf, partner_in) = inputs.values()
     best_buf, best = guarded((n_win, na), torch.float32, 0.0, nan)
     partner_buf, partner = guarded((n_win, na), torch.int32, 0, -7)
     kernels.match_kernel[(n_win, triton_cdiv(na, c.match_a))](
         hidden, win_index, n_max, dim, n, best, partner,
         BLOCK_A=c.match_a, BLOCK_B=c.match_b, BLOCK_D=c.match_d, IEEE=True,
     )  # fmt: skip
-    # Plan runs on garbage best/partner too (TensorRT times it alone, on inputs of its own making).
-    kept_buf, kept = guarded((bsz * seq,), torch.int64, 0, -7)  # S' <= S: TensorRT sizes it by the upper bound
-    out_len_buf, out_len = guarded((1,), torch.int32, 0, -7)
+    # Plan runs on garbage best/partner too (TensorRT times it alone, on inputs of its own making), with a host
+    # S' (out_slots' dimension) that need not match the lengths: anything in [1, S].
+    out_seq = int(ints((1,), 1, seq + 1))
+    slots_buf, slots = guarded((out_seq,), torch.int64, near((out_seq,), seq), int_guard)  # unread
+    kept_buf, kept = guarded((bsz * out_seq,), torch.int64, 0, -7)
     dest_buf, dest = guarded((n,), torch.int32, 0, -7)
     assign_buf, assign = guarded((n_win, na), torch.int32, 0, -7)
     garbage_best = torch.randn(n_win, na, generator=g)
     kernels.plan_kernel[(bsz,)](
-        xi, win_index, win_r, lengths, out_lengths, garbage_best, partner_in, n_win, n_max, seq, bsz,
-        kept, out_len, dest, assign, BLOCK_S=c.plan_s, BLOCK_R=c.plan_r, BLOCK_J=c.plan_j,
+        xi, win_index, win_r, lengths, slots, garbage_best, partner_in, n_win, n_max, seq, bsz, out_seq,
+        kept, dest, assign, BLOCK_S=c.plan_s, BLOCK_R=c.plan_r, BLOCK_J=c.plan_j,
     )  # fmt: skip
-    # Emit on garbage kept / dest / assign and a host S' (an input dimension, within [0, S]).
-    out_seq = int(ints((1,), 1, seq + 1))
+    # Emit on garbage kept / dest / assign and the same host S'.
     kept_g_buf, kept_g = guarded((bsz, out_seq), torch.int64, near((bsz, out_seq), seq), int_guard)
     dest_g_buf, dest_g = guarded(
         (n,), torch.int32, near((n,), 2 * out_seq, torch.int32, miss=6), int_guard
@@ -219,14 +217,13 @@ def garbage_launch(seed: int, float_guard: float, int_guard: int) -> dict[str, t
     )  # fmt: skip
     float_bufs = {"hidden": hidden_buf, "guidance": xi_buf, "best": best_buf, "out": out_buf}
     int_bufs = {"win_index": win_index_buf, "partner_in": partner_in_buf, "partner": partner_buf, "kept": kept_buf,
-                "out_len": out_len_buf, "dest": dest_buf, "assign": assign_buf, "kept_g": kept_g_buf,
+                "out_slots": slots_buf, "dest": dest_buf, "assign": assign_buf, "kept_g": kept_g_buf,
                 "dest_g": dest_g_buf, "assign_g": assign_g_buf}  # fmt: skip
     for name, buf in float_bufs.items():
         assert guards_intact(buf, nan), f"{name}: a guard was written"
     for name, buf in int_bufs.items():
-        outputs = ("partner", "kept", "out_len", "dest", "assign")
+        outputs = ("partner", "kept", "dest", "assign")
         assert guards_intact(buf, -7 if name in outputs else int_guard), f"{name}: a guard was written"
-    assert 0 <= int(out_len) <= seq  # S' clamped to [0, S]
     return {name: buf[GUARD:-GUARD].clone() for name, buf in {**float_bufs, **int_bufs}.items()}
 
 
@@ -237,8 +234,8 @@ def triton_cdiv(a: int, b: int) -> int:
 @interpreted
 @pytest.mark.parametrize("seed", range(4))
 def test_garbage_plans_stay_inside_the_buffers_and_are_deterministic(seed: int) -> None:
-    """Nothing outside the buffers is written (guards intact) or read (other guard contents, same outputs), S' stays
-    within [0, S], and the same garbage gives the same bytes."""
+    """Nothing outside the buffers is written (guards intact) or read (other guard contents, same outputs), and the
+    same garbage gives the same bytes."""
     first = garbage_launch(seed, float("nan"), 6)
     other_guards = garbage_launch(seed, 1e3, -5)
     again = garbage_launch(seed, float("nan"), 6)

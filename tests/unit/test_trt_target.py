@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import re
 import sys
 import types
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +85,11 @@ def test_lowering_maps_the_node_to_the_aot_plugin_chain() -> None:
         assert attrs == {"plugin_namespace": b"lightkv", "plugin_version": b"1", "aot": 1}
     match, plan, emit = lowered.graph.node
     assert list(match.input) == ["hidden", "win_index"]
-    assert list(plan.input)[:5] == ["guidance", "win_index", "win_r", "lengths", "out_lengths"]
-    assert list(plan.input)[5:] == list(match.output) and plan.output[0] == "kept"
-    assert list(emit.input) == ["hidden", "guidance", "win_index", "kept", plan.output[2], plan.output[3]]
+    assert list(plan.input)[:5] == ["guidance", "win_index", "win_r", "lengths", "out_slots"]
+    assert list(plan.input)[5:] == list(match.output) and len(plan.output) == 3 and plan.output[0] == "kept"
+    assert list(emit.input) == ["hidden", "guidance", "win_index", "kept", plan.output[1], plan.output[2]]
+    (slots,) = [i for i in lowered.graph.input if i.name == "out_slots"]  # S' as a graph input's dimension
+    assert slots.type.tensor_type.elem_type == onnx.TensorProto.INT64 and len(slots.type.tensor_type.shape.dim) == 1
     assert list(emit.output) == ["hidden_out"]
     assert not lowered.functions  # TensorRT must see the plugins, not the function body
     assert len(model.functions) == 1 and model.graph.node[0].op_type == "LightKVMerge"  # the input is untouched
@@ -114,22 +118,76 @@ def test_plugins_register_with_tensorrt() -> None:
 
 
 # --- the plugin registration against a stub tensorrt.plugin (the real one needs TensorRT and a driver) ------------
+# The stub checks what TensorRT 10.9+'s tensorrt.plugin checks (its _validate.py, _tensor.py and _lib.py): the
+# signature rules of register / autotune / aot_impl (type hints that are classes, argument names and order, return
+# annotations), no arithmetic on size-tensor expressions, ceil-division of two plain ints refused, and a size
+# tensor needs an upper bound. Shape expressions carry concrete values, so shapes and launch scalars can be compared.
+
+
+class _Expr:
+    """trtp.ShapeExpr with a concrete value; a size-tensor expression refuses every binary operation, as the real
+    one does ("It is not permitted to perform binary operations on size tensor expressions")."""
+
+    def __init__(self, value: int, size_tensor: bool = False) -> None:
+        self.value, self.size_tensor = int(value), size_tensor
+
+    def _op(self, other, fn):
+        if self.size_tensor or (isinstance(other, _Expr) and other.size_tensor):
+            raise ValueError("It is not permitted to perform binary operations on size tensor expressions")
+        return _Expr(fn(self.value, other.value if isinstance(other, _Expr) else int(other)))
+
+    def __add__(self, other):
+        return self._op(other, lambda a, b: a + b)
+
+    def __sub__(self, other):
+        return self._op(other, lambda a, b: a - b)
+
+    def __mul__(self, other):
+        return self._op(other, lambda a, b: a * b)
+
+    def __floordiv__(self, other):
+        return self._op(other, lambda a, b: a // b)
+
+    __radd__, __rmul__ = __add__, __mul__
+
+    def __int__(self) -> int:
+        return self.value
+
+    __index__ = __int__
+
+    def __eq__(self, other) -> bool:
+        return self.value == (other.value if isinstance(other, _Expr) else other)
+
+    def __hash__(self) -> int:
+        return hash(self.value)
+
+    def __gt__(self, other) -> bool:  # for the test's own checks (the real one builds a comparison expression)
+        return self.value > int(other)
+
+    def __repr__(self) -> str:
+        return f"{'Size' if self.size_tensor else ''}Expr({self.value})"
+
+
+def _exprs(shape) -> tuple[_Expr, ...]:
+    return tuple(d if isinstance(d, _Expr) else _Expr(d) for d in shape)
 
 
 class _Desc:
-    """trtp.TensorDesc with concrete dims: shape expressions as plain ints."""
+    """trtp.TensorDesc: shape expressions and a dtype."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: str) -> None:
-        self.shape_expr, self.dtype = shape, dtype
+    def __init__(self, shape, dtype: str) -> None:
+        self.shape_expr, self.dtype = _exprs(shape), dtype
 
 
 class _SizeTensor(_Desc):
-    def __init__(self, opt: int, upper_bound: int) -> None:
+    def __init__(self, opt, upper_bound) -> None:
+        if upper_bound is None:
+            raise ValueError("a size tensor needs an upper bound")
         super().__init__((), "int32")
-        self.upper_bound = upper_bound
+        self.opt, self.upper_bound = _Expr(int(opt)), _Expr(int(upper_bound))
 
-    def expr(self) -> int:
-        return self.upper_bound
+    def expr(self) -> _Expr:
+        return _Expr(int(self.upper_bound), size_tensor=True)
 
 
 class _Combination:
@@ -144,14 +202,94 @@ class _LaunchParams:
     grid_x = grid_y = block_x = shared_mem = None
 
 
+class _SymExprs(tuple):
+    """trtp.SymExprs; SymIntExprs.from_tuple builds one."""
+
+
+class _SymIntExprs(_SymExprs):
+    @classmethod
+    def from_tuple(cls, exprs) -> _SymIntExprs:
+        return cls(int(e) for e in exprs)
+
+
+def _cdiv(a, b) -> _Expr:
+    if isinstance(a, int) and isinstance(b, int):
+        raise ValueError("Both arguments cannot be 'int's")
+    return _exprs([a])[0]._op(b, lambda x, y: -(-x // y))
+
+
+def _params(fn) -> list[inspect.Parameter]:
+    return list(inspect.signature(fn).parameters.values())
+
+
+def _validate_register(fn) -> tuple[list[str], int]:
+    """tensorrt.plugin's register rules (no attributes here): every argument a positional-or-keyword TensorDesc with
+    a class type hint and no default; the return hint TensorDesc or tuple[TensorDesc, ...]. -> (names, outputs)."""
+    names = []
+    for p in _params(fn):
+        assert p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD, f"{p.name}: not positional-or-keyword"
+        assert p.annotation is not inspect.Parameter.empty, f"{p.name}: no type annotation"
+        assert p.default is inspect.Parameter.empty, f"{p.name}: default values are not supported"
+        assert inspect.isclass(p.annotation) and issubclass(p.annotation, _Desc), f"{p.name}: not a TensorDesc"
+        names.append(p.name)
+    ret = inspect.signature(fn).return_annotation
+    if typing.get_origin(ret) is tuple:
+        assert all(issubclass(a, _Desc) for a in typing.get_args(ret)), ret
+        return names, len(typing.get_args(ret))
+    assert inspect.isclass(ret) and issubclass(ret, _Desc), f"register return annotation {ret}"
+    return names, 1
+
+
+def _validate_outputs_hint(p: inspect.Parameter) -> None:
+    assert typing.get_origin(p.annotation) is tuple, f"'outputs' should be tuple[TensorDesc], got {p.annotation}"
+    assert all(issubclass(a, _Desc) for a in typing.get_args(p.annotation))
+
+
+def _validate_autotune(fn, tensors: list[str]) -> None:
+    params = _params(fn)
+    assert [p.name for p in params] == [*tensors, "outputs"], "autotune arguments: the tensors, then outputs"
+    _validate_outputs_hint(params[-1])
+    ret = inspect.signature(fn).return_annotation
+    if typing.get_origin(ret) is list:
+        assert all(issubclass(a, _Combination) for a in typing.get_args(ret)), ret
+    else:
+        assert inspect.isclass(ret) and issubclass(ret, _Combination), f"autotune return annotation {ret}"
+
+
+def _validate_aot_impl(fn, tensors: list[str]) -> None:
+    params = _params(fn)
+    assert [p.name for p in params] == [*tensors, "outputs", "tactic"], "aot_impl: the tensors, outputs, tactic"
+    _validate_outputs_hint(params[-2])
+    assert params[-1].annotation is int, "'tactic' input argument should be an int"
+    ret = inspect.signature(fn).return_annotation
+    args = typing.get_args(ret)
+    assert typing.get_origin(ret) is tuple and len(args) == 4, f"aot_impl return annotation {ret}"
+    for text in args[:2]:  # kernel name and PTX: str, bytes or str | bytes
+        members = typing.get_args(text) if isinstance(text, types.UnionType) else (text,)
+        assert all(m in (str, bytes) for m in members), text
+    assert issubclass(args[2], _LaunchParams) and issubclass(args[3], _SymExprs), ret
+
+
 def _stub_tensorrt() -> tuple[types.ModuleType, types.ModuleType, dict[str, dict[str, object]]]:
-    """`tensorrt` and `tensorrt.plugin` modules that record what the decorators receive, per plugin and role."""
+    """`tensorrt` and `tensorrt.plugin` modules that validate and record what the decorators receive, per plugin
+    and role."""
     registered: dict[str, dict[str, object]] = {}
 
     def decorator(role: str):
         def wrap(plugin_id: str):
+            namespace, _, name = plugin_id.partition("::")
+            assert name and "." not in namespace and "." not in name, plugin_id
+            assert namespace not in ("", "trt", "tensorrt", "std"), f"{namespace} is a reserved namespace"
+
             def record(fn):
-                registered.setdefault(plugin_id, {})[role] = fn
+                roles = registered.setdefault(plugin_id, {})
+                if role == "register":
+                    roles["tensors"], roles["outputs"] = _validate_register(fn)
+                else:  # autotune and aot_impl come after register and must follow its tensors
+                    assert "register" in roles, f"{role} of {plugin_id} before its register"
+                    check = _validate_autotune if role == "autotune" else _validate_aot_impl
+                    check(fn, roles["tensors"])
+                roles[role] = fn
                 return fn
 
             return record
@@ -165,10 +303,9 @@ def _stub_tensorrt() -> tuple[types.ModuleType, types.ModuleType, dict[str, dict
     trtp = types.ModuleType("tensorrt.plugin")
     trtp.register, trtp.autotune, trtp.aot_impl = decorator("register"), decorator("autotune"), decorator("aot_impl")
     trtp.TensorDesc, trtp.AutoTuneCombination, trtp.KernelLaunchParams = _Desc, _Combination, _LaunchParams
-    trtp.SymExprs, trtp.SymInt32 = tuple, int
-    trtp.SymIntExprs = types.SimpleNamespace(from_tuple=tuple)
-    trtp.cdiv = lambda a, b: -(-a // b)
-    trtp.from_shape_expr = lambda shape, dtype: _Desc(tuple(shape), dtype)
+    trtp.SymExprs, trtp.SymIntExprs, trtp.SymInt32 = _SymExprs, _SymIntExprs, int
+    trtp.cdiv = _cdiv
+    trtp.from_shape_expr = lambda shape, dtype: _Desc(shape, dtype)
     trtp.size_tensor = _SizeTensor
     trt_mod.plugin = trtp
     return trt_mod, trtp, registered
@@ -198,8 +335,8 @@ PLUGIN_IO = {  # plugin -> (inputs, outputs) as TensorDescs
     ),
     "LightKVPlan": (
         [_Desc((B, S), "float32"), _Desc((W, N_MAX), "int64"), _Desc((W,), "int64"), _Desc((B,), "int64"),
-         _Desc((B,), "int64"), _Desc((W, NA), "float32"), _Desc((W, NA), "int32")],
-        [_Desc((B, S_OUT), "int64"), _Desc((), "int32"), _Desc((B * S,), "int32"), _Desc((W, NA), "int32")],
+         _Desc((S_OUT,), "int64"), _Desc((W, NA), "float32"), _Desc((W, NA), "int32")],
+        [_Desc((B, S_OUT), "int64"), _Desc((B * S,), "int32"), _Desc((W, NA), "int32")],
     ),
     "LightKVEmit": (
         [_Desc((B, S, D), "float16"), _Desc((B, S), "float32"), _Desc((W, N_MAX), "int64"),
@@ -213,7 +350,9 @@ def test_stub_registration_covers_every_plugin_and_role(stub_plugins: dict[str, 
     from plugins.lightkv import trt_plugin
 
     assert set(stub_plugins) == {f"lightkv::{name}" for name in trt_plugin.PLUGINS}
-    assert all(set(roles) == {"register", "autotune", "aot_impl"} for roles in stub_plugins.values())
+    # every role registered, each through the stub's signature checks (it recorded register's tensors and outputs)
+    assert all(set(roles) >= {"register", "autotune", "aot_impl", "tensors"} for roles in stub_plugins.values())
+    assert [stub_plugins[f"lightkv::{p}"]["outputs"] for p in trt_plugin.PLUGINS] == [2, 3, 1]
 
 
 @pytest.mark.parametrize("plugin", list(PLUGIN_IO))
@@ -230,10 +369,58 @@ def test_descriptors_and_autotune_match_the_io_count(stub_plugins: dict[str, dic
         assert combo.tactic_ids in (None, [1]), combo.tactic_ids
 
 
-def test_plan_declares_s_prime_as_a_size_tensor_bounded_by_s(stub_plugins: dict[str, dict[str, object]]) -> None:
-    kept, out_len, dest, assign = stub_plugins["lightkv::LightKVPlan"]["register"](*PLUGIN_IO["LightKVPlan"][0])
-    assert isinstance(out_len, _SizeTensor) and out_len.upper_bound == S
-    assert kept.shape_expr == (B, S) and dest.shape_expr == (B * S,) and assign.shape_expr == (W, NA)
+def test_plan_sizes_kept_from_the_out_slots_dimension(stub_plugins: dict[str, dict[str, object]]) -> None:
+    """S' reaches TensorRT as out_slots' dimension: every declared shape is plain arithmetic, no size tensor."""
+    kept, dest, assign = stub_plugins["lightkv::LightKVPlan"]["register"](*PLUGIN_IO["LightKVPlan"][0])
+    assert kept.shape_expr == (B, S_OUT) and dest.shape_expr == (B * S,) and assign.shape_expr == (W, NA)
+    for plugin, (inputs, _) in PLUGIN_IO.items():
+        declared = stub_plugins[f"lightkv::{plugin}"]["register"](*inputs)
+        for desc in declared if isinstance(declared, tuple) else (declared,):
+            assert not isinstance(desc, _SizeTensor) and not any(d.size_tensor for d in desc.shape_expr), plugin
+
+
+def test_the_stub_refuses_what_tensorrt_refuses(stub_plugins: dict[str, dict[str, object]]) -> None:
+    """The checks the stub makes would have caught the earlier design: S' as a size tensor of Plan made Emit's
+    launch grid arithmetic on a size-tensor expression, which tensorrt.plugin refuses."""
+    _, trtp, _ = _stub_tensorrt()
+    s_prime = trtp.size_tensor(opt=S, upper_bound=S)
+    inputs, outputs = PLUGIN_IO["LightKVEmit"]
+    kept_sized = _Desc((B, s_prime.expr()), "int64")
+    with pytest.raises(ValueError, match="size tensor expressions"):
+        stub_plugins["lightkv::LightKVEmit"]["aot_impl"](*inputs[:3], kept_sized, *inputs[4:], tuple(outputs), 1)
+    with pytest.raises(ValueError, match="upper bound"):
+        trtp.size_tensor(opt=S, upper_bound=None)
+    with pytest.raises(ValueError, match="cannot be 'int's"):
+        trtp.cdiv(4, 2)
+
+    def untyped(hidden, win_index):
+        return hidden
+
+    def typed(hidden):
+        return hidden
+
+    def wrong_order(hidden, tactic, outputs):
+        raise AssertionError("never called")
+
+    # Real classes as hints (this test module's own hints are strings: `from __future__ import annotations`).
+    untyped.__annotations__ = {"return": _Desc}
+    typed.__annotations__ = {"hidden": _Desc, "return": _Desc}
+    wrong_order.__annotations__ = {"hidden": _Desc, "tactic": int, "outputs": tuple[_Desc],
+                                   "return": tuple[str, str, _LaunchParams, _SymExprs]}  # fmt: skip
+    with pytest.raises(AssertionError, match="no type annotation"):
+        trtp.register("lightkv::Untyped")(untyped)
+    with pytest.raises(AssertionError, match="reserved namespace"):
+        trtp.register("trt::Typed")(typed)
+    trtp.register("lightkv::Typed")(typed)
+    with pytest.raises(AssertionError, match="the tensors, outputs, tactic"):
+        trtp.aot_impl("lightkv::Typed")(wrong_order)
+    # A string hint is not a class: plugins/lightkv/trt_plugin.py must not use `from __future__ import annotations`.
+    stringly = types.FunctionType(typed.__code__, {}, "stringly")
+    stringly.__annotations__ = {"hidden": "trtp.TensorDesc", "return": _Desc}
+    with pytest.raises(AssertionError, match="not a TensorDesc"):
+        trtp.register("lightkv::Stringly")(stringly)
+    with pytest.raises(AssertionError, match="before its register"):
+        trtp.autotune("lightkv::Unregistered")(typed)
 
 
 @pytest.mark.parametrize("plugin", list(PLUGIN_IO))
@@ -303,8 +490,7 @@ def _launch_py_grids_and_scalars(monkeypatch: pytest.MonkeyPatch, tactic: int) -
         monkeypatch.setattr(kernels, name, recorders[name])
     plan = launch.PlanTensors(
         win_index=torch.zeros(W, N_MAX, dtype=torch.int64), win_r=torch.ones(W, dtype=torch.int64),
-        lengths=torch.full((B,), S, dtype=torch.int64), out_lengths=torch.full((B,), S_OUT, dtype=torch.int64),
-        out_seq=S_OUT,
+        lengths=torch.full((B,), S, dtype=torch.int64), out_slots=torch.arange(S_OUT), out_seq=S_OUT,
     )  # fmt: skip
     hidden = torch.zeros(B, S, D, dtype=torch.float16)
     launch.launch_kernels(hidden, torch.ones(B, S), plan, trt_plugin.CANDIDATE_TACTICS[tactic])
@@ -465,3 +651,78 @@ def test_one_output_allocator_per_session_whose_buffers_grow_and_are_reused() ->
     source = Path(trt.__file__).read_text()
     run_body = source[source.index("    def run(self, output_names, feeds):") : source.index("def _output_allocator")]
     assert "set_output_allocator" not in run_body and "_output_allocator(" not in run_body
+
+
+TRT_TYPE = {"float32": "FP32", "float16": "FP16", "bfloat16": "BF16", "int64": "INT64", "int32": "INT32"}
+ONNX_DTYPE = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
+
+
+def test_the_lowered_tiny_prefill_gives_every_plugin_the_shapes_of_a_real_request(builds, stub_plugins) -> None:
+    """The prefill graph a trt-* target lowers (the tiny Qwen2.5-VL engine's, r0.55): its inputs are exactly what the
+    runtime feeds a TensorRT session; each stage's plugins, given the shapes of a real request (as TensorRT's ONNX
+    importer would see them), declare the outputs the unlowered graph computes under ONNX Runtime (kept [B, S'],
+    hidden [B, S', D]); every autotune combination admits those dtypes, and every launch is plain shape arithmetic."""
+    import onnxruntime as ort
+
+    from lightkv_export import contract
+    from lightkv_export.export import strip_roles
+    from lightkv_export.inputs import parity_images
+    from lightkv_export.method.merge_plan import lowered_feeds, plan_request, stage_kept_name, stage_of
+    from lightkv_export.parity import cached_export
+    from lightkv_export.runtime import Engine
+    from lightkv_export.targets.ort import transform_prefill
+
+    engine_dir = builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"]
+    engine = Engine.load(engine_dir)
+    exported, why = cached_export(engine_dir, engine.manifest)
+    assert exported is not None, why
+    m = engine.manifest
+    graph, _ = transform_prefill(exported, engine.schedule, positions=m.positions, grid_mode=m.grid_mode)
+    graph = strip_roles(graph)  # what targets/trt.py hands to the lowering and the parser
+    lowered = lower_trt_plugin(graph)
+
+    request = engine.prepare([parity_images(tuple(m.image_size), 0)], "Describe the image.")
+    plan = plan_request(request.spans, [request.seq_len], engine.schedule, grid_mode=m.grid_mode)
+    feeds = {contract.INPUTS_EMBEDS: request.inputs_embeds, contract.POSITION_IDS: request.position_ids,
+             contract.LENGTHS: np.asarray([request.seq_len], dtype=np.int64), **plan.feeds}  # fmt: skip
+    extra = lowered_feeds(feeds)
+    assert {i.name for i in lowered.graph.input} == set(feeds) | set(extra)  # what TrtSession.run feeds
+
+    # The unlowered graph under ONNX Runtime: the real S' of every stage.
+    onnx.load_external_data_for_model(graph, str(exported.prefill.parent))
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    stages = len(engine.schedule.stages)
+    kept_real = session.run([stage_kept_name(k) for k in range(stages)], feeds)
+    hidden_type = next(i for i in graph.graph.input if i.name == contract.INPUTS_EMBEDS).type.tensor_type.elem_type
+    hdtype, dim = ONNX_DTYPE[hidden_type], m.hidden_size
+
+    inputs = {name: _Desc(a.shape, str(a.dtype)) for name, a in {**feeds, **extra}.items()}
+    plugin_nodes = [n for n in lowered.graph.node if n.op_type in ("LightKVMatch", "LightKVPlan", "LightKVEmit")]
+    assert [n.op_type for n in plugin_nodes] == ["LightKVMatch", "LightKVPlan", "LightKVEmit"] * stages
+    seq = request.seq_len
+    for k in range(stages):
+        match, plan_node, emit = plan_node_group = plugin_nodes[3 * k : 3 * k + 3]
+        assert stage_of(plan_node.input[4]) == k
+        s_out = kept_real[k].shape[1]
+        assert s_out == plan.stages[k].out_seq_len and inputs[plan_node.input[4]].shape_expr == (s_out,)
+        inputs[match.input[0]] = _Desc((1, seq, dim), hdtype)  # the decoder layer's output, [B, S, D]
+        inputs[plan_node.input[0]] = _Desc((1, seq), "float32")  # the guidance, [B, S]
+        for node in plan_node_group:
+            fns = stub_plugins[f"lightkv::{node.op_type}"]
+            args = [inputs[name] for name in node.input]
+            declared = fns["register"](*args)
+            declared = declared if isinstance(declared, tuple) else (declared,)
+            assert len(declared) == len(node.output)
+            for name, desc in zip(node.output, declared, strict=True):
+                inputs[name] = desc
+            types_seen = [TRT_TYPE[d.dtype] for d in (*args, *declared)]
+            assert any(
+                all(t in spec.strip().split("|") for t, spec in zip(types_seen, combo.spec.split(","), strict=True))
+                for combo in fns["autotune"](*args, declared)
+            ), (node.op_type, types_seen)
+            _, _, params, scalars = fns["aot_impl"](*args, declared, 1)  # no size-tensor arithmetic anywhere
+            assert int(params.grid_x) > 0 and all(v > 0 for v in scalars)
+        kept, out = inputs[plan_node.output[0]], inputs[emit.output[0]]
+        assert kept.shape_expr == kept_real[k].shape and kept.dtype == "int64"
+        assert out.shape_expr == (1, s_out, dim) and out.dtype == hdtype
+        seq = s_out
