@@ -82,7 +82,9 @@ def run(quick: bool = False, runs: int = 200) -> dict:
         for name, plan in _plans().items():
             hidden = torch.randn(plan.batch, plan.seq_len, HIDDEN, device="cuda").to(dtype)  # [B, S, D]
             guidance = torch.rand(plan.batch, plan.seq_len, device="cuda")  # [B, S]
-            lightkv_merge_triton(hidden, guidance, plan)  # checked once: S' agrees with the plan
+            _, kept = lightkv_merge_triton(hidden, guidance, plan)  # checked once against the reference op
+            if not torch.equal(kept, apply_plan(hidden, guidance, plan).kept):
+                raise AssertionError(f"{name} {dtype}: the kernels keep other tokens than the reference op")
             # Plan tensors go to the GPU once per request, before the stage runs: only the three launches are timed.
             on_gpu = plan_tensors(plan, "cuda")
             kernel_ms = time_cuda(lambda: launch_kernels(hidden, guidance, on_gpu), runs)  # noqa: B023

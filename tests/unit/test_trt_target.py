@@ -687,6 +687,14 @@ def test_the_lowered_tiny_prefill_gives_every_plugin_the_shapes_of_a_real_reques
              contract.LENGTHS: np.asarray([request.seq_len], dtype=np.int64), **plan.feeds}  # fmt: skip
     extra = lowered_feeds(feeds)
     assert {i.name for i in lowered.graph.input} == set(feeds) | set(extra)  # what TrtSession.run feeds
+    # The prefill engine's optimization profile covers every input of the lowered graph, and this request.
+    profile = trt.engine_profiles(m)["prefill"].shapes
+    assert set(profile) == {i.name for i in lowered.graph.input}
+    for name, array in {**feeds, **extra}.items():
+        low, opt, high = profile[name]
+        assert len(low) == len(opt) == len(high) == array.ndim, name
+        assert all(lo <= o <= hi for lo, o, hi in zip(low, opt, high, strict=True)), (name, profile[name])
+        assert all(lo <= d <= hi for lo, d, hi in zip(low, array.shape, high, strict=True)), (name, array.shape)
 
     # The unlowered graph under ONNX Runtime: the real S' of every stage.
     onnx.load_external_data_for_model(graph, str(exported.prefill.parent))
