@@ -29,6 +29,7 @@ Graphs (B batch, S prompt tokens, D hidden, L layers, Hkv KV heads, d head size,
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -172,15 +173,33 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, *, input_names, ou
     strip_stack_traces(program.model)
     program.save(str(path), external_data=program.model.graph.num_nodes() > 0 and _is_large(module))
     release_initializers(program.model)
+    release_exporter_state()
+
+
+# The exporter's optimizer runs onnxscript's rewrite rules, module-level objects whose pattern matchers keep the
+# graph, node and match they last saw. Through them the last graph exported stays alive, and its initializers wrap
+# the module's parameter tensors: the weights would outlive the model's release (`release_weights`). The two
+# functions below cut both paths (the graph's own initializers, the matchers' state).
 
 
 def release_initializers(model) -> None:
-    """Drop the saved IR graph's references to the module's weights. onnxscript's rewrite rules (the exporter's
-    optimizer) are module-level objects that keep the last node they matched, and through it the whole graph, whose
-    initializers wrap the module's parameter tensors: without this, the weights of the last graph exported stay
-    alive after the model is released (`release_weights`), 6 GiB of Qwen2-VL-2B's text weights in a build."""
+    """The saved IR graph lets go of the module's weights."""
     for value in model.graph.initializers.values():
         value.const_value = None
+
+
+def release_exporter_state() -> None:
+    """Reset every onnxscript pattern matcher's last graph, node and match (onnxscript 0.7; a no-op without it)."""
+    try:
+        from onnxscript.rewriter._matcher import PatternMatcher
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if PatternMatcher in type(obj).__mro__:  # not isinstance: its ABC hooks would touch every object's type
+            if callable(getattr(obj, "_init_match", None)):
+                obj._init_match(0)  # a fresh, empty match; no current node
+            if hasattr(obj, "_graph"):
+                obj._graph = None
 
 
 STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"

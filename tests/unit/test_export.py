@@ -166,27 +166,22 @@ def test_the_export_key_ignores_what_saving_a_checkpoint_writes(tmp_path, tiny_q
 
 
 def test_an_exported_modules_weights_are_freed_once_it_is_released(tmp_path: Path) -> None:
-    """onnxscript's rewrite rules keep the last node they matched (and so the exported graph, whose initializers wrap
-    the module's parameters): the export drops those references, so releasing the model frees its weights (the
-    build's check request held 6 GiB of Qwen2-VL-2B's text weights without this)."""
+    """onnxscript's rewrite rules keep the last graph, node and match they saw (and so the exported graph, whose
+    initializers wrap the module's parameters): the export drops those references, so releasing the model frees
+    its weights (the build's check request held 6 GiB of Qwen2-VL-2B's text weights without this)."""
     import gc
     import weakref
 
+    from lightkv_export.models.registry import build_seeded, get_family, get_spec
     from lightkv_export.parity import release_weights
 
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.proj = torch.nn.Linear(32, 32)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(x).relu()  # a pattern the optimizer's rewrite rules match
-
-    module = Block()
-    weight = weakref.ref(module.proj.weight)
-    export._export(module, (torch.randn(2, 32),), tmp_path / "m.onnx", input_names=["x"], output_names=["y"],
-                   dynamic_shapes=None)  # fmt: skip
-    assert (tmp_path / "m.onnx").stat().st_size > 32 * 32 * 4  # the weights were written before being let go
-    release_weights(types.SimpleNamespace(model=module))
+    family = get_family(get_spec("tiny-qwen-vl").family)
+    config, _ = family.tiny_preset()
+    model = build_seeded(family, config, torch.float32)  # not the cached preset: this one is released
+    text, head = family.text_model(model), family.lm_head(model)
+    weight = weakref.ref(text.layers[0].mlp.up_proj.weight)  # .to("meta") replaces it: only others could hold it
+    export.export_prefill(text, head, tmp_path / "prefill.onnx", dtype=torch.float32, positions=family.positions)
+    assert (tmp_path / "prefill.onnx").stat().st_size > text.layers[0].mlp.up_proj.weight.numel() * 4
+    release_weights(types.SimpleNamespace(model=model))
     gc.collect()
     assert weight() is None, "something still holds the exported module's weights"
