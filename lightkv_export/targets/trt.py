@@ -427,8 +427,9 @@ def to_host(tensor: Any) -> np.ndarray:
 class TrtSession:
     """One TensorRT engine behind the runtime's Session interface (numpy in, numpy out, on the local GPU).
 
-    Outputs whose shapes depend on data (every shape after a LightKV stage) are allocated by TensorRT through an
-    output allocator, so no upper bound has to be guessed. Tensors cross the host boundary as torch tensors of the
+    Output shapes follow from the input shapes (after a LightKV stage, from that stage's out_slots dimension, which
+    `run` adds from the plan); TensorRT allocates the outputs through the session's one output allocator, so no
+    buffer size has to be guessed. Tensors cross the host boundary as torch tensors of the
     engine's dtypes, so bf16 engines run: bf16 outputs come back as fp32 numpy, which casts back to bf16 exactly
     when the runtime feeds them to the next graph.
     """

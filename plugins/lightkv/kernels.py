@@ -28,9 +28,10 @@ received at least one merge).
 Safe on any input: TensorRT runs plugins on made-up inputs while it times tactics, so no kernel trusts what it
 loads. Every loaded index is checked before it addresses memory (a token index in [0, N) and, in Plan, in the
 program's own row; a slot in its window's range; an output position in [0, S')), S' is the output buffer's own
-dimension, and every loop's bounds are launch scalars, never loaded data. Garbage in gives garbage out,
-deterministically, and nothing outside the buffers is read or written (tests/unit/test_triton_kernels.py feeds such
-plans).
+dimension, and every loop's bounds are launch scalars, never loaded data. Nothing outside the buffers is read or
+written whatever the plan (tests/unit/test_triton_kernels.py feeds made-up ones). Match and Plan write every element
+of their outputs, deterministically; Emit, on a made-up plan that no host would make (a touched B token whose output
+position is not its own, two B tokens at one position), may leave a row unwritten or write it twice.
 """
 
 from __future__ import annotations
@@ -147,8 +148,15 @@ def plan_kernel(
     # 2. Top-r per window of this row: merged A slots leave (-1), their partners are marked touched (1).
     r_off = tl.arange(0, BLOCK_R)
     j_off = tl.arange(0, BLOCK_J)
+    n_total = tl.cast(batch, tl.int64) * seq
     for w in range(0, n_win):
         first = tl.load(win_index_ptr + tl.cast(w, tl.int64) * n_max)  # slot 0 is never padding
+        # A window whose slot 0 is in no row exists only in a made-up plan: program 0 marks its A slots as
+        # staying, so that every assign slot is written whatever the plan.
+        if (row == 0) & ((first < 0) | (first >= n_total)):
+            for k0 in range(0, na, BLOCK_R):
+                k_slot = k0 + r_off
+                tl.store(assign_ptr + w * na + k_slot, tl.full([BLOCK_R], -1, tl.int32), mask=k_slot < na)
         if (first >= row_base) & (first < row_end):  # this row's window: only its program writes the row
             r = tl.load(win_r_ptr + w)
             for i0 in range(0, na, BLOCK_R):

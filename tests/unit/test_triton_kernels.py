@@ -157,11 +157,12 @@ def guards_intact(buf: torch.Tensor, guard_fill) -> bool:
     return bool(torch.isnan(edges).all()) if guard_fill != guard_fill else bool((edges == guard_fill).all())
 
 
-def garbage_launch(seed: int, float_guard: float, int_guard: int) -> dict[str, torch.Tensor]:
+def garbage_launch(seed: int, float_guard: float, int_guard: int, inside: int = 0) -> dict[str, torch.Tensor]:
     """The three kernels on made-up inputs, as TensorRT times tactics: indices, slots, codes, lengths and S' just
     outside every range as well as inside (near misses, so that an unchecked one lands in a guard). Floats read
     from a guard would change the outputs when the guards' contents change (the test runs it with two fillings);
-    anything written to a guard changes that guard. Returns the outputs (the buffers' insides)."""
+    anything written to a guard changes that guard. `inside`: what the output buffers hold before the launch (in
+    TensorRT they are uninitialised). Returns the outputs (the buffers' insides)."""
     from plugins.lightkv import kernels
 
     c = INTERPRET_CONFIG
@@ -185,19 +186,19 @@ def garbage_launch(seed: int, float_guard: float, int_guard: int) -> dict[str, t
         "partner": guarded((n_win, na), torch.int32, near((n_win, na), nb, torch.int32), int_guard),
     }
     (win_index_buf, win_index), (_, win_r), (_, lengths), (partner_in_buf, partner_in) = inputs.values()
-    best_buf, best = guarded((n_win, na), torch.float32, 0.0, nan)
-    partner_buf, partner = guarded((n_win, na), torch.int32, 0, -7)
+    best_buf, best = guarded((n_win, na), torch.float32, float(inside), nan)
+    partner_buf, partner = guarded((n_win, na), torch.int32, inside, -7)
     kernels.match_kernel[(n_win, triton_cdiv(na, c.match_a))](
         hidden, win_index, n_max, dim, n, best, partner,
         BLOCK_A=c.match_a, BLOCK_B=c.match_b, BLOCK_D=c.match_d, IEEE=True,
     )  # fmt: skip
     # Plan runs on garbage best/partner too (TensorRT times it alone, on inputs of its own making), with a host
-    # S' (out_slots' dimension) that need not match the lengths: anything in [1, S].
-    out_seq = int(ints((1,), 1, seq + 1))
+    # S' (out_slots' dimension) that need not match the lengths: anything in [1, 3 S].
+    out_seq = int(ints((1,), 1, 3 * seq + 1))
     slots_buf, slots = guarded((out_seq,), torch.int64, near((out_seq,), seq), int_guard)  # unread
-    kept_buf, kept = guarded((bsz * out_seq,), torch.int64, 0, -7)
-    dest_buf, dest = guarded((n,), torch.int32, 0, -7)
-    assign_buf, assign = guarded((n_win, na), torch.int32, 0, -7)
+    kept_buf, kept = guarded((bsz * out_seq,), torch.int64, inside, -7)
+    dest_buf, dest = guarded((n,), torch.int32, inside, -7)
+    assign_buf, assign = guarded((n_win, na), torch.int32, inside, -7)
     garbage_best = torch.randn(n_win, na, generator=g)
     kernels.plan_kernel[(bsz,)](
         xi, win_index, win_r, lengths, slots, garbage_best, partner_in, n_win, n_max, seq, bsz, out_seq,
@@ -235,10 +236,14 @@ def triton_cdiv(a: int, b: int) -> int:
 @pytest.mark.parametrize("seed", range(4))
 def test_garbage_plans_stay_inside_the_buffers_and_are_deterministic(seed: int) -> None:
     """Nothing outside the buffers is written (guards intact) or read (other guard contents, same outputs), and the
-    same garbage gives the same bytes."""
+    same garbage gives the same bytes. Match and Plan write every element of their outputs (buffers that start with
+    other contents give the same bytes); Emit on such a plan need not (kernels.py says when)."""
     first = garbage_launch(seed, float("nan"), 6)
     other_guards = garbage_launch(seed, 1e3, -5)
     again = garbage_launch(seed, float("nan"), 6)
+    other_insides = garbage_launch(seed, float("nan"), 6, inside=77)
     for name in first:
         assert torch.equal(first[name], again[name]), f"{name}: not deterministic"
         assert torch.equal(first[name], other_guards[name]), f"{name}: depends on memory outside the buffers"
+    for name in ("best", "partner", "kept", "dest", "assign"):
+        assert torch.equal(first[name], other_insides[name]), f"{name}: not every element is written"

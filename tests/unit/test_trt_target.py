@@ -245,9 +245,17 @@ def _validate_outputs_hint(p: inspect.Parameter) -> None:
     assert all(issubclass(a, _Desc) for a in typing.get_args(p.annotation))
 
 
+def _validate_tensor_hints(params: list[inspect.Parameter]) -> None:
+    """Hints are optional after register, but a given one must be a TensorDesc class (issubclass in _validate.py)."""
+    for p in params:
+        if p.annotation is not inspect.Parameter.empty:
+            assert inspect.isclass(p.annotation) and issubclass(p.annotation, _Desc), f"{p.name}: not a TensorDesc"
+
+
 def _validate_autotune(fn, tensors: list[str]) -> None:
     params = _params(fn)
     assert [p.name for p in params] == [*tensors, "outputs"], "autotune arguments: the tensors, then outputs"
+    _validate_tensor_hints(params[:-1])
     _validate_outputs_hint(params[-1])
     ret = inspect.signature(fn).return_annotation
     if typing.get_origin(ret) is list:
@@ -259,6 +267,7 @@ def _validate_autotune(fn, tensors: list[str]) -> None:
 def _validate_aot_impl(fn, tensors: list[str]) -> None:
     params = _params(fn)
     assert [p.name for p in params] == [*tensors, "outputs", "tactic"], "aot_impl: the tensors, outputs, tactic"
+    _validate_tensor_hints(params[:-2])
     _validate_outputs_hint(params[-2])
     assert params[-1].annotation is int, "'tactic' input argument should be an int"
     ret = inspect.signature(fn).return_annotation
