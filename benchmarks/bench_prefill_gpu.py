@@ -206,16 +206,17 @@ def measure(loaded, inputs, schedule, clock: Clock, size: Size, device: str) -> 
 
 
 def overhead(loaded, inputs, schedule) -> dict:
-    """Where LightKV's prefill time goes, from one extra prefill with a synchronize around every guidance and merge
-    call (wall ms, host work included: the merge plan is made on the host). Its total is a little slower than the
+    """Where LightKV's prefill time goes, from one extra prefill with a synchronize around the planning (host, once
+    before the first layer), every guidance and every merge call (wall ms). Its total is a little slower than the
     timed runs (the synchronizations); the parts say what the overhead is made of."""
     import torch
 
     from lightkv_export import torch_runtime
 
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    spent = {"guidance_ms": 0.0, "merge_ms": 0.0}
-    originals = {"guidance_ms": torch_runtime.text_guidance, "merge_ms": torch_runtime.merge_with_kernels}
+    parts = {"plan_ms": "stage_plans", "guidance_ms": "text_guidance", "merge_ms": "merge_with_kernels"}
+    spent = dict.fromkeys(parts, 0.0)
+    originals = {key: getattr(torch_runtime, name) for key, name in parts.items()}
 
     def timed(key, fn):
         def wrapper(*args, **kwargs):
@@ -228,8 +229,8 @@ def overhead(loaded, inputs, schedule) -> dict:
 
         return wrapper
 
-    torch_runtime.text_guidance = timed("guidance_ms", originals["guidance_ms"])
-    torch_runtime.merge_with_kernels = timed("merge_ms", originals["merge_ms"])
+    for key, name in parts.items():
+        setattr(torch_runtime, name, timed(key, originals[key]))
     try:
         sync()
         t0 = time.perf_counter()
@@ -237,8 +238,8 @@ def overhead(loaded, inputs, schedule) -> dict:
         sync()
         total = (time.perf_counter() - t0) * 1e3
     finally:
-        torch_runtime.text_guidance = originals["guidance_ms"]
-        torch_runtime.merge_with_kernels = originals["merge_ms"]
+        for key, name in parts.items():
+            setattr(torch_runtime, name, originals[key])
     return {"total_ms": round(total, 3), **{k: round(v, 3) for k, v in spent.items()}}
 
 

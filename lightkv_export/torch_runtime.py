@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import AttentionInterface, DynamicCache
@@ -29,7 +29,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.method.guidance import SoftmaxAxis, text_guidance
-from lightkv_export.method.layout import GridMode, plan_stage
+from lightkv_export.method.layout import GridMode, StagePlan
+from lightkv_export.method.merge_plan import plan_request, stage_input_names
 from lightkv_export.method.reference import MergeResult, VisionSpan, lightkv_merge
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.base import LoadedModel, PrefillInputs
@@ -111,15 +112,42 @@ def vision_mask(
     return mask
 
 
-def merge_with_kernels(hidden: torch.Tensor, guidance: torch.Tensor, spans, **stage) -> MergeResult:
-    """One stage through the LightKVMerge Triton kernels: the plan from the layout (as the reference op plans it),
-    then the kernels on the data. `merged_into` is left out (the kernels do not report it)."""
-    from plugins.lightkv.launch import lightkv_merge_triton
+@dataclass(frozen=True)
+class StagedPlan:
+    """One stage's host plan and its tensors on the device, made before the first layer runs: copying them then
+    (or gathering text positions on the device) mid-prefill would make the host wait for every queued layer."""
 
-    plan = plan_stage(spans, hidden.shape[1], **stage)
-    out, kept = lightkv_merge_triton(hidden, guidance.float(), plan)  # [B, S', D], [B, S']
-    lengths = torch.tensor(plan.out_lengths, dtype=torch.int64, device=out.device)  # [B]
-    return MergeResult(out, kept, lengths, plan.spans, plan.skipped)
+    plan: StagePlan
+    tensors: Any  # plugins.lightkv.launch.PlanTensors
+    out_lengths: torch.Tensor  # [B] int64
+    text_positions: tuple[torch.Tensor, torch.Tensor]  # text_index [B, T] int64, text_valid [B, T] bool
+
+
+def stage_plans(spans, seq_len: int, schedule: Schedule, grid_mode: GridMode, device) -> list[StagedPlan]:
+    """Every stage's plan from the layout alone (as the reference op plans it), on `device`."""
+    from plugins.lightkv.launch import plan_tensors
+
+    planned = plan_request(spans, [seq_len] * len(spans), schedule, grid_mode=grid_mode)
+    staged = []
+    for k, plan in enumerate(planned.stages):
+        names = stage_input_names(k)
+        text = tuple(torch.as_tensor(planned.feeds[names[n]], device=device) for n in ("text_index", "text_valid"))
+        lengths = torch.as_tensor(plan.out_lengths, dtype=torch.int64, device=device)  # [B]
+        staged.append(StagedPlan(plan, plan_tensors(plan, device), lengths, text))
+    return staged
+
+
+def merge_with_kernels(hidden: torch.Tensor, guidance: torch.Tensor, staged: StagedPlan) -> MergeResult:
+    """One planned stage through the LightKVMerge Triton kernels (no host sync). `merged_into` is left out (the
+    kernels do not report it)."""
+    from plugins.lightkv.launch import launch_kernels
+
+    plan = staged.plan
+    if tuple(hidden.shape[:2]) != (plan.batch, plan.seq_len):  # the layout and the data disagree: a bug
+        raise LightKVError(f"hidden {tuple(hidden.shape)} does not match the stage's plan ({plan.batch}, "
+                           f"{plan.seq_len})")  # fmt: skip
+    out, kept = launch_kernels(hidden, guidance.float(), staged.tensors)  # [B, S', D], [B, S']
+    return MergeResult(out, kept, staged.out_lengths, plan.spans, plan.skipped)
 
 
 def cache_kwarg(layer: torch.nn.Module) -> str:
@@ -166,6 +194,7 @@ def prefill(
     full_len = hidden.shape[1]
     cache = DynamicCache(config=loaded.text_config)
     records: list[StageRecord] = []
+    staged = stage_plans(spans, full_len, schedule, grid_mode, hidden.device) if merge == "triton" else []
 
     cache_kw = cache_kwarg(text.layers[0])
     with capture_attention(text.config):
@@ -179,13 +208,16 @@ def prefill(
             if stage is None:
                 continue
             seq = hidden.shape[1]
+            planned = staged[len(records)] if staged else None
             xi = text_guidance(
-                capture["query"], capture["key"], vision_mask(spans, seq, hidden.device), softmax_over=softmax_over
+                capture["query"],
+                capture["key"],
+                vision_mask(spans, seq, hidden.device),
+                softmax_over=softmax_over,
+                text_positions=planned.text_positions if planned else None,
             )  # [1, S]
-            if merge == "triton":
-                res = merge_with_kernels(
-                    hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode
-                )
+            if planned is not None:
+                res = merge_with_kernels(hidden, xi, planned)
             else:
                 res = lightkv_merge(hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode)
             records.append(StageRecord(idx + 1, res.kept, res.spans, res.skipped, xi, res.merged_into))

@@ -43,10 +43,13 @@ def text_guidance(
     valid_mask: torch.Tensor | None = None,
     scale: float | None = None,
     softmax_over: SoftmaxAxis = "query",
+    text_positions: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """xi [B, S] fp32 from post-RoPE query [B, Hq, S, d] and key [B, Hkv, S, d].
 
     vision_mask [B, S]: True at vision tokens. valid_mask [B, S]: False at padding (default: all valid).
+    text_positions: (idx [B, T], valid [B, T]) of the valid non-vision tokens when the caller has them from the
+    layout (merge_plan.text_positions); else they are gathered here, which waits for the device (T = a max).
     Values at non-vision and padded positions are computed but carry no meaning.
     """
     bsz, hq, seq, dim = query.shape
@@ -60,7 +63,7 @@ def text_guidance(
     q = query.float().reshape(bsz, hkv, hq // hkv, seq, dim)  # [B, Hkv, G, S, d]
     k = key.float()  # [B, Hkv, S, d]
 
-    text_idx, text_valid = gather_positions(valid & ~vision_mask)  # [B, T]
+    text_idx, text_valid = text_positions or gather_positions(valid & ~vision_mask)  # [B, T]
     k_text = k.gather(2, text_idx[:, None, :, None].expand(-1, hkv, -1, dim))  # [B, Hkv, T, d]
     logits = torch.einsum("bhgsd,bhtd->bhgst", q, k_text) * scale  # [B, Hkv, G, S, T]
     query_ok = valid[:, None, None, :, None]  # [B, 1, 1, S, 1]
