@@ -280,12 +280,12 @@ def merge_previous(entries: list[dict], out_dir: Path, known: set[str]) -> list[
         if e.get("name") in ran or e.get("name") not in known:
             continue
         path = out_dir / f"{e['name']}.json"
-        if e.get("status") == "ok" or path.exists():
-            if not path.exists():
-                continue
+        if path.exists():  # an ok entry, or a skipped one measured elsewhere (a GPU record)
             record = json.loads(path.read_text())  # the record is the truth: a run on its own may be newer
             e = {**e, "status": "ok", "reason": None, "title": record.get("title", e.get("title")),
                  "ratios": record.get("ratios", e.get("ratios")), "result": record, "carried_over": True}  # fmt: skip
+        elif e.get("status") == "ok":  # its record is gone: nothing to show
+            continue
         kept.append(e)
     # Records a benchmark wrote when run on its own (python -m benchmarks.bench_peer): not in the summary yet.
     listed = ran | {e["name"] for e in kept}

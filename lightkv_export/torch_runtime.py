@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import sys
 import time
@@ -153,8 +154,12 @@ def merge_with_kernels(hidden: torch.Tensor, guidance: torch.Tensor, staged: Sta
 def cache_kwarg(layer: torch.nn.Module) -> str:
     """The decoder layer's keyword for the KV cache: `cache` in transformers 5.24 (the pin), `past_key_values`
     before (the lent GPU machine has 5.17); a wrong name would be swallowed by **kwargs and fill no cache."""
-    params = inspect.signature(layer.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return _cache_kwarg(type(layer))
+
+
+@functools.cache
+def _cache_kwarg(layer_class: type) -> str:  # once per class: decode_step asks on every token
+    return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
 
 
 def kv_bytes(cache: DynamicCache) -> int:

@@ -72,8 +72,7 @@ class PlanTensors:
     win_index: torch.Tensor  # [W, n_max] int64
     win_r: torch.Tensor  # [W] int64
     lengths: torch.Tensor  # [B] int64
-    out_slots: torch.Tensor  # [S'] int64: S' as a tensor dimension, the way the TensorRT plugin receives it
-    out_seq: int  # S' = max(out_lengths), known on the host from the plan
+    out_slots: torch.Tensor  # [S'] int64: S' = max(out_lengths) as a tensor dimension, as the TensorRT plugin has it
 
 
 def plan_tensors(plan: StagePlan, device: torch.device | str) -> PlanTensors:
@@ -86,7 +85,6 @@ def plan_tensors(plan: StagePlan, device: torch.device | str) -> PlanTensors:
         win_r=torch.as_tensor(plan.win_r, dtype=torch.int64, device=device).contiguous(),  # [W]
         lengths=torch.tensor(plan.lengths, dtype=torch.int64, device=device),  # [B]
         out_slots=torch.as_tensor(out_slots(plan.out_lengths), device=device),  # [S']
-        out_seq=plan.out_seq_len,
     )
 
 
@@ -117,7 +115,7 @@ def launch_kernels(
     flat = hidden.contiguous().reshape(bsz * seq, dim)  # [N, D]
     xi = guidance.to(torch.float32).contiguous().reshape(bsz * seq)  # [N]
     win_index, win_r, lengths = plan.win_index, plan.win_r, plan.lengths
-    out_seq = plan.out_seq
+    out_seq = plan.out_slots.shape[0]  # S', known on the host from the plan
     n_win, n_max = win_index.shape
     na, nb = (n_max + 1) // 2, n_max // 2
     c = config

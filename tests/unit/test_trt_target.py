@@ -499,7 +499,7 @@ def _launch_py_grids_and_scalars(monkeypatch: pytest.MonkeyPatch, tactic: int) -
         monkeypatch.setattr(kernels, name, recorders[name])
     plan = launch.PlanTensors(
         win_index=torch.zeros(W, N_MAX, dtype=torch.int64), win_r=torch.ones(W, dtype=torch.int64),
-        lengths=torch.full((B,), S, dtype=torch.int64), out_slots=torch.arange(S_OUT), out_seq=S_OUT,
+        lengths=torch.full((B,), S, dtype=torch.int64), out_slots=torch.arange(S_OUT),
     )  # fmt: skip
     hidden = torch.zeros(B, S, D, dtype=torch.float16)
     launch.launch_kernels(hidden, torch.ones(B, S), plan, trt_plugin.CANDIDATE_TACTICS[tactic])
