@@ -14,9 +14,10 @@ Layout (everything needed to run it; nothing refers back to the export cache):
     processor/               tokenizer, image processor and chat template
 
 `open_sessions` memory-maps weights.bin once and gives every session the same buffers (ONNX Runtime's shared
-initializers). Prefill and decode run as the two branches of one session over both graphs (`join_graphs`, built in
-memory at load), so ONNX Runtime pre-packs each MatMul weight once for both and the engine holds the weights once,
-pre-packed; the mapped originals it packs from are dropped from the process as it goes (rss.DroppedPages).
+initializers). Prefill and decode run as the two branches of one session over both graphs
+(passes/join_branches.py, built in memory at load), so ONNX Runtime pre-packs each MatMul weight once for both and
+the engine holds the weights once, pre-packed; the mapped originals it packs from are dropped from the process as
+it goes (rss.DroppedPages).
 
 The builder writes into the directory it is given; the pipeline stages, verifies and promotes it (artifacts.py).
 """
@@ -35,6 +36,7 @@ from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_m
 
 from lightkv_export import contract
 from lightkv_export.artifacts import PROCESSOR_DIR, WEIGHTS_FILE, Manifest
+from lightkv_export.passes.join_branches import BRANCH, JOINED, join_branches
 from lightkv_export.rss import DroppedPages
 
 if TYPE_CHECKING:  # the build side (export, passes) stays out of a process that only runs engines
@@ -155,108 +157,10 @@ def session_options(shared: dict[str, object], *, arena: bool = True, prepack: b
     return options
 
 
-# Prefill and decode run as the two branches of one graph in one session: ONNX Runtime pre-packs each MatMul
-# weight into its GEMM layout once per session (an initializer two nodes share is packed once) and frees the
-# original, while two sessions would each hold their own packed copy (its Python API has no shared
-# pre-packed-weights container). So the weights are held once, pre-packed.
-JOINED = ("prefill", "decode")
-BRANCH = "run_prefill"  # bool scalar input of the joined graph: True runs the prefill branch, False the decode step
-
-
-def join_graphs(branches: dict[str, onnx.ModelProto]) -> onnx.ModelProto:
-    """One graph whose If node runs `branches[JOINED[0]]` when BRANCH is true, else `branches[JOINED[1]]`.
-
-    Each branch's inputs and outputs become the joined graph's under "<branch>/<name>"; a branch also yields an
-    empty tensor for each of the other's outputs (an If node's branches have the same outputs). Initializers
-    stored in weights.bin move to the outer graph, where both branches read the same tensor."""
-    assert set(branches) == set(JOINED), branches
-    outer_inputs = [onnx.helper.make_tensor_value_info(BRANCH, onnx.TensorProto.BOOL, [])]
-    outer_outputs, shared = [], {}
-    for name in JOINED:
-        graph = branches[name].graph
-        outer_inputs += [_renamed(v, f"{name}/{v.name}") for v in graph.input]
-        outer_outputs += [_renamed(v, f"{name}/{v.name}") for v in graph.output]
-        for tensor in graph.initializer:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                shared.setdefault(tensor.name, tensor)  # names are content hashes (passes/share_weights.py)
-    bodies = {name: _branch_body(branches, name) for name in JOINED}
-    node = onnx.helper.make_node(
-        "If", [BRANCH], [v.name for v in outer_outputs], then_branch=bodies[JOINED[0]], else_branch=bodies[JOINED[1]]
-    )
-    graph = onnx.helper.make_graph([node], "prefill_decode", outer_inputs, outer_outputs, list(shared.values()))
-    opsets: dict[str, int] = {}
-    for model in branches.values():
-        for opset in model.opset_import:
-            opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
-    model.ir_version = max(m.ir_version for m in branches.values())
-    seen = set()
-    for m in branches.values():
-        for function in m.functions:
-            if (function.domain, function.name) not in seen:
-                seen.add((function.domain, function.name))
-                model.functions.append(function)
-    return model
-
-
-def _renamed(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
-    copy = onnx.ValueInfoProto()
-    copy.CopyFrom(value)
-    copy.name = name
-    return copy
-
-
-def _branch_body(branches: dict[str, onnx.ModelProto], name: str) -> onnx.GraphProto:
-    """Branch `name` as an If body: it reads the outer "<name>/<input>" values and the outer weights; its outputs
-    are, in JOINED order, its own graph's outputs and an empty tensor of the right type and rank for each output
-    of the other branch."""
-    graph = branches[name].graph
-    inputs = {v.name: f"{name}/{v.name}" for v in graph.input}
-    nodes = []
-    for node in graph.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.input[:] = [inputs.get(i, i) for i in node.input]
-        nodes.append(copy)
-    # The other branch's outputs, sized at run time: ONNX Runtime types an If node's outputs by its then-branch,
-    # so a constant's fixed zero sizes would become the other branch's output shapes.
-    zero = f"{name}.none/zero"
-    nodes += [
-        onnx.helper.make_node("Cast", [BRANCH], [f"{zero}.flag"], to=onnx.TensorProto.INT64),
-        onnx.helper.make_node("Sub", [f"{zero}.flag", f"{zero}.flag"], [zero]),
-    ]
-    outputs = []
-    for slot in JOINED:
-        for v in branches[slot].graph.output:
-            if slot == name and v.name in inputs:  # a graph input passed straight through
-                nodes.append(onnx.helper.make_node("Identity", [inputs[v.name]], [f"{name}.out/{v.name}"]))
-                outputs.append(_renamed(v, f"{name}.out/{v.name}"))
-            elif slot == name:
-                outputs.append(v)
-            else:
-                outputs.append(_empty_output(v, f"{name}.none/{v.name}", zero, nodes))
-    local = [t for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
-    return onnx.helper.make_graph(nodes, name, [], outputs, local, value_info=list(graph.value_info))
-
-
-def _empty_output(like: onnx.ValueInfoProto, name: str, zero: str, nodes: list) -> onnx.ValueInfoProto:
-    """Append the nodes of an empty tensor of `like`'s type and rank, its sizes `zero` (a run-time 0) each."""
-    tensor = like.type.tensor_type
-    rank = len(tensor.shape.dim)
-    ones = onnx.helper.make_tensor(f"{name}.ones", onnx.TensorProto.INT64, [rank], [1] * rank)
-    value = onnx.helper.make_tensor(f"{name}.value", tensor.elem_type, [1], [0])
-    nodes += [
-        onnx.helper.make_node("Constant", [], [ones.name], value=ones),
-        onnx.helper.make_node("Mul", [ones.name, zero], [f"{name}.sizes"]),
-        onnx.helper.make_node("ConstantOfShape", [f"{name}.sizes"], [name], value=value),
-    ]
-    return onnx.helper.make_tensor_value_info(name, tensor.elem_type, [None] * rank)
-
-
 def open_sessions(directory: Path, manifest: Manifest) -> dict:
     """ONNX Runtime CPU sessions for the engine, all over one read-only mapping of weights.bin: vision and embed
-    use the mapped tensors as they are; prefill and decode are the branches of one session (`join_graphs`) whose
-    MatMul weights are pre-packed once."""
+    use the mapped tensors as they are; prefill and decode are the branches of one session (passes/join_branches.py)
+    whose MatMul weights are pre-packed once."""
     weights = MappedWeights(directory / WEIGHTS_FILE)
     sessions = shared_sessions(directory, [name for name in GRAPHS if name not in JOINED], weights)
     sessions.update(joined_sessions(directory, weights))
@@ -284,10 +188,10 @@ class MappedWeights:
 
 
 def joined_sessions(directory: Path, weights: MappedWeights) -> dict:
-    """{"prefill": ..., "decode": ...}: views of one session over `join_graphs` of the engine's two graphs, opened
+    """{"prefill": ..., "decode": ...}: views of one session over `join_branches` of the engine's two graphs, opened
     when either is first run (or `load`ed): a process that only prepares requests never packs the weights."""
     branches = {name: onnx.load(str(directory / f"{name}.onnx"), load_external_data=False) for name in JOINED}
-    opened = OnFirstUse(lambda: _open_joined(directory, weights, join_graphs(branches)))
+    opened = OnFirstUse(lambda: _open_joined(directory, weights, join_branches(branches)))
     in_place = {name: any(v.name == contract.past_length(0) for v in g.graph.input) for name, g in branches.items()}
     return {name: (InPlaceBranch if in_place[name] else Branch).of(opened, name, branches) for name in JOINED}
 

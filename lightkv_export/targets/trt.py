@@ -1,7 +1,9 @@
 """TensorRT engine targets: trt-sm80 | trt-sm86 | trt-sm89 | trt-sm90 | trt-sm100 | trt-sm120, and trt (the local GPU).
 
 `build_trt_engine` lowers LightKVMerge to the AOT plugins (passes/lower_trt_plugin.py), parses the ONNX model, builds
-with fp16 or bf16, optimization profiles, a timing cache, and returns the metadata manifest.json records. A TensorRT
+with fp16 or bf16, optimization profiles, a timing cache, and returns the metadata manifest.json records. An engine
+is three plans (ENGINES): vision, embed, and step, which is prefill and decode as one engine over one copy of the
+weights (`step_graph`, an If on BRANCH; `step_profiles`, a profile per branch), opened as two sessions. A TensorRT
 target needs TensorRT and a GPU of the target's compute capability; without them `check_trt_available` raises
 TargetUnavailableError naming what is missing. The plugin kernels are compiled for the target either way
 (`compile_target_kernels`), so a build can keep those artifacts. `tensorrt` is imported lazily, here and in plugins/.
@@ -26,6 +28,7 @@ from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.method.merge_plan import OUT_SLOTS, lowered_feeds, stage_input_names
 from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.positions import SCHEMES
+from lightkv_export.passes.join_branches import BRANCH, JOINED, join_branches
 from lightkv_export.passes.lower_trt_plugin import lower_trt_plugin
 
 TRT_TARGETS: dict[str, tuple[int, int]] = {
@@ -265,7 +268,9 @@ def build_trt_engine(
 
 # --- the pipeline's entry points -------------------------------------------------------------------------------
 
-GRAPHS = ("vision", "embed", "prefill", "decode")
+GRAPHS = ("vision", "embed", "prefill", "decode")  # the graphs an engine runs (runtime.open_sessions' keys)
+STEP = "step"  # prefill and decode: one engine over passes/join_branches.py's graph, a profile per branch
+ENGINES = ("vision", "embed", STEP)  # the plan directories: vision/model.plan, embed/model.plan, step/model.plan
 MAX_BATCH = 8
 MAX_IMAGES = 4  # images per request the prefill profile admits
 MAX_TEXT_TOKENS = 2048
@@ -323,6 +328,53 @@ def engine_profiles(manifest: Manifest) -> dict[str, Profile]:
     }
 
 
+def step_graph(prefill: onnx.ModelProto, decode: onnx.ModelProto) -> onnx.ModelProto:
+    """The step engine's graph: the prefill lowered to the plugins (its out_slots inputs added) and the decode
+    step, joined under one If (passes/join_branches.py) over one set of weights."""
+    return join_branches({"prefill": lower_trt_plugin(prefill), "decode": decode})
+
+
+def step_profiles(profiles: Mapping[str, Profile]) -> list[Profile]:
+    """The step engine's optimization profiles, one per branch in JOINED order (so profile i runs branch i): the
+    branch's own inputs over their ranges, the other branch's fixed at its opt shapes (the reference request, a
+    consistent set of shapes), which the runtime feeds as resident zeros that the branch not taken never reads."""
+    out = []
+    for branch in JOINED:
+        shapes = {}
+        for name in JOINED:
+            for key, (low, opt, high) in profiles[name].shapes.items():
+                shapes[f"{name}/{key}"] = (low, opt, high) if name == branch else (opt, opt, opt)
+        out.append(Profile(shapes))
+    return out
+
+
+def _write_graphs(onnx_dir: Path, exported, prefill: onnx.ModelProto) -> dict[str, Path]:
+    """The graphs TensorRT builds from, written to `onnx_dir` over one weights file (passes/share_weights.py,
+    streamed one tensor at a time from the export): vision.onnx, embed.onnx and step.onnx (`step_graph`)."""
+    from lightkv_export.artifacts import WEIGHTS_FILE
+    from lightkv_export.export import strip_roles
+    from lightkv_export.passes.share_weights import share_weights
+
+    onnx_dir.mkdir(parents=True, exist_ok=True)
+    models = {}
+    for name in GRAPHS:
+        source = exported.prefill if name == "prefill" else getattr(exported, name)
+        if name == "prefill":  # a copy: the passes below work in place, and the caller's prefill stays as it was
+            graph = onnx.ModelProto()
+            graph.CopyFrom(prefill)
+        else:
+            graph = onnx.load(str(source), load_external_data=False)
+        models[name] = (strip_roles(graph), source.parent)
+    share_weights(models, onnx_dir / WEIGHTS_FILE)
+    graphs = {"vision": models["vision"][0], "embed": models["embed"][0]}
+    graphs[STEP] = step_graph(models["prefill"][0], models["decode"][0])
+    paths = {}
+    for name, graph in graphs.items():
+        paths[name] = onnx_dir / f"{name}.onnx"
+        onnx.save(graph, str(paths[name]))
+    return paths
+
+
 def build_engine(
     target: str,
     directory: Path,
@@ -334,15 +386,13 @@ def build_engine(
     manifest: Manifest,
     config,
 ) -> Manifest:
-    """pipeline.build_target for trt-*: kernels first (kept whatever happens), then one TensorRT plan per graph
+    """pipeline.build_target for trt-*: kernels first (kept whatever happens), then the TensorRT plans (ENGINES)
     written into `directory` (the pipeline's staging directory for `destination`). Returns the engine's manifest.
 
     The kernels land in `<destination>-kernels/` (complete or absent), so a missing TensorRT or GPU still leaves
     the compiled plugin kernels for the target.
     """
     from lightkv_export.artifacts import PROCESSOR_DIR, promote, staging
-    from lightkv_export.export import strip_roles
-    from lightkv_export.targets.ort import save_graph
 
     precision: Precision = "bf16" if manifest.dtype == "bfloat16" else "fp16"
     kernels_dir = destination.with_name(f"{destination.name}-kernels")
@@ -355,27 +405,25 @@ def build_engine(
     except TargetUnavailableError as exc:
         where = f" Kernels for {target}: {kernels_dir}." if kernels_dir.exists() else ""
         raise TargetUnavailableError(f"{exc}{where}") from None
-    profiles = engine_profiles(manifest)
+    graphs = _write_graphs(directory / "onnx", exported, prefill)
+    per_graph = engine_profiles(manifest)
+    profiles = {"vision": [per_graph["vision"]], "embed": [per_graph["embed"]], STEP: step_profiles(per_graph)}
     infos = {}
-    for name in GRAPHS:
-        source = directory / "onnx" / f"{name}.onnx"
-        source.parent.mkdir(exist_ok=True)
-        graph = strip_roles(prefill if name == "prefill" else onnx.load(str(getattr(exported, name))))
-        save_graph(graph, source, base_dir=exported.prefill.parent)
+    for name in ENGINES:
         infos[name] = build_trt_engine(
-            source,
+            graphs[name],
             directory / name,
             target=target,
             precision=precision,
-            profiles=[profiles[name]],
+            profiles=profiles[name],
             schedule=manifest.schedule,
             timing_cache=destination.parent / f".{target}.timing-cache",
         ).__dict__
     processor.save_pretrained(str(directory / PROCESSOR_DIR))
     extra = {"compute_capability": f"{capability[0]}.{capability[1]}", "tensorrt": infos}
-    # Each plan embeds the weights of its graph, so prefill and decode each hold a copy (refit-sharing between
-    # the two engines is not done yet): the bytes held are the plans' sizes.
-    held = sum((directory / name / "model.plan").stat().st_size for name in GRAPHS)
+    # Every plan embeds the weights of its graph: prefill and decode are one plan, so the LLM's weights are held
+    # once; the vision tower's and the embedding table's are in their own plans.
+    held = sum((directory / name / "model.plan").stat().st_size for name in ENGINES)
     extra = json.loads(json.dumps(extra, default=str))
     return replace(manifest, target=target, weight_bytes=held, extra=extra)
 
@@ -404,7 +452,7 @@ def torch_dtype(trt_dtype: Any) -> Any:
     return getattr(torch, TORCH_DTYPES[name])
 
 
-def to_device(array: np.ndarray, dtype: Any, name: str) -> Any:
+def to_device(array: np.ndarray, dtype: Any, name: str, device: str = "cuda") -> Any:
     """A feed as a contiguous CUDA tensor of the engine's dtype. Floats are cast (fp32 host data into an fp16 or
     bf16 engine); any other mismatch would be reinterpreted bytes, so it is an error."""
     import torch
@@ -412,7 +460,7 @@ def to_device(array: np.ndarray, dtype: Any, name: str) -> Any:
     tensor = torch.from_numpy(np.ascontiguousarray(array))
     if tensor.dtype != dtype and not (tensor.dtype.is_floating_point and dtype.is_floating_point):
         raise InputError(f"input {name!r} is {tensor.dtype}, the engine expects {dtype}.")
-    return tensor.to(device="cuda", dtype=dtype)
+    return tensor.to(device=device, dtype=dtype)
 
 
 def to_host(tensor: Any) -> np.ndarray:
@@ -424,8 +472,28 @@ def to_host(tensor: Any) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
+def load_plan(plan_path: Path) -> Any:
+    """The engine in `plan_path`, deserialized on the local GPU once the LightKV plugins are registered for it."""
+    import tensorrt as trt
+    import torch
+
+    from plugins.lightkv.trt_plugin import register_plugins
+
+    register_plugins(sm_name(torch.cuda.get_device_capability(0)))
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
+    if engine is None:
+        raise InputError(f"TensorRT could not load {plan_path}; rebuild the engine for this GPU and TensorRT.")
+    return engine
+
+
 class TrtSession:
-    """One TensorRT engine behind the runtime's Session interface (numpy in, numpy out, on the local GPU).
+    """One optimization profile of a TensorRT engine behind the runtime's Session interface (numpy in, numpy out,
+    on the local GPU), with an execution context of its own.
+
+    `prefix` names one branch of the step engine ("prefill/" or "decode/", run by profile `profile`): the session
+    shows that branch's inputs and outputs under their own graph's names, and feeds every other input (BRANCH, and
+    the other branch's at the fixed shapes its profile admits) from device tensors bound once, at open.
 
     Output shapes follow from the input shapes (after a LightKV stage, from that stage's out_slots dimension, which
     `run` adds from the plan); TensorRT allocates the outputs through the session's one output allocator, so no
@@ -434,29 +502,54 @@ class TrtSession:
     when the runtime feeds them to the next graph.
     """
 
-    def __init__(self, plan_path: Path) -> None:
+    def __init__(self, engine: Any, *, profile: int = 0, prefix: str = "", device: str = "cuda") -> None:
         import tensorrt as trt
         import torch
 
-        from plugins.lightkv.trt_plugin import register_plugins
-
-        major, minor = torch.cuda.get_device_capability(0)
-        register_plugins(sm_name((major, minor)))
-        self.trt, self.torch = trt, torch
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.torch, self.engine, self.prefix, self.device = torch, engine, prefix, device
+        # Sized for this context's profile, not the largest one: the step engine's two contexts hold the
+        # activation memory of a prefill and of a decode step, not two of a prefill.
+        self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
+        stream = self._stream()
+        if not self.context.set_optimization_profile_async(profile, stream.cuda_stream):
+            raise RuntimeError(f"TensorRT refused optimization profile {profile}")
+        stream.synchronize()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.all_outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.inputs = [n[len(prefix) :] for n in inputs if n.startswith(prefix)]
+        self.output_names = [n[len(prefix) :] for n in self.all_outputs if n.startswith(prefix)]
+        self.resident = {}  # kept alive: the context holds their addresses
+        for name in inputs:
+            if not name.startswith(prefix):
+                self.resident[name] = self._resident(name, profile)
+                self.context.set_input_shape(name, tuple(self.resident[name].shape))
+                self.context.set_tensor_address(name, self.resident[name].data_ptr())
         # One allocator for the session's life: the context keeps every allocator it is given alive, so a new one
         # per run would hold a new set of buffers per decode step. Its buffers grow, never shrink, and outputs
         # are copied to the host before the next run writes them again.
-        self.allocator = _output_allocator(trt, torch)
+        self.allocator = _output_allocator(trt, torch, device)
         self._attach_allocator()
 
+    def _stream(self) -> Any:
+        if self.device == "cuda":
+            return self.torch.cuda.current_stream()
+        from types import SimpleNamespace  # a host "device" (the unit tests' stand-in engines): nothing to wait on
+
+        return SimpleNamespace(cuda_stream=0, synchronize=lambda: None)
+
+    def _resident(self, name: str, profile: int) -> Any:
+        """BRANCH set to this session's branch, or zeros of the one shape `profile` admits for `name`."""
+        torch = self.torch
+        if name == BRANCH:
+            return torch.tensor(self.prefix == f"{JOINED[0]}/", dtype=torch.bool, device=self.device)
+        low, _, high = (tuple(d) for d in self.engine.get_tensor_profile_shape(name, profile))
+        if low != high:
+            raise InputError(f"engine input {name!r} is not fixed in profile {profile} ({low}..{high}); rebuild.")
+        return torch.zeros(low, dtype=torch_dtype(self.engine.get_tensor_dtype(name)), device=self.device)
+
     def _attach_allocator(self) -> None:
-        for name in self.output_names:
+        for name in self.all_outputs:  # the other branch's too: the If yields empty tensors for them
             self.context.set_output_allocator(name, self.allocator)
 
     def get_outputs(self) -> list[Any]:
@@ -465,21 +558,24 @@ class TrtSession:
         return [SimpleNamespace(name=n) for n in self.output_names]
 
     def run(self, output_names, feeds):
-        torch = self.torch
         allocator = self.allocator
         keep_alive = []
         feeds = {**lowered_feeds(feeds), **feeds}  # each stage's out_slots [S'] from its plan's out_lengths
+        if missing := [n for n in self.inputs if n not in feeds]:
+            raise InputError(f"the engine's inputs {missing} were not fed; it takes {self.inputs}.")
         for name in self.inputs:
-            tensor = to_device(feeds[name], torch_dtype(self.engine.get_tensor_dtype(name)), name)
+            dtype = torch_dtype(self.engine.get_tensor_dtype(self.prefix + name))
+            tensor = to_device(feeds[name], dtype, name, self.device)
             keep_alive.append(tensor)
-            self.context.set_input_shape(name, tuple(tensor.shape))
-            self.context.set_tensor_address(name, tensor.data_ptr())
-        stream = torch.cuda.current_stream()
+            self.context.set_input_shape(self.prefix + name, tuple(tensor.shape))
+            self.context.set_tensor_address(self.prefix + name, tensor.data_ptr())
+        stream = self._stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")
         stream.synchronize()
         out = []
         for name in output_names or self.output_names:
+            name = self.prefix + name
             dtype = torch_dtype(self.engine.get_tensor_dtype(name))
             shape = allocator.shapes[name]
             nbytes = int(np.prod(shape)) * dtype.itemsize  # the buffer may be larger (and is >= 1 byte)
@@ -511,6 +607,11 @@ def _output_allocator(trt, torch, device: str = "cuda"):
 
 
 def open_sessions(directory: Path, manifest: Manifest) -> dict[str, TrtSession]:
-    """runtime.open_sessions for TensorRT engine directories."""
+    """runtime.open_sessions for TensorRT engine directories: prefill and decode are two sessions (contexts) over
+    the one step engine, profile i running branch JOINED[i] (`step_profiles`)."""
     check_trt_available(manifest.target)
-    return {name: TrtSession(directory / name / "model.plan") for name in GRAPHS}
+    plans = {name: load_plan(directory / name / "model.plan") for name in ENGINES}
+    sessions = {name: TrtSession(plans[name]) for name in ENGINES if name != STEP}
+    for profile, branch in enumerate(JOINED):
+        sessions[branch] = TrtSession(plans[STEP], profile=profile, prefix=f"{branch}/")
+    return sessions

@@ -1,4 +1,4 @@
-"""ort-cpu's prefill and decode as the two branches of one ONNX Runtime session (targets/ort.py join_graphs), on
+"""ort-cpu's prefill and decode as the two branches of one ONNX Runtime session (passes/join_branches.py), on
 hand-built graphs that read the same weights under the same input and output names: each branch computes what
 its own graph does, and the weights are held once, pre-packed, without their mapped originals resident."""
 
@@ -14,8 +14,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lightkv_export.artifacts import WEIGHTS_FILE
+from lightkv_export.passes.join_branches import BRANCH, JOINED, join_branches
 from lightkv_export.passes.share_weights import share_weights
-from lightkv_export.targets.ort import BRANCH, JOINED, MappedWeights, join_graphs, joined_sessions
+from lightkv_export.targets.ort import MappedWeights, joined_sessions
 
 D, LAYERS = 2048, 8  # eight 16 MiB weights: well above the session's own memory (tens of MiB, varying)
 RNG = np.random.default_rng(0)
@@ -75,14 +76,22 @@ def test_each_branch_computes_its_own_graph(engine):
 def test_the_joined_graph_shares_the_stored_weights(engine):
     directory, _ = engine
     branches = {name: onnx.load(str(directory / f"{name}.onnx"), load_external_data=False) for name in JOINED}
-    joined = join_graphs(branches)
+    joined = join_branches(branches)
     outer = [t for t in joined.graph.initializer]
     assert len(outer) == LAYERS and all(t.data_location == TensorProto.EXTERNAL for t in outer)
     assert [i.name for i in joined.graph.input] == [BRANCH, "prefill/x", "decode/x"]
     assert [o.name for o in joined.graph.output] == ["prefill/y", "prefill/total", "decode/y", "decode/total"]
     (node,) = joined.graph.node
-    for body in (a.g for a in node.attribute):  # the small tensors stay in their branch
-        assert [t.name for t in body.initializer] == ["scale", "axes"] and len(body.output) == 4
+    defined = []  # every name either body defines: one namespace holds both (TensorRT's parser keeps one)
+    for attr in node.attribute:  # the small tensors stay in their branch, scoped
+        body, branch = attr.g, attr.g.name
+        assert [t.name for t in body.initializer] == [f"{branch}:scale", f"{branch}:axes"] and len(body.output) == 4
+        defined += [t.name for t in body.initializer] + [o for n in body.node for o in n.output]
+        # The empty outputs are sized from an input dimension, never from the flag: no shape depends on its value.
+        assert all(BRANCH not in n.input for n in body.node)
+    assert len(defined) == len(set(defined))
+    then_out, else_out = ([o.name for o in a.g.output] for a in node.attribute)
+    assert all(a != b for a, b in zip(then_out, else_out, strict=True))  # each If output's two tensors named apart
 
 
 # A fresh process: the peak resident size is the whole process's, and this one's has the suite's history.

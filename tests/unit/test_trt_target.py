@@ -647,7 +647,7 @@ def test_one_output_allocator_per_session_whose_buffers_grow_and_are_reused() ->
     fake_trt = types.SimpleNamespace(IOutputAllocator=object)
     context = _FakeContext([(2, 8), (2, 4), (2, 16), (2, 3)])
     session = object.__new__(trt.TrtSession)
-    session.context, session.output_names = context, ["out"]
+    session.context, session.all_outputs = context, ["out"]
     session.allocator = trt._output_allocator(fake_trt, torch, device="cpu")
     session._attach_allocator()  # what __init__ does, once
     pointers = []
@@ -743,3 +743,107 @@ def test_the_lowered_tiny_prefill_gives_every_plugin_the_shapes_of_a_real_reques
         assert kept.shape_expr == kept_real[k].shape and kept.dtype == "int64"
         assert out.shape_expr == (1, s_out, dim) and out.dtype == hdtype
         seq = s_out
+
+
+class _FakeEngine:
+    """The step engine's I/O as TensorRT's ICudaEngine shows it (two branches, BRANCH, two profiles), whose
+    contexts 'run' the branch BRANCH selects: y = 2 x, and an empty y for the other branch."""
+
+    def __init__(self, fixed_idle: bool = True) -> None:
+        self.io = {"run_prefill": "INPUT", "prefill/x": "INPUT", "decode/x": "INPUT",
+                   "prefill/y": "OUTPUT", "decode/y": "OUTPUT"}  # fmt: skip
+        own, idle = ((1, 2), (1, 5), (4, 9)), ((1, 3),) * 3 if fixed_idle else ((1, 1), (1, 3), (1, 8))
+        self.profiles = [{"prefill/x": own, "decode/x": idle}, {"decode/x": own, "prefill/x": idle}]
+        self.contexts: list[_FakeStepContext] = []
+        self.num_io_tensors = len(self.io)
+
+    def get_tensor_name(self, i: int) -> str:
+        return list(self.io)[i]
+
+    def get_tensor_mode(self, name: str) -> str:
+        return self.io[name]
+
+    def get_tensor_dtype(self, name: str):
+        return types.SimpleNamespace(name="BOOL" if name == "run_prefill" else "FLOAT")
+
+    def get_tensor_profile_shape(self, name: str, profile: int):
+        return [list(s) for s in self.profiles[profile][name]]
+
+    def create_execution_context(self, strategy):
+        assert strategy == "ON_PROFILE_CHANGE"
+        self.contexts.append(_FakeStepContext())
+        return self.contexts[-1]
+
+
+class _FakeStepContext:
+    def __init__(self) -> None:
+        self.profile, self.shapes, self.addresses, self.allocators = None, {}, {}, {}
+
+    def set_optimization_profile_async(self, profile, stream) -> bool:
+        self.profile = profile
+        return True
+
+    def set_input_shape(self, name, shape) -> None:
+        self.shapes[name] = tuple(shape)
+
+    def set_tensor_address(self, name, ptr) -> None:
+        self.addresses[name] = ptr
+
+    def set_output_allocator(self, name, allocator) -> None:
+        self.allocators[name] = allocator
+
+    def execute_async_v3(self, stream) -> bool:
+        import ctypes
+
+        def read(name: str, dtype) -> torch.Tensor:
+            n = int(np.prod(self.shapes[name]))
+            buf = (ctypes.c_byte * (n * dtype.itemsize)).from_address(self.addresses[name])
+            return torch.frombuffer(bytearray(buf), dtype=dtype).reshape(self.shapes[name])
+
+        taken = "prefill" if bool(read("run_prefill", torch.bool)) else "decode"
+        assert set(self.allocators) == {"prefill/y", "decode/y"}  # both If outputs, the empty one too
+        for branch in ("prefill", "decode"):
+            y = 2 * read(f"{branch}/x", torch.float32) if branch == taken else torch.zeros(0, 1)
+            allocator = self.allocators[f"{branch}/y"]
+            ptr = allocator.reallocate_output_async(f"{branch}/y", 0, y.numel() * 4, 256, 0)
+            ctypes.memmove(ptr, y.contiguous().numpy().ctypes.data, y.numel() * 4)
+            allocator.notify_shape(f"{branch}/y", tuple(y.shape))
+        return True
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch):
+    fake = types.SimpleNamespace(
+        IOutputAllocator=object, TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"),
+        ExecutionContextAllocationStrategy=types.SimpleNamespace(ON_PROFILE_CHANGE="ON_PROFILE_CHANGE"),
+    )  # fmt: skip
+    monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    return fake
+
+
+def test_the_step_engine_opens_as_one_session_per_branch(fake_tensorrt) -> None:
+    """prefill and decode over one engine (open_sessions): each a context on its own profile, showing its branch
+    under its graph's names; BRANCH and the other branch's inputs are bound once, at the one shape the profile
+    fixes for them, and stay bound across runs."""
+    engine = _FakeEngine()
+    sessions = {
+        branch: trt.TrtSession(engine, profile=i, prefix=f"{branch}/", device="cpu")
+        for i, branch in enumerate(("prefill", "decode"))
+    }
+    for i, (branch, other) in enumerate((("prefill", "decode"), ("decode", "prefill"))):
+        session, context = sessions[branch], engine.contexts[i]
+        assert context.profile == i and session.inputs == ["x"]
+        assert [o.name for o in session.get_outputs()] == ["y"]
+        assert context.shapes[f"{other}/x"] == (1, 3) and set(session.resident) == {"run_prefill", f"{other}/x"}
+        assert bool(session.resident["run_prefill"]) == (branch == "prefill")
+        x = np.arange(10, dtype=np.float32).reshape(2, 5) + i
+        for _ in range(2):  # the resident inputs stay bound: a second run needs nothing re-set
+            (y,) = session.run(None, {"x": x})
+            np.testing.assert_array_equal(y, 2 * x)
+        with pytest.raises(InputError, match="not fed"):
+            session.run(None, {"z": x})
+
+
+def test_an_idle_input_the_profile_does_not_fix_is_refused(fake_tensorrt) -> None:
+    with pytest.raises(InputError, match="not fixed in profile 0"):
+        trt.TrtSession(_FakeEngine(fixed_idle=False), profile=0, prefix="prefill/", device="cpu")
