@@ -40,7 +40,10 @@ TRT_TARGETS: dict[str, tuple[int, int]] = {
     "trt-sm120": (12, 0),
 }
 LOCAL_TARGET = "trt"
-MIN_TENSORRT = (10, 9)  # tensorrt.plugin.aot_impl (AOT Python plugins) arrived in TensorRT 10.9
+# AOT Python plugins (tensorrt.plugin.aot_impl) arrived in TensorRT 10.9; an If whose two branches give outputs of
+# different shapes (the step engine: prefill's outputs against decode's) in 10.11 (release notes, condition-dependent
+# shapes: same rank, any shapes).
+MIN_TENSORRT = (10, 11)
 Precision = Literal["fp16", "bf16"]
 
 
@@ -82,8 +85,11 @@ def version_tuple(version: str) -> tuple[int, ...]:
 
 
 def missing_tensorrt() -> str | None:
-    """What is missing for the LightKV AOT plugins, or None: TensorRT >= MIN_TENSORRT with tensorrt.plugin.aot_impl."""
-    needed = f"TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} (ahead-of-time Python plugins, tensorrt.plugin.aot_impl)"
+    """What is missing for the TensorRT targets, or None: TensorRT >= MIN_TENSORRT with tensorrt.plugin.aot_impl."""
+    needed = (
+        f"TensorRT >= {'.'.join(map(str, MIN_TENSORRT))} (ahead-of-time Python plugins, tensorrt.plugin.aot_impl; "
+        "conditionals whose branches give outputs of different shapes)"
+    )
     try:
         import tensorrt
     except ImportError:

@@ -14,7 +14,8 @@ S' = max(out_lengths) is known on the host from the merge plan, so it arrives as
 out_slots [S'] (method/merge_plan.py): every output shape and every launch expression is arithmetic on plain input
 dimensions. (`tensorrt.plugin` forbids arithmetic on size-tensor expressions, and a data-dependent size would make
 TensorRT synchronise with the host in the middle of the graph.)
-Needs TensorRT >= 10.9 (`tensorrt.plugin.aot_impl`); targets/trt.check_trt_available says so when it is older.
+Needs TensorRT >= 10.9 (`tensorrt.plugin.aot_impl`; the targets need 10.11, targets/trt.MIN_TENSORRT), and
+targets/trt.check_trt_available says so when it is older.
 Each plugin has an `aot_impl` returning the Triton kernel as PTX (so the engine runs without Python: trtexec, Triton
 Inference Server) and an `autotune` offering the kernel configurations of TACTICS for TensorRT to time (one, for
 now: see TACTICS).

@@ -306,7 +306,7 @@ def _stub_tensorrt() -> tuple[types.ModuleType, types.ModuleType, dict[str, dict
         return wrap
 
     trt_mod = types.ModuleType("tensorrt")
-    trt_mod.__version__ = "10.9.0.34"
+    trt_mod.__version__ = "10.11.0.33"
     trt_mod.float32, trt_mod.float16, trt_mod.bfloat16 = "float32", "float16", "bfloat16"
     trt_mod.int32, trt_mod.int64 = "int32", "int64"
     trtp = types.ModuleType("tensorrt.plugin")
@@ -540,10 +540,10 @@ def test_aot_scalars_and_grid_are_the_kernels_declared_parameters(
 
 @pytest.mark.parametrize(
     ("version", "has_aot", "ok"),
-    [("10.9.0.34", True, True), ("10.13.2", True, True), ("10.8.0.43", True, False), ("10.9.0", False, False),
-     ("8.6.1", False, False)],
+    [("10.11.0.33", True, True), ("10.13.2", True, True), ("10.9.0.34", True, False), ("10.8.0.43", True, False),
+     ("10.11.0", False, False), ("8.6.1", False, False)],
 )  # fmt: skip
-def test_tensorrt_older_than_10_9_is_missing(
+def test_tensorrt_older_than_10_11_is_missing(
     monkeypatch: pytest.MonkeyPatch, version: str, has_aot: bool, ok: bool
 ) -> None:
     trt_mod, trtp, _ = _stub_tensorrt()
@@ -555,8 +555,8 @@ def test_tensorrt_older_than_10_9_is_missing(
     problem = trt.missing_tensorrt()
     assert (problem is None) == ok
     if not ok:
-        assert "TensorRT >= 10.9" in problem and version in problem
-        with pytest.raises(trt.TargetUnavailableError, match=r"TensorRT >= 10\.9") as err:
+        assert "TensorRT >= 10.11" in problem and version in problem
+        with pytest.raises(trt.TargetUnavailableError, match=r"TensorRT >= 10\.11") as err:
             trt.check_trt_available("trt-sm90")
         assert err.value.exit_code == 2
 
