@@ -131,3 +131,26 @@ def test_weights_are_held_once_packed_and_peak_so(engine):
     assert held < 1.3 * weight_mib and peak < 1.5 * weight_mib  # one packed copy, the mapped originals dropped
     peak, held = _load_mib(directory, drop=False)
     assert peak >= 1.8 * weight_mib  # the originals read while packing: resident besides the packed copy
+
+
+def test_graphs_with_only_static_shapes_size_the_empty_outputs_from_the_flag() -> None:
+    """With no symbolic input dimension to size the other branch's empty outputs from, the run-time zero comes from
+    the flag; each branch still gives its own graph's outputs and empty ones for the other's."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    def graph(op: str) -> onnx.ModelProto:
+        g = helper.make_graph(
+            [helper.make_node(op, ["x"], ["y"])], op,
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        )  # fmt: skip
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+
+    joined = join_branches({"prefill": graph("Neg"), "decode": graph("Abs")})
+    (node,) = joined.graph.node
+    assert all(any(BRANCH in n.input for n in a.g.node) for a in node.attribute)
+    session = ort.InferenceSession(joined.SerializeToString(), providers=["CPUExecutionProvider"])
+    for flag, own, other, expected in ((True, "prefill", "decode", -x), (False, "decode", "prefill", np.abs(x))):
+        got, empty = session.run([f"{own}/y", f"{other}/y"], {BRANCH: np.array(flag), "prefill/x": x, "decode/x": x})
+        np.testing.assert_array_equal(got, expected)
+        assert empty.size == 0 and empty.ndim == 2
