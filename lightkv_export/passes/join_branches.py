@@ -6,10 +6,11 @@ pre-packed-weights container). TensorRT builds the joined graph into one engine 
 branch (targets/trt.py), where two engines would each embed the weights.
 
 The joined graph: inputs BRANCH (bool scalar) and each branch's inputs as "<branch>/<name>", outputs each branch's
-outputs as "<branch>/<name>" (the branch not taken yields empty tensors for them). Initializers stored as external
-data (weights.bin, named by content: passes/share_weights.py) move to the outer graph, where both branches read the
-same tensor. Everything a branch computes is scoped "<branch>:" so one tensor namespace holds both bodies (TensorRT's
-parser keeps one; it also wants the two tensors of each If output named apart).
+outputs as "<branch>/<name>" (the branch not taken yields empty tensors for them), named dimensions scoped the same
+way. Initializers stored as external data (weights.bin, named by content: passes/share_weights.py) move to the outer
+graph, where both branches read the same tensor. Everything a branch computes is scoped "<branch>:" so one tensor
+namespace holds both bodies (TensorRT's parser keeps one; it also wants the two tensors of each If output named
+apart).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def join_branches(branches: dict[str, onnx.ModelProto]) -> onnx.ModelProto:
     outer_outputs, shared = [], {}
     for name in JOINED:
         graph = branches[name].graph
-        outer_inputs += [renamed(v, f"{name}/{v.name}") for v in graph.input]
-        outer_outputs += [renamed(v, f"{name}/{v.name}") for v in graph.output]
+        outer_inputs += [_scoped_dims(renamed(v, f"{name}/{v.name}"), name) for v in graph.input]
+        outer_outputs += [_scoped_dims(renamed(v, f"{name}/{v.name}"), name) for v in graph.output]
         for tensor in graph.initializer:
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
                 shared.setdefault(tensor.name, tensor)  # names are content hashes (passes/share_weights.py)
@@ -58,6 +59,15 @@ def renamed(value: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
     copy.CopyFrom(value)
     copy.name = name
     return copy
+
+
+def _scoped_dims(value: onnx.ValueInfoProto, branch: str) -> onnx.ValueInfoProto:
+    """`value` with its named dimensions scoped to `branch`: TensorRT holds inputs' dimensions of one name equal at
+    run time, and prefill's "batch" is not decode's (the branch not taken is fed at one fixed shape)."""
+    for dim in value.type.tensor_type.shape.dim:
+        if dim.HasField("dim_param"):
+            dim.dim_param = f"{branch}/{dim.dim_param}"
+    return value
 
 
 def _branch_body(branches: dict[str, onnx.ModelProto], name: str) -> onnx.GraphProto:
@@ -140,7 +150,8 @@ def _zero(graph: onnx.GraphProto, scope: dict[str, str], branch: str, nodes: lis
 
 
 def _empty_output(like: onnx.ValueInfoProto, name: str, zero: str, nodes: list) -> onnx.ValueInfoProto:
-    """Append the nodes of an empty tensor of `like`'s type and rank, its sizes `zero` (a run-time 0) each."""
+    """Append the nodes of an empty tensor of `like`'s type and rank, its sizes `zero` (a run-time 0) each (of a
+    scalar, a 0)."""
     tensor = like.type.tensor_type
     rank = len(tensor.shape.dim)
     ones = onnx.helper.make_tensor(f"{name}.ones", onnx.TensorProto.INT64, [rank], [1] * rank)

@@ -133,9 +133,11 @@ def compile_target_kernels(target: str, out_dir: Path, dtypes: Sequence[str] = (
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimization profile: input name -> (min, opt, max) shapes."""
+    """One optimization profile: input name -> (min, opt, max) shapes; `extra_memory_target` (TensorRT's, a fraction
+    of the weight memory the profile would add unconstrained), None for TensorRT's default."""
 
     shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]
+    extra_memory_target: float | None = None
 
 
 @dataclass
@@ -248,6 +250,8 @@ def build_trt_engine(
         p = builder.create_optimization_profile()
         for name, (lo, opt, hi) in prof.shapes.items():
             p.set_shape(name, lo, opt, hi)
+        if prof.extra_memory_target is not None:
+            p.extra_memory_target = prof.extra_memory_target
         config.add_optimization_profile(p)
     _attach_timing_cache(config, timing_cache)
     plan = builder.build_serialized_network(network, config)
@@ -343,14 +347,16 @@ def step_graph(prefill: onnx.ModelProto, decode: onnx.ModelProto) -> onnx.ModelP
 def step_profiles(profiles: Mapping[str, Profile]) -> list[Profile]:
     """The step engine's optimization profiles, one per branch in JOINED order (so profile i runs branch i): the
     branch's own inputs over their ranges, the other branch's fixed at its opt shapes (the reference request, a
-    consistent set of shapes), which the runtime feeds as resident zeros that the branch not taken never reads."""
+    consistent set of shapes), which the runtime feeds as resident zeros that the branch not taken never reads.
+    Profiles after the first may add no weight memory (extra_memory_target 0): by default TensorRT may keep a profile's
+    own copies of weights in the layouts its tactics prefer, which would undo the sharing."""
     out = []
-    for branch in JOINED:
+    for index, branch in enumerate(JOINED):
         shapes = {}
         for name in JOINED:
             for key, (low, opt, high) in profiles[name].shapes.items():
                 shapes[f"{name}/{key}"] = (low, opt, high) if name == branch else (opt, opt, opt)
-        out.append(Profile(shapes))
+        out.append(Profile(shapes, extra_memory_target=None if index == 0 else 0.0))
     return out
 
 
@@ -512,7 +518,8 @@ class TrtSession:
         import tensorrt as trt
         import torch
 
-        self.torch, self.engine, self.prefix, self.device = torch, engine, prefix, device
+        self.trt, self.torch, self.engine, self.prefix, self.device = trt, torch, engine, prefix, device
+        self.profile = profile
         # Sized for this context's profile, not the largest one: the step engine's two contexts hold the
         # activation memory of a prefill and of a decode step, not two of a prefill.
         self.context = engine.create_execution_context(trt.ExecutionContextAllocationStrategy.ON_PROFILE_CHANGE)
@@ -529,8 +536,7 @@ class TrtSession:
         for name in inputs:
             if not name.startswith(prefix):
                 self.resident[name] = self._resident(name, profile)
-                self.context.set_input_shape(name, tuple(self.resident[name].shape))
-                self.context.set_tensor_address(name, self.resident[name].data_ptr())
+                self._set_input(name, self.resident[name])
         # One allocator for the session's life: the context keeps every allocator it is given alive, so a new one
         # per run would hold a new set of buffers per decode step. Its buffers grow, never shrink, and outputs
         # are copied to the host before the next run writes them again.
@@ -547,12 +553,22 @@ class TrtSession:
     def _resident(self, name: str, profile: int) -> Any:
         """BRANCH set to this session's branch, or zeros of the one shape `profile` admits for `name`."""
         torch = self.torch
-        if name == BRANCH:
-            return torch.tensor(self.prefix == f"{JOINED[0]}/", dtype=torch.bool, device=self.device)
+        if name == BRANCH:  # where the engine reads it: on the host if the builder made it a shape input
+            host = self.engine.get_tensor_location(name) == self.trt.TensorLocation.HOST
+            return torch.tensor(self.prefix == f"{JOINED[0]}/", dtype=torch.bool, device="cpu" if host else self.device)
         low, _, high = (tuple(d) for d in self.engine.get_tensor_profile_shape(name, profile))
         if low != high:
             raise InputError(f"engine input {name!r} is not fixed in profile {profile} ({low}..{high}); rebuild.")
         return torch.zeros(low, dtype=torch_dtype(self.engine.get_tensor_dtype(name)), device=self.device)
+
+    def _set_input(self, name: str, tensor: Any) -> None:
+        if not self.context.set_input_shape(name, tuple(tensor.shape)):
+            low, _, high = self.engine.get_tensor_profile_shape(name, self.profile)
+            raise InputError(
+                f"input {name!r} of shape {tuple(tensor.shape)} is outside the engine's profile "
+                f"({tuple(low)} .. {tuple(high)}); rebuild with a profile that admits it."
+            )
+        self.context.set_tensor_address(name, tensor.data_ptr())
 
     def _attach_allocator(self) -> None:
         for name in self.all_outputs:  # the other branch's too: the If yields empty tensors for them
@@ -573,8 +589,7 @@ class TrtSession:
             dtype = torch_dtype(self.engine.get_tensor_dtype(self.prefix + name))
             tensor = to_device(feeds[name], dtype, name, self.device)
             keep_alive.append(tensor)
-            self.context.set_input_shape(self.prefix + name, tuple(tensor.shape))
-            self.context.set_tensor_address(self.prefix + name, tensor.data_ptr())
+            self._set_input(self.prefix + name, tensor)
         stream = self._stream()
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError("TensorRT execution failed")

@@ -74,6 +74,17 @@ def test_each_profile_ranges_its_branch_and_fixes_the_other(step) -> None:
                 assert (low, opt, high) == per_graph[graph_name].shapes[key]
             else:
                 assert low == opt == high == per_graph[graph_name].shapes[key][1], name
+    # The decode profile may add no weight memory of its own: TensorRT's default would allow a copy per profile.
+    assert [p.extra_memory_target for p in profiles] == [None, 0.0]
+    # Named dimensions are the branch's own: TensorRT holds same-named input dimensions equal, and prefill's batch
+    # runs against decode's inputs fixed at batch 1 (and the other way round).
+    names = {b: set() for b in JOINED}
+    for value in graph.input:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param"):
+                names[value.name.split("/", 1)[0]].add(dim.dim_param)
+    assert names["prefill"] and names["decode"] and not names["prefill"] & names["decode"]
+    assert all(n.startswith(f"{b}/") for b in JOINED for n in names[b])
 
 
 def test_each_branch_computes_its_own_graph(step) -> None:

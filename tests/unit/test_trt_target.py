@@ -769,22 +769,30 @@ class _FakeEngine:
     def get_tensor_profile_shape(self, name: str, profile: int):
         return [list(s) for s in self.profiles[profile][name]]
 
+    def get_tensor_location(self, name: str) -> str:
+        return "DEVICE"
+
     def create_execution_context(self, strategy):
         assert strategy == "ON_PROFILE_CHANGE"
-        self.contexts.append(_FakeStepContext())
+        self.contexts.append(_FakeStepContext(self))
         return self.contexts[-1]
 
 
 class _FakeStepContext:
-    def __init__(self) -> None:
-        self.profile, self.shapes, self.addresses, self.allocators = None, {}, {}, {}
+    def __init__(self, engine: _FakeEngine) -> None:
+        self.engine, self.profile, self.shapes, self.addresses, self.allocators = engine, None, {}, {}, {}
 
     def set_optimization_profile_async(self, profile, stream) -> bool:
         self.profile = profile
         return True
 
-    def set_input_shape(self, name, shape) -> None:
+    def set_input_shape(self, name, shape) -> bool:  # False outside the profile, as TensorRT answers
+        if name != "run_prefill":
+            low, _, high = self.engine.profiles[self.profile][name]
+            if not all(lo <= d <= hi for lo, d, hi in zip(low, shape, high, strict=True)):
+                return False
         self.shapes[name] = tuple(shape)
+        return True
 
     def set_tensor_address(self, name, ptr) -> None:
         self.addresses[name] = ptr
@@ -815,6 +823,7 @@ class _FakeStepContext:
 def fake_tensorrt(monkeypatch):
     fake = types.SimpleNamespace(
         IOutputAllocator=object, TensorIOMode=types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT"),
+        TensorLocation=types.SimpleNamespace(DEVICE="DEVICE", HOST="HOST"),
         ExecutionContextAllocationStrategy=types.SimpleNamespace(ON_PROFILE_CHANGE="ON_PROFILE_CHANGE"),
     )  # fmt: skip
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
@@ -842,6 +851,8 @@ def test_the_step_engine_opens_as_one_session_per_branch(fake_tensorrt) -> None:
             np.testing.assert_array_equal(y, 2 * x)
         with pytest.raises(InputError, match="not fed"):
             session.run(None, {"z": x})
+        with pytest.raises(InputError, match=r"outside the engine's profile \(\(1, 2\) \.\. \(4, 9\)\)"):
+            session.run(None, {"x": np.zeros((5, 5), np.float32)})
 
 
 def test_an_idle_input_the_profile_does_not_fix_is_refused(fake_tensorrt) -> None:
