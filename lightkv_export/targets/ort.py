@@ -133,21 +133,26 @@ def mapped_initializers(graph: onnx.ModelProto, weights: np.ndarray) -> dict[str
     return views
 
 
-# Graphs whose intermediates are per-request and large (S x S attention scores, the vision tower's activations):
-# without ONNX Runtime's CPU arena they go back to the allocator after each run instead of staying held at their
-# peak for the life of the process. Decode and embed allocate little, the same every step: they keep the arena.
+# Graphs opened as sessions of their own whose intermediates are per-request and large (S x S attention scores, the
+# vision tower's activations): without ONNX Runtime's CPU arena they go back to the allocator after each run
+# instead of staying held at their peak for the life of the process. Embed allocates little, the same every step:
+# it keeps the arena. (The joined prefill/decode session has a shrinkable arena instead: `_register_arena`.)
 NO_ARENA = frozenset({"vision", "prefill"})
 
 
-def session_options(shared: dict[str, object], *, arena: bool = True, prepack: bool = False):
+def session_options(shared: dict[str, object], *, arena: bool = True, prepack: bool = False, spin: bool = False):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.enable_cpu_mem_arena = arena
-    # Idle ORT workers otherwise spin for a while after each run and starve the host work between graphs
-    # (plan, embedding scatter) and the next graph's own threads.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Idle workers would spin after a run and starve the host work between graphs (plan, embedding scatter) and the
+    # next graph's own threads (each session has its own pool). `spin`: the prefill/decode session's workers spin
+    # while its run lasts (waking sleeping ones costs about 10% of a decode step's many small MatMuls) and stop when
+    # it ends.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:
+        options.add_session_config_entry("session.force_spinning_stop", "1")
     if not prepack:
         # Pre-packing copies each weight into a per-session layout, and a shared original stays too: sessions
         # that share buffers use them as they are, so the weights are held once whatever their number.
@@ -200,13 +205,42 @@ def _open_joined(directory: Path, weights: MappedWeights, joined: onnx.ModelProt
     import onnxruntime as ort
 
     used = weights.values_for(joined)
-    options = session_options(used, arena=False, prepack=True)
+    options = session_options(used, arena=True, prepack=True, spin=True)
+    options.add_session_config_entry("session.use_env_allocators", "1")  # the shrinkable arena (`_register_arena`)
+    _register_arena()
     # The joined graph exists in memory only; its external-data references are checked against the directory.
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(directory))
     with DroppedPages(weights.mapping):  # the originals ONNX Runtime packs do not stay resident besides
         session = ort.InferenceSession(joined.SerializeToString(), options, providers=["CPUExecutionProvider"])
     session.shared_initializers = (weights, used)  # borrowed by ONNX Runtime: they must outlive the session
     return session
+
+
+# The prefill/decode session allocates from one CPU arena, registered once per process, whose regions are each as
+# large as the request that made them (kSameAsRequested) and which prefill runs shrink when they end
+# (`shrink_at_end`): a prefill's large intermediates (each layer's attention scores, B x H x S x S) reuse one region
+# from layer to layer instead of a fresh mapping and its page faults per layer, about 5% of a prefill at S = 1063,
+# and the regions go back after the request. Decode steps allocate little, the same every step, and keep theirs.
+_ARENA = {"registered": False, "lock": threading.Lock()}
+
+
+def _register_arena() -> None:
+    import onnxruntime as ort
+
+    with _ARENA["lock"]:
+        if not _ARENA["registered"]:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, 1, -1, -1))  # no cap, kSameAsRequested
+            _ARENA["registered"] = True
+
+
+def shrink_at_end():
+    """RunOptions that return the arena's free regions when the run ends."""
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 class OnFirstUse:
@@ -269,6 +303,7 @@ class Branch:
         args: tuple[list[Arg], list[Arg]] | None = None,
     ) -> None:  # fmt: skip
         self._session, self.prefix, self.idle = session, prefix, idle or {}
+        self.run_options = shrink_at_end() if prefix == f"{JOINED[0]}/" else None
         if args is None:
             args = self._args(session.get_inputs()), self._args(session.get_outputs())
         self.inputs, self.outputs = args
@@ -303,7 +338,8 @@ class Branch:
 
     def run(self, output_names, feeds):
         names = [self.prefix + n for n in output_names or [o.name for o in self.outputs]]
-        return self.session.run(names, {**self.idle, **{self.prefix + k: v for k, v in feeds.items()}})
+        feeds = {**self.idle, **{self.prefix + k: v for k, v in feeds.items()}}
+        return self.session.run(names, feeds, self.run_options)
 
 
 class InPlaceBranch(Branch):

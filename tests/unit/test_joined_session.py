@@ -154,3 +154,19 @@ def test_graphs_with_only_static_shapes_size_the_empty_outputs_from_the_flag() -
         got, empty = session.run([f"{own}/y", f"{other}/y"], {BRANCH: np.array(flag), "prefill/x": x, "decode/x": x})
         np.testing.assert_array_equal(got, expected)
         assert empty.size == 0 and empty.ndim == 2
+
+
+def test_prefill_runs_shrink_the_sessions_arena_and_decode_steps_do_not(engine):
+    """The joined session allocates from the process's shrinkable CPU arena; a prefill run returns its regions when
+    it ends (its large intermediates are per request), a decode step keeps them (the same small ones every step)."""
+    directory, _ = engine
+    sessions = joined_sessions(directory, MappedWeights(directory / WEIGHTS_FILE))
+    prefill, decode = sessions["prefill"], sessions["decode"]
+    assert prefill.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert decode.run_options is None
+    x = RNG.standard_normal((1, 64, D)).astype(np.float32)
+    for _ in range(2):  # runs with the options, from the registered arena (a second session reuses it)
+        (y,) = prefill.run(["y"], {"x": x})
+        assert y.shape == (1, 64, D) and np.isfinite(y).all()
+    options = prefill.session.get_session_options()
+    assert options.get_session_config_entry("session.use_env_allocators") == "1" and options.enable_cpu_mem_arena
