@@ -81,12 +81,13 @@ def _branch_body(branches: dict[str, onnx.ModelProto], name: str) -> onnx.GraphP
     scope |= {out: f"{name}:{out}" for node in graph.node for out in node.output if out}
     nodes = [_scoped_node(node, scope, name) for node in graph.node]
     zero = _zero(graph, scope, name, nodes)
+    inputs = {v.name for v in graph.input}
     outputs = []
     for slot in JOINED:
         for v in branches[slot].graph.output:
             if slot != name:
                 outputs.append(_empty_output(v, f"{name}:none/{v.name}", zero, nodes))
-            elif v.name in {i.name for i in graph.input}:  # a graph input passed straight through
+            elif v.name in inputs:  # a graph input passed straight through
                 nodes.append(onnx.helper.make_node("Identity", [scope[v.name]], [f"{name}:out/{v.name}"]))
                 outputs.append(renamed(v, f"{name}:out/{v.name}"))
             else:

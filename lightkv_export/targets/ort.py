@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-from onnx.external_data_helper import ExternalDataInfo, load_external_data_for_model
+from onnx.external_data_helper import ExternalDataInfo
 
 from lightkv_export import contract
 from lightkv_export.artifacts import PROCESSOR_DIR, WEIGHTS_FILE, Manifest
@@ -44,17 +44,6 @@ if TYPE_CHECKING:  # the build side (export, passes) stays out of a process that
     from lightkv_export.passes.insert_lightkv import PassReport
 
 GRAPHS = ("vision", "embed", "prefill", "decode")
-
-LARGE_MODEL_BYTES = 1 << 30  # past this, graphs are written with external data (protobuf's 2 GiB limit)
-
-
-def save_graph(model: onnx.ModelProto, path: Path, base_dir: Path | None = None) -> None:
-    """Write `model` as a self-contained file at `path`; external data it refers to (relative to `base_dir`, e.g.
-    the export cache for a prefill transformed on its structure only) is read in first."""
-    if base_dir is not None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        load_external_data_for_model(model, str(base_dir))
-    large = model.ByteSize() > LARGE_MODEL_BYTES
-    onnx.save(model, str(path), save_as_external_data=large, location=f"{path.name}.data" if large else None)
 
 
 def transform_prefill(
@@ -300,10 +289,9 @@ class Branch:
 
     def __init__(
         self, session, prefix: str = "", idle: dict[str, np.ndarray] | None = None,
-        args: tuple[list[Arg], list[Arg]] | None = None,
+        args: tuple[list[Arg], list[Arg]] | None = None, run_options=None,
     ) -> None:  # fmt: skip
-        self._session, self.prefix, self.idle = session, prefix, idle or {}
-        self.run_options = shrink_at_end() if prefix == f"{JOINED[0]}/" else None
+        self._session, self.prefix, self.idle, self.run_options = session, prefix, idle or {}, run_options
         if args is None:
             args = self._args(session.get_inputs()), self._args(session.get_outputs())
         self.inputs, self.outputs = args
@@ -316,7 +304,9 @@ class Branch:
             if other != name:
                 idle.update({f"{other}/{v.name}": _idle_feed(v) for v in branches[other].graph.input})
         graph = branches[name].graph
-        return cls(session, f"{name}/", idle, ([_arg(v) for v in graph.input], [_arg(v) for v in graph.output]))
+        args = [_arg(v) for v in graph.input], [_arg(v) for v in graph.output]
+        # A prefill's large intermediates are per request: its runs return the arena's regions when they end.
+        return cls(session, f"{name}/", idle, args, run_options=shrink_at_end() if name == JOINED[0] else None)
 
     @property
     def session(self):

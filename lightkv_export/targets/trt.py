@@ -370,7 +370,7 @@ def _write_graphs(onnx_dir: Path, exported, prefill: onnx.ModelProto) -> dict[st
     onnx_dir.mkdir(parents=True, exist_ok=True)
     models = {}
     for name in GRAPHS:
-        source = exported.prefill if name == "prefill" else getattr(exported, name)
+        source = getattr(exported, name)
         if name == "prefill":  # a copy: the passes below work in place, and the caller's prefill stays as it was
             graph = onnx.ModelProto()
             graph.CopyFrom(prefill)
