@@ -4,13 +4,13 @@
     python build.py --model tiny-qwen-vl --ratio 0.55
     python build.py --model qwen-vl --ratio 0.55 --target ort-cpu --target trt-sm90
 
-Exit codes: 0 built and parity passed, 1 parity failed, 2 bad input or an unavailable target.
+Exit codes: 0 built and parity passed, 1 parity failed, 2 bad input or an unavailable target, 130 interrupted
+(SIGINT / SIGTERM; engines already put in place are complete, the others untouched, and the message names them).
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -77,26 +77,25 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
 def main(argv: list[str] | None = None) -> int:
+    from lightkv_export import interrupts
+
     args = parser().parse_args(argv)
-    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: temporary directories go, the previous engine stays.
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
-        return build(args)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    # SIGTERM (a scheduler, `kill`) unwinds like Ctrl-C: temporary directories go, the previous engine stays. Both
+    # are also recorded, so one whose KeyboardInterrupt a finalizer swallowed still stops the build (interrupts.py).
+    with interrupts.handling():
+        code = build(args)
+        return 130 if interrupts.received() else code  # one that came after the last check: still not exit 0
 
 
 def build(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from lightkv_export import interrupts
     from lightkv_export.errors import LightKVError
 
     console = Console(stderr=True)
+    result = None
     try:
         from lightkv_export.config import BuildConfig, parse_image_size
         from lightkv_export.pipeline import run
@@ -122,19 +121,35 @@ def build(args: argparse.Namespace) -> int:
             batching=batching_from(args),
         )
         result = run(config, console=console)
+        interrupts.check()  # a signal swallowed after the last promotion (in a finalizer) still ends in 130
+        print_summary(result, console)
+        interrupts.check()
     except LightKVError as exc:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
-        return exc.exit_code
+        return 130 if interrupts.received() else exc.exit_code
     except OSError as exc:  # last resort: the file system refused something no earlier check foresaw
         where = f" ({exc.filename})" if exc.filename else ""
         message = f"{exc.strerror or exc}{where}. Check that --out is writable and has free space."
         console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
-        return 2
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: no engine was replaced and nothing half-written was left behind[/]")
+        return 130 if interrupts.received() else 2
+    except KeyboardInterrupt as exc:
+        replaced = list(getattr(exc, "replaced", []))  # run() names what it had put in place
+        if result is not None:  # interrupted after run() returned: all its engines are in place
+            replaced = [*result.engine_dirs.values(), *([result.triton_repo] if result.triton_repo else [])]
+        console.print(f"[yellow]{interrupted_message(str(exc) or 'SIGINT', replaced)}[/]", soft_wrap=True)
         return 130
-    print_summary(result, console)
     return result.exit_code
+
+
+def interrupted_message(signal_name: str, replaced: list[Path]) -> str:
+    """What an interrupted build did: which directories it had put in place (each complete), or none."""
+    if not replaced:
+        return f"interrupted ({signal_name}): no engine was replaced and nothing half-written was left behind"
+    where = ", ".join(map(str, replaced))
+    return (
+        f"interrupted ({signal_name}) after {where} had been put in place, complete (a promotion is never "
+        "cut in half); nothing else was replaced and nothing half-written was left behind"
+    )
 
 
 if __name__ == "__main__":

@@ -22,18 +22,25 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from lightkv_export import interrupts
 from lightkv_export.errors import InputError
 
 MANIFEST = "manifest.json"
 PROCESSOR_DIR = "processor"  # the checkpoint's tokenizer and image processor files, inside every engine
 WEIGHTS_FILE = "weights.bin"  # an ort-cpu engine's weights, each distinct tensor once (passes/share_weights.py)
-MANIFEST_FORMAT = 2  # 2: files (SHA-256) and file_sizes (bytes) cover every file the engine runs from
+# 2: files (SHA-256) and file_sizes (bytes) cover every file the engine runs from; 3: MANIFEST_DIGEST covers the
+# manifest itself, and the prefill graph records its schedule (contract.ENGINE_META_KEY)
+MANIFEST_FORMAT = 3
+MANIFEST_DIGEST = "manifest_digest"  # the manifest's own record: a SHA-256 per top-level field (`manifest_digest`)
+MANIFEST_REBUILD = "Rebuild the engine with build.py (or put back the manifest.json the build wrote)."
 PARTIAL = ".partial-"
 LOCK_SUFFIX = ".lock"
 
@@ -150,7 +157,7 @@ class Manifest:
         for name, value in values.items():
             if not _json_type_ok(value, known[name].type):
                 raise InputError(f"{source}: {name} is {value!r}, expected {known[name].type}. {rebuild}")
-        extra = {k: v for k, v in data.items() if k not in known}
+        extra = {k: v for k, v in data.items() if k not in known and k != MANIFEST_DIGEST}  # the digest: not content
         reference = ReferenceRequest(**{k: ref[k] for k in ref_fields})
         return cls(**values, reference_request=reference, extra=extra)
 
@@ -191,39 +198,68 @@ def read_manifest(directory: Path) -> Manifest:
     return Manifest.from_json(read_manifest_json(directory), str(Path(directory) / MANIFEST))
 
 
+def canonical_json(value: Any) -> bytes:
+    """A JSON value as one byte string whatever the file's layout (key order, indentation, escapes): what the
+    manifest's digest hashes, so rewriting the file in another layout is not an edit."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def manifest_digest(record: dict[str, Any]) -> dict[str, Any]:
+    """The digest of a manifest's JSON object (every top-level key but MANIFEST_DIGEST): the SHA-256 of each
+    field's canonical JSON ("fields"), so that a mismatch names the field, and the SHA-256 of those ("sha256"), so
+    that an edit of the digest itself is told apart from an edit of a field.
+
+    It has no key: it tells an edited manifest from the one the build wrote (a hand edit, a field added or removed,
+    a bad merge), not a forged one. What a forger cannot change consistently is checked against the graphs
+    (integrity.py)."""
+    per_field = {k: hashlib.sha256(canonical_json(v)).hexdigest() for k, v in sorted(record.items())}
+    per_field.pop(MANIFEST_DIGEST, None)
+    return {"fields": per_field, "sha256": hashlib.sha256(canonical_json(per_field)).hexdigest()}
+
+
+def check_manifest_digest(record: dict[str, Any], source: str = MANIFEST) -> None:
+    """An InputError naming every field of `record` (a manifest's JSON object) that was changed, added or removed
+    since `write_manifest` wrote it, or naming MANIFEST_DIGEST when the digest is missing or was edited itself."""
+    rebuild = MANIFEST_REBUILD
+    digest = record.get(MANIFEST_DIGEST)
+    if digest is None:
+        raise InputError(f"{source} has no {MANIFEST_DIGEST} (written before manifests recorded one). {rebuild}")
+    per_field = digest.get("fields") if isinstance(digest, dict) else None
+    well_formed = isinstance(per_field, dict) and all(
+        isinstance(k, str) and isinstance(v, str) for k, v in per_field.items()
+    )
+    if not well_formed or digest.get("sha256") != hashlib.sha256(canonical_json(per_field)).hexdigest():
+        raise InputError(
+            f"{source}: {MANIFEST_DIGEST} was edited (it is not the digest the build wrote: expected "
+            '{"fields": {field: SHA-256}, "sha256": SHA-256 of the fields\' digests}), so nothing in the manifest can '
+            f"be trusted. {rebuild}"
+        )
+    now = manifest_digest(record)["fields"]
+    changed = [k for k in sorted(set(now) & set(per_field)) if now[k] != per_field[k]]
+    added, removed = sorted(set(now) - set(per_field)), sorted(set(per_field) - set(now))
+    what = [f"field {k} was changed (to {shown(record[k])})" for k in changed]
+    what += [f"field {k} was added ({shown(record[k])})" for k in added] + [f"field {k} was removed" for k in removed]
+    if what:
+        raise InputError(
+            f"{source}: {'; '.join(what)} after the build: the manifest no longer matches the {MANIFEST_DIGEST} "
+            f"recorded when the engine was written. {rebuild}"
+        )
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as the manifest writes it (JSON), cut to `limit` characters: how messages quote a field."""
+    text = json.dumps(value, default=repr)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
-    """manifest.json with the SHA-256 and size of every file already in `directory` (what the engine runs from)."""
+    """manifest.json with the SHA-256 and size of every file already in `directory` (what the engine runs from),
+    sealed with its own digest (`manifest_digest`)."""
     records = file_records(directory)
     manifest = replace(manifest, files=records["files"], file_sizes=records["file_sizes"])
-    write_text_atomic(directory / MANIFEST, json.dumps(manifest.to_json(), indent=2) + "\n")
-    return manifest
-
-
-def verify_engine(directory: str | Path, *, full_hash: bool = True) -> Manifest:
-    """The engine's manifest, once every file it lists is present with its recorded size and (with `full_hash`)
-    SHA-256. Anything else is an InputError naming the file: a damaged engine is refused, never run."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    files, sizes = manifest.files, manifest.file_sizes
-    if not files or set(files) != set(sizes):
-        raise InputError(
-            f"{directory / MANIFEST} does not list the engine's files with their sizes and hashes (built by an "
-            "older lightkv_export, or edited); rebuild the engine with build.py."
-        )
-    rebuild = "The engine is damaged; rebuild it with build.py (add --force if the export cache is damaged too)."
-    for name in sorted(files):
-        path = directory / name
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise InputError(f"{directory / MANIFEST} lists {name!r}, which is outside the engine directory.")
-        if not path.is_file():
-            raise InputError(f"{path} is missing: the manifest lists it. {rebuild}")
-        size = path.stat().st_size
-        if size != sizes[name]:
-            raise InputError(f"{path} has {size:,} bytes, the manifest records {sizes[name]:,}. {rebuild}")
-    if full_hash:
-        for name in sorted(files):
-            if file_digest(directory / name) != files[name]:
-                raise InputError(f"{directory / name} does not match its SHA-256 in the manifest. {rebuild}")
+    record = manifest.to_json()
+    record[MANIFEST_DIGEST] = manifest_digest(record)
+    write_text_atomic(directory / MANIFEST, json.dumps(record, indent=2) + "\n")
     return manifest
 
 
@@ -265,7 +301,9 @@ def write_text_atomic(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        # Cleanup must not hide the error that brought us here (on a read-only file system unlink fails too).
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 # --- locks ------------------------------------------------------------------------------------------------------
@@ -387,11 +425,43 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
+def follow_link(path: Path) -> Path:
+    """`path`, or where it points when it is a symbolic link (chains followed): a directory reached through a link
+    is written where it really is, beside its real self, and the link stays a link. Parents may be links: a
+    temporary sibling then lands in the link's target directory, on the same file system, as a rename needs."""
+    path = Path(path)
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
+HOLD_PROMOTION = "LIGHTKV_TEST_HOLD_PROMOTION"  # testing hook: seconds to wait inside promote, signals held
+
+
 def promote(staged: Path, destination: Path) -> None:
     """Put the complete directory `staged` at `destination` in one step; the previous one is then removed.
 
     With an existing destination the two are exchanged atomically, so every reader sees either the old or the
-    new directory, never a mix or nothing."""
+    new directory, never a mix or nothing. The new directory takes the old one's permission bits (an operator's
+    chmod of a repository or engine survives rebuilds).
+
+    SIGINT / SIGTERM: one received before (even if a finalizer swallowed its KeyboardInterrupt) stops here with
+    nothing replaced; one that arrives during the exchange takes effect right after it, as
+    interrupts.Interrupted naming `destination`. The testing hook LIGHTKV_TEST_HOLD_PROMOTION=SECONDS prints
+    "promoting DESTINATION" to stderr and waits that long inside, before the exchange, so that a test can send a
+    signal at that moment."""
+    if destination.is_symlink():  # an exchange would replace the link itself; callers follow it (follow_link)
+        raise InputError(f"{destination} is a symbolic link: write to {follow_link(destination)} instead.")
+    interrupts.check()
+    with interrupts.deferred(done=destination):
+        hold = os.environ.get(HOLD_PROMOTION)
+        if hold:
+            print(f"promoting {destination} (holding {hold} s: {HOLD_PROMOTION})", file=sys.stderr, flush=True)
+            time.sleep(float(hold))
+        _promote(staged, destination)
+
+
+def _promote(staged: Path, destination: Path) -> None:
+    if destination.exists():
+        os.chmod(staged, stat.S_IMODE(destination.stat().st_mode))
     if destination.exists() and _exchange(staged, destination):
         shutil.rmtree(staged)  # now the old directory
         return
@@ -418,4 +488,5 @@ def staging(destination: Path) -> Iterator[Path]:
     try:
         yield tmp
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with interrupts.deferred():  # a second Ctrl-C must not leave half of it behind
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -29,6 +29,9 @@ KV = ("key", "value")
 PRESENT_PREFIX = "present."
 ROLE_PREFIX = "lightkv.role."
 ROLE_META_KEY = "lightkv.roles"
+# What the LightKV pass built a prefill graph for (its stages, position mode, grid mode), as JSON in the graph's
+# metadata: the engine's manifest must agree with it (integrity.py).
+ENGINE_META_KEY = "lightkv.engine"
 
 
 def present(layer: int, kind: str) -> str:

@@ -40,12 +40,55 @@ def _raise(message: str) -> None:
     raise InputError(f"the chat template refused the request: {message}")
 
 
+def chat_environment():
+    """A jinja2 environment as transformers renders chat templates in: trimmed blocks, loop controls, a sandbox
+    (a template is checkpoint data, never trusted code), and the helpers templates call."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+    env.globals["raise_exception"] = _raise
+    return env
+
+
+def compile_chat_template(source: Any, where: str):
+    """The chat template `source` (read from `where`, named in the error) compiled, or an InputError that says
+    what is wrong with it: a checkpoint's broken template is refused where it is read, not at the first request."""
+    import jinja2
+
+    if not isinstance(source, str):
+        raise InputError(f"{where}: the chat template must be a string (Jinja source), got {type(source).__name__}.")
+    try:
+        return chat_environment().from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise InputError(
+            f"{where}: the chat template is not valid Jinja (line {e.lineno}: {e.message}). Fix the template, or "
+            "copy the checkpoint's chat_template.jinja / chat_template.json again."
+        ) from None
+
+
+def check_chat_template(source: Any, where: str, special: dict[str, str] | None = None) -> None:
+    """Compile the chat template and render it once for a sample turn (one image, a short text), as every request
+    will: an InputError naming `where` if either fails, so that a build stops before its export, not after."""
+    template = compile_chat_template(source, where)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe this image."}]}]
+    try:
+        template.render(messages=messages, add_generation_prompt=True, **(special or {}))
+    except Exception as e:  # any failure of a sample render (undefined calls, type errors): the template's fault
+        detail = " ".join(str(e).split())[:300] or type(e).__name__
+        raise InputError(
+            f"{where}: the chat template fails on a sample request (one image and a text: {type(e).__name__}: "
+            f"{detail}). Fix the template, or copy the checkpoint's chat template again."
+        ) from None
+
+
 class ChatTokenizer:
     """tokenizer.json through the `tokenizers` library, and the chat template through jinja2."""
 
     def __init__(self, directory: Path) -> None:
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -54,13 +97,8 @@ class ChatTokenizer:
         source = template.read_text() if template.exists() else config.get("chat_template")
         if not isinstance(source, str):
             raise InputError(f"{directory} has no chat template ({CHAT_TEMPLATE_FILE}); build the engine again.")
-        # As transformers renders chat templates: trimmed blocks, loop controls, a sandbox, these helpers.
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = lambda x, indent=None, separators=None, sort_keys=False: json.dumps(
-            x, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-        env.globals["raise_exception"] = _raise
-        self.template = env.from_string(source)
+        where = str(template if template.exists() else directory / "tokenizer_config.json")
+        self.template = compile_chat_template(source, where)
         self.special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
         added = [t.content for t in self.tokenizer.get_added_tokens_decoder().values()]
         longest_first = sorted(added, key=len, reverse=True)  # a token before the tokens it contains

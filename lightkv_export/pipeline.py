@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from lightkv_export import __version__, rss
+from lightkv_export import __version__, interrupts, rss
 from lightkv_export.artifacts import (
     MANIFEST,
     MANIFEST_FORMAT,
     Manifest,
     ReferenceRequest,
     enclosing_engine,
+    follow_link,
     locked,
     promote,
     remove_stale_partials,
@@ -52,6 +53,28 @@ from lightkv_export.parity import EXPORT_CACHE, ParityReport, release_weights, r
 REFERENCE_PROMPT = "Describe this image."
 
 
+class TargetFailed(KeyError):
+    """A BuildResult lookup of a target that was not built: its message is the target's own failure (a bare
+    KeyError: 'ort-cpu' would hide why)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class PerTarget(dict):
+    """{target: value} of a build that names, for a missing target, why it is missing."""
+
+    def __init__(self, items=(), *, failures: dict[str, LightKVError] | None = None, what: str = "result") -> None:
+        super().__init__(items)  # (items first: dataclasses.asdict and copy rebuild it from its items)
+        self.failures, self.what = failures if failures is not None else {}, what
+
+    def __missing__(self, target: str):
+        failure = self.failures.get(target)
+        if failure is not None:
+            raise TargetFailed(f"no {self.what} for {target}: the target failed: {failure}")
+        raise TargetFailed(f"no {self.what} for {target} (there is one for: {', '.join(self) or 'no target'})")
+
+
 @dataclass
 class BuildResult:
     config: BuildConfig
@@ -64,6 +87,11 @@ class BuildResult:
     peak_rss: dict[str, int | None] = field(default_factory=dict)  # bytes per stage (None: not measurable here)
     triton_repo: Path | None = None
     rejected: dict[str, Path] = field(default_factory=dict)  # parity failed: kept as <target>.rejected, not promoted
+
+    def __post_init__(self) -> None:
+        # A lookup of a target that failed raises with the target's own message (tests index engine_dirs directly).
+        for name, what in (("engine_dirs", "engine directory"), ("parity", "parity report")):
+            setattr(self, name, PerTarget(getattr(self, name), failures=self.failed_targets, what=what))
 
     @property
     def exit_code(self) -> int:
@@ -85,6 +113,9 @@ class Progress:
     def stage(self, name: str) -> Iterator[None]:
         gc.collect()
         rss.return_free_heap()  # each stage's peak from what is live, not what the previous stage freed
+        # gc.collect() runs finalizers, where a Ctrl-C's KeyboardInterrupt is swallowed: build.py's handler also
+        # records the signal, and the build stops here, between stages, with nothing replaced.
+        interrupts.check()
         measured = rss.reset_peak_rss()
         t0 = time.perf_counter()
         if self.console is None:
@@ -122,11 +153,22 @@ def check_writable(directory: Path, option: str = "--out") -> None:
 
 
 def check_triton_repo(repo: Path) -> None:
-    """The repository replaces `repo` from a sibling temporary directory, so its parent must be writable and
-    `repo` itself, if it exists, a directory."""
-    if repo.exists() and not repo.is_dir():
-        raise InputError(f"--triton-repo {repo} is a file, not a directory. Choose another --triton-repo.")
-    check_writable(repo.parent, "--triton-repo")
+    """Before any work: the repository replaces `repo` (where it points, if it is a symbolic link) from a sibling
+    temporary directory, so its parent must be writable and `repo` itself, if it exists, a repository this tool
+    wrote (triton_repo.is_repository: it has the marker file) or an empty directory."""
+    from lightkv_export.triton_repo import MARKER, is_repository
+
+    real = follow_link(repo)
+    where = f"{repo} (a link to {real})" if real != repo else f"{repo}"
+    if real.exists() and not real.is_dir():
+        raise InputError(f"--triton-repo {where} is a file, not a directory. Choose another --triton-repo.")
+    if real.is_dir() and not is_repository(real) and any(real.iterdir()):
+        raise InputError(
+            f"--triton-repo {where} is a directory with other files in it, not a model repository written by "
+            f"lightkv_export (no {MARKER} file): it is never written into. Choose a new or empty directory, or an "
+            "existing lightkv_export repository, for --triton-repo."
+        )
+    check_writable(real.parent, "--triton-repo")
 
 
 def check_out(out: Path) -> None:
@@ -289,6 +331,8 @@ def base_manifest(
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         dtype=dtype,
         notes=notes,
+        # The model's context: Engine.check_request refuses a request whose sequence would pass it.
+        extra={"max_position_embeddings": int(getattr(loaded.text_config, "max_position_embeddings", 0) or 0)},
     )
 
 
@@ -376,15 +420,26 @@ def target_dtype(config: BuildConfig, target: str) -> str:
 
 def run(config: BuildConfig, console=None) -> BuildResult:
     """The whole build. Raises LightKVError for bad input that stops everything (unknown model, bad ratio, ...);
-    per-target failures are collected in the result instead."""
-    progress = Progress(console)
+    per-target failures are collected in the result instead. A signal (KeyboardInterrupt) ends it as
+    interrupts.Interrupted, naming the directories already put in place (each complete: a promotion is never cut
+    in half)."""
+    result = BuildResult(config=config, schedule=None)
+    try:
+        return _run(config, result, Progress(console))
+    except KeyboardInterrupt as exc:
+        done = [*result.engine_dirs.values(), *([result.triton_repo] if result.triton_repo else [])]
+        done += [p for p in getattr(exc, "replaced", []) if p not in done]
+        name = getattr(exc, "signal_name", None) or str(exc) or "SIGINT"
+        raise interrupts.Interrupted(name, done) from exc
+
+
+def _run(config: BuildConfig, result: BuildResult, progress: Progress) -> BuildResult:
     check_out(config.out)
     check_writable(config.out)
     if config.triton_repo is not None:
         check_triton_repo(config.triton_repo)
     for stale in remove_stale_under(config.out, EXPORT_CACHE):
         progress.log(f"removed {stale}, left by an interrupted build")
-    result = BuildResult(config=config, schedule=None)
     groups: dict[str, list[str]] = {}
     for target in config.targets:
         groups.setdefault(target_dtype(config, target), []).append(target)
@@ -438,7 +493,8 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
         progress.log(f"[yellow]warning:[/] {note}")
     manifest = base_manifest(config, loaded, schedule, exported, reference, dtype=dtype, notes=notes)
     for target in targets:
-        destination = config.out / loaded.spec.dir_name / config.engine_tag() / target
+        # A symbolic link there stays a link: the engine is written where it points (artifacts.follow_link).
+        destination = follow_link(config.out / loaded.spec.dir_name / config.engine_tag() / target)
         try:
             with locked(destination, what=f"the engine directory {destination}", log=progress.log):
                 for stale in remove_stale_partials(destination):

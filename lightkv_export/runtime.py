@@ -11,6 +11,11 @@ buffers sized once for the generation budget and written in place (the ort-cpu f
 
     engine = Engine.load("engines/tiny-qwen-vl/r0.55/ort-cpu")
     gen = engine.generate([Image.open("photo.png")], "Describe this image.", max_new_tokens=32)
+
+Every request is checked before any graph runs, against the served engines' own limits (triton_backend/codec.py
+`Limits`: prompt characters and tokens, images, pixels per image, sequence length; `Engine.load(path,
+limits=Limits(max_images=16))` changes them) and the engine's context (the model's max_position_embeddings, from the
+manifest); max_new_tokens must be an int from 1 to the engine's max_new_tokens_limit. A refusal is an InputError.
 """
 
 from __future__ import annotations
@@ -18,19 +23,29 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from lightkv_export import contract
-from lightkv_export.artifacts import PROCESSOR_DIR, Manifest, verify_engine
+from lightkv_export.artifacts import PROCESSOR_DIR, Manifest
 from lightkv_export.errors import InputError
+from lightkv_export.integrity import verify_engine
 from lightkv_export.kv import kv_bytes
-from lightkv_export.method.merge_plan import RequestPlan, layer_lengths, plan_request, stage_kept_name
+from lightkv_export.method.merge_plan import (
+    RequestPlan,
+    layer_lengths,
+    plan_request,
+    stage_assign_name,
+    stage_kept_name,
+)
 from lightkv_export.method.schedule import Schedule, parse_schedule
 from lightkv_export.models.base import VisionSpan
 from lightkv_export.models.positions import SCHEMES
+from lightkv_export.triton_backend import codec
+from lightkv_export.triton_backend.codec import Limits
 
 
 class Session(Protocol):
@@ -74,6 +89,9 @@ class PrefillOutputs:
     kept: list[np.ndarray]  # per stage [B, S'_k]
     plan: RequestPlan | None
     valid: np.ndarray  # [L, B] valid KV entries per layer and row (the rest of a row is padding)
+    # per stage [W, na]: the partner slot of each merged A slot (merge_plan.stage_assign_name); empty for engines
+    # built before the graphs had it. Parity's tie-aware check reads it.
+    assign: list[np.ndarray] = field(default_factory=list)
 
 
 @dataclass
@@ -177,10 +195,14 @@ def open_sessions(directory: Path, manifest: Manifest) -> dict[str, Session]:
 class Engine:
     """A loaded engine directory."""
 
-    def __init__(self, directory: Path, manifest: Manifest, sessions: dict[str, Session], processor) -> None:
+    def __init__(
+        self, directory: Path, manifest: Manifest, sessions: dict[str, Session], processor, *,
+        limits: Limits | None = None,
+    ) -> None:  # fmt: skip
         """`processor`: the host preprocessing (host.HostProcessor, or any object with its `process` and
-        `tokenizer.decode`)."""
+        `tokenizer.decode`). `limits`: what one request may ask (default: the served engines' defaults)."""
         self.directory, self.manifest, self.sessions = directory, manifest, sessions
+        self.limits = limits if limits is not None else Limits()
         self.positions = SCHEMES[manifest.position_scheme]
         self.processor = processor
         self.num_layers = manifest.num_layers
@@ -189,11 +211,15 @@ class Engine:
         self.outputs = {name: [o.name for o in s.get_outputs()] for name, s in sessions.items()}
 
     @classmethod
-    def load(cls, directory: str | Path, *, full_hash: bool = True, lazy: bool = False) -> Engine:
+    def load(
+        cls, directory: str | Path, *, full_hash: bool = True, lazy: bool = False, limits: Limits | None = None
+    ) -> Engine:
         """Open an engine directory once its files match the manifest (sizes always; SHA-256 unless `full_hash`
-        is False, for very large engines whose files were just verified): a damaged engine is an InputError
-        naming the file, never a session that answers with other tokens. `lazy`: sessions that open on first
-        use (ort-cpu's prefill/decode, which pre-packs the weights) open then, not here."""
+        is False, for very large engines whose files were just verified) and the manifest matches the graphs and
+        its digest (integrity.py): a damaged engine or an edited manifest is an InputError naming the file or the
+        field, never a session that answers with other tokens. `lazy`: sessions that open on first
+        use (ort-cpu's prefill/decode, which pre-packs the weights) open then, not here. `limits`: what one
+        request may ask (codec.Limits; default: the served engines' defaults, as config.pbtxt has them)."""
         from lightkv_export.host import HostProcessor
         from lightkv_export.rss import release_large_blocks
 
@@ -202,11 +228,51 @@ class Engine:
         directory = Path(directory)
         manifest = verify_engine(directory, full_hash=full_hash)
         processor = HostProcessor(directory / PROCESSOR_DIR, tuple(manifest.vision_token_grid))
-        engine = cls(directory, manifest, open_sessions(directory, manifest), processor)
+        engine = cls(directory, manifest, open_sessions(directory, manifest), processor, limits=limits)
         if not lazy:
             for session in engine.sessions.values():
                 getattr(session, "load", lambda: None)()
         return engine
+
+    # --- request checks ---------------------------------------------------------------------------------------
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's context (max_position_embeddings, as the build recorded it in the manifest); None for an
+        engine built before it was recorded, where max_sequence_length alone caps a request."""
+        value = self.manifest.extra.get("max_position_embeddings")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    @cached_property
+    def sequence_shape(self) -> tuple[int, int]:
+        """(tokens of the chat template around an empty prompt, tokens each image adds): the request's sequence
+        length from its counts alone, before any image is processed (as the served model estimates it)."""
+        h, w = (int(x) for x in self.manifest.vision_token_grid)
+        template = self.processor.template_tokens(0)
+        # Each image adds its wrapper tokens, and its one placeholder becomes h * w vision tokens.
+        return template, self.processor.template_tokens(1) - template - 1 + h * w
+
+    def check_request(self, images: Sequence[Any], prompt: str, max_new_tokens: int = 16) -> int:
+        """Refuse, with an InputError that says what to change, a request this engine should not run: over the
+        limits (self.limits, the served engines' own), the engine's context or max_new_tokens_limit, or malformed.
+        Cheapest first, and nothing here runs a graph or touches a pixel: a 100,000-character prompt or a huge
+        image costs a length or a size. Returns max_new_tokens as an int."""
+        limits = self.limits
+        new = codec.check_max_new_tokens(max_new_tokens, self.manifest.max_new_tokens_limit)
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+            raise InputError(
+                f"images must be a list of PIL images, got {type(images).__name__}; e.g. [Image.open('photo.png')]."
+            )
+        count = codec.check_image_count(images, limits)
+        codec.check_prompt_text(prompt, limits)
+        self.processor.check(list(images), prompt)  # image types, empty prompt, sizes the processor refuses
+        for i, image in enumerate(images):
+            codec.check_image_size(i, *image.size, limits)
+        tokens = self.processor.prompt_tokens(prompt)
+        limits.check("max_prompt_tokens", tokens, f"the prompt has {tokens} tokens, which")
+        template, per_image = self.sequence_shape
+        codec.check_sequence(limits, template, per_image, count, tokens, new, context=self.context_length)
+        return new
 
     # --- host side --------------------------------------------------------------------------------------------
 
@@ -280,6 +346,7 @@ class Engine:
             kept=[out[stage_kept_name(k)] for k in range(len(stages))],
             plan=plan,
             valid=layer_lengths(self.schedule, plan, lengths),
+            assign=[out[stage_assign_name(k)] for k in range(len(stages)) if stage_assign_name(k) in out],
         )
 
     def start_decode(self, pre: PrefillOutputs, steps: int) -> MaskedCache | BufferCache:
@@ -302,17 +369,24 @@ class Engine:
     def generate_batch(
         self, items: Sequence[tuple[Sequence[Any], str]], *, max_new_tokens: int = 16
     ) -> list[Generation]:
-        """Several requests (images, prompt) in one padded batch: one prefill, one decode step per token."""
-        limit = self.manifest.max_new_tokens_limit
-        if not 1 <= int(max_new_tokens) <= limit:
-            raise InputError(f"max_new_tokens must be between 1 and {limit} for this engine, got {max_new_tokens}.")
+        """Several requests (images, prompt) in one padded batch: one prefill, one decode step per token. Every
+        request is checked (check_request) before the first one is prepared."""
         if not items:
             raise InputError("no requests given.")
+        if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in items):
+            raise InputError("generate_batch takes (images, prompt) pairs, e.g. [([image], 'Describe it.')].")
+        for b, (images, prompt) in enumerate(items):
+            try:
+                max_new_tokens = self.check_request(images, prompt, max_new_tokens)
+            except InputError as e:
+                if len(items) == 1:
+                    raise
+                raise InputError(f"request {b} of the batch: {e}") from None
         t0 = time.perf_counter()
         requests = [self.prepare(images, prompt) for images, prompt in items]
         pre = self.prefill(self.batch(requests), lengths=[r.seq_len for r in requests])
         t1 = time.perf_counter()
-        tokens = self.greedy(pre, requests, int(max_new_tokens))
+        tokens = self.greedy(pre, requests, max_new_tokens)
         t2 = time.perf_counter()
         itemsize = pre.keys[0].itemsize
         return [

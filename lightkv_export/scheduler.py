@@ -29,12 +29,11 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lightkv_export.accounting.units import byte_unit, dtype_bytes, parse_memory
+from lightkv_export.accounting.units import byte_unit, dtype_bytes
 from lightkv_export.errors import InputError
 from lightkv_export.kv import kv_bytes
 from lightkv_export.method.merge_plan import layer_lengths, plan_request
@@ -42,37 +41,6 @@ from lightkv_export.runtime import BufferCache, Engine, Generation, PrefillOutpu
 
 DEFAULT_MAX_BATCH = 16
 DEFAULT_MAX_CONTEXT = 8192  # prompt tokens a pool row holds (before merges), beside the engine's generation limit
-
-
-def parse_budget(text: str, available: int | None = None) -> int:
-    """A KV budget: a size ('512MiB', '2GB') or a percentage of the memory available to the engine ('40%': of
-    MemAvailable for a CPU target, or of `available` when the caller knows better, e.g. a GPU's free memory)."""
-    raw = str(text).strip()
-    if raw.endswith("%"):
-        try:
-            share = float(raw[:-1]) / 100
-        except ValueError:
-            share = -1.0
-        if not 0 < share <= 1:
-            raise InputError(f"KV budget {text!r}: a percentage must be above 0% and at most 100%, e.g. '40%'.")
-        if available is None:
-            available = available_memory()
-        return int(share * available)
-    budget = parse_memory(raw)
-    if budget <= 0:
-        raise InputError(f"KV budget {text!r}: expected a positive size such as '512MiB' or a share such as '40%'.")
-    return budget
-
-
-def available_memory() -> int:
-    """MemAvailable of /proc/meminfo, in bytes (what a CPU engine can still take without swapping)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    raise InputError("cannot read MemAvailable from /proc/meminfo: give the KV budget as a size, e.g. '512MiB'.")
 
 
 def _size(n: int) -> str:
@@ -261,11 +229,10 @@ class Scheduler:
 
     def prepare(self, images: Sequence[Any], prompt: str, *, max_new_tokens: int = 16) -> SequenceState:
         """A request's host inputs and KV reservation, not queued yet (a server registers where its tokens go
-        first, then enqueues). InputError if it is malformed or could never fit the budget."""
+        first, then enqueues). InputError if it is malformed, over the engine's limits (Engine.check_request: the
+        same as Engine.generate's, before any work), or could never fit the budget."""
         engine = self.engine
-        limit = engine.manifest.max_new_tokens_limit
-        if not 1 <= int(max_new_tokens) <= limit:
-            raise InputError(f"max_new_tokens must be between 1 and {limit} for this engine, got {max_new_tokens}.")
+        max_new_tokens = engine.check_request(images, prompt, max_new_tokens)
         host = engine.host_inputs(images, prompt)
         seq_len = int(host.input_ids.shape[1])
         plan = None

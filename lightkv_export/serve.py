@@ -1,4 +1,4 @@
-"""Serve engines with a real Triton Inference Server on 127.0.0.1.
+"""Serve engines with a real Triton Inference Server behind a validating HTTP front on 127.0.0.1.
 
     python -m lightkv_export.serve ENGINE_DIR_OR_REPO [--port N] [--repo-dir DIR] [--restarts N] [--no-verify-hash]
 
@@ -7,18 +7,49 @@ engine served (the directory given, or each `<repo>/<model>/1/engine` of a repos
 manifest first (`runtime.verify_engine`: sizes always, SHA-256 unless --no-verify-hash); a damaged one is refused
 with exit 2 and a message naming the file.
 
-Health means able to answer. tritonserver keeps saying "ready" after a Python backend stub dies (kill -9, an
-out-of-memory kill) although every request to that model then fails with "Stub process is not healthy", and it
-never starts the stub again. So `Server.health()` checks, besides the server process itself and its
-/v2/health/ready endpoint, the stub processes it recorded once the server was ready (the server's children running
-`triton_python_backend_stub`, found in /proc): one gone, or a zombie, is a dead model. `serve_forever` polls it
-every 0.5 s and, on a death, prints the cause and the log tail and restarts the whole server on the same port
-(the models load from the repository again), at most --restarts times (default 3) over the life of the command;
-after that, or if a restart fails, it exits 1 (so a supervisor such as systemd or Kubernetes takes over) with the
-log tail. Restarting the server rather than the one model: with --model-control-mode=none a model cannot be
-reloaded alone, and a fresh process also frees whatever the dead stub left behind; the cost is a few seconds
-without service for every model. The server's /dev/shm regions (prefix unique per server, see below) are removed
-whenever it stops, including after a stub was killed (the server does not remove a dead stub's region).
+Two parts, one process tree (see `Server`):
+- the front (front.py: Starlette on uvicorn, in a thread of this process) is the only listener on the public
+  127.0.0.1 port. It reads each body with a size limit, parses it with a depth limit (CPython's json guards its
+  recursion), checks every field, and forwards over gRPC. tritonserver's own HTTP parser never sees a client's
+  bytes: a body nested 60,000 levels deep used to crash it with SIGSEGV.
+- tritonserver runs with HTTP and metrics off and its gRPC endpoint on a unix socket, `<workdir>/private/triton:1`
+  (Triton writes its gRPC address as address:port, and a unix address keeps the ":1" in the path). The socket's
+  directory is 0700, so only this user reaches it, and tritonserver opens no TCP port at all.
+
+Failure behaviour:
+- The port is bound before anything starts: a port in use is exit 3 with a message, before any URL is printed.
+- tritonserver is started through a small exec wrapper (`child_command`) that arms PR_SET_PDEATHSIG (SIGKILL) and
+  umask 077 before exec: `kill -9` of serve takes tritonserver with it, and the front (a thread) dies with serve.
+  The backend stubs watch their parent (stub_bootstrap.py): when tritonserver dies they leave within a second.
+- The stubs' shared-memory regions are 0600 (stub_bootstrap.py sets it at the stub's first line, since the backend
+  creates them 0644 whatever the umask; serve checks again once ready). Regions, and the backend's empty
+  /tmp/python_env_* directory (its path is fixed, TMPDIR is ignored), are removed when a server stops or dies.
+  The region grows to fit the largest request and the backend never shrinks it, so images do not pass through it:
+  the front writes them to files in `<workdir>/private/images` (0700) and the model reads and removes them
+  (triton_backend/model.py); the region stays at its 1 MB start.
+- Health means able to answer. tritonserver keeps saying "ready" after a Python backend stub dies (kill -9, an
+  out-of-memory kill) although every request to that model then fails, and it never starts the stub again; a
+  decoupled request of that model then stays open forever. So `Server.health()` checks the server process, the
+  stub processes it recorded once ready (one gone, or a zombie, is a dead model), the front, and (every 2 s)
+  tritonserver's gRPC readiness. The front asks the same health while a request waits: an open stream then ends
+  with an error event, a /generate with 503, instead of hanging.
+- `serve_forever` polls it every 0.5 s and, on a death, prints the cause and the log tail and restarts tritonserver
+  (the models load from the repository again) after a backoff of 1, 2, 4 ... at most 30 s. The front keeps the port
+  meanwhile (clients keep their URL and get 503). --restarts N (default 5) bounds the restarts *in a row*: a server
+  that stays healthy for 60 s resets the count, so deaths spread over time never use up a budget that an attacker
+  could exhaust. Past N in a row, or a restart that fails N times, exit 1 (a supervisor such as systemd takes over).
+  Restarting the server rather than the one model: with --model-control-mode=none a model cannot be reloaded alone,
+  and a fresh process also frees whatever the dead stub left behind; the cost is a few seconds without service.
+- Ctrl-C / SIGTERM stop the front (open requests get up to 5 s) and then tritonserver, and remove the working
+  directory; exit 0.
+- A `serve` killed with SIGKILL cannot clean up (its processes die, see above): the next server start of this
+  user removes its working directory and /dev/shm regions (`remove_stale`: only those whose recorded owner, pid and
+  start time, is gone).
+- Not covered: after such a kill the backend's empty /tmp/python_env_* directory stays (nothing says whose it
+  is). The stub's region is 0644 for the moments between its creation by tritonserver and the stub's first line
+  (before any model is loaded or request served); a local user who opened it in that window keeps the descriptor.
+  A model without the image_file input (not written by this
+  package) gets its images through the region, which then grows to fit the largest request for good.
 
 The server is the `tritonserver` binary (2.51) and its Python backend shipped in the `nvidia-pytriton==0.7.0`
 wheel (installed with --no-deps: the pytriton library itself wants numpy<2 and is not used). Running it from a
@@ -40,8 +71,8 @@ virtualenv needs these fixes, all made here (`server_env`, `prepare_backends`, `
    numpy<2 from a folder of its own (`pip install --no-deps --target .venv/triton-stub-site numpy==1.26.4`, in
    the Makefile), made sys.path[0] by starting the server with that folder as its working directory (the
    embedded interpreter's sys.path[0] is '', the working directory). The rest of the virtualenv keeps numpy 2.
-5. Flags: --http-address=127.0.0.1 with a free port, --allow-grpc=false, --allow-metrics=false (nothing else
-   listens), --model-control-mode=none (every model loads at start; strict readiness means "ready" = all
+5. Flags: --allow-http=false, --allow-metrics=false, --grpc-address=unix:<private socket> (no TCP listener),
+   --model-control-mode=none (every model loads at start; strict readiness means "ready" = all
    loaded), --backend-directory=<assembled dir>, --pinned-memory-pool-byte-size=0 (no CUDA on CPU hosts),
    --backend-config=python,shm-region-prefix-name=<unique> so servers started side by side do not share
    /dev/shm regions, --exit-timeout-secs=15: an upper bound on waiting for in-flight requests, open HTTP
@@ -54,6 +85,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -66,11 +98,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from lightkv_export.errors import InputError, LightKVError
+from lightkv_export.front import IMAGE_DIR_ENV, FrontLimits, FrontServer, create_app
+from lightkv_export.front import bind as front_bind
 from lightkv_export.triton_repo import ENGINE_SUBDIR, is_repository, repository_models, write_repository
 
 PYTRITON_PIN = "nvidia-pytriton==0.7.0"
@@ -83,9 +117,26 @@ STUB_NAME = "triton_python_backend_stub"
 FULL_HASH_ENV = "LIGHTKV_ENGINE_FULL_HASH"  # read by triton_backend/model.py
 SHM_DIR = Path("/dev/shm")
 HEALTH_POLL_S = 0.5
-HTTP_PROBE_EVERY = 4  # polls between /v2/health/ready probes (2 s)
+HTTP_PROBE_EVERY = 4  # polls between readiness probes of tritonserver (2 s)
 HTTP_PROBE_FAILURES = 3  # consecutive failed probes (5 s timeout each) that mean "not answering"
-DEFAULT_RESTARTS = 3
+DEFAULT_RESTARTS = 5  # restarts in a row, each before the server stayed healthy for HEALTHY_RESET_S
+HEALTHY_RESET_S = 60.0  # a server healthy this long has recovered: the count of restarts in a row starts again
+BACKOFF_FIRST_S = 1.0  # wait before the first restart in a row; doubled for each next one
+BACKOFF_MAX_S = 30.0
+GRPC_PORT = 1  # only a suffix of the unix socket's path (see server_command)
+SHM_MODE = 0o600
+PYTHON_ENV_WAIT_S = 30.0  # at most this long under the start lock, waiting for the backend's python_env directory
+PYTHON_ENV_GLOB = "python_env_*"  # the Python backend's mkdtemp("/tmp/python_env_XXXXXX"); TMPDIR is ignored
+# Run by child_command: arm PR_SET_PDEATHSIG (1), check the parent is still ours, umask 077, exec the server.
+CHILD_EXEC = """\
+import ctypes, os, signal, sys
+if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
+    sys.exit("lightkv_export: prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
+if os.getppid() != int(sys.argv[1]):
+    sys.exit("lightkv_export: serve exited before tritonserver started")
+os.umask(0o077)
+os.execv(sys.argv[2], sys.argv[2:])
+"""
 _SERVER_COUNT = iter(range(1 << 62))  # makes each server's /dev/shm prefix unique within this process
 
 
@@ -180,26 +231,35 @@ def server_command(
     install: TritonInstall,
     repo_dir: Path,
     backends: Path,
-    port: int,
+    grpc_socket: Path,
     shm_prefix: str,
     exit_timeout_s: int = EXIT_TIMEOUT_S,
 ) -> list[str]:
-    """The tritonserver command line: HTTP on 127.0.0.1:port only."""
+    """The tritonserver command line: no TCP at all, gRPC on the unix socket `grpc_socket` + ":1" (Triton writes
+    its gRPC address as address:port, and a unix address keeps the suffix in the path)."""
     return [
         str(install.binary),
         f"--model-repository={repo_dir}",
         f"--backend-directory={backends}",
         "--model-control-mode=none",
         "--strict-readiness=true",
-        "--http-address=127.0.0.1",
-        f"--http-port={port}",
-        "--allow-grpc=false",
+        "--allow-http=false",
         "--allow-metrics=false",
+        f"--grpc-address=unix:{grpc_socket}",
+        f"--grpc-port={GRPC_PORT}",
         "--pinned-memory-pool-byte-size=0",
         f"--backend-config=python,shm-region-prefix-name={shm_prefix}",
         f"--exit-timeout-secs={exit_timeout_s}",
         "--log-verbose=0",
     ]
+
+
+def child_command(cmd: list[str]) -> list[str]:
+    """`cmd` started through a small exec wrapper that, in the child and before exec, arms a parent-death signal
+    (SIGKILL when this process dies, even by kill -9), exits if this process is already gone, and sets umask 077.
+    A wrapper rather than Popen's preexec_fn: preexec_fn runs Python after fork() in a process with threads (the
+    front's event loop, gRPC's own threads), which can deadlock."""
+    return [sys.executable, "-I", "-S", "-c", CHILD_EXEC, str(os.getpid()), *cmd]
 
 
 def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -304,34 +364,156 @@ def http_ready(url: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
+def grpc_ready(target: str, timeout_s: float = 1.0) -> bool:
+    """tritonserver's gRPC ServerReady answered true (target: unix:PATH)."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            return bool(stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=timeout_s).ready)
+        except grpc.RpcError:
+            return False
+
+
+WORKDIR_PREFIX = "lightkv-triton-"
+OWNER_FILE = "owner"  # in a working directory: "<serve pid> <its start time in clock ticks>"
+
+
+def process_start(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22): with the pid, an identity
+    that a reused pid does not share."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def remove_stale(tmp: Path | None = None, shm: Path = SHM_DIR) -> list[Path]:
+    """What a `serve` killed with SIGKILL left (it could not clean up): its working directories (the private socket,
+    images of requests in flight, the log) and its /dev/shm regions, once that serve is gone. Returns what it
+    removed. Only this user's, and only those whose owner is recorded and dead: a running server is never touched."""
+    removed = []
+    for workdir in Path(tmp or tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        try:
+            if workdir.stat().st_uid != os.getuid():
+                continue
+            pid, start = (int(x) for x in (workdir / OWNER_FILE).read_text().split())
+        except (OSError, ValueError):
+            continue  # no owner recorded (being created, or not ours): left alone
+        if process_start(pid) == start:
+            continue
+        shutil.rmtree(workdir, ignore_errors=True)
+        removed.append(workdir)
+        for segment in shm.glob(f"lightkv{pid}_*"):
+            with contextlib.suppress(OSError):
+                if segment.stat().st_uid == os.getuid():
+                    segment.unlink()
+                    removed.append(segment)
+    return removed
+
+
+@contextlib.contextmanager
+def _start_lock(timeout_s: float = PYTHON_ENV_WAIT_S) -> Iterator[None]:
+    """This user's lock around starting a tritonserver (see Server._start_triton). Best effort: a lock file that is
+    not this user's (another user can create that name in /tmp) or a lock not free within timeout_s is skipped, so
+    nobody can stop a server from starting; the python_env directory may then be told apart less surely."""
+    import fcntl
+
+    path = Path(tempfile.gettempdir()) / f"lightkv-triton-start-{os.getuid()}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        if os.fstat(fd).st_uid == os.getuid():
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def python_envs() -> set[Path]:
+    """This user's /tmp/python_env_* directories (the Python backend's; see PYTHON_ENV_GLOB)."""
+    found = set()
+    for path in Path("/tmp").glob(PYTHON_ENV_GLOB):
+        with contextlib.suppress(OSError):
+            if path.is_dir() and path.stat().st_uid == os.getuid():
+                found.add(path)
+    return found
+
+
 class Server:
-    """A tritonserver process on 127.0.0.1 serving one model repository.
+    """tritonserver serving one model repository behind the validating HTTP front (front.py) on 127.0.0.1.
 
         with Server(repo_dir) as server:
-            client = tritonclient.http.InferenceServerClient(server.address)
+            client.ask(server.url, images, prompt)
 
-    start() waits for readiness (every model loaded) or raises ServeError with the log tail; stop() sends
-    SIGTERM, waits, then kills the process group.
+    start() binds the public port first (a port in use is a ServeError before anything starts), starts tritonserver
+    with its gRPC endpoint on a unix socket in the server's private working directory (0700) and no TCP listener,
+    waits for readiness (every model loaded) or raises ServeError with the log tail, then starts the front on the
+    port. tritonserver gets a parent-death signal (it dies with this process, even on kill -9; start() must be called
+    from a thread that lives as long as the server, e.g. the main thread) and umask 077; its backend stubs watch
+    their parent (stub_bootstrap.py). restart() replaces tritonserver alone: the front keeps the port, so clients
+    keep their URL and get 503 meanwhile. stop() stops the front and tritonserver together.
     """
 
-    def __init__(self, repo_dir: Path, *, port: int | None = None, startup_timeout_s: float = 180.0) -> None:
+    def __init__(
+        self,
+        repo_dir: Path,
+        *,
+        port: int | None = None,
+        startup_timeout_s: float = 180.0,
+        front_limits: FrontLimits | None = None,
+    ) -> None:
         self.repo_dir = Path(repo_dir).resolve()
         self.requested_port = check_port(port)
         self.startup_timeout_s = startup_timeout_s
+        self.front_limits = front_limits
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
+        self.front: FrontServer | None = None
         self.shm_prefix: str | None = None
         self.stubs: dict[int, str] = {}  # pid -> model instance, recorded once the server is ready
+        self.python_envs: set[Path] = set()  # the Python backend's /tmp/python_env_* of this server
         self._workdir: Path | None = None
+        self._install: TritonInstall | None = None
+        self._launches = 0
 
     @property
     def address(self) -> str:
-        """host:port, as tritonclient wants it."""
+        """host:port of the front, as tritonclient.http wants it."""
         return f"127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
         return f"http://{self.address}"
+
+    @property
+    def grpc_socket(self) -> Path:
+        """The unix socket's path given to tritonserver (it listens on this path + ":1")."""
+        assert self._workdir is not None
+        return self._workdir / "private" / "triton"
+
+    @property
+    def image_dir(self) -> Path:
+        """Where the front hands images to the models as files (see triton_backend/model.py)."""
+        assert self._workdir is not None
+        return self._workdir / "private" / "images"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"unix:{self.grpc_socket}:{GRPC_PORT}"
 
     @property
     def log_path(self) -> Path:
@@ -344,35 +526,81 @@ class Server:
     def start(self) -> Server:
         if not repository_models(self.repo_dir):
             raise InputError(f"{self.repo_dir} holds no model (no */config.pbtxt)")
-        install = find_triton()
-        cwd = stub_site_dir()
-        self.close()  # a restart: the previous process and working directory go first
-        self._workdir = Path(tempfile.mkdtemp(prefix="lightkv-triton-"))
-        backends = prepare_backends(install, self._workdir / "backends")
-        env = server_env(install)
-        # A port picked here can be taken before the server binds it: retry with another one, not a given one.
-        attempts = 1 if self.requested_port else 3
-        for attempt in range(attempts):
-            self.port = self.requested_port or free_port()
-            self.shm_prefix = f"lightkv{os.getpid()}_{self.port}_{next(_SERVER_COUNT)}_"
-            cmd = server_command(install, self.repo_dir, backends, self.port, self.shm_prefix)
-            with open(self.log_path, "wb") as log:
-                # Own session: a terminal's Ctrl-C reaches us, and we shut the server down in order.
+        self._install = find_triton()
+        stub_site_dir()
+        self.close()  # a second start: the previous processes and working directory go first
+        sock = bind_port(self.requested_port)  # before anything else: a port in use is the first thing said
+        self.port = sock.getsockname()[1]
+        remove_stale()
+        try:
+            self._workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))  # mode 0700
+            (self._workdir / OWNER_FILE).write_text(f"{os.getpid()} {process_start(os.getpid())}\n")
+            for sub in ("private", "private/images", "tmp"):
+                (self._workdir / sub).mkdir(mode=0o700)
+            prepare_backends(self._install, self._workdir / "backends")
+            self._start_triton()
+            app = create_app(
+                self.grpc_target, limits=self.front_limits, health=self._stub_health, image_dir=self.image_dir
+            )
+            self.front = FrontServer(app, sock).start()
+        except BaseException as e:
+            sock.close()
+            self.close()  # the error carries the log tail; nothing is left behind
+            if isinstance(e, RuntimeError) and not isinstance(e, LightKVError):
+                raise ServeError(str(e)) from None
+            raise
+        return self
+
+    def _start_triton(self) -> None:
+        assert self._workdir is not None and self._install is not None
+        with contextlib.suppress(FileNotFoundError):  # a killed server's socket file
+            Path(f"{self.grpc_socket}:{GRPC_PORT}").unlink()
+        self._launches += 1
+        self.shm_prefix = f"lightkv{os.getpid()}_{self.port}_{next(_SERVER_COUNT)}_"
+        backends = self._workdir / "backends"
+        cmd = server_command(self._install, self.repo_dir, backends, self.grpc_socket, self.shm_prefix)
+        env = server_env(self._install)
+        env["TMPDIR"] = str(self._workdir / "tmp")  # for everything that honours it (the backend's python_env not)
+        env[IMAGE_DIR_ENV] = str(self.image_dir)
+        # Which /tmp/python_env_* is this server's? Nothing in it says so, so servers of this user start one at a
+        # time up to the moment the backend made it (a lock held for a few seconds): the one that appears then is
+        # ours. (Removing another server's makes that server abort at its exit.)
+        with _start_lock():
+            before = python_envs()
+            with open(self.log_path, "ab") as log:
+                log.write(f"--- lightkv_export: tritonserver start {self._launches}\n".encode())
+                log.flush()
+                # Own session: a terminal's Ctrl-C reaches serve, which shuts the server down in order.
                 self.process = subprocess.Popen(
-                    cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    child_command(cmd),
+                    cwd=stub_site_dir(),
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
-            try:
-                self._wait_ready()
-                self.stubs = child_stubs(self.process.pid)
-                return self
-            except ServeError:
-                log_text = tail(self.log_path)
-                self.stop()
-                if attempt + 1 < attempts and "address already in use" in log_text.lower():
-                    continue
-                self.close()  # the error carries the log tail; nothing is left behind
-                raise
-        raise AssertionError("unreachable")
+            deadline = time.monotonic() + PYTHON_ENV_WAIT_S
+            socket_path = Path(f"{self.grpc_socket}:{GRPC_PORT}")  # there once the backends are loaded
+            while not (python_envs() - before) and self.process.poll() is None and time.monotonic() < deadline:
+                if socket_path.exists():
+                    break
+                time.sleep(0.05)
+            self.python_envs = python_envs() - before
+        try:
+            self._wait_ready()
+        except ServeError:
+            self._stop_triton()
+            raise
+        self.stubs = child_stubs(self.process.pid)
+        self._private_shm()
+
+    def _private_shm(self) -> None:
+        """Every region of this server 0600: the stub does it at its start (stub_bootstrap.py); this catches any
+        region created after that, e.g. by a later version of the backend."""
+        for segment in self.shm_segments():
+            with contextlib.suppress(OSError):
+                if segment.stat().st_mode & 0o777 != SHM_MODE:
+                    segment.chmod(SHM_MODE)
 
     def _wait_ready(self) -> None:
         assert self.process is not None
@@ -383,29 +611,36 @@ class Server:
                 raise ServeError(
                     f"tritonserver exited with code {code} while starting; log tail:\n{tail(self.log_path)}"
                 )
-            if http_ready(self.url):
+            if Path(f"{self.grpc_socket}:{GRPC_PORT}").exists() and grpc_ready(self.grpc_target):
                 return
             time.sleep(0.2)
         waited = f"{self.startup_timeout_s:.0f} s"
-        raise ServeError(f"tritonserver not ready after {waited} on {self.url}; log tail:\n{tail(self.log_path)}")
+        raise ServeError(f"tritonserver not ready after {waited}; log tail:\n{tail(self.log_path)}")
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def _stub_health(self) -> str | None:
+        return self.health()
+
     def health(self, *, probe_http: bool = False, http_timeout_s: float = 5.0) -> str | None:
-        """None while the server can answer, else why not: the server exited, a model's backend stub died (the
-        server itself keeps saying ready then), or (probe_http) /v2/health/ready did not answer 200."""
-        if self.process is None:
+        """None while the server can answer, else why not: tritonserver exited, a model's backend stub died (the
+        server itself keeps saying ready then), the front stopped, or (probe_http) tritonserver's readiness did not
+        answer true."""
+        process = self.process
+        if process is None:
             return "tritonserver is not started"
-        code = self.process.poll()
+        code = process.poll()
         if code is not None:
             return f"tritonserver exited with code {code}"
-        for pid, instance in self.stubs.items():
+        for pid, instance in dict(self.stubs).items():
             st = proc_state(pid)
-            if st is None or st.state in "ZX" or st.ppid != self.process.pid:
+            if st is None or st.state in "ZX" or st.ppid != process.pid:
                 return f"the Python backend stub of model instance {instance} (pid {pid}) {describe_death(st)}"
-        if probe_http and not http_ready(self.url, timeout_s=http_timeout_s):
-            return f"{self.url}/v2/health/ready did not answer 200 within {http_timeout_s:g} s"
+        if self.front is not None and not self.front.alive():
+            return f"the HTTP front stopped ({self.front.error or 'no error recorded'})"
+        if probe_http and not grpc_ready(self.grpc_target, timeout_s=http_timeout_s):
+            return f"tritonserver's readiness did not answer true within {http_timeout_s:g} s"
         return None
 
     def shm_segments(self) -> list[Path]:
@@ -414,9 +649,9 @@ class Server:
             return []
         return sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
 
-    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 15.0) -> int | None:
-        """SIGTERM, wait up to timeout_s, then SIGKILL the server's process group; then remove the server's /dev/shm
-        regions (a dead stub's region is left behind by the server otherwise). Returns the exit code."""
+    def _stop_triton(self, timeout_s: float = EXIT_TIMEOUT_S + 15.0) -> int | None:
+        """SIGTERM, wait up to timeout_s, then SIGKILL tritonserver's process group; then remove what it leaves
+        when it dies hard: its /dev/shm regions (a dead stub's too), its empty /tmp/python_env_* directory."""
         proc = self.process
         if proc is None:
             return None
@@ -428,24 +663,46 @@ class Server:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)  # the group: the server and its backend stubs
                 proc.wait()
+        # The stubs are in the server's process group; one that outlived a killed server goes now (it would leave
+        # on its own within a second, see stub_bootstrap.py, but nothing may be left behind when stop() returns).
+        if any(proc_state(pid) is not None for pid in self.stubs):  # (the group id cannot be reused meanwhile)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for pid in self.stubs:
+            _wait_gone(pid, 5.0)
         for segment in self.shm_segments():
             with contextlib.suppress(FileNotFoundError):
                 segment.unlink()
+        for env_dir in self.python_envs:
+            with contextlib.suppress(OSError):
+                env_dir.rmdir()  # only when empty: never a directory with an environment in it
+        self.python_envs = set()
         self.stubs = {}
         return proc.returncode
 
+    def stop(self, timeout_s: float = EXIT_TIMEOUT_S + 15.0) -> int | None:
+        """Stop the front (no new requests; open ones get up to 5 s), then tritonserver; returns its exit code."""
+        if self.front is not None:
+            self.front.stop()
+            self.front = None
+        return self._stop_triton(timeout_s)
+
     def restart(self) -> Server:
-        """Stop, then start again on the same port (clients keep their URL)."""
-        port, requested = self.port, self.requested_port
-        self.close()
-        self.requested_port = port
-        try:
-            return self.start()
-        finally:
-            self.requested_port = requested
+        """Replace tritonserver (the front keeps the port and the URL; it answers 503 meanwhile). A front that
+        stopped is replaced too, on the same port."""
+        if self.front is None or not self.front.alive():
+            port, requested = self.port, self.requested_port
+            self.requested_port = port or requested
+            try:
+                return self.start()
+            finally:
+                self.requested_port = requested
+        self._stop_triton()
+        self._start_triton()
+        return self
 
     def close(self) -> None:
-        """stop() and remove the working directory (assembled backends and log)."""
+        """stop() and remove the working directory (assembled backends, socket and log)."""
         self.stop()
         self.process = None
         if self._workdir is not None:
@@ -457,6 +714,28 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wait_gone(pid: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        st = proc_state(pid)
+        if st is None or st.state in "ZX":
+            return
+        time.sleep(0.05)
+
+
+def bind_port(port: int | None) -> socket.socket:
+    """The front's listening socket on 127.0.0.1; a port in use is a ServeError that says so."""
+    try:
+        return front_bind(port)
+    except OSError as e:
+        what = f"port {port}" if port else "a free port"
+        hint = " (another server, perhaps an earlier serve, runs there)" if e.errno == errno.EADDRINUSE else ""
+        raise ServeError(
+            f"cannot listen on 127.0.0.1, {what}: {e.strerror}{hint}; stop it, or pick another --port (0 for a "
+            "free one)"
+        ) from None
 
 
 def resolve_repository(target: Path, repo_dir: Path | None) -> tuple[Path, bool]:
@@ -484,7 +763,7 @@ def wait_unhealthy(server: Server, poll_s: float = HEALTH_POLL_S) -> str:
         polls += 1
         probe = polls % HTTP_PROBE_EVERY == 0
         reason = server.health(probe_http=probe)
-        if reason is not None and probe and "health/ready" in reason:
+        if reason is not None and probe and "readiness" in reason:
             failures += 1  # a slow answer under load is not a death: only several in a row are
             if failures < HTTP_PROBE_FAILURES:
                 reason = None
@@ -495,34 +774,65 @@ def wait_unhealthy(server: Server, poll_s: float = HEALTH_POLL_S) -> str:
         time.sleep(poll_s)
 
 
-def serve_forever(server: Server, *, restarts: int = DEFAULT_RESTARTS, banner: tuple[str, ...] = ()) -> int:
-    """Print `banner`, then block until Ctrl-C / SIGTERM (then stop the server: 0). When the server cannot answer
-    any more (it exited, or a model's backend stub died), restart it on the same port, at most `restarts` times;
-    then exit 1. The banner is printed inside the interrupt handler: a client that reads the URL and at once sends
-    Ctrl-C gets a clean stop, not "interrupted while starting"."""
-    done = 0
+def backoff_s(in_a_row: int) -> float:
+    """The wait before the in_a_row-th restart in a row (1-based): 1, 2, 4, ... s, at most BACKOFF_MAX_S."""
+    return min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** max(0, in_a_row - 1))
+
+
+def serve_forever(
+    server: Server,
+    *,
+    restarts: int = DEFAULT_RESTARTS,
+    banner: tuple[str, ...] = (),
+    healthy_reset_s: float = HEALTHY_RESET_S,
+) -> int:
+    """Print `banner`, then block until Ctrl-C / SIGTERM (then stop the front and the server: 0). When the server
+    cannot answer any more (it exited, or a model's backend stub died), restart tritonserver after a backoff (1 s,
+    2 s, 4 s, ... at most 30 s); the front keeps the URL meanwhile. `restarts` bounds the restarts *in a row*: a
+    server that then stays healthy for `healthy_reset_s` has recovered and the count starts again, so deaths spread
+    over time (an out-of-memory kill a day) never use up a budget. Past `restarts` in a row, or 0, exit 1 (a
+    supervisor such as systemd or Kubernetes takes over). The banner is printed inside the interrupt handler: a
+    client that reads the URL and at once sends Ctrl-C gets a clean stop, not "interrupted while starting"."""
+    in_a_row = 0
     try:
         for line in banner:
             print(line, flush=True)
+        up_since = time.monotonic()
         while True:
             reason = wait_unhealthy(server)
+            if time.monotonic() - up_since >= healthy_reset_s:
+                in_a_row = 0
             print(f"tritonserver cannot answer: {reason}; log tail:\n{tail(server.log_path)}", file=sys.stderr)
-            if done >= restarts:
-                print(f"giving up after {done} restart(s) (--restarts {restarts}); exit code 1", file=sys.stderr)
-                server.stop()
-                return 1
-            done += 1
-            print(f"restarting tritonserver ({done} of at most {restarts}) ...", file=sys.stderr, flush=True)
-            try:
-                server.restart()
-            except ServeError as e:
-                print(f"error: the restart failed: {e}", file=sys.stderr)
-                return 1
+            while True:
+                if in_a_row >= restarts:
+                    print(
+                        f"giving up after {in_a_row} restart(s) in a row (--restarts {restarts}); exit code 1",
+                        file=sys.stderr,
+                    )
+                    server.stop()
+                    return 1
+                in_a_row += 1
+                delay = backoff_s(in_a_row)
+                print(
+                    f"restarting tritonserver in {delay:g} s ({in_a_row} of at most {restarts} in a row) ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                server._stop_triton()  # free the dead server's memory and /dev/shm before waiting
+                time.sleep(delay)
+                try:
+                    server.restart()
+                    break
+                except ServeError as e:
+                    print(f"error: the restart failed: {e}", file=sys.stderr)
+            up_since = time.monotonic()
             print(f"url: {server.url}   (tritonserver pid {server.process.pid}; restarted)", flush=True)
     except KeyboardInterrupt:
         print("stopping tritonserver ...", flush=True)
         code = server.stop()
         print(f"stopped (exit code {code})", flush=True)
+        if code not in (0, None):  # stopped all the same; the log says why it did not exit cleanly
+            print(f"tritonserver's log tail:\n{tail(server.log_path)}", file=sys.stderr)
         return 0
 
 
@@ -554,8 +864,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--restarts",
         type=int,
         default=DEFAULT_RESTARTS,
-        help=f"restart the server at most N times when it cannot answer (a backend stub died); default "
-        f"{DEFAULT_RESTARTS}; 0: exit 1 at the first death",
+        help=f"restart tritonserver when it cannot answer (it or a backend stub died), with a backoff of 1, 2, 4 ... "
+        f"30 s, at most N times in a row (a server healthy for {HEALTHY_RESET_S:g} s resets the count); then exit 1. "
+        f"Default {DEFAULT_RESTARTS}; 0: exit 1 at the first death",
     )
     parser.add_argument(
         "--no-verify-hash",
@@ -571,6 +882,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = check_port(args.port)  # before writing a repository for a server that cannot start
         if args.restarts < 0:
             raise InputError(f"--restarts must be >= 0, got {args.restarts}")
+        if port is not None:
+            bind_port(port).close()  # a port in use is said at once, not after verifying and loading the engines
         verify_engines(args.target, full_hash=not args.no_verify_hash)
         repo, is_temp = resolve_repository(args.target, args.repo_dir)
         temp_repo = repo.parent if is_temp else None

@@ -20,7 +20,7 @@ import functools
 import inspect
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -75,6 +75,7 @@ class StageRecord:
     skipped: tuple[tuple[bool, ...], ...]
     guidance: torch.Tensor  # [B, S] xi at the stage's input positions
     merged_into: torch.Tensor | None = None  # [B, S] input index of the survivor each input token ended in
+    shortfall: torch.Tensor | None = None  # [B, S] similarity a replayed assignment gives up (reference.MergeResult)
 
 
 @dataclass
@@ -176,16 +177,21 @@ def prefill(
     grid_mode: GridMode = "true",
     softmax_over: SoftmaxAxis = "query",
     merge: MergeImpl = "reference",
+    assignments: Sequence[torch.Tensor | None] | None = None,
 ) -> PrefillResult:
     """Prefill with LightKV: merge after each scheduled layer; returns last logits and the per-layer cache.
 
     Rows of a batch must be unpadded and of one length (equal layouts merge to equal lengths). `merge`: the
     reference op (method/reference.py, the truth) or the LightKVMerge Triton kernels (plugins/lightkv: natively on
-    CUDA, interpreted on the CPU under TRITON_INTERPRET=1)."""
+    CUDA, interpreted on the CPU under TRITON_INTERPRET=1). `assignments`: per stage, a merged_into [B, S] to
+    replay instead of matching (None: match), e.g. an engine's at a near-tie; each stage's record then says what
+    similarity it gave up (`shortfall`)."""
     if positions not in POSITION_MODES:
         raise InputError(f"positions must be one of {POSITION_MODES}, got {positions!r}.")
     if merge not in MERGE_IMPLS:
         raise InputError(f"merge must be one of {MERGE_IMPLS}, got {merge!r}.")
+    if assignments is not None and (merge != "reference" or len(assignments) != len(schedule.stages)):
+        raise InputError("replayed assignments need the reference merge and one entry per stage.")
     hidden = inputs.inputs_embeds  # [B, S, D]
     if not bool(inputs.attention_mask.all()):
         raise InputError("the PyTorch runtime runs unpadded rows of one length; run shorter requests on their own.")
@@ -224,8 +230,11 @@ def prefill(
             if planned is not None:
                 res = merge_with_kernels(hidden, xi, planned)
             else:
-                res = lightkv_merge(hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode)
-            records.append(StageRecord(idx + 1, res.kept, res.spans, res.skipped, xi, res.merged_into))
+                forced = assignments[len(records)] if assignments is not None else None
+                res = lightkv_merge(
+                    hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode, merged_into=forced
+                )
+            records.append(StageRecord(idx + 1, res.kept, res.spans, res.skipped, xi, res.merged_into, res.shortfall))
             hidden, spans = res.hidden, res.spans
             pos = scheme.after_merge(pos, res.kept, positions)  # [*lead, 1, S']
 
@@ -266,12 +275,16 @@ def generate(
     positions: PositionMode = "preserve",
     grid_mode: GridMode = "true",
     softmax_over: SoftmaxAxis = "query",
+    assignments: Sequence[torch.Tensor | None] | None = None,
 ) -> GenerationResult:
-    """Greedy generation with the compressed cache."""
+    """Greedy generation with the compressed cache (`assignments`: see prefill)."""
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     t0 = time.perf_counter()
-    pre = prefill(loaded, inputs, schedule, positions=positions, grid_mode=grid_mode, softmax_over=softmax_over)
+    pre = prefill(
+        loaded, inputs, schedule, positions=positions, grid_mode=grid_mode, softmax_over=softmax_over,
+        assignments=assignments,
+    )  # fmt: skip
     t1 = time.perf_counter()
     kv_lengths, held = pre.kv_lengths(), kv_bytes(pre.cache)
     stops = eos_ids(loaded) if stop_at_eos else set()

@@ -46,6 +46,7 @@ from pathlib import Path
 from lightkv_export.artifacts import (
     Manifest,
     clone_file,
+    follow_link,
     locked,
     promote,
     read_manifest,
@@ -200,10 +201,13 @@ def write_repository(
     Models of the same name are replaced; every other model of the old repository is kept. The whole new repository
     is staged next to repo_dir and exchanged with it in one step: a failure leaves the old one as it was.
     `batching`: the scheduler settings written into each new model's config.pbtxt (default codec.Batching()).
+    A repo_dir that is a symbolic link is followed: the repository where it points is updated (its lock and
+    temporary sibling beside it, on its file system) and the link stays a link. The new root keeps the old one's
+    permission bits (artifacts.promote).
     """
     batching = batching or Batching()
     engine_dirs = [Path(d) for d in engine_dirs]
-    repo_dir = Path(repo_dir)
+    given, repo_dir = Path(repo_dir), follow_link(Path(repo_dir))
     if not engine_dirs:
         raise InputError("no engine directory given")
     if instances < 1:
@@ -243,7 +247,7 @@ def write_repository(
             models = dict(sorted({**kept, **dict(zip(names, map(str, engine_dirs), strict=True))}.items()))
             (tmp / MARKER).write_text(json.dumps({"models": models}) + "\n")
             promote(tmp, repo_dir)  # an atomic exchange with the old repository, which is then removed
-    return repo_dir
+    return given
 
 
 def read_marker(repo_dir: Path) -> dict[str, str]:

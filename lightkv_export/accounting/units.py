@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from lightkv_export.errors import InputError
 
@@ -46,3 +47,34 @@ def byte_unit(largest: float) -> tuple[str, int]:
         if largest >= size:
             return name, size
     return "bytes", 1
+
+
+def parse_budget(text: str, available: int | None = None) -> int:
+    """A KV budget: a size ('512MiB', '2GB') or a percentage of the memory available to the engine ('40%': of
+    MemAvailable for a CPU target, or of `available` when the caller knows better, e.g. a GPU's free memory)."""
+    raw = str(text).strip()
+    if raw.endswith("%"):
+        try:
+            share = float(raw[:-1]) / 100
+        except ValueError:
+            share = -1.0
+        if not 0 < share <= 1:
+            raise InputError(f"KV budget {text!r}: a percentage must be above 0% and at most 100%, e.g. '40%'.")
+        if available is None:
+            available = available_memory()
+        return int(share * available)
+    budget = parse_memory(raw)
+    if budget <= 0:
+        raise InputError(f"KV budget {text!r}: expected a positive size such as '512MiB' or a share such as '40%'.")
+    return budget
+
+
+def available_memory() -> int:
+    """MemAvailable of /proc/meminfo, in bytes (what a CPU engine can still take without swapping)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise InputError("cannot read MemAvailable from /proc/meminfo: give the KV budget as a size, e.g. '512MiB'.")

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lightkv_export.errors import InputError
 from lightkv_export.method.layout import GridMode, StagePlan, plan_stage
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.base import VisionSpan
@@ -59,6 +60,32 @@ def lowered_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def stage_kept_name(stage: int) -> str:
     """Graph output: kept [B, S'] int64 of stage `stage`: source index (into the stage's input) of each survivor."""
     return f"lightkv.{stage}.kept"
+
+
+def stage_assign_name(stage: int) -> str:
+    """Graph output: assign [W, na] int64 of stage `stage`: the B slot each merged A slot of each window went to, -1
+    where it stays (reference.py). Engines built before it existed lack it."""
+    return f"lightkv.{stage}.assign"
+
+
+def merged_into(win_index: np.ndarray, assign: np.ndarray, lengths: Sequence[int], seq: int) -> np.ndarray:
+    """[B, S] int64 row-local index of the survivor each input token ended in (its own if it stayed, -1 at
+    padding), from a stage's window plan (win_index [W, n_max] as fed) and its assign output [W, na]: the form
+    reference.MergeResult.merged_into has, whatever windows an engine was fed (e.g. plan_request's dummy window).
+    An InputError if the output names a slot no window has (an engine's bug, reported as such by parity)."""
+    out = np.full((len(lengths), seq), -1, dtype=np.int64)
+    for b, n in enumerate(lengths):
+        out[b, :n] = np.arange(n)
+    win_index, assign = np.asarray(win_index), np.asarray(assign)
+    w, i = np.nonzero(assign >= 0)
+    cols = 2 * assign[w, i] + 1
+    if assign.shape[0] > win_index.shape[0] or bool((cols >= win_index.shape[1]).any()):
+        raise InputError(f"an assign output {assign.shape} names slots outside the windows {win_index.shape}.")
+    a, dst = win_index[w, 2 * i], win_index[w, cols]
+    if bool((a < 0).any()) or bool((dst < 0).any()):
+        raise InputError("an assign output merges a padding slot of a window.")
+    out[a // seq, a % seq] = dst % seq
+    return out
 
 
 @dataclass(frozen=True)

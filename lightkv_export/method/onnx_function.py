@@ -13,7 +13,10 @@ Signature (inputs in order; B batch rows, S tokens, D hidden size, W windows, n_
 * lengths     [B]         int64, valid input tokens per row
 * out_lengths [B]         int64, valid output tokens per row (from the host plan); S' = max(out_lengths)
 
-Outputs: hidden_out [B, S', D] (hidden's dtype, zero at padding) and kept [B, S'] int64 (-1 at padding).
+Outputs: hidden_out [B, S', D] (hidden's dtype, zero at padding), kept [B, S'] int64 (-1 at padding) and
+assign [W, na] int64, na = ceil(n_max / 2): the B slot each merged A slot went to, -1 where it stays (reference.py's
+`assign`; the TensorRT plan kernel's `assign` output, so a lowered graph exposes the same). Parity reads it to tell
+a partner chosen at a near-tie from a wrong one.
 
 Tensors of the hidden dtype only ever go through Gather, Concat and Cast, which ONNX Runtime's CPU provider
 implements for every dtype (bfloat16 included), and untouched tokens are copied bit for bit: the output is one
@@ -44,7 +47,7 @@ OPSET = 21
 MIN_OPSET = 18
 
 INPUTS = ("hidden", "guidance", "win_index", "win_r", "lengths", "out_lengths")
-OUTPUTS = ("hidden_out", "kept")
+OUTPUTS = ("hidden_out", "kept", "assign")
 ATTRIBUTES = ("windows", "ratio", "grid_mode", "plugin_name", "plugin_namespace", "plugin_version")
 
 _INT64_MAX = 2**63 - 1
@@ -145,6 +148,13 @@ def _match(g: _Body, flat: str, win: str, win_r: str) -> tuple[str, str]:
     top = g.op("Cast", g.op("Less", slot, g.unsqueeze(win_r, 1, "r_col")), to=TensorProto.INT64, out="top")
     rank_hit = g.op("ScatterElements", g.zeros(g.op("Shape", order), TensorProto.INT64, "no_hit"), order, top, axis=1)
     merged = g.op("And", g.op("Cast", rank_hit, to=TensorProto.BOOL), a_ok, out="merged")  # [W, na]
+    # The assignment output: partner slot or -1, without _pad_plan's extra window and column.
+    assign = g.op("Where", merged, partner, g.i64(-1), out="assign_padded")  # [W + 1, na + 1]
+    n_win = g.op("Shape", "win_index", start=0, end=1, out="n_win")  # [1]
+    n_max = g.op("Shape", "win_index", start=1, end=2, out="n_max")  # [1]
+    na_real = g.op("Div", g.op("Add", n_max, g.ints([1])), g.ints([2]), out="na_real")  # [1] ceil(n_max / 2)
+    ends = g.op("Concat", n_win, na_real, axis=0, out="assign_ends")
+    g.op("Slice", assign, g.ints([0, 0]), ends, g.ints([0, 1]), out="assign")  # [W, na]
 
     flat_shape = g.ints([-1])
     merged = g.op("Reshape", merged, flat_shape, out="merged_flat")  # [W * na]
@@ -298,6 +308,7 @@ def standalone_model(
     outputs = [
         helper.make_tensor_value_info("hidden_out", dtype, ["B", "S_out", "D"]),
         helper.make_tensor_value_info("kept", i64, ["B", "S_out"]),
+        helper.make_tensor_value_info("assign", i64, ["W", "n_a"]),
     ]
     node = make_node(INPUTS, OUTPUTS, windows=windows, ratio=ratio, grid_mode=grid_mode, name="lightkv_merge")
     graph = helper.make_graph([node], "lightkv_merge", inputs, outputs)
@@ -336,7 +347,15 @@ def _session(dtype: int) -> ort.InferenceSession:
 
 
 def run_ort(hidden: torch.Tensor, guidance: torch.Tensor, plan: StagePlan) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one planned stage through ONNX Runtime (CPU): returns (hidden_out [B, S', D], kept [B, S'] int64).
+    """Run one planned stage through ONNX Runtime (CPU): returns (hidden_out [B, S', D], kept [B, S'] int64)."""
+    out, kept, _ = run_ort_assign(hidden, guidance, plan)
+    return out, kept
+
+
+def run_ort_assign(
+    hidden: torch.Tensor, guidance: torch.Tensor, plan: StagePlan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """run_ort, plus the assign output [W, na] int64.
 
     The hidden output is bound to a preallocated buffer (S' is known from the plan): ORT cannot hand bfloat16 back
     as numpy, so the buffer holds raw bits in the dtype numpy can carry.
@@ -358,9 +377,12 @@ def run_ort(hidden: torch.Tensor, guidance: torch.Tensor, plan: StagePlan) -> tu
     out = np.zeros((plan.batch, plan.out_seq_len, hidden.shape[2]), dtype=np_type)  # [B, S', D]
     binding.bind_ortvalue_output("hidden_out", ort.OrtValue.ortvalue_from_numpy_with_onnx_type(out, onnx_type))
     binding.bind_output("kept")
+    binding.bind_output("assign")
     session.run_with_iobinding(binding)
-    kept = np.array(binding.get_outputs()[1].numpy())  # [B, S'] int64
+    produced = binding.get_outputs()
+    kept = np.array(produced[1].numpy())  # [B, S'] int64
+    assign = np.array(produced[2].numpy())  # [W, na] int64
     result = torch.from_numpy(out)
     if hidden.dtype == torch.bfloat16:
         result = result.view(torch.int16).view(torch.bfloat16)
-    return result, torch.from_numpy(kept)
+    return result, torch.from_numpy(kept), torch.from_numpy(assign)

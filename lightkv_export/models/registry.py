@@ -453,15 +453,43 @@ def load_processor(path: Path, family_name: str) -> Any:
         f"the image processor files in {path} cannot be read",
         advice,
     )
-    template = None
-    if (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text()
-    elif (path / "chat_template.json").is_file():
-        template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
-    template = template or tokenizer.chat_template
+    template, where = read_chat_template(path)
+    if template is None:
+        template, where = tokenizer.chat_template, str(path / "tokenizer_config.json")
     if template is None:
         raise ModelNotFoundError(f"{path} has no chat template (chat_template.jinja). {how_to_get(None)}")
+    # Checked here, where the checkpoint is loaded: a broken template stops the build before the export, with exit
+    # 2 and the file's name, instead of a traceback from the first rendering after it.
+    from lightkv_export.host import check_chat_template
+
+    special = {k: v for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)}
+    check_chat_template(template, where, special)
     return FAMILIES[family_name].processor_from(path, tokenizer, image_processor, template)
+
+
+def read_chat_template(path: Path) -> tuple[Any, str]:
+    """A checkpoint directory's own chat template and the file it came from: chat_template.jinja, else
+    chat_template.json's "chat_template"; (None, "") when it has neither. Unreadable files are an InputError."""
+    advice = "Fix it, or copy the checkpoint's chat template files again."
+    for name in ("chat_template.jinja", "chat_template.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"{file} is not UTF-8 text ({e.reason} at byte {e.start}). {advice}") from None
+        if name.endswith(".jinja"):
+            return text, str(file)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            where = f"line {e.lineno}, column {e.colno}"
+            raise InputError(f"{file} is not valid JSON ({where}: {e.msg}). {advice}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("chat_template"), str):
+            raise InputError(f'{file} must be a JSON object with a "chat_template" string (the Jinja source). {advice}')
+        return data["chat_template"], str(file)
+    return None, ""
 
 
 def build_random(spec: ModelSpec, dtype: torch.dtype, *, config: Any | None = None) -> LoadedModel:

@@ -9,11 +9,13 @@ At each scheduled layer lambda (1-based) the pass adds, on the export's role val
   from the new positions (survivors' own ids gathered with `kept` in `preserve` mode, 0..S'-1 in `official`
   mode) and the new lengths. The rotary tables and the last-token index are found this way rather than by name,
   so the pass does not depend on how the exporter spelled them.
-Later layers then compute, and output, shorter K and V. Each stage's `kept` becomes a graph output.
+Later layers then compute, and output, shorter K and V. Each stage's `kept` and `assign` (the partner each merged
+token went to, for parity's tie-aware check) become graph outputs.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -22,10 +24,10 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-from lightkv_export.contract import INPUTS_EMBEDS, PRESENT_PREFIX, ROLE_PREFIX, is_attention_role
+from lightkv_export.contract import ENGINE_META_KEY, INPUTS_EMBEDS, PRESENT_PREFIX, ROLE_PREFIX, is_attention_role
 from lightkv_export.errors import InputError
 from lightkv_export.method.layout import OP_DOMAIN, OP_NAME, OP_VERSION
-from lightkv_export.method.merge_plan import stage_input_names, stage_kept_name
+from lightkv_export.method.merge_plan import stage_assign_name, stage_input_names, stage_kept_name
 from lightkv_export.method.onnx_function import lightkv_function, node_attributes
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.positions import SCHEMES
@@ -188,13 +190,13 @@ def insert_lightkv(
         )  # fmt: skip
         guidance_nodes += b.count - before
         uses = list(hidden.uses())
-        merged, kept = b.multi(
+        merged, kept, assign = b.multi(
             OP_NAME,
             [hidden, xi, win_index, win_r, state["len"], out_lengths],
             node_attributes(windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode),
-            num_outputs=2,
+            num_outputs=3,
             domain=OP_DOMAIN,
-            names=[f"lightkv.{k}.hidden", stage_kept_name(k)],
+            names=[f"lightkv.{k}.hidden", stage_kept_name(k), stage_assign_name(k)],
         )
         for node, idx in uses:
             node.replace_input_with(idx, merged)
@@ -220,6 +222,8 @@ def insert_lightkv(
         cloned += cloner.cloned
         graph.outputs.append(kept)
         kept.type, kept.shape = ir.TensorType(INT64), ir.Shape(["batch", f"S_{k}"])
+        graph.outputs.append(assign)
+        assign.type, assign.shape = ir.TensorType(INT64), ir.Shape([f"W_{k}", f"A_{k}"])
         seq_dims.append(f"S_{k}")
         state = {"pos": new_pos, "len": out_lengths, "seq": merged}
 
@@ -229,7 +233,25 @@ def insert_lightkv(
     inserted = sum(1 for n in out.graph.node if n.domain == OP_DOMAIN and n.op_type == OP_NAME)
     if inserted != len(schedule.stages):
         raise AssertionError(f"inserted {inserted} LightKV stages, the schedule has {len(schedule.stages)}")
+    set_engine_meta(out, schedule, positions=positions, grid_mode=grid_mode)
     return out, report
+
+
+def set_engine_meta(model: onnx.ModelProto, schedule: Schedule, *, positions: str, grid_mode: str) -> None:
+    """Record in the graph's metadata (ENGINE_META_KEY) what it was built for: each stage's layer, windows and ratio,
+    the position and grid modes. The host's merge plan is made from the manifest's schedule, which the graph itself
+    cannot see (the TensorRT plugins drop the windows and ratio): this record is what the manifest is checked
+    against when an engine is loaded (integrity.py)."""
+    record = {
+        "schedule": str(schedule),
+        "stages": [[s.layer, s.windows, s.ratio] for s in schedule.stages],
+        "positions": positions,
+        "grid_mode": grid_mode,
+    }
+    kept = [p for p in model.metadata_props if p.key != ENGINE_META_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=ENGINE_META_KEY, value=json.dumps(record))
 
 
 def _finish(irm: ir.Model, schedule: Schedule, seq_dims: list[str]) -> None:

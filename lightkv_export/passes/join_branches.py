@@ -45,6 +45,9 @@ def join_branches(branches: dict[str, onnx.ModelProto]) -> onnx.ModelProto:
             opsets[opset.domain] = max(opsets.get(opset.domain, 0), opset.version)
     model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in opsets.items()])
     model.ir_version = max(m.ir_version for m in branches.values())
+    # The prefill's metadata (its roles and what the LightKV pass built it for) goes with it: a TensorRT engine
+    # keeps only the joined graph, and its manifest is checked against this record (integrity.py).
+    model.metadata_props.extend(branches[JOINED[0]].metadata_props)
     seen = set()
     for m in branches.values():
         for function in m.functions:

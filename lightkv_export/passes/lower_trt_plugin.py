@@ -3,11 +3,12 @@
 The parser's convention for Python (QDP) plugins: the node's op type is the plugin name, a string attribute
 `plugin_namespace` names its namespace, and an attribute `aot` = 1 selects the ahead-of-time implementation (the
 compiled kernel embedded in the engine, no Python at run time). See plugins/lightkv/trt_plugin.py for the plugins;
-one LightKVMerge (hidden, guidance, win_index, win_r, lengths, out_lengths) -> (hidden_out, kept) becomes
+one LightKVMerge (hidden, guidance, win_index, win_r, lengths, out_lengths) -> (hidden_out, kept[, assign]) becomes
 
     LightKVMatch(hidden, win_index) -> best, partner
     LightKVPlan(guidance, win_index, win_r, lengths, out_slots, best, partner) -> kept, dest, assign
     LightKVEmit(hidden, guidance, win_index, kept, dest, assign) -> hidden_out
+    Cast(assign, int64) -> the node's assign output (when it has one: the plan kernel's assign is the function's)
 
 where out_slots [S'] is a new graph input per stage (method/merge_plan.py, OUT_SLOTS): the host knows S' from the
 merge plan, and as an input dimension it sizes kept and hidden_out with plain shape arithmetic. (A size tensor
@@ -50,9 +51,12 @@ def out_slots_input(node: onnx.NodeProto) -> str:
 def lower_node(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     """The plugin chain for one LightKVMerge node (same input and output names, plus its stage's out_slots)."""
     hidden, guidance, win_index, win_r, lengths, _out_lengths = node.input
-    hidden_out, kept = node.output
+    hidden_out, kept, *assign_out = node.output
     tag = node.name or hidden_out
     best, partner, dest, assign = (f"{tag}/{n}" for n in ("best", "partner", "dest", "assign"))
+    exposed = [
+        helper.make_node("Cast", [assign], assign_out[:1], name=f"{tag}/assign_int64", to=onnx.TensorProto.INT64)
+    ]
     return [
         _plugin_node("LightKVMatch", [hidden, win_index], [best, partner], f"{tag}/match"),
         _plugin_node(
@@ -62,6 +66,7 @@ def lower_node(node: onnx.NodeProto) -> list[onnx.NodeProto]:
             f"{tag}/plan",
         ),
         _plugin_node("LightKVEmit", [hidden, guidance, win_index, kept, dest, assign], [hidden_out], f"{tag}/emit"),
+        *(exposed if assign_out and assign_out[0] else []),
     ]
 
 

@@ -437,7 +437,7 @@ def build_engine(
     # once; the vision tower's and the embedding table's are in their own plans.
     held = sum((directory / name / "model.plan").stat().st_size for name in ENGINES)
     extra = json.loads(json.dumps(extra, default=str))
-    return replace(manifest, target=target, weight_bytes=held, extra=extra)
+    return replace(manifest, target=target, weight_bytes=held, extra={**manifest.extra, **extra})  # keeps the context
 
 
 # TensorRT DataType name -> torch dtype. Through torch, not trt.nptype: numpy has no bfloat16, and bf16 engines are

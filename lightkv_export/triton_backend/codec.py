@@ -16,6 +16,16 @@ images and the prompt's characters from the tensors' sizes, then the prompt's to
 (estimated from the template, the engine's vision tokens per image and max_new_tokens), then each image's size from
 its PNG/JPEG header (PIL's lazy open reads only the header), and only then are the pixels decoded. A refusal is an
 InputError (INVALID_ARG on the wire) naming the limit, the value and the config.pbtxt parameter that raises it.
+
+The same `Limits` (and the same checks below) hold for the Python API: runtime.Engine.generate / generate_batch and
+scheduler.Scheduler.submit refuse a request over them before any graph runs (Engine.load(..., limits=Limits(...))
+overrides the defaults), and the engine's own context (the model's max_position_embeddings, from its manifest) caps
+the sequence whatever the limits say.
+
+max_new_tokens arrives as an INT32 tensor. Triton's HTTP front converts a JSON number to INT32 with a plain C cast
+(http_server.cc ReadDataFromJsonHelper: `(int32_t)si`), so 2**32 + 5 reaches the model as 5: nothing here can see
+the wrap. A front that parses the JSON body first calls `check_max_new_tokens` (or `check_generate_body`) on the
+value as sent.
 """
 
 from __future__ import annotations
@@ -56,6 +66,7 @@ STATS = (
     "decode_batch_mean",
     "decode_batch_max",
 )  # from the scheduler, not the generation
+INT32_MAX = 2**31 - 1  # max_new_tokens is an INT32 input: nothing larger can reach the model unchanged
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
@@ -95,12 +106,14 @@ class Limits:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def check(self, name: str, value: int, what: str) -> None:
-        """InputError when `value` (what was asked, e.g. "prompt: 9000 characters") exceeds the limit `name`."""
+        """InputError when `value` (what was asked, e.g. "prompt: 9000 characters") exceeds the limit `name`. The
+        message says how to raise it served (config.pbtxt) and in Python (Engine.load's `limits`): one definition."""
         limit = getattr(self, name)
         if value > limit:
             raise InputError(
                 f"{what} is over the server's limit of {limit} (config.pbtxt parameter {name}; "
-                "raise it in the model's config.pbtxt to allow more)"
+                f"raise it in the model's config.pbtxt to allow more, or in Python with "
+                f"Engine.load(..., limits=Limits({name}=...)))"
             )
 
 
@@ -115,7 +128,7 @@ class Batching:
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str]) -> Batching:
-        from lightkv_export.scheduler import parse_budget
+        from lightkv_export.accounting.units import parse_budget
 
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -165,11 +178,69 @@ def decode_prompt(values: np.ndarray, limits: Limits | None = None) -> str:
         raise InputError(f"prompt: not valid UTF-8 ({e.reason} at byte {e.start})") from None
 
 
-def check_image_count(values: np.ndarray, limits: Limits) -> int:
-    """The number of images in the image tensor, checked before any of them is opened."""
-    n = int(values.size)
+def check_image_count(values: np.ndarray | Sequence[Any], limits: Limits) -> int:
+    """The number of images (the image tensor's elements, or a list of images), checked before any is opened."""
+    n = int(values.size) if isinstance(values, np.ndarray) else len(values)
     limits.check("max_images", n, f"the request has {n} images, which")
     return n
+
+
+def check_image_size(i: int, width: int, height: int, limits: Limits) -> None:
+    """Image `i`'s size (as sent: its header, or a PIL image's size) against max_image_pixels."""
+    pixels = int(width) * int(height)
+    limits.check("max_image_pixels", pixels, f"image {i} is {width}x{height} = {pixels} pixels, which")
+
+
+def check_prompt_text(prompt: Any, limits: Limits) -> str:
+    """The prompt as the Python API and a JSON front receive it (a str): its characters against the limit, then
+    whether it is text at all. A lone surrogate ("\\ud800", which JSON's \\u escapes and Python strings can hold)
+    is no character: no tokenizer can take it, and no UTF-8 can carry it."""
+    if not isinstance(prompt, str):
+        raise InputError(f"the prompt must be a string (text), got {type(prompt).__name__}.")
+    limits.check("max_prompt_chars", len(prompt), f"the prompt has {len(prompt)} characters, which")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"the prompt is not valid text: {e.reason} ({prompt[e.start]!r} at character {e.start}, a lone UTF-16 "
+            "surrogate); send the text as proper Unicode (UTF-8), e.g. without a broken \\uD8xx escape."
+        ) from None
+    return prompt
+
+
+def check_max_new_tokens(value: Any, limit: int = INT32_MAX) -> int:
+    """`value` as a max_new_tokens: an integer (Python or numpy; not bool, float or str, not even 2.0: a float
+    is refused rather than rounded) from 1 to `limit` (the engine's max_new_tokens_limit; never more than INT32_MAX,
+    what the INT32 input carries). Pure: a JSON front calls it on the parsed value before Triton casts it."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."  # a message, not an echo
+        raise InputError(f"max_new_tokens must be a positive integer, got {shown} ({type(value).__name__}); e.g. 32.")
+    n, top = int(value), min(int(limit), INT32_MAX)
+    if not 1 <= n <= top:
+        why = "this engine's max_new_tokens_limit, set when it was built" if top < INT32_MAX else "an INT32 input"
+        raise InputError(f"max_new_tokens must be from 1 to {top} ({why}), got {n}.")
+    return n
+
+
+def check_generate_body(body: Any, limits: Limits, max_new_tokens_limit: int = INT32_MAX) -> None:
+    """A generate request's parsed JSON body ({"prompt", "image", "max_new_tokens"?, "stream"?}), checked as sent,
+    before Triton converts it to tensors (its conversion wraps integers and takes any JSON type): the types, the
+    prompt's characters, the image count, and max_new_tokens. Token, sequence and pixel limits need the engine
+    and the decoded images: the model checks those. Pure, no I/O: for a validating HTTP front."""
+    if not isinstance(body, Mapping):
+        raise InputError(f"the request body must be a JSON object, got {type(body).__name__}.")
+    if "prompt" not in body or "image" not in body:
+        raise InputError("every request needs 'prompt' (one string) and 'image' (PNG/JPEG, base64 text)")
+    check_prompt_text(body["prompt"], limits)
+    images = body["image"]
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+        raise InputError("'image' must be a base64 string or a list of them (PNG or JPEG, one per image).")
+    check_image_count(images, limits)
+    if "max_new_tokens" in body:
+        check_max_new_tokens(body["max_new_tokens"], max_new_tokens_limit)
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise InputError(f"'stream' must be true or false, got {body['stream']!r}.")
 
 
 def sequence_length(template_tokens: int, per_image_tokens: int, images: int, prompt_tokens: int, new: int) -> int:
@@ -177,13 +248,23 @@ def sequence_length(template_tokens: int, per_image_tokens: int, images: int, pr
     return template_tokens + images * per_image_tokens + prompt_tokens + new
 
 
-def check_sequence(limits: Limits, template_tokens: int, per_image_tokens: int, images: int, prompt: int, new: int):
+def check_sequence(
+    limits: Limits, template_tokens: int, per_image_tokens: int, images: int, prompt: int, new: int,
+    context: int | None = None,
+) -> int:  # fmt: skip
+    """The request's longest sequence against max_sequence_length, and against the engine's `context` (the model's
+    max_position_embeddings: positions past it were never trained), which no config.pbtxt parameter raises."""
     total = sequence_length(template_tokens, per_image_tokens, images, prompt, new)
     what = (
         f"the request needs a sequence of {total} tokens ({template_tokens} template + {images} images x "
-        f"{per_image_tokens} + {prompt} prompt + {new} new tokens), which"
+        f"{per_image_tokens} + {prompt} prompt + {new} new tokens)"
     )
-    limits.check("max_sequence_length", total, what)
+    limits.check("max_sequence_length", total, f"{what}, which")
+    if context is not None and total > context:
+        raise InputError(
+            f"{what} is over the engine's context of {context} tokens (the model's max_position_embeddings); "
+            "shorten the prompt, send fewer images or ask for fewer new tokens."
+        )
     return total
 
 
@@ -231,8 +312,7 @@ def decode_images(values: np.ndarray, limits: Limits | None = None) -> list[Imag
             if img.format not in IMAGE_FORMATS:
                 raise InputError(f"image {i}: {img.format} is not supported (send PNG or JPEG bytes)")
             if limits is not None:
-                w, h = img.size
-                limits.check("max_image_pixels", w * h, f"image {i} is {w}x{h} = {w * h} pixels, which")
+                check_image_size(i, *img.size, limits)
         images = []
         for i, (img, data) in enumerate(opened):
             try:
@@ -271,13 +351,17 @@ def decode_stream(values: np.ndarray | None) -> bool:
 
 
 def decode_max_new_tokens(values: np.ndarray | None, default: int) -> int:
-    """The optional max_new_tokens tensor ([1] INT32); absent means `default`."""
+    """The optional max_new_tokens tensor ([1] INT32); absent means `default`. A value below 1 is refused here; the
+    engine's own limit by the scheduler. (A JSON number past INT32 was already cast by Triton: see the module
+    docstring.)"""
     if values is None:
         return default
     flat = values.reshape(-1)
     if flat.size != 1:
         raise InputError(f"max_new_tokens: expected one value, got {flat.size}")
-    return int(flat[0])
+    if not np.issubdtype(flat.dtype, np.integer):
+        raise InputError(f"max_new_tokens must be an integer (INT32), got a {flat.dtype} tensor.")
+    return check_max_new_tokens(flat[0])
 
 
 def encode_generation(gen: Any, stats: Mapping[str, float] | None = None) -> dict[str, np.ndarray]:

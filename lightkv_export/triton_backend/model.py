@@ -14,12 +14,20 @@ input, a limit exceeded, a corrupt image, an empty prompt, max_new_tokens out of
 whole KV budget, ...) come back as INVALID_ARG with a message that says what to change; a full queue, or a wait
 longer than max_queue_s, as UNAVAILABLE (retry later). A client that goes away cancels its request: its
 reservation and cache row are freed at the next step. The model instance stays loaded and the server healthy.
+
+Images as files: the Python backend carries every input through the stub's shared-memory region, which grows to
+fit the largest request and never shrinks (eight 4096x4096 images: ~540 MB for the stub's whole life). So the model
+declares an optional BOOL input `image_file` (auto_complete_config: config.pbtxt need not list it) and the front
+(front.py) then writes each image to a file in the server's private directory (IMAGE_DIR_ENV, 0700) and sends only
+the file names as `image`, with image_file true. The file is read here and removed; the bytes live in this
+process's heap for the request only. Names are checked against a strict pattern, so no other file can be read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +43,9 @@ ENGINE_SUBDIR = "engine"
 FULL_HASH_ENV = "LIGHTKV_ENGINE_FULL_HASH"  # serve.FULL_HASH_ENV
 IDLE_WAIT_S = 0.05  # how often an idle loop looks at the queue (a new request wakes it at once)
 CANCEL_POLL_S = 0.05  # how often the loop asks whether clients went away (each ask is a call to the server)
+IMAGE_FILE_INPUT = "image_file"  # front.IMAGE_FILE_INPUT
+IMAGE_DIR_ENV = "LIGHTKV_IMAGE_DIR"  # front.IMAGE_DIR_ENV: set by serve.py for tritonserver and its stubs
+IMAGE_FILE_NAME = re.compile(rb"[0-9a-f]{32}\.img")  # front.image_file_name()
 
 
 @dataclass
@@ -54,17 +65,27 @@ def _error(message: str, code: str = "INVALID_ARG"):
 
 
 class TritonPythonModel:
+    @staticmethod
+    def auto_complete_config(auto_complete_model_config):
+        """Declares the image_file input (see the module docstring): the front sends images as files when a model
+        has it."""
+        spec = {"name": IMAGE_FILE_INPUT, "data_type": "TYPE_BOOL", "dims": [1], "optional": True}
+        auto_complete_model_config.add_input(spec)
+        return auto_complete_model_config
+
     def initialize(self, args: dict) -> None:
+        from lightkv_export.accounting.units import parse_budget
         from lightkv_export.runtime import Engine  # heavy import: only once the stub is up
-        from lightkv_export.scheduler import Scheduler, parse_budget
+        from lightkv_export.scheduler import Scheduler
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         engine_dir = Path(args["model_repository"]) / args["model_version"] / params.get("engine_dir", ENGINE_SUBDIR)
-        # Sizes always, SHA-256 too unless the launcher verified the engine already (serve.py sets this to 0).
-        self.engine = Engine.load(engine_dir, full_hash=os.environ.get(FULL_HASH_ENV, "1") != "0")
-        self.default_max_new_tokens = int(params.get("default_max_new_tokens", "16"))
+        # The engine enforces the served limits itself too (Engine.check_request): one definition, both places.
         self.limits = codec.Limits.from_parameters(params)
+        # Sizes always, SHA-256 too unless the launcher verified the engine already (serve.py sets this to 0).
+        self.engine = Engine.load(engine_dir, full_hash=os.environ.get(FULL_HASH_ENV, "1") != "0", limits=self.limits)
+        self.default_max_new_tokens = int(params.get("default_max_new_tokens", "16"))
         batching = codec.Batching.from_parameters(params)
         codec.allow_pil_pixels(self.limits)
         manifest = self.engine.manifest
@@ -111,6 +132,9 @@ class TritonPythonModel:
             prompt_values = codec.require(_input(request, "prompt"), "prompt")
             image_values = codec.require(_input(request, "image"), "image")
             n_images = codec.check_image_count(image_values, limits)
+            image_file = _input(request, IMAGE_FILE_INPUT)
+            if image_file is not None and image_file.size == 1 and bool(image_file.reshape(-1)[0]):
+                image_values = _read_image_files(image_values)
             prompt = codec.decode_prompt(prompt_values, limits)
             max_new = codec.decode_max_new_tokens(_input(request, "max_new_tokens"), self.default_max_new_tokens)
             stream = codec.decode_stream(_input(request, "stream"))
@@ -225,6 +249,28 @@ def _free_memory(target_name: str) -> int | None:
     import torch  # the TensorRT runtime runs through torch already
 
     return int(torch.cuda.mem_get_info()[0])
+
+
+def _read_image_files(names) -> Any:
+    """The image tensor whose elements are names of files the front wrote (see the module docstring): their bytes.
+    Each file is removed once read."""
+    import numpy as np
+
+    directory = os.environ.get(IMAGE_DIR_ENV)
+    if not directory:
+        raise InputError(f"{IMAGE_FILE_INPUT} is set but the server has no {IMAGE_DIR_ENV}: send the images inline")
+    blobs = []
+    for i, name in enumerate(names.reshape(-1)):
+        raw = bytes(name) if not isinstance(name, str) else name.encode()
+        if not IMAGE_FILE_NAME.fullmatch(raw):
+            raise InputError(f"image {i}: {raw[:80]!r} is not an image file name of this server")
+        path = Path(directory) / raw.decode()
+        try:
+            blobs.append(path.read_bytes())
+        except OSError as e:
+            raise InputError(f"image {i}: its file is gone ({e.strerror})") from None
+        path.unlink(missing_ok=True)
+    return np.array(blobs, dtype=np.object_)
 
 
 def _input(request, name: str):

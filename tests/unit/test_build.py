@@ -443,10 +443,10 @@ def test_batched_generation_equals_one_request_at_a_time(builds, ratio, tiny_qwe
 
 def broken_copy(engine_dir: Path, where: Path, *, prefill_from: Path | None = None) -> Path:
     """A copy of an engine, optionally with another engine's prefill graph, and a manifest that lists the files
-    as they now are: internally consistent (it loads and verifies), but wrong."""
+    as they now are, sealed with a fresh digest: internally consistent, but wrong."""
     import shutil
 
-    from lightkv_export.artifacts import file_records
+    from lightkv_export.artifacts import file_records, manifest_digest
 
     shutil.copytree(engine_dir, where)
     if prefill_from is not None:
@@ -456,6 +456,7 @@ def broken_copy(engine_dir: Path, where: Path, *, prefill_from: Path | None = No
     records = file_records(where)
     for key in ("files", "file_sizes"):
         manifest[key] = {k: v for k, v in records[key].items() if k in manifest[key]}
+    manifest["manifest_digest"] = manifest_digest(manifest)
     (where / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return where
 
@@ -464,11 +465,17 @@ def failing_outputs(report) -> set[tuple[str, str]]:
     return {(c.level, c.output) for c in report.checks if not c.passed}
 
 
-def test_parity_fails_an_engine_whose_prefill_is_from_another_schedule(builds, tmp_path, tiny_qwen_vl):
+def test_parity_fails_an_engine_whose_prefill_is_from_another_schedule(builds, tmp_path, tiny_qwen_vl, monkeypatch):
+    from lightkv_export import integrity
     from lightkv_export.parity import run_parity
 
     good, other = builds("tiny-qwen-vl", 0.55), builds("tiny-qwen-vl", 0.3)
     broken = broken_copy(good.engine_dirs["ort-cpu"], tmp_path / "broken", prefill_from=other.engine_dirs["ort-cpu"])
+    # The graph records its schedule: the engine is refused before any check (tests/unit/test_manifest_integrity.py).
+    with pytest.raises(InputError, match=f"field schedule is '{good.schedule}', but the engine's graphs say"):
+        run_parity(broken, loaded=tiny_qwen_vl)
+    # Without that record, parity's own checks still fail it.
+    monkeypatch.setattr(integrity, "check_graphs", lambda directory, manifest: None)
     report = run_parity(broken, loaded=tiny_qwen_vl)
     assert not report.passed
     failing = failing_outputs(report)

@@ -19,7 +19,13 @@ from lightkv_export.contract import ROLE_META_KEY, ROLE_PREFIX, is_attention_rol
 from lightkv_export.errors import InputError
 from lightkv_export.export import export_prefill, strip_roles
 from lightkv_export.method.layout import OP_DOMAIN, OP_NAME
-from lightkv_export.method.merge_plan import RequestPlan, plan_request, stage_input_names, stage_kept_name
+from lightkv_export.method.merge_plan import (
+    RequestPlan,
+    plan_request,
+    stage_assign_name,
+    stage_input_names,
+    stage_kept_name,
+)
 from lightkv_export.method.schedule import Schedule, Stage, solve
 from lightkv_export.models.base import VisionSpan
 from lightkv_export.models.positions import MROPE
@@ -112,7 +118,7 @@ def test_roles_out_plan_in(toy):
         o.name for o in toy.graph.output if is_attention_role(o.name)
     ]
     plain = [n for n in outputs if n.startswith("lightkv.") and not n.startswith(ROLE_PREFIX)]
-    assert plain == [stage_kept_name(k) for k in range(2)]
+    assert plain == [name for k in range(2) for name in (stage_kept_name(k), stage_assign_name(k))]
     inputs = {i.name: i.type.tensor_type.elem_type for i in out.graph.input}
     for k in range(2):
         names = stage_input_names(k)

@@ -254,9 +254,10 @@ def test_function_at_older_opsets_runs(opset):
     onnx.checker.check_model(model, full_check=True)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {"hidden": hidden.numpy(), "guidance": guidance.numpy(), **plan_feeds(plan)}
-    out, kept = sess.run(None, feeds)
+    out, kept, assign = sess.run(None, feeds)
     ref = apply_plan(hidden, guidance, plan)
     assert np.array_equal(kept, ref.kept.numpy())
+    assert np.array_equal(assign, ref.assign.numpy())
     np.testing.assert_allclose(out, ref.hidden.numpy(), rtol=1e-6, atol=1e-6)
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from lightkv_export.artifacts import file_digest, is_locked, locked, verify_engine, write_text_atomic
+from lightkv_export.artifacts import file_digest, is_locked, locked, write_text_atomic
 from lightkv_export.config import BuildConfig
 from lightkv_export.errors import InputError
+from lightkv_export.integrity import verify_engine
 from lightkv_export.pipeline import run
 from lightkv_export.runtime import Engine
 

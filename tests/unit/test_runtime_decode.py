@@ -105,6 +105,7 @@ def engine():
     processor = SimpleNamespace(tokenizer=SimpleNamespace(decode=lambda ids, **kwargs: " ".join(map(str, ids))))
     eng = Engine(Path("stub-engine"), manifest, stub_sessions(schedule), processor)
     eng.prepare = lambda images, prompt: REQUESTS[prompt]  # host preprocessing is not what is under test
+    eng.check_request = lambda images, prompt, max_new_tokens: max_new_tokens  # nor the request checks
     return eng
 
 

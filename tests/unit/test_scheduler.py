@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lightkv_export.accounting.units import parse_budget
 from lightkv_export.errors import InputError
 from lightkv_export.runtime import Engine
-from lightkv_export.scheduler import QueueFull, Scheduler, TextDeltas, parse_budget
+from lightkv_export.scheduler import QueueFull, Scheduler, TextDeltas
 
 PROMPTS = ["Describe the image.", "What is in the top left corner?", "Count the squares, then explain why."]
 

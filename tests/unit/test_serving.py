@@ -1,4 +1,4 @@
-"""A real tritonserver (nvidia-pytriton's binary and Python backend) on a loopback port.
+"""A real tritonserver (nvidia-pytriton's binary and Python backend) behind the HTTP front (front.py) on loopback.
 
 Part 1 needs only the server: lifecycle, readiness, errors with the log tail, Ctrl-C of the CLI, the client's
 messages, a killed backend stub (health, restart, /dev/shm); it serves a small Python-backend model written here.
@@ -29,7 +29,6 @@ from PIL import Image
 
 from lightkv_export import client, serve, triton_repo
 from lightkv_export.errors import InputError
-from lightkv_export.triton_backend.codec import encode_images
 from tests.helpers import reference_run
 from tests.unit.test_triton_repo import png_bomb, png_header_only
 
@@ -105,22 +104,22 @@ def png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def infer_echo(address: str, prompt: str, images: list[bytes]):
-    import tritonclient.http as httpclient
+class EchoError(Exception):
+    """The server refused an echo request (HTTP status, message)."""
 
-    c = httpclient.InferenceServerClient(address)
+
+def infer_echo(address: str, prompt: str, images: list[bytes]) -> dict:
+    """One echo request through the front's /generate (JSON; the images as base64): the outputs by name."""
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"prompt": prompt, "image": [base64.b64encode(b).decode() for b in images]}).encode()
+    request = urllib.request.Request(f"http://{address}/v2/models/echo/generate", body)
     try:
-        inputs = []
-        for name, array in (
-            ("prompt", np.array([prompt.encode()], dtype=np.object_)),
-            ("image", encode_images(images)),
-        ):
-            t = httpclient.InferInput(name, list(array.shape), "BYTES")
-            t.set_data_from_numpy(array)
-            inputs.append(t)
-        return c.infer("echo", inputs)
-    finally:
-        c.close()
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise EchoError(f"HTTP {e.code}: {json.loads(e.read())['error']}") from None
 
 
 class Lines:
@@ -205,17 +204,15 @@ def echo_server(tmp_path_factory):
 def test_echo_round_trip_through_the_stub(echo_server):
     """Strings, images and int64 outputs survive the stub (this is what numpy 2 in the stub broke)."""
     result = infer_echo(echo_server.address, "héllo", [png(image((40, 30))), png(image((8, 16), 1))])
-    assert result.as_numpy("text")[0].decode() == "olléh 1.26.4"
-    assert result.as_numpy("sizes").tolist() == [[40, 30], [8, 16]]
+    assert result["text"] == "olléh 1.26.4"
+    assert result["sizes"] == [40, 30, 8, 16]  # [2, 2], flattened as Triton's generate extension writes it
 
 
 def test_bad_request_keeps_server_healthy(echo_server):
-    from tritonclient.utils import InferenceServerException
-
-    with pytest.raises(InferenceServerException, match="image 0: not a readable PNG or JPEG"):
+    with pytest.raises(EchoError, match="image 0: not a readable PNG or JPEG"):
         infer_echo(echo_server.address, "x", [b"garbage"])
     assert serve.http_ready(echo_server.url)
-    assert infer_echo(echo_server.address, "ab", [png(image((4, 4)))]).as_numpy("text")[0].startswith(b"ba ")
+    assert infer_echo(echo_server.address, "ab", [png(image((4, 4)))])["text"].startswith("ba ")
 
 
 def test_server_on_a_given_port_and_stop(tmp_path):
@@ -245,7 +242,7 @@ def test_serve_restarts_when_a_stub_dies_then_gives_up(tmp_path):
         address = url.removeprefix("http://")
         prefixes.append(shm_prefix(pid))
         (stub,) = serve.child_stubs(pid)
-        assert infer_echo(address, "ab", [png(image((4, 4)))]).as_numpy("text")[0].startswith(b"ba ")
+        assert infer_echo(address, "ab", [png(image((4, 4)))])["text"].startswith("ba ")
         os.kill(stub, signal.SIGKILL)
         t0 = time.monotonic()
         notice = lines.wait_for("tritonserver cannot answer", 30)
@@ -256,7 +253,7 @@ def test_serve_restarts_when_a_stub_dies_then_gives_up(tmp_path):
         assert url2 == url and pid2 != pid and gone(pid)
         assert not list(serve.SHM_DIR.glob(f"{prefixes[0]}*"))  # the dead server's regions, the stub's included
         prefixes.append(shm_prefix(pid2))
-        assert infer_echo(address, "cd", [png(image((4, 4)))]).as_numpy("text")[0].startswith(b"dc ")
+        assert infer_echo(address, "cd", [png(image((4, 4)))])["text"].startswith("dc ")
         os.kill(next(iter(serve.child_stubs(pid2))), signal.SIGKILL)
         out = lines.rest(60)
         proc.wait(timeout=30)
@@ -265,7 +262,8 @@ def test_serve_restarts_when_a_stub_dies_then_gives_up(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == 1, out
-    assert "giving up after 1 restart(s) (--restarts 1)" in out and "log tail:" in out and "Traceback" not in out
+    assert "giving up after 1 restart(s) in a row (--restarts 1)" in out
+    assert "log tail:" in out and "Traceback" not in out
     assert gone(pid2) and not serve.http_ready(url)
     for prefix in prefixes:
         assert not list(serve.SHM_DIR.glob(f"{prefix}*"))
@@ -510,7 +508,7 @@ def runtime_message(engine, images: list[Image.Image], prompt: str, max_new: int
     return str(e.value)
 
 
-def generate_raw(url: str, name: str, body: dict, endpoint: str = "generate") -> tuple[int, str]:
+def generate_raw(url: str, name: str, body: dict, endpoint: str = "generate", timeout_s: float = 60) -> tuple[int, str]:
     """One generate request with exactly this JSON body (missing inputs included): (HTTP status, body text)."""
     import urllib.error
     import urllib.request
@@ -519,7 +517,7 @@ def generate_raw(url: str, name: str, body: dict, endpoint: str = "generate") ->
         f"{url}/v2/models/{name}/{endpoint}", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=timeout_s) as r:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as e:
         return e.code, e.read().decode()
@@ -609,11 +607,12 @@ def test_kv_budget_overload_and_cancellation(engine_out, tiny_qwen_vl, tmp_path)
         with pytest.raises(client.ClientError, match=r"refused the request: this request needs .* [KM]iB of KV cache"):
             list(client.stream(server.url, two, prompt, max_new_tokens=long_new))
 
+        body = client.request_body(blobs, prompt, long_new)
+
         def one_request(i: int):
-            try:
-                return client.ask(server.url, blobs, prompt, max_new_tokens=long_new)[1]
-            except client.ClientError as e:
-                return str(e)
+            # One POST, no model lookup first: B and C reach the server together even on a loaded machine.
+            status, text = generate_raw(server.url, name, body, timeout_s=300)
+            return client.parse_answer(json.loads(text)) if status == 200 else json.loads(text)["error"]
 
         # Overload without racing A: A runs (its first token is out) and holds the whole budget; of B and C, sent
         # together, one waits in the queue for A's reservation and the other finds the queue full.
@@ -763,3 +762,23 @@ def test_user_flow_in_subprocesses(engine_out, tiny_qwen_vl, tmp_path):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_large_images_do_not_grow_shared_memory(engine_server, tiny_qwen_vl):
+    """Two 2048x2048 images (25 MB of PNG): the front hands them to the model as files in the server's private
+    directory, so the backend stub's shared-memory region stays at its 1 MB start instead of growing to fit the
+    request for good (eight 4096x4096 images used to keep ~540 MB). The files are gone after the request, and the
+    answer is the reference's. The region is 0600."""
+    server, engines, names = engine_server
+    blobs = [png(image((2048, 2048), 40 + i)) for i in range(2)]
+    assert sum(map(len, blobs)) > 24 * 2**20
+    _, answer = client.ask(server.url, blobs, "Describe the image.", model=names["lightkv"], max_new_tokens=2)
+    same_answer(answer, reference(tiny_qwen_vl, engines["lightkv"], blobs, "Describe the image.", 2))
+    segments = server.shm_segments()
+    assert segments and max(p.stat().st_size for p in segments) < 4 * 2**20, [p.stat().st_size for p in segments]
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in segments)
+    assert not list(server.image_dir.iterdir())
+    # Refused before the model read them (too many images): the front removes the files itself.
+    with pytest.raises(client.ClientError, match="the request has 9 images"):
+        client.ask(server.url, [blobs[0][:1000]] * 9, "hi", model=names["lightkv"], max_new_tokens=2)
+    assert not list(server.image_dir.iterdir())

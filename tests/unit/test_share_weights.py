@@ -99,3 +99,29 @@ def test_external_data_needs_its_directory(tmp_path):
     lean = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
     with pytest.raises(ValueError, match="external data but no base directory"):
         share_weights({"m": (lean, None)}, tmp_path / WEIGHTS_FILE)
+
+
+def test_weights_equal_in_their_first_bytes_stay_two_tensors(tmp_path):
+    """The key is the digest of every byte (issue 28: a key of the first 64 bytes made two same-shape weights that
+    differ later one tensor, silently changing the graph's output)."""
+    a = RNG.standard_normal((64, 64)).astype(np.float32)
+    b = a.copy()
+    b[8:] = RNG.standard_normal((56, 64))  # the first 8 rows (2 KiB) equal, the rest different
+    assert a.tobytes()[:2048] == b.tobytes()[:2048] and a.tobytes() != b.tobytes()
+    nodes = [helper.make_node("MatMul", ["x", "A"], ["ya"]), helper.make_node("MatMul", ["x", "B"], ["yb"]),
+             helper.make_node("Sub", ["ya", "yb"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "prefix", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+        [numpy_helper.from_array(a, "A"), numpy_helper.from_array(b, "B")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    want = run(model, x)
+    assert np.abs(want).max() > 1  # A and B differ where it shows
+    report = share_weights({"m": (model, None)}, tmp_path / WEIGHTS_FILE)
+    assert report.tensors == 2 and report.unique_bytes == a.nbytes + b.nbytes
+    names = [t.name for t in model.graph.initializer]
+    assert len(set(names)) == 2 and all(n.startswith(NAME_PREFIX) for n in names)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    np.testing.assert_array_equal(run(str(tmp_path / "m.onnx"), x), want)

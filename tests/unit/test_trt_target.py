@@ -79,11 +79,14 @@ def test_lowering_maps_the_node_to_the_aot_plugin_chain() -> None:
     model = onnx_function.standalone_model(onnx.TensorProto.BFLOAT16)
     lowered = lower_trt_plugin(model)
     ops = [n.op_type for n in lowered.graph.node]
-    assert ops == ["LightKVMatch", "LightKVPlan", "LightKVEmit"]
-    for node in lowered.graph.node:
+    assert ops == ["LightKVMatch", "LightKVPlan", "LightKVEmit", "Cast"]
+    for node in lowered.graph.node[:3]:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs == {"plugin_namespace": b"lightkv", "plugin_version": b"1", "aot": 1}
-    match, plan, emit = lowered.graph.node
+    match, plan, emit, cast = lowered.graph.node
+    # The function's assign output is the plan kernel's (int32 there): parity's tie-aware check reads it.
+    assert list(cast.input) == [plan.output[2]] and list(cast.output) == ["assign"]
+    assert onnx.helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.INT64
     assert list(match.input) == ["hidden", "win_index"]
     assert list(plan.input)[:5] == ["guidance", "win_index", "win_r", "lengths", "out_slots"]
     assert list(plan.input)[5:] == list(match.output) and len(plan.output) == 3 and plan.output[0] == "kept"
