@@ -298,25 +298,49 @@ def build_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize(
-    ("files", "message"),
-    [
-        ({"chat_template.jinja": "{% for m in messages %}{{ m.role }{% endfor %}"}, "not valid Jinja (line 1"),
-        ({"chat_template.json": '{"chat_template": "{{ messages"}'}, "not valid Jinja"),
-        ({"chat_template.json": "{not json"}, "chat_template.json is not valid JSON (line 1, column 2"),
-        ({"chat_template.json": '{"chat_template": 3}'}, 'must be a JSON object with a "chat_template" string'),
-        ({"chat_template.jinja": "{{ messages[0]['content'] + 1 }}"}, "fails on a sample request"),
-    ],
-    ids=["jinja-syntax", "json-jinja-syntax", "json-syntax", "json-shape", "render"],
-)
-def test_a_bad_chat_template_stops_the_build_before_the_export(tiny_qwen2_vl, tmp_path, files, message):
-    """On main: a traceback, after the export had run."""
-    ckpt = tmp_path / "ckpt"
-    tiny_qwen2_vl.model.save_pretrained(ckpt)
-    tiny_qwen2_vl.processor.save_pretrained(ckpt)
-    (ckpt / "chat_template.jinja").unlink()  # the broken file below is the checkpoint's only template
+BAD_TEMPLATES = {
+    "jinja-syntax": (
+        {"chat_template.jinja": "{% for m in messages %}{{ m.role }{% endfor %}"},
+        "not valid Jinja (line 1",
+    ),
+    "json-jinja-syntax": ({"chat_template.json": '{"chat_template": "{{ messages"}'}, "not valid Jinja"),
+    "json-syntax": ({"chat_template.json": "{not json"}, "chat_template.json is not valid JSON (line 1, column 2"),
+    "json-shape": (
+        {"chat_template.json": '{"chat_template": 3}'},
+        'must be a JSON object with a "chat_template" string',
+    ),
+    "render": ({"chat_template.jinja": "{{ messages[0]['content'] + 1 }}"}, "fails on a sample request"),
+}
+
+
+def checkpoint_with(loaded, directory: Path, files: dict[str, str]) -> Path:
+    """The tiny model as a checkpoint directory whose only chat template is `files`."""
+    loaded.model.save_pretrained(directory)
+    loaded.processor.save_pretrained(directory)
+    (directory / "chat_template.jinja").unlink()
     for name, text in files.items():
-        (ckpt / name).write_text(text)
+        (directory / name).write_text(text)
+    return directory
+
+
+@pytest.mark.parametrize("kind", list(BAD_TEMPLATES))
+def test_a_bad_chat_template_is_refused_when_the_checkpoint_loads(tiny_qwen2_vl, tmp_path, kind):
+    """On main: a traceback at the first rendering, after the export."""
+    from lightkv_export.models.registry import load_processor, read_model_type
+
+    files, message = BAD_TEMPLATES[kind]
+    ckpt = checkpoint_with(tiny_qwen2_vl, tmp_path / "ckpt", files)
+    with pytest.raises(InputError) as refused:
+        load_processor(ckpt, read_model_type(ckpt))
+    said = " ".join(str(refused.value).split())
+    assert message in said and str(ckpt) in said  # what is wrong, and in which file
+
+
+@pytest.mark.parametrize("kind", ["jinja-syntax", "json-syntax"])
+def test_a_bad_chat_template_stops_the_build_before_the_export(tiny_qwen2_vl, tmp_path, kind):
+    """On main: a traceback, after the export had run. Through the real CLI: exit 2, one message, no export."""
+    files, message = BAD_TEMPLATES[kind]
+    ckpt = checkpoint_with(tiny_qwen2_vl, tmp_path / "ckpt", files)
     out = tmp_path / "out"
     proc = build_cli("--model", str(ckpt), "--ratio", "0.55", "--out", str(out))
     assert proc.returncode == 2, proc.stderr[-3000:]
