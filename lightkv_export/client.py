@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightkv_export.contract import INT32_MAX
 from lightkv_export.errors import InputError, LightKVError
 
-INT32_MAX = 2**31 - 1  # max_new_tokens travels as INT32
 CONNECT_TIMEOUT_S = 10.0
 TIMEOUT_S = 300.0
 _HOST_PORT = re.compile(r"(?P<host>[^/:\s]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")

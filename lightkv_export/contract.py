@@ -87,3 +87,6 @@ def past_length(layer: int) -> str:
     """The in-place decode graph's (passes/fuse_attention.py) count of valid entries in `layer`'s cache
     buffer per row before this step, where the new token's key and value are written: [B] int32."""
     return f"past_length.{layer}"
+
+
+INT32_MAX = 2**31 - 1  # the served max_new_tokens is an INT32 input: nothing larger reaches the model unchanged

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from lightkv_export.contract import INT32_MAX
 from lightkv_export.errors import InputError
 
 IMAGE_FORMATS = ("PNG", "JPEG")
@@ -66,7 +67,6 @@ STATS = (
     "decode_batch_mean",
     "decode_batch_max",
 )  # from the scheduler, not the generation
-INT32_MAX = 2**31 - 1  # max_new_tokens is an INT32 input: nothing larger can reach the model unchanged
 _IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
