@@ -50,8 +50,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", help="float32 (ort-cpu), float16 or bfloat16 (TensorRT)")
     p.add_argument(
         "--image-size",
-        help="WIDTHxHEIGHT pixels of the engine's image profile, multiples of 28 "
-        "(default: the model's, 448x336 for the tiny presets)",
+        help="WIDTHxHEIGHT pixels of the reference request's image: the build's report, parity's first case and "
+        "TensorRT's opt point (default: the model's, 448x336 for the tiny presets). Optional: engines take every "
+        "image as the checkpoint's processor sizes it, whatever this is",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="cap each image at N pixels as the processor sizes it, below the checkpoint's own max_pixels (Qwen-VL: "
+        "12,845,056, 16,384 tokens); bounds every request's vision tokens and TensorRT's largest profile",
     )
     p.add_argument(
         "--positions",
@@ -111,6 +119,7 @@ def build(args: argparse.Namespace) -> int:
             out=args.out,
             dtype=args.dtype,
             image_size=parse_image_size(args.image_size) if args.image_size else None,
+            max_image_pixels=args.max_image_pixels,
             positions=args.positions,
             compat=args.compat,
             random_weights=args.random_weights,

@@ -23,7 +23,7 @@ import torch
 
 from lightkv_export.method.layout import StagePlan, plan_stage
 from lightkv_export.method.reference import apply_plan
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 HIDDEN = 3584
 

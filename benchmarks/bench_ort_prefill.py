@@ -125,7 +125,7 @@ def export_graphs(size: BenchSize, workdir: Path):
 
 def make_request(size: BenchSize, seed: int = 0) -> tuple[dict[str, np.ndarray], list]:
     """Feeds shared by both graphs (B = 1) and the row's vision spans."""
-    from lightkv_export.models.base import VisionSpan
+    from lightkv_export.method.spans import VisionSpan
     from lightkv_export.models.positions import MROPE
 
     h, w = size.grid
@@ -187,17 +187,15 @@ def time_interleaved(runs: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
-def run(quick: bool = False) -> dict:
+def measure(size: BenchSize, sessions: dict, schedule, shape) -> dict:
+    """One request of `size` (its image grid between text) through both sessions ({"vanilla", "lightkv"}): the
+    warm-up's outputs checked against the plan's KV lengths, then `size.repeats` interleaved timed runs. The graphs
+    are dynamic in sequence length, so one pair of sessions serves every grid."""
     from lightkv_export.method.merge_plan import plan_request
 
-    size = QUICK if quick else FULL
-    with tempfile.TemporaryDirectory(prefix="bench_ort_prefill_") as tmp:
-        vanilla_model, lightkv_model, schedule, shape, build_s = export_graphs(size, Path(tmp))
     feeds, spans = make_request(size)
     seq = int(feeds[contract.LENGTHS][0])
     plan = plan_request(spans, [seq], schedule)
-    sessions = {"vanilla": session(vanilla_model), "lightkv": session(lightkv_model)}
-    del vanilla_model, lightkv_model
     inputs = {"vanilla": feeds, "lightkv": {**feeds, **plan.feeds}}
     names = {v: [o.name for o in s.get_outputs()] for v, s in sessions.items()}
 
@@ -207,18 +205,38 @@ def run(quick: bool = False) -> dict:
     pred = predicted(size, shape, schedule)
     if kv_len["lightkv"] != pred["lightkv"]["seq_per_layer"] or kv_len["vanilla"] != [seq] * size.layers:
         raise AssertionError(f"KV lengths {kv_len} differ from the plan's {pred['lightkv']['seq_per_layer']}")
+    kv = {v: kv_bytes(outputs[v]) for v in sessions}
+    del outputs
 
     runs = {v: (lambda v=v: sessions[v].run(names[v], inputs[v])) for v in sessions}
     times = time_interleaved(runs, size.repeats)
-    med_ms = {v: statistics.median(ts) * 1e3 for v, ts in times.items()}
-    kv = {v: kv_bytes(outputs[v]) for v in sessions}
     flops = {v: sum(pred[v]["flops"].values()) for v in sessions}
     # Headline: the median over repeats of each repeat's own vanilla / LightKV ratio. The two runs of a repeat are
     # back to back, so load from other processes on the shared cores (it comes and goes over a run) cancels out
     # far better than in a ratio of the two medians, which is reported alongside.
     paired = [a / b for a, b in zip(times["vanilla"], times["lightkv"], strict=True)]
-    speedup = statistics.median(paired)
-    flops_ratio = flops["vanilla"] / flops["lightkv"]
+    return {
+        "seq": seq,
+        "times": times,
+        "median_ms": {v: statistics.median(ts) * 1e3 for v, ts in times.items()},
+        "paired": paired,
+        "speedup": statistics.median(paired),
+        "kv_bytes": kv,
+        "kv_lengths": kv_len,
+        "predicted": pred,
+        "flops_ratio": flops["vanilla"] / flops["lightkv"],
+    }
+
+
+def run(quick: bool = False) -> dict:
+    size = QUICK if quick else FULL
+    with tempfile.TemporaryDirectory(prefix="bench_ort_prefill_") as tmp:
+        vanilla_model, lightkv_model, schedule, shape, build_s = export_graphs(size, Path(tmp))
+    sessions = {"vanilla": session(vanilla_model), "lightkv": session(lightkv_model)}
+    del vanilla_model, lightkv_model
+    m = measure(size, sessions, schedule, shape)
+    seq, times, med_ms, kv, pred = m["seq"], m["times"], m["median_ms"], m["kv_bytes"], m["predicted"]
+    speedup, flops_ratio = m["speedup"], m["flops_ratio"]
     return {
         "title": f"ONNX Runtime CPU prefill, random-weight Qwen2.5-VL ({size.layers} layers, D={size.hidden}, "
         f"{size.heads}/{size.kv_heads} heads, MLP {size.intermediate}), one {size.grid[0]}x{size.grid[1]} image, "
@@ -235,12 +253,12 @@ def run(quick: bool = False) -> dict:
         "median_ms": med_ms,
         "speedup_of_medians": med_ms["vanilla"] / med_ms["lightkv"],
         "speedup_of_minima": min(times["vanilla"]) / min(times["lightkv"]),
-        "paired_speedups": paired,
+        "paired_speedups": m["paired"],
         "min_ms": {v: min(ts) * 1e3 for v, ts in times.items()},  # least disturbed by other load on shared cores
         "times_ms": {v: [t * 1e3 for t in ts] for v, ts in times.items()},
         "kv_bytes": kv,
         "kv_bytes_predicted": {v: pred[v]["kv_bytes"] for v in sessions},
-        "kv_lengths": kv_len,
+        "kv_lengths": m["kv_lengths"],
         "prefill_flops": {v: pred[v]["flops"] for v in sessions},
         "build_s": build_s,
     }

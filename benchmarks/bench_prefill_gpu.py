@@ -99,7 +99,8 @@ def request(size: Size, images: int, batch: int, device: str, dtype, seed: int =
     """PrefillInputs: `images` images of the size's grid with their wrappers, the prompt, `batch` equal rows."""
     import torch
 
-    from lightkv_export.models.base import PrefillInputs, VisionSpan
+    from lightkv_export.method.spans import VisionSpan
+    from lightkv_export.models.base import PrefillInputs
     from lightkv_export.models.positions import MROPE
 
     h, w = size.grid

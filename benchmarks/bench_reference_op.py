@@ -22,7 +22,7 @@ import torch
 
 from lightkv_export.method.guidance import text_guidance
 from lightkv_export.method.reference import lightkv_merge
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 NAME = "reference_op"
 VARIANTS = ("lightkv_export", "baseline_full_matrix")

@@ -38,7 +38,7 @@ PROCESSOR_DIR = "processor"  # the checkpoint's tokenizer and image processor fi
 WEIGHTS_FILE = "weights.bin"  # an ort-cpu engine's weights, each distinct tensor once (passes/share_weights.py)
 # 2: files (SHA-256) and file_sizes (bytes) cover every file the engine runs from; 3: MANIFEST_DIGEST covers the
 # manifest itself, and the prefill graph records its schedule (contract.ENGINE_META_KEY)
-MANIFEST_FORMAT = 3
+MANIFEST_FORMAT = 4
 MANIFEST_DIGEST = "manifest_digest"  # the manifest's own record: a SHA-256 per top-level field (`manifest_digest`)
 MANIFEST_REBUILD = "Rebuild the engine with build.py (or put back the manifest.json the build wrote)."
 PARTIAL = ".partial-"
@@ -78,11 +78,13 @@ def file_records(directory: Path) -> dict[str, dict[str, Any]]:
 
 @dataclass(frozen=True)
 class ReferenceRequest:
-    """What the engine promises for one image of its profile and the reference prompt (parity checks it)."""
+    """What the engine promises for the reference request, one image of `Manifest.image_size` and the reference
+    prompt (parity checks it)."""
 
     prompt: str
     seq_len: int
     vision_tokens: int
+    image_layouts: list  # per image, its ImageLayout's JSON form (method/spans.py): grids and fixed runs
     kv_lengths: list[int]  # per layer: the KV cache's sequence length after LightKV
     vision_tokens_per_layer: list[int]
     kv_bytes_per_layer: list[int]
@@ -110,9 +112,8 @@ class Manifest:
     retention: float
     positions: str  # "preserve" | "official"
     grid_mode: str
-    image_size: list[int]  # (height, width) of the profile
-    vision_input_shape: list[int]  # one image's pixel_values
-    vision_token_grid: list[int]  # one image's LLM tokens (h, w)
+    image_size: list[int]  # (height, width) of the reference request's image as sent (and TensorRT's opt point)
+    vision_inputs: dict[str, list[int]]  # the vision graph's inputs: name -> shape, -1 where any size is taken
     num_layers: int
     hidden_size: int
     num_kv_heads: int
@@ -130,6 +131,7 @@ class Manifest:
     created: str
     dtype: str
     notes: list[str] = field(default_factory=list)
+    max_image_pixels: int | None = None  # a cap on each processed image below the processor's (--max-image-pixels)
     target: str = ""  # set by the target that builds the engine
     weight_bytes: int = 0  # the weights the engine holds at run time, all its sessions together (0: not recorded)
     files: dict[str, str] = field(default_factory=dict)  # relative path -> SHA-256

@@ -28,7 +28,8 @@ class BuildConfig:
     targets: tuple[str, ...] = ("ort-cpu",)
     out: Path = Path("engines")
     dtype: str = "float32"
-    image_size: tuple[int, int] | None = None  # (height, width) pixels; default: the model's
+    image_size: tuple[int, int] | None = None  # (height, width) of the reference image; default: the model's
+    max_image_pixels: int | None = None  # a cap on each image as the processor sizes it, below the checkpoint's own
     positions: str = "preserve"
     compat: str = "none"  # "official": the released code's pseudo-square grid and position reset
     random_weights: bool = False
@@ -64,6 +65,14 @@ class BuildConfig:
                 f"--ratio {self.ratio} is not a fraction in [0, 1]: it is the share of vision-token KV kept "
                 "(0.55 keeps 55%). Give e.g. --ratio 0.55."
             )
+        if self.max_image_pixels is not None and (
+            isinstance(self.max_image_pixels, bool) or not isinstance(self.max_image_pixels, int)
+            or self.max_image_pixels < 1
+        ):  # fmt: skip
+            raise InputError(
+                f"--max-image-pixels {self.max_image_pixels!r} is not a positive number of pixels; e.g. "
+                "--max-image-pixels 1003520 (1280 Qwen-VL tokens of 28 x 28)."
+            )
         if self.max_new_tokens_limit < 1:
             raise InputError("max_new_tokens_limit must be >= 1.")
 
@@ -86,8 +95,8 @@ class BuildConfig:
         return "official" if self.compat == "official" else self.positions
 
     def engine_tag(self) -> str:
-        """The <tag> of engines/<model>/<tag>/<target>: ratio or schedule, position mode, and the image profile
-        when it is not the model's default."""
+        """The <tag> of engines/<model>/<tag>/<target>: ratio or schedule, position mode, the reference image when
+        it is not the model's default, and the pixel cap."""
         if self.vanilla:
             tag = "vanilla"
         elif self.schedule is not None:
@@ -98,8 +107,10 @@ class BuildConfig:
             tag += "-official"
         elif self.positions != "preserve":
             tag += f"-pos-{self.positions}"
-        if self.image_size is not None:  # another image profile is another engine
+        if self.image_size is not None:  # another reference request (and TensorRT opt point): another engine
             tag += f"-{self.image_size[1]}x{self.image_size[0]}"  # width x height
+        if self.max_image_pixels is not None:  # other processor files: another engine
+            tag += f"-max{self.max_image_pixels}px"
         return tag
 
 

@@ -90,3 +90,12 @@ def past_length(layer: int) -> str:
 
 
 INT32_MAX = 2**31 - 1  # the served max_new_tokens is an INT32 input: nothing larger reaches the model unchanged
+
+
+def graph_input_shapes(model) -> dict[str, list[int]]:
+    """An ONNX model's inputs: name -> shape, -1 for a dimension the graph leaves free (what the manifest's
+    vision_inputs records)."""
+    return {
+        value.name: [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+        for value in model.graph.input
+    }

@@ -23,7 +23,9 @@ Graphs (B batch, S prompt tokens, D hidden, L layers, Hkv KV heads, d head size,
            its own P_i), past_mask.{i} [B, P_i] int64 (1 = real entry) -> logits [B, V], present.{i}.key / .value;
            role outputs per layer (the attention's boundary, for passes/fuse_attention.py): the post-RoPE
            query [B, Hq, 1, d], the new token's key and value [B, Hkv, 1, d], the attention output [B, 1, Hq, d]
-* vision:  pixel_values [N_patches, F] for one image of the profile's grid -> image_embeds [N_vis, D]
+* vision:  one image as the family's host prepares it (pixel_values first, then the family's grid-only inputs:
+           Qwen-VL's rotary positions, window order, segment lengths) -> image_embeds [N_vis, D]; dynamic in
+           the number of patches where the processor lets the size vary
 """
 
 from __future__ import annotations
@@ -338,18 +340,21 @@ def export_embed(text_model, path: Path) -> None:
 
 
 def export_vision(loaded: LoadedModel, path: Path, *, image_size: tuple[int, int], dtype: torch.dtype) -> dict:
-    """The family's vision graph for one image of exactly `image_size` (height, width); returns what the
-    manifest records of the profile: the graph's input shape and each image's LLM token grid."""
+    """The family's vision graph, traced on an example image of `image_size` (height, width) and dynamic where
+    the model's processor lets the image vary; returns the graph's inputs and shapes as the manifest records them
+    (-1: any size)."""
     vision = loaded.family.vision_export(loaded, image_size, dtype)
     _export(
         vision.module,
-        (vision.example,),
+        tuple(vision.example.values()),
         path,
-        input_names=[contract.PIXEL_VALUES],
+        input_names=list(vision.example),
         output_names=[contract.IMAGE_EMBEDS],
-        dynamic_shapes=None,
+        dynamic_shapes=vision.dynamic_shapes,
     )
-    return {"vision_input_shape": list(vision.example.shape), "vision_token_grid": list(vision.token_grid)}
+    import onnx
+
+    return {"vision_inputs": contract.graph_input_shapes(onnx.load(str(path), load_external_data=False))}
 
 
 GRAPHS = ("vision", "embed", "prefill", "decode")

@@ -11,10 +11,11 @@ parity compares the engine's requests, made here, with the PyTorch model fed by 
 * the user's text tokenized as plain text: control tokens typed in the prompt (`<|im_end|>`, `<image>`, ...)
   become ordinary text, so a prompt can neither open another chat turn nor add image slots (transformers'
   `sanitize_control_tokens`); the template's own control tokens stay real;
-* each image placeholder the template writes expanded to the engine's vision tokens per image;
-* pixels: rescaled, normalized, and laid out as the vision graph takes them. Images arrive resized to the
-  engine's profile (runtime.Engine.prepare), where the processors' own resize and crop change nothing.
-  Qwen-VL: patches [N_patches, C * T * P * P] in the merge order; CLIP (LLaVA-1.5): [1, 3, H, W].
+* each image placeholder the template writes replaced by that image's tokens (its ImageLayout: images of
+  different sizes have different counts);
+* pixels: the family's image side (`Family.image_host`, images.ImageHost) resizes each image exactly as the
+  checkpoint's processor does (Qwen-VL's smart resize within min/max pixels, LLaVA's resize and center crop) and
+  lays it out as the vision graph takes it, with the graph's grid-only inputs. Nothing is resized to a profile.
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from typing import Any
 import numpy as np
 
 from lightkv_export.errors import InputError
-from lightkv_export.models.base import VisionSpan, check_request, leading_ids, spans_on_grids
+from lightkv_export.images import ImageHost, PreparedImage
+from lightkv_export.method.spans import ImageLayout, VisionSpan, spans_on_grids
+from lightkv_export.models.base import check_request, leading_ids
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 # Private-use code points (never typed text) that fence a control token of the user's text through the template.
@@ -137,21 +140,23 @@ class ChatTokenizer:
         messages = [{"role": "user", "content": content}]
         return self.template.render(messages=messages, add_generation_prompt=True, **self.special)
 
-    def encode_chat(self, chat: str, expand: dict[str, str]) -> list[int]:
-        """Ids of a rendered chat: fenced tokens as plain text, the rest with its control tokens real, and each
-        unfenced `expand` key replaced first by its value (an image placeholder by the image's tokens).
+    def encode_chat(self, chat: str, expand: dict[str, list[str]]) -> list[int]:
+        """Ids of a rendered chat: fenced tokens as plain text, the rest with its control tokens real, and the
+        n-th unfenced occurrence of each `expand` key replaced first by its n-th value (the n-th image's
+        placeholder by that image's tokens).
 
         Every piece after the first is encoded after a newline that is then dropped: SentencePiece tokenizers
         (LLaVA's) otherwise add the word-start space they add at the start of a string."""
         pieces = self.marked.split(chat)  # [text, fenced token or None, text, ...]
+        pending = {key: list(values) for key, values in expand.items()}
         ids: list[int] = []
         for i, piece in enumerate(pieces):
             if not piece:
                 continue
             fenced = i % 2 == 1
             if not fenced:
-                for key, value in expand.items():
-                    piece = piece.replace(key, value)
+                for key, values in pending.items():
+                    piece = _replace_each(piece, key, values)
             encode = self.encode_plain if fenced else self.encode
             if i == 0:
                 ids += encode(piece)
@@ -164,126 +169,93 @@ class ChatTokenizer:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
-@dataclass(frozen=True)
-class ImageFormat:
-    """Rescale and normalization of the image processor (processor_config.json)."""
-
-    scale: float
-    mean: np.ndarray  # [C]
-    std: np.ndarray  # [C]
-
-    @classmethod
-    def from_config(cls, config: dict) -> ImageFormat:
-        scale = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0
-        normalize = config.get("do_normalize", True)
-        mean = np.asarray(config["image_mean"] if normalize else [0.0, 0.0, 0.0], np.float32)
-        std = np.asarray(config["image_std"] if normalize else [1.0, 1.0, 1.0], np.float32)
-        return cls(scale, mean, std)
-
-    def chw(self, image) -> np.ndarray:
-        """[C, H, W] float32 of an RGB PIL image."""
-        x = np.asarray(image.convert("RGB"), dtype=np.float32) * np.float32(self.scale)  # [H, W, C]
-        return ((x - self.mean) / self.std).transpose(2, 0, 1)  # [C, H, W]
-
-
-@dataclass(frozen=True)
-class QwenPatches:
-    """Qwen2-VL / Qwen2.5-VL: each image as patches in the merger's order, the frame repeated over the temporal
-    patch (an image is one frame)."""
-
-    fmt: ImageFormat
-    patch: int
-    merge: int
-    temporal: int
-    image_token: str = "<|image_pad|>"
-
-    @property
-    def min_side(self) -> int:
-        return self.patch  # the processor fails on a smaller image
-
-    def pixels(self, image) -> np.ndarray:
-        x = self.fmt.chw(image)  # [C, H, W]
-        c, h, w = x.shape
-        p, m, t = self.patch, self.merge, self.temporal
-        gh, gw = h // p, w // p
-        x = x.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, P, P]
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # [gh/m, gw/m, m, m, C, T, P, P]
-        return np.ascontiguousarray(x).reshape(gh * gw, c * t * p * p)  # [N_patches, C*T*P*P]
-
-
-@dataclass(frozen=True)
-class ClipPixels:
-    """LLaVA-1.5's CLIP processor: the image as one [1, 3, H, W] tensor."""
-
-    fmt: ImageFormat
-    patch: int
-    image_token: str = "<image>"
-    min_side: int = 1  # any size is resized and center-cropped
-
-    def pixels(self, image) -> np.ndarray:
-        return self.fmt.chw(image)[None]  # [1, 3, H, W]
-
-
-def image_layout(config: dict) -> QwenPatches | ClipPixels:
-    """The image side of processor_config.json, by the image processor's type (as AutoProcessor dispatches)."""
-    features = config.get("image_processor", config)
-    kind = str(features.get("image_processor_type", ""))
-    fmt = ImageFormat.from_config(features)
-    if kind.startswith("Qwen2VLImageProcessor"):
-        patch, merge, temporal = (int(features[k]) for k in ("patch_size", "merge_size", "temporal_patch_size"))
-        return QwenPatches(fmt, patch, merge, temporal)
-    if kind.startswith("CLIPImageProcessor"):
-        return ClipPixels(fmt, int(config.get("patch_size", 14)), str(config.get("image_token", "<image>")))
-    raise InputError(f"image processor {kind or '(none)'} has no host preprocessing here; build the engine again.")
-
-
 @dataclass
 class HostInputs:
     input_ids: np.ndarray  # [1, S] int64
-    pixels: list[np.ndarray]  # per image, as the vision graph takes it
-    spans: list[list[VisionSpan]]  # [row][image]
+    images: list[PreparedImage]  # per image: its size as the model takes it, layout and vision-graph feeds
+    spans: list[list[VisionSpan]]  # [row][grid], every image's grids in order
+
+    @property
+    def layouts(self) -> list[ImageLayout]:
+        return [im.layout for im in self.images]
 
 
 class HostProcessor:
-    """An engine's host preprocessing: `process(images, prompt)` for images already at the engine's profile."""
+    """An engine's host preprocessing: the chat template and tokenizer (processor/), and the family's image side
+    (`Family.image_host`, images.ImageHost), which sizes each image as the checkpoint's processor does."""
 
-    def __init__(self, directory: Path, vision_grid: tuple[int, int]) -> None:
+    def __init__(self, directory: Path, images: ImageHost) -> None:
         self.tokenizer = ChatTokenizer(directory)
-        self.layout = image_layout(_read_json(directory / "processor_config.json"))
-        self.vision_grid = (int(vision_grid[0]), int(vision_grid[1]))  # the LLM's token grid of one image
-        self.image_token_id = self.tokenizer.token_id(self.layout.image_token)
+        self.images = images
+        self.image_token_id = self.tokenizer.token_id(images.image_token)
+        # What the chat template writes once per image (Qwen-VL, LLaVA: the image token itself; a family whose
+        # template writes another placeholder, e.g. InternVL's <image>, names it).
+        self.placeholder = getattr(images, "template_placeholder", images.image_token)
 
     def check(self, images: list, prompt: str) -> None:
         """Refuse what the checkpoint's processor would refuse (or silently mangle), with a message that says why:
-        called on the images as the user gave them, before they are resized to the profile."""
-        check_request(images, prompt, min_side=self.layout.min_side)
+        called on the images as the user gave them."""
+        check_request(images, prompt, min_side=self.images.min_side)
 
-    def prompt_ids(self, num_images: int, prompt: str) -> list[int]:
-        """The request's token ids: the tokenizer's prefix, the chat with each image's vision tokens."""
-        token = self.layout.image_token
-        n = self.vision_grid[0] * self.vision_grid[1]
-        return self._with_prefix(
-            self.tokenizer.encode_chat(self.tokenizer.render(num_images, prompt), {token: token * n})
-        )
+    def layouts(self, sizes: list[tuple[int, int]]) -> list[ImageLayout]:
+        """Each image's tokens from its (width, height) as sent (PIL's .size order): no pixel is touched."""
+        return [self.images.layout(int(h), int(w)) for w, h in sizes]
+
+    def prompt_ids(self, layouts: list[ImageLayout], prompt: str) -> list[int]:
+        """The request's token ids: the tokenizer's prefix, the chat with each image's placeholder replaced by that
+        image's tokens (in order: images of different sizes have different counts)."""
+        chat = self.tokenizer.render(len(layouts), prompt)
+        expansions = [self.images.expand(layout) for layout in layouts]
+        return self._with_prefix(self.tokenizer.encode_chat(chat, {self.placeholder: expansions}))
 
     def _with_prefix(self, ids: list[int]) -> list[int]:
         prefix = self.tokenizer.prefix
         return ids if not prefix or ids[: len(prefix)] == prefix else prefix + ids  # a template may write <s>
 
     def process(self, images: list, prompt: str) -> HostInputs:
-        """Token ids, pixels and spans of one request whose images are at the engine's profile."""
-        ids = np.asarray([self.prompt_ids(len(images), prompt)], dtype=np.int64)  # [1, S]
+        """Token ids, each image prepared for the vision graph, and one span per grid."""
+        prepared = [self.images.prepare(im) for im in images]
+        layouts = [p.layout for p in prepared]
+        ids = np.asarray([self.prompt_ids(layouts, prompt)], dtype=np.int64)  # [1, S]
+        grids = [g for layout in layouts for g in layout.grids]
         hint = "does the chat template write one placeholder per image?"
-        spans = spans_on_grids(ids, self.image_token_id, [self.vision_grid] * len(images), hint)
-        return HostInputs(ids, [self.layout.pixels(im) for im in images], spans)
+        spans = spans_on_grids(ids, self.image_token_id, grids, hint)
+        return HostInputs(ids, prepared, spans)
 
     def template_tokens(self, num_images: int) -> int:
         """Tokens of the chat around an empty prompt with `num_images` images, one placeholder token each."""
-        return len(self._with_prefix(self.tokenizer.encode_chat(self.tokenizer.render(num_images, ""), {})))
+        expand = {self.placeholder: [self.placeholder] * num_images}
+        return len(self._with_prefix(self.tokenizer.encode_chat(self.tokenizer.render(num_images, ""), expand)))
+
+    def sequence_tokens(self, layouts: list[ImageLayout], prompt_tokens: int) -> tuple[int, str]:
+        """The request's prompt sequence from its images' layouts and its prompt's token count, before anything is
+        tokenized or a pixel is touched (as the limits and KV reservations need it), and how it adds up."""
+        empty = self.template_tokens(0)
+        wrapper = self.template_tokens(1) - empty - 1  # tokens the template puts around each image's placeholder
+        images = [wrapper + layout.tokens for layout in layouts]
+        parts = f"{empty} template + images {' + '.join(map(str, images)) or '0'} + {prompt_tokens} prompt"
+        return empty + prompt_tokens + sum(images), parts
 
     def prompt_tokens(self, prompt: str) -> int:
         """Tokens of the user's text alone, tokenized as the request tokenizes it (plain text)."""
         return len(self.tokenizer.encode_plain(prompt)) if prompt else 0
+
+
+def read_processor_config(directory: Path) -> dict[str, Any]:
+    """processor_config.json of an engine's (or a checkpoint's) processor files: the family's image settings."""
+    return _read_json(directory / "processor_config.json")
+
+
+def _replace_each(text: str, key: str, values: list[str]) -> str:
+    """`text` with each occurrence of `key` replaced by the next of `values` (consumed from the front); more
+    occurrences than values is an InputError (the template wrote more image placeholders than there are images)."""
+    parts = text.split(key)
+    if len(parts) - 1 > len(values):
+        raise InputError(f"the chat template wrote more {key!r} placeholders than the request has images.")
+    out = [parts[0]]
+    for part in parts[1:]:
+        out += [values.pop(0), part]
+    return "".join(out)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

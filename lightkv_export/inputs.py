@@ -3,6 +3,8 @@ runtime Request as PyTorch PrefillInputs (the engine's own host-side preparation
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from PIL import Image
@@ -24,12 +26,32 @@ def parity_images(size: tuple[int, int], seed: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
-def parity_cases(image_size: tuple[int, int]) -> list[tuple[str, list[Image.Image], str]]:
+# The largest image parity feeds (pixels, about 1,300 LLM tokens on Qwen-VL's 28 x 28 grid): a real checkpoint's
+# processor allows 12.8 million, whose 16,384-token prefill would dominate every build's parity run.
+PARITY_MAX_PIXELS = 1024 * 1024
+
+
+def parity_cases(image_size: tuple[int, int], pixel_range: tuple[int, int]) -> list[tuple[str, list[Image.Image], str]]:
+    """The requests parity runs, images as a user sends them (each processor sizes them itself): the reference
+    image, two images of different sizes and aspect ratios in one request, a tall page (about 1:3), and images at
+    the processor's minimum and near its maximum (`pixel_range`, processed pixels; capped at PARITY_MAX_PIXELS)."""
     h, w = image_size
+    low, high = pixel_range
+    side_min = max(1, math.isqrt(low))
+    top = min(high, PARITY_MAX_PIXELS)
+    big = (math.isqrt(top * 3 // 4), math.isqrt(top * 4 // 3))  # 3:4 (h:w), a little under the top
+    page = max(1, math.isqrt(h * w // 3))
     return [
         ("one-image", [parity_images(image_size, 0)], "Describe this image."),
+        (
+            "two-sizes",
+            [parity_images((h * 2 // 3, w), 2), parity_images((w, max(1, h // 2)), 3)],
+            "Compare the two images.",
+        ),
+        ("tall-page", [parity_images((3 * page, page), 6)], "Read the page."),
         ("other-prompt", [parity_images((h * 3 // 4, w), 1)], "What colours dominate the picture, and where?"),
-        ("two-images", [parity_images(image_size, 2), parity_images(image_size, 3)], "Compare the two images."),
+        ("min-image", [parity_images((side_min, side_min), 7)], "What is this?"),
+        ("max-image", [parity_images((big[0] * 97 // 100, big[1] * 97 // 100), 8)], "Describe the details."),
     ]
 
 

@@ -9,7 +9,7 @@ is refused with the field's name instead of steering the engine (its merge plan,
    present.<i>.key outputs), the position scheme (the exporter's role metadata and the position_ids rank),
    vanilla-ness and the schedule, stage by stage (layer, windows, ratio: the LightKV pass's record,
    contract.ENGINE_META_KEY, held against the graph's lightkv.<k>.kept outputs and LightKVMerge nodes), the
-   position and grid modes, one image's vision input shape;
+   position and grid modes, the vision graph's inputs and their shapes;
 4. every field against the digest the build wrote with the manifest (artifacts.MANIFEST_DIGEST: a SHA-256 per
    field, and one of those);
 5. what fields say of each other (`check_consistency`): the schedule within the layer count, one entry per layer
@@ -48,7 +48,7 @@ from lightkv_export.artifacts import (
     read_manifest_json,
     shown,
 )
-from lightkv_export.contract import ENGINE_META_KEY, PIXEL_VALUES, POSITION_IDS, PRESENT_PREFIX, ROLE_META_KEY
+from lightkv_export.contract import ENGINE_META_KEY, POSITION_IDS, PRESENT_PREFIX, ROLE_META_KEY, graph_input_shapes
 from lightkv_export.errors import InputError
 from lightkv_export.method.layout import OP_DOMAIN, OP_NAME, GridMode
 from lightkv_export.method.schedule import Schedule, Stage, parse_schedule
@@ -118,8 +118,13 @@ def _forms() -> dict[str, tuple[Callable[[Any], bool], str]]:
         "grid_mode": (lambda v: v in get_args(GridMode), f"one of {', '.join(get_args(GridMode))}"),
         "position_scheme": (lambda v: v in SCHEMES, f"one of the known position schemes: {', '.join(SCHEMES)}"),
         "image_size": (lambda v: _ints(v, 2, 1), "[height, width]: two positive integers"),
-        "vision_input_shape": (lambda v: _ints(v, None, 1) and bool(v), "one image's pixel_values shape (ints > 0)"),
-        "vision_token_grid": (lambda v: _ints(v, 2, 1), "[rows, columns]: two positive integers"),
+        "vision_inputs": (
+            lambda v: (
+                bool(v) and _str_dict(v, lambda s: isinstance(s, list) and all(_is_int(d, -1) and d != 0 for d in s))
+            ),
+            "{vision graph input: shape}, each dimension a positive integer or -1 (any size)",
+        ),
+        "max_image_pixels": (lambda v: v is None or _is_int(v, 1), "null or a positive number of pixels"),
         "eos_token_ids": (lambda v: _ints(v), "a list of token ids (integers >= 0)"),
         "image_token_id": (lambda v: _is_int(v, 0), "a token id (an integer >= 0)"),
         "max_new_tokens_limit": positive,
@@ -138,6 +143,10 @@ REFERENCE_FORMS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "prompt": (lambda v: isinstance(v, str), "a string"),
     "seq_len": (lambda v: _is_int(v, 1), "a positive integer"),
     "vision_tokens": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "image_layouts": (
+        lambda v: _layouts(v),
+        "a list of image layouts (each a list of [rows, cols] grids and token counts)",
+    ),
     **{
         f.name: (lambda v: _ints(v), "a list of integers >= 0, one per layer")
         for f in fields(ReferenceRequest)
@@ -190,7 +199,7 @@ class GraphFacts:
     stages: tuple[Stage, ...]  # () for a vanilla prefill
     positions: str | None  # the LightKV pass's position and grid modes (None: a vanilla prefill records none)
     grid_mode: str | None
-    vision_input_shape: list[int] | None  # None where the vision graph does not fix it
+    vision_inputs: dict[str, list[int]] | None  # None where the engine has no vision ONNX graph (TensorRT plans)
 
     @property
     def vanilla(self) -> bool:
@@ -308,20 +317,28 @@ def graph_facts(directory: Path, manifest: Manifest) -> GraphFacts:
         stages=stages,
         positions=record.get("positions") if record else None,
         grid_mode=record.get("grid_mode") if record else None,
-        vision_input_shape=_vision_input_shape(directory, manifest),
+        vision_inputs=_vision_inputs(directory, manifest),
     )
 
 
-def _vision_input_shape(directory: Path, manifest: Manifest) -> list[int] | None:
+def _vision_inputs(directory: Path, manifest: Manifest) -> dict[str, list[int]] | None:
     name = next((n for n in VISION_GRAPHS if n in manifest.files), None)
     if name is None:
         return None
-    model = _load_graph(directory / name)
-    value = next((i for i in model.graph.input if i.name == PIXEL_VALUES), None)
-    if value is None:
-        return None
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
-    return dims if all(dims) else None
+    return graph_input_shapes(_load_graph(directory / name))
+
+
+def _shape(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(d, -1) and d != 0 for d in value)
+
+
+def _layouts(value: Any) -> bool:
+    from lightkv_export.method.spans import ImageLayout
+
+    try:
+        return isinstance(value, list) and all(isinstance(v, list) and ImageLayout.from_json(v) for v in value)
+    except (TypeError, ValueError):
+        return False
 
 
 def check_graphs(directory: Path, manifest: Manifest) -> GraphFacts:
@@ -351,8 +368,8 @@ def check_graphs(directory: Path, manifest: Manifest) -> GraphFacts:
         recorded = getattr(facts, name)
         if recorded is not None and getattr(manifest, name) != recorded:
             raise differ(name, shown(getattr(manifest, name)), shown(recorded))
-    if facts.vision_input_shape is not None and manifest.vision_input_shape != facts.vision_input_shape:
-        raise differ("vision_input_shape", shown(manifest.vision_input_shape), shown(facts.vision_input_shape))
+    if facts.vision_inputs is not None and manifest.vision_inputs != facts.vision_inputs:
+        raise differ("vision_inputs", shown(manifest.vision_inputs), shown(facts.vision_inputs))
     return facts
 
 

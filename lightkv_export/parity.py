@@ -47,7 +47,8 @@ from lightkv_export.method.merge_plan import merged_into, plan_request, stage_in
 from lightkv_export.method.onnx_function import run_ort
 from lightkv_export.method.reference import lightkv_merge
 from lightkv_export.method.schedule import Schedule, Stage
-from lightkv_export.models.base import LoadedModel, VisionSpan
+from lightkv_export.method.spans import VisionSpan
+from lightkv_export.models.base import LoadedModel
 from lightkv_export.runtime import Engine, PrefillOutputs, Request, engine_schedule
 
 DECODE_STEPS = 16
@@ -57,7 +58,7 @@ DECODE_STEPS = 16
 # hidden states that differ by 4e-5) and far below a typical margin (median best-to-second gap 1e-3 to 6e-3). The
 # half-precision values are scaled by their rounding (2^-11, 2^-8), not measured.
 TIE_EPSILON = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
-IDENTITY_CASES = 2  # the first cases also go through the merge-nothing and vanilla-export checks
+IDENTITY_CASES = 3  # the first cases also go through the merge-nothing and vanilla-export checks
 EXPORT_CACHE = ".cache/export"  # under the build's --out, as pipeline.py writes it
 
 
@@ -222,22 +223,24 @@ class Expected:
     hf_logits: torch.Tensor | None  # the Hugging Face model's last-token logits (identity cases only)
     merged_into: list[np.ndarray] = field(default_factory=list)  # per stage [1, S_k]: the merge assignment
     shortfall: list[np.ndarray] = field(default_factory=list)  # per stage [1, S_k]: similarity a replay gave up
+    hf_input_ids: np.ndarray | None = None  # [1, S] the Hugging Face processor's token ids for the same request
 
 
-def prepare_requests(engine_dir: Path, cases) -> list[Request]:
-    """The engine's host preprocessing and vision graph for every case; the engine is closed again after."""
+def prepare_requests(engine_dir: Path, image_size: tuple[int, int]) -> tuple[list, list[Request]]:
+    """The parity cases for this engine's image side (inputs.parity_cases), and the engine's host preprocessing
+    and vision graph for each; the engine is closed again after."""
     # Lazy: preparing runs the vision and embed graphs only, so the language graphs' weights are never packed
     # while the PyTorch model is in memory.
     engine = Engine.load(engine_dir, full_hash=False, lazy=True)  # its files were verified by run_parity
-    return [engine.prepare(images, prompt) for _, images, prompt in cases]
+    cases = parity_cases(image_size, engine.processor.images.pixel_range())
+    return cases, [engine.prepare(images, prompt) for _, images, prompt in cases]
 
 
 def expected_outputs(manifest: Manifest, schedule: Schedule, loaded: LoadedModel, cases, requests) -> list[Expected]:
-
-    h, w = manifest.image_size
+    """The PyTorch side of every case; the Hugging Face processor takes the images as sent, as the engine did."""
     out = []
     for index, ((name, images, prompt), request) in enumerate(zip(cases, requests, strict=True)):
-        processed = loaded.family.process(loaded.processor, [im.convert("RGB").resize((w, h)) for im in images], prompt)
+        processed = loaded.family.process(loaded.processor, images, prompt)
         vision = loaded.family.vision_embeddings(loaded, processed).float()
         ref = reference_outputs(manifest, schedule, loaded, name, request)
         hf = None
@@ -246,7 +249,7 @@ def expected_outputs(manifest: Manifest, schedule: Schedule, loaded: LoadedModel
                 # The LM head on the last token only: [1, S, V] logits would be S x vocab floats (about 0.8 GB
                 # for a 1,400-token Qwen request) next to the model's weights.
                 hf = loaded.model(**processed, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [1, V]
-        out.append(replace(ref, vision=vision, hf_logits=hf))
+        out.append(replace(ref, vision=vision, hf_logits=hf, hf_input_ids=processed["input_ids"].numpy()))
     return out
 
 
@@ -311,6 +314,8 @@ def check_model(report: ParityReport, engine: Engine, expected: list[Expected], 
     for e in expected:
         name, request = e.name, e.request
         placeholder = request.input_ids[0] == engine.manifest.image_token_id
+        if e.hf_input_ids is not None:  # the host's tokens and image sizes are the processor's
+            report.checks.append(exact("model", name, "host-input-ids", request.input_ids, e.hf_input_ids))
         report.checks.append(
             compare("model", name, "vision", request.inputs_embeds[0, placeholder], e.vision, tolerances)
         )
@@ -506,15 +511,16 @@ def run_parity(
         from lightkv_export.models.registry import load_model
 
         loaded = load_model(manifest.model_source, random_weights=manifest.random_weights)
+        loaded = loaded.capped(manifest.max_image_pixels)
         if not loaded.spec.tiny:  # loaded here for parity alone (tiny presets are cached and shared in-process)
             release_model = release_model or functools.partial(release_weights, loaded)
     tolerances = dict(loaded.spec.tolerances)
-    cases = parity_cases(tuple(manifest.image_size))
     schedule = Schedule(manifest.num_layers, ()) if manifest.vanilla else engine_schedule(manifest)
     # One large thing in memory at a time: the engine (for its host side and vision graph), then the PyTorch
     # model (every reference output), then the engine again, then the vanilla export.
     log("parity: PyTorch reference outputs")
-    expected = expected_outputs(manifest, schedule, loaded, cases, prepare_requests(engine_dir, cases))
+    cases, requests = prepare_requests(engine_dir, tuple(manifest.image_size))
+    expected = expected_outputs(manifest, schedule, loaded, cases, requests)
     if release_model is not None:
         release_model()
     gc.collect()

@@ -201,7 +201,7 @@ def source_path(model: str) -> str:
 def load(config: BuildConfig, dtype: torch.dtype) -> LoadedModel:
     from lightkv_export.models.registry import load_model
 
-    return load_model(config.model, random_weights=config.random_weights, dtype=dtype)
+    return load_model(config.model, random_weights=config.random_weights, dtype=dtype).capped(config.max_image_pixels)
 
 
 def num_layers(loaded: LoadedModel) -> int:
@@ -219,11 +219,18 @@ def schedule_for(config: BuildConfig, loaded: LoadedModel) -> Schedule | None:
 def reference_request(
     loaded: LoadedModel, schedule: Schedule | None, image_size, dtype_bytes: int, grid_mode: str = "true"
 ) -> ReferenceRequest:
-    """Token layout, vision tokens per layer group and KV bytes per layer for one image of the profile and the
-    reference prompt: what the manifest promises and parity checks the engine against."""
+    """Token layout, vision tokens per layer group and KV bytes per layer for one image of `image_size` (as sent)
+    and the reference prompt: what the manifest promises and parity checks the engine against."""
     family = loaded.family
     processed = family.process(loaded.processor, [parity_images(image_size, 0)], REFERENCE_PROMPT)
     spans = family.spans(loaded.processor, processed, int(loaded.model.config.image_token_id))
+    layouts = [loaded.image_host().layout(*image_size)]
+    grids = [s.grid for s in spans[0]]
+    if grids != [g for layout in layouts for g in layout.grids]:  # the host side must size images as HF does
+        raise VerificationError(
+            f"the host image side lays a {image_size[1]}x{image_size[0]} image out as {layouts[0].to_json()}, the "
+            f"Hugging Face processor as grids {grids}: the family's image_host disagrees with its processor."
+        )
     seq = int(processed["input_ids"].shape[1])
     arch = loaded.family.arch(loaded.model.config)
     n_layers, hkv, hd = arch.num_layers, arch.kv_heads, arch.head_dim
@@ -236,6 +243,7 @@ def reference_request(
         prompt=REFERENCE_PROMPT,
         seq_len=seq,
         vision_tokens=vision[0],
+        image_layouts=[layout.to_json() for layout in layouts],
         kv_lengths=lengths,
         vision_tokens_per_layer=vision,
         kv_bytes_per_layer=kv_bytes(lengths, hkv, hd, dtype_bytes),
@@ -263,7 +271,7 @@ def silent_noops(schedule: Schedule | None, reference: ReferenceRequest) -> list
         notes.append(
             f"{which} anything for the reference request ({reference.vision_tokens} vision tokens): an "
             "image needs at least 8 w^2 vision tokens for w x w windows, else the stage skips it. Use a larger "
-            "--image-size, or fewer windows with --schedule."
+            "--image-size (the reference request's image), or fewer windows with --schedule."
         )
     return notes
 
@@ -312,8 +320,7 @@ def base_manifest(
         positions=config.position_mode,
         grid_mode=config.grid_mode,
         image_size=list(exported.meta["image_size"]),
-        vision_input_shape=list(exported.meta["vision_input_shape"]),
-        vision_token_grid=list(exported.meta["vision_token_grid"]),
+        vision_inputs={k: list(v) for k, v in exported.meta["vision_inputs"].items()},
         num_layers=arch.num_layers,
         hidden_size=arch.hidden,
         num_kv_heads=arch.kv_heads,
@@ -331,6 +338,7 @@ def base_manifest(
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         dtype=dtype,
         notes=notes,
+        max_image_pixels=config.max_image_pixels,
         # The model's context: Engine.check_request refuses a request whose sequence would pass it.
         extra={"max_position_embeddings": int(getattr(loaded.text_config, "max_position_embeddings", 0) or 0)},
     )
@@ -466,7 +474,7 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
     with progress.stage(f"load {config.model} ({dtype})"):
         loaded = load(config, torch_dtype)
     image_size = loaded_image_size(config, loaded)
-    loaded.family.check_image_size(loaded.processor, image_size)  # the profile, before the expensive steps
+    loaded.image_host().layout(*image_size)  # a size the processor refuses is an InputError before any work
     schedule = schedule_for(config, loaded)
     if result.schedule is None and schedule is not None:
         result.schedule = schedule

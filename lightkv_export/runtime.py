@@ -2,8 +2,8 @@
 transformers in the process.
 
 The generation loop is the same for every target: host preprocessing (host.py: the engine's tokenizer, chat
-template and image processor settings; images resized to the engine's image profile), the vision graph per
-image, the token embedding graph, the per-request merge plan (method/merge_plan.py), the LightKV prefill, then
+template, and the family's image side, which sizes each image as the checkpoint's processor does), the vision
+graph per image, the token embedding graph, the per-request merge plan (method/merge_plan.py), the LightKV prefill, then
 greedy decode steps over per-layer caches whose lengths differ by layer group. Decode positions continue from
 the uncompressed prompt length.
 The caches take the decode graph's form: grown by concatenation with a padding mask (the standard graph), or
@@ -23,7 +23,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -42,7 +41,7 @@ from lightkv_export.method.merge_plan import (
     stage_kept_name,
 )
 from lightkv_export.method.schedule import Schedule, parse_schedule
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 from lightkv_export.models.positions import SCHEMES
 from lightkv_export.triton_backend import codec
 from lightkv_export.triton_backend.codec import Limits
@@ -207,7 +206,6 @@ class Engine:
         self.processor = processor
         self.num_layers = manifest.num_layers
         self.schedule = engine_schedule(manifest)
-        self.image_size = tuple(manifest.image_size)
         self.outputs = {name: [o.name for o in s.get_outputs()] for name, s in sessions.items()}
 
     @classmethod
@@ -227,7 +225,13 @@ class Engine:
         release_large_blocks()
         directory = Path(directory)
         manifest = verify_engine(directory, full_hash=full_hash)
-        processor = HostProcessor(directory / PROCESSOR_DIR, tuple(manifest.vision_token_grid))
+        from lightkv_export.host import read_processor_config
+        from lightkv_export.models.registry import get_family
+
+        images = get_family(manifest.family).image_host(
+            read_processor_config(directory / PROCESSOR_DIR), max_pixels=manifest.max_image_pixels
+        )
+        processor = HostProcessor(directory / PROCESSOR_DIR, images)
         engine = cls(directory, manifest, open_sessions(directory, manifest), processor, limits=limits)
         if not lazy:
             for session in engine.sessions.values():
@@ -243,15 +247,6 @@ class Engine:
         value = self.manifest.extra.get("max_position_embeddings")
         return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
-    @cached_property
-    def sequence_shape(self) -> tuple[int, int]:
-        """(tokens of the chat template around an empty prompt, tokens each image adds): the request's sequence
-        length from its counts alone, before any image is processed (as the served model estimates it)."""
-        h, w = (int(x) for x in self.manifest.vision_token_grid)
-        template = self.processor.template_tokens(0)
-        # Each image adds its wrapper tokens, and its one placeholder becomes h * w vision tokens.
-        return template, self.processor.template_tokens(1) - template - 1 + h * w
-
     def check_request(self, images: Sequence[Any], prompt: str, max_new_tokens: int = 16) -> int:
         """Refuse, with an InputError that says what to change, a request this engine should not run: over the
         limits (self.limits, the served engines' own), the engine's context or max_new_tokens_limit, or malformed.
@@ -263,15 +258,15 @@ class Engine:
             raise InputError(
                 f"images must be a list of PIL images, got {type(images).__name__}; e.g. [Image.open('photo.png')]."
             )
-        count = codec.check_image_count(images, limits)
+        codec.check_image_count(images, limits)
         codec.check_prompt_text(prompt, limits)
         self.processor.check(list(images), prompt)  # image types, empty prompt, sizes the processor refuses
         for i, image in enumerate(images):
             codec.check_image_size(i, *image.size, limits)
         tokens = self.processor.prompt_tokens(prompt)
         limits.check("max_prompt_tokens", tokens, f"the prompt has {tokens} tokens, which")
-        template, per_image = self.sequence_shape
-        codec.check_sequence(limits, template, per_image, count, tokens, new, context=self.context_length)
+        sequence, parts = self.processor.sequence_tokens(self.processor.layouts([im.size for im in images]), tokens)
+        codec.check_sequence(limits, sequence, new, context=self.context_length, parts=parts)
         return new
 
     # --- host side --------------------------------------------------------------------------------------------
@@ -283,18 +278,14 @@ class Engine:
     def host_inputs(self, images: Sequence[Any], prompt: str):
         """The request's token ids, pixels and vision spans (host.HostInputs): no graph runs yet, so its KV
         lengths per layer are known (the merge plan) before any compute."""
-        self.processor.check(list(images), prompt)  # as given: before .convert / .resize touch them
-        h, w = self.image_size
-        # Every image is resized to the engine's profile: the vision graph is built for exactly that grid.
-        resized = [im.convert("RGB").resize((w, h)) for im in images]
-        return self.processor.process(resized, prompt)
+        self.processor.check(list(images), prompt)  # as given: before .convert touches them
+        # Each image as the checkpoint's processor sizes it (the family's image side): no profile, no squashing.
+        return self.processor.process(list(images), prompt)
 
     def request_from_host(self, host) -> Request:
         """Encode each image with the vision graph, embed, scatter, and compute the position ids."""
         input_ids = host.input_ids  # [1, S]
-        vision = [
-            self.sessions["vision"].run(None, {contract.PIXEL_VALUES: pixels})[0] for pixels in host.pixels
-        ]  # each [N_vis, D]
+        vision = [self.sessions["vision"].run(None, image.feeds)[0] for image in host.images]  # each [N_vis, D]
         embeds = self.sessions["embed"].run(None, {contract.INPUT_IDS: input_ids})[0]  # [1, S, D]
         placeholder = input_ids[0] == self.manifest.image_token_id
         vision_tokens = sum(v.shape[0] for v in vision)

@@ -41,6 +41,7 @@ def make_manifest(**fields):
         prompt="Describe this image.",
         seq_len=40,
         vision_tokens=16,
+        image_layouts=[[[4, 4]]],
         kv_lengths=[40] * layers,
         vision_tokens_per_layer=[16] * layers,
         kv_bytes_per_layer=[40 * 2 * 2 * 16 * 4] * layers,
@@ -49,8 +50,8 @@ def make_manifest(**fields):
     defaults = dict(
         format=MANIFEST_FORMAT, model="tiny-qwen-vl", model_dir="tiny-qwen-vl", model_source="tiny-qwen-vl",
         family="qwen2_5_vl", random_weights=False, vanilla=False, ratio=0.55, schedule="", retention=1.0,
-        positions="preserve", grid_mode="true", image_size=[112, 112], vision_input_shape=[64, 1176],
-        vision_token_grid=[4, 4], num_layers=layers, hidden_size=64, num_kv_heads=2, head_dim=16,
+        positions="preserve", grid_mode="true", image_size=[112, 112],
+        vision_inputs={"pixel_values": [-1, 1176]}, num_layers=layers, hidden_size=64, num_kv_heads=2, head_dim=16,
         num_attention_heads=4, intermediate_size=128, vocab_size=600, image_token_id=5, position_scheme="mrope",
         eos_token_ids=[2], max_new_tokens_limit=64, export_key="0" * 16, reference_request=reference,
         versions={}, created="2026-12-02T00:00:00+00:00", dtype="float32", target="ort-cpu",

@@ -74,15 +74,20 @@ def manifest_shape(manifest: Manifest) -> ArchShape:
 
 
 def manifest_layout(manifest: Manifest) -> TokenLayout:
-    """The reference request's layout: one image on its LLM token grid (vision_token_grid), then text."""
-    grid = (int(manifest.vision_token_grid[0]), int(manifest.vision_token_grid[1]))
+    """The reference request's layout: its images' grids (reference_request.image_layouts), then text (the
+    template, the prompt, and tokens that never merge)."""
+    from lightkv_export.method.spans import ImageLayout
+
     ref = manifest.reference_request
-    if grid[0] * grid[1] != ref.vision_tokens:
+    layouts = [ImageLayout.from_json(v) for v in ref.image_layouts]
+    grids = tuple(g for layout in layouts for g in layout.grids)
+    vision = sum(layout.vision_tokens for layout in layouts)
+    if vision != ref.vision_tokens:
         raise InputError(
-            f"manifest.json: vision_token_grid {list(grid)} gives {grid[0] * grid[1]} vision tokens, the reference "
-            f"request has {ref.vision_tokens}; rebuild the engine with build.py --force."
+            f"manifest.json: reference_request.image_layouts hold {vision} vision tokens, the reference request "
+            f"has {ref.vision_tokens}; rebuild the engine with build.py --force."
         )
-    return TokenLayout(0, (grid,), ref.seq_len - ref.vision_tokens)
+    return TokenLayout(0, grids, ref.seq_len - ref.vision_tokens)
 
 
 def engine_account(manifest: Manifest, convention: FlopConvention = DEFAULT_CONVENTION) -> EngineAccount:

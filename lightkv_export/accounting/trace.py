@@ -15,7 +15,7 @@ from lightkv_export.kv import kv_bytes_per_layer, kv_shapes
 from lightkv_export.method import merge_plan
 from lightkv_export.method.layout import GridMode
 from lightkv_export.method.schedule import Schedule, Stage
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 from lightkv_export.models.shapes import ArchShape, image_grids
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 import numpy as np
 
 from lightkv_export.errors import InputError
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 # The op's identity, shared by the ONNX node, the ONNX Runtime function and the TensorRT plugin.
 OP_DOMAIN = "lightkv"

@@ -25,7 +25,7 @@ import numpy as np
 from lightkv_export.errors import InputError
 from lightkv_export.method.layout import GridMode, StagePlan, plan_stage
 from lightkv_export.method.schedule import Schedule
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 STAGE_INPUTS = ("win_index", "win_r", "out_lengths", "text_index", "text_valid")
 OUT_SLOTS = "out_slots"  # the extra stage input of graphs lowered to the TensorRT plugins

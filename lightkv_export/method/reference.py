@@ -50,7 +50,7 @@ import torch
 
 from lightkv_export.errors import InputError
 from lightkv_export.method.layout import GridMode, StagePlan, plan_stage
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 COS_EPS = 1e-8
 

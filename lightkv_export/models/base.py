@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from lightkv_export.errors import InputError
+from lightkv_export.method.spans import VisionSpan
 
 if TYPE_CHECKING:
     import torch
 
     from lightkv_export.models.family import Family
-
-
-@dataclass(frozen=True)
-class VisionSpan:
-    """One image's vision tokens inside a language-model sequence.
-
-    start:  index of the first vision token in the sequence
-    length: number of vision tokens (contiguous)
-    grid:   (h, w) token grid as the LLM sees it (after the vision encoder's spatial merge),
-            raster order, h * w >= length (a partial last row only for grids derived after a merge).
-    """
-
-    start: int
-    length: int
-    grid: tuple[int, int]
-
-    @property
-    def end(self) -> int:
-        return self.start + self.length
 
 
 @dataclass(frozen=True)
@@ -44,7 +27,7 @@ class ModelSpec:
     hf_id: str  # Hugging Face hub id of the real checkpoint (for tiny presets: the architecture it mirrors)
     tiny: bool  # built locally at toy size with random weights, no download
     default_windows: tuple[int, ...]  # windows per side for the schedule solver's stages
-    default_image_size: tuple[int, int]  # (height, width) in pixels of the engine's image profile
+    default_image_size: tuple[int, int]  # (height, width) of the reference request's image (any size is served)
     # Parity tolerances per output name ("logits", "kv", "hidden", ...), with "default".
     tolerances: dict[str, float] = field(default_factory=lambda: {"default": 1e-4})
     plan_image_size: tuple[int, int] | None = None  # the planner's default request image (else default_image_size)
@@ -98,6 +81,18 @@ class LoadedModel:
     def text_config(self) -> Any:
         return self.model.config.get_text_config()
 
+    def capped(self, max_image_pixels: int | None) -> LoadedModel:
+        """This model with a processor that sizes no image above `max_image_pixels` (a copy: tiny presets are
+        shared in-process); an engine's saved processor files then carry the cap to its host side."""
+        if max_image_pixels is None:
+            return self
+        return dataclasses.replace(self, processor=self.family.cap_pixels(self.processor, max_image_pixels))
+
+    def image_host(self, max_pixels: int | None = None) -> Any:
+        """The family's host image side (images.ImageHost) over this processor's settings: the same dict its
+        processor_config.json holds, so the engine's host reads what this returns."""
+        return self.family.image_host(self.processor.to_dict(), max_pixels=max_pixels)
+
 
 @contextlib.contextmanager
 def attention_implementation(config: Any, name: str) -> Iterator[None]:
@@ -112,16 +107,18 @@ def attention_implementation(config: Any, name: str) -> Iterator[None]:
 
 @dataclass
 class VisionExport:
-    """What a family hands the exporter for the vision graph of one image-size profile.
+    """What a family hands the exporter for the vision graph.
 
-    module:     forward(pixel_values) -> image embeddings [N_vis, D] (LLM width), traceable by torch.export
-    example:    pixel_values of one image of the profile (the graph's only input; its shape is fixed)
-    token_grid: (h, w) LLM tokens of one image, raster order: the windows LightKV merges in
+    module:         forward(*example.values()) -> image embeddings [N_vis, D] (LLM width), traceable by torch.export
+    example:        the graph's inputs by name, in forward's order (contract.PIXEL_VALUES first): the feeds of
+                    one example image, as the family's ImageHost.prepare makes them
+    dynamic_shapes: torch.export dynamic shapes of those inputs, in order (None: every shape fixed, as for a
+                    processor that crops every image to one size)
     """
 
     module: Any
-    example: Any
-    token_grid: tuple[int, int]
+    example: dict[str, Any]
+    dynamic_shapes: tuple | None = None
 
 
 def head_dim(text_config: Any) -> int:
@@ -129,19 +126,6 @@ def head_dim(text_config: Any) -> int:
     hidden_size / num_attention_heads), else that quotient. The one place it is computed from a config."""
     explicit = getattr(text_config, "head_dim", None)
     return int(explicit) if explicit else text_config.hidden_size // text_config.num_attention_heads
-
-
-def placeholder_runs(input_ids, token_id: int) -> list[list[tuple[int, int]]]:
-    """Per row of input_ids [B, S] (numpy or torch), the (start, end) of each contiguous run of `token_id` (one
-    image's tokens)."""
-    import numpy as np  # numpy, not torch: the engine runtime calls this too
-
-    runs = []
-    for row in np.asarray(input_ids):  # [S]
-        flags = np.concatenate([[0], (row == token_id).astype(np.int8), [0]])  # [S + 2]
-        edges = np.diff(flags)  # +1 where a run starts, -1 one past where it ends
-        runs.append(list(zip(np.flatnonzero(edges > 0).tolist(), np.flatnonzero(edges < 0).tolist(), strict=True)))
-    return runs
 
 
 def leading_ids(plain: list[int], full: list[int]) -> list[int]:
@@ -152,27 +136,6 @@ def leading_ids(plain: list[int], full: list[int]) -> list[int]:
         if full[i : i + len(plain)] == plain:
             return full[:i]
     return []
-
-
-def spans_on_grids(input_ids, token_id: int, grids: list[tuple[int, int]], hint: str) -> list[list[VisionSpan]]:
-    """Each placeholder run, in order, as a VisionSpan on the next image's (h, w) token grid. A run of another
-    length, or another number of runs than images, is an InputError; `hint` names the family's likely cause."""
-    spans, image = [], 0
-    for row in placeholder_runs(input_ids, token_id):
-        row_spans = []
-        for start, end in row:
-            if image >= len(grids):
-                raise InputError(f"more image placeholder runs than images; {hint}")
-            h, w = grids[image]
-            if end - start != h * w:
-                n = end - start
-                raise InputError(f"image {image}: {n} placeholder tokens but its grid is {h}x{w} ({h * w}); {hint}")
-            row_spans.append(VisionSpan(start=start, length=end - start, grid=(h, w)))
-            image += 1
-        spans.append(row_spans)
-    if image != len(grids):
-        raise InputError(f"{len(grids)} images but {image} placeholder runs in the prompt.")
-    return spans
 
 
 def scatter_vision(embeds: torch.Tensor, input_ids: torch.Tensor, token_id: int, vision: torch.Tensor) -> torch.Tensor:

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-
 from lightkv_export.models.base import head_dim, scatter_vision
 
 if TYPE_CHECKING:
-    from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport, VisionSpan
+    import torch
+
+    from lightkv_export.images import ImageHost
+    from lightkv_export.method.spans import VisionSpan
+    from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport
     from lightkv_export.models.positions import Positions
 
 
@@ -109,6 +111,8 @@ class Family:
     def arch(self, config: Any) -> ArchShape:
         """The architecture's sizes, read from `config`; parameter counts from the real classes built on the meta
         device (exact, no memory, no weights)."""
+        import torch  # here, not at import: the runtime reads a family's host side without PyTorch
+
         text = config.get_text_config()
         with torch.device("meta"):
             model = self.model_class()._from_config(config)
@@ -144,13 +148,24 @@ class Family:
         """Vision-encoder patches per LLM token along each side."""
         raise NotImplementedError
 
-    # --- the vision graph -----------------------------------------------------------------------------------
-    def check_image_size(self, processor: Any, image_size: tuple[int, int]) -> None:
-        """Refuse an image-size profile the vision graph cannot serve as it is, before any work."""
+    # --- images ---------------------------------------------------------------------------------------------
+    def image_host(self, processor_config: dict[str, Any], *, max_pixels: int | None = None) -> ImageHost:
+        """The host image side (images.ImageHost, numpy, no torch) read from processor_config.json: each image
+        sized as the checkpoint's processor sizes it, its layout, its vision-graph feeds. `max_pixels` caps the
+        processed image below the processor's own limit (--max-image-pixels)."""
         raise NotImplementedError
 
+    def cap_pixels(self, processor: Any, max_pixels: int) -> Any:
+        """A copy of the transformers `processor` that sizes no image above `max_pixels` (--max-image-pixels: a cap
+        below the checkpoint's own); its saved files carry the cap to the engine's host side. An InputError where
+        the family cannot honour it (a processor that crops every image to one larger size)."""
+        raise NotImplementedError
+
+    # --- the vision graph -----------------------------------------------------------------------------------
     def vision_export(self, loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
-        """The vision graph for one image of exactly `image_size` (height, width)."""
+        """The vision graph, traced on an example image of `image_size` (height, width, as sent) and dynamic in
+        everything the model's processor lets vary (Qwen-VL: the number of patches): its inputs are the feeds of
+        `image_host(...).prepare`."""
         raise NotImplementedError
 
     # --- requests -------------------------------------------------------------------------------------------

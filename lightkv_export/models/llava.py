@@ -6,33 +6,36 @@ center-crops every image to one square size and expands each `<image>` into (siz
 (CLS dropped: vision_feature_select_strategy "default"), so an image is always one contiguous run of side x side
 tokens in raster order, and positions are plain 1-D (token s at position s, no decode offset).
 
-`Llava` implements the family interface (models/family.py): 1-D RoPE positions ([B, S]), no spatial merge, a
-vision graph that serves exactly the processor's crop size (CLIP's position embeddings are fixed), and a tiny
-preset of the real classes at toy size with a locally trained, deterministic Llama tokenizer (no download).
+`Llava` implements the family interface (models/family.py): 1-D RoPE positions ([B, S]), no spatial merge, the
+host image side (`ClipImages`: the processor's resize and center crop in numpy and PIL, no torch), a vision graph
+of the crop size (CLIP's position embeddings are fixed; an image of any size is resized and cropped to it), and a
+tiny preset of the real classes at toy size with a locally trained, deterministic Llama tokenizer (no download).
+
+The module imports without torch or transformers (an engine's host reads `ClipImages` alone): they are imported
+where a method needs them, and the vision graph's torch.nn.Module class is made on first use.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
+from lightkv_export import contract
 from lightkv_export.errors import InputError
+from lightkv_export.images import ImageFormat, PreparedImage, image_features
+from lightkv_export.method.spans import ImageLayout, VisionSpan, spans_on_grids
 from lightkv_export.models import tiny
-from lightkv_export.models.base import (
-    LoadedModel,
-    PrefillInputs,
-    VisionExport,
-    VisionSpan,
-    check_request,
-    leading_ids,
-    spans_on_grids,
-    user_turn,
-)
+from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport, check_request, leading_ids, user_turn
 from lightkv_export.models.family import Family, register_family
 from lightkv_export.models.positions import ROPE_1D
+
+if TYPE_CHECKING:
+    import torch
 
 HF_ID = "llava-hf/llava-1.5-7b-hf"
 HF_ID_13B = "llava-hf/llava-1.5-13b-hf"
@@ -167,24 +170,13 @@ def special_prefix(tokenizer: Any) -> list[int]:
     return leading_ids(tokenizer.encode("a", add_special_tokens=False), tokenizer.encode("a", add_special_tokens=True))
 
 
-def token_side(processor: Any, image_size: int) -> int:
-    """Tokens per side of one image of `image_size` pixels (square: the processor crops to a square)."""
-    return image_size // int(processor.patch_size)
+def token_grid(processor: Any, height: int, width: int) -> tuple[int, int]:
+    """The token grid of pixel_values [.., height, width]: one token per patch (the processor's own count)."""
+    patch = int(processor.patch_size)
+    return height // patch, width // patch
 
 
 # --- the vision graph -------------------------------------------------------------------------------------------
-
-
-def served_size(processor: Any) -> tuple[int, int]:
-    """(height, width) of the pixel_values the processor makes of any image: its center-crop size."""
-    features = processor.image_processor
-    size = dict(features.crop_size if features.do_center_crop else features.size)
-    if "height" not in size or "width" not in size:
-        raise InputError(
-            f"the image processor does not bring images to one size (do_center_crop off, size {size}); LLaVA-1.5's "
-            "vision tower takes exactly its image_size: set do_center_crop in preprocessor_config.json."
-        )
-    return int(size["height"]), int(size["width"])
 
 
 def feature_depths(config: Any) -> list[int]:
@@ -195,29 +187,263 @@ def feature_depths(config: Any) -> list[int]:
     return [layer % total for layer in layers]
 
 
-class VisionGraph(torch.nn.Module):
-    """CLIP up to the feature layer, CLS dropped, projector: what `get_image_features` computes for one image,
-    written out layer by layer so the graph holds no output-capturing hooks and skips the unused last layers."""
+@functools.cache
+def vision_graph_class() -> type:
+    """The VisionGraph torch.nn.Module class, made on first use so that importing this module needs no torch."""
+    import torch
 
-    def __init__(self, model: Any) -> None:
-        super().__init__()
-        config = model.config
-        self.tower = model.model.vision_tower
-        self.projector = model.model.multi_modal_projector
-        self.depths = feature_depths(config)
-        self.drop_cls = config.vision_feature_select_strategy == "default"
+    class VisionGraph(torch.nn.Module):
+        """CLIP up to the feature layer, CLS dropped, projector: what `get_image_features` computes for one image,
+        written out layer by layer so the graph holds no output-capturing hooks and skips the unused last
+        layers."""
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))  # [1, 1 + P, C]
-        selected = {0: hidden} if 0 in self.depths else {}
-        for i, layer in enumerate(self.tower.encoder.layers[: max(self.depths)]):
-            hidden = layer(hidden, None)  # [1, 1 + P, C]
-            if i + 1 in self.depths:
-                selected[i + 1] = hidden
-        features = [selected[d] for d in self.depths]
-        if self.drop_cls:
-            features = [f[:, 1:] for f in features]  # [1, P, C]
-        return self.projector(torch.cat(features, dim=-1)).flatten(0, 1)  # [N_vis, D]
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            config = model.config
+            self.tower = model.model.vision_tower
+            self.projector = model.model.multi_modal_projector
+            self.depths = feature_depths(config)
+            self.drop_cls = config.vision_feature_select_strategy == "default"
+            self.train(False)  # an inference graph (CLIP's dropout off), whatever mode the model was left in
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))  # [1, 1 + P, C]
+            selected = {0: hidden} if 0 in self.depths else {}
+            for i, layer in enumerate(self.tower.encoder.layers[: max(self.depths)]):
+                hidden = layer(hidden, None)  # [1, 1 + P, C]
+                if i + 1 in self.depths:
+                    selected[i + 1] = hidden
+            features = [selected[d] for d in self.depths]
+            if self.drop_cls:
+                features = [f[:, 1:] for f in features]  # [1, P, C]
+            return self.projector(torch.cat(features, dim=-1)).flatten(0, 1)  # [N_vis, D]
+
+    return VisionGraph
+
+
+def vision_graph(model: Any) -> Any:
+    """The vision graph (a torch.nn.Module) over `model`'s CLIP tower and projector."""
+    return vision_graph_class()(model)
+
+
+def example_image(height: int, width: int) -> Any:
+    """A deterministic noise picture of (height, width) pixels (the export's example: any content will do)."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)  # [H, W, 3]
+    return Image.fromarray(pixels, mode="RGB")
+
+
+# --- the host image side (numpy + PIL, no torch) ----------------------------------------------------------------
+
+# CLIPImageProcessorPil's class defaults (transformers 5): a saved processor_config.json leaves out what it does
+# not change, and the processor then uses these.
+CLIP_DEFAULTS: dict[str, Any] = {
+    "do_resize": True,
+    "size": {"shortest_edge": 224},
+    "resample": 3,  # PIL.Image.Resampling.BICUBIC
+    "do_center_crop": True,
+    "crop_size": {"height": 224, "width": 224},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],  # OPENAI_CLIP_MEAN
+    "image_std": [0.26862954, 0.26130258, 0.27577711],  # OPENAI_CLIP_STD
+    "do_convert_rgb": True,
+    "do_pad": False,
+}
+
+
+def size_setting(value: Any, name: str, *, square: bool) -> dict[str, int]:
+    """A `size` / `crop_size` setting as the processor reads it: a bare number is the shortest edge (`size`, CLIP
+    does not default to square) or a square (`crop_size`); dicts must be {"shortest_edge"} or {"height",
+    "width"}, the forms this host implements (longest_edge, max_height / max_width are refused)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = {"height": value, "width": value} if square else {"shortest_edge": value}
+    keys = set(value) if isinstance(value, dict) else set()
+    if keys not in ({"shortest_edge"}, {"height", "width"}) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value.values()
+    ):
+        raise InputError(
+            f"image processor {name} {value!r} is not supported for LLaVA-1.5: expected {{'shortest_edge': n}} or "
+            "{'height': h, 'width': w} with positive integers."
+        )
+    return {k: int(v) for k, v in value.items()}
+
+
+def shortest_edge_size(height: int, width: int, edge: int) -> tuple[int, int]:
+    """(height, width) after scaling the short side to `edge`: the long side is edge * long / short truncated,
+    as transformers' get_resize_output_image_size computes it (not rounded)."""
+    if width <= height:
+        return int(edge * height / width), edge
+    return edge, int(edge * width / height)
+
+
+def to_rgb(image: Any) -> Any:
+    """An RGB PIL image as the processor's convert_to_rgb makes it: transparency composited onto white (a plain
+    convert("RGB") would drop alpha and show what lies under transparent pixels)."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
+    """[height, width, C] from [H, W, C] as the processor's center_crop: offset (H - height) // 2 (rounding the
+    margin down on top / left); a side shorter than the crop is first zero-padded, the image placed at
+    ceil(margin / 2), so the output is always the crop size."""
+    h, w = pixels.shape[:2]
+    ph, pw = max(h, height), max(w, width)
+    if (ph, pw) != (h, w):
+        top, left = -(-(ph - h) // 2), -(-(pw - w) // 2)  # ceil
+        canvas = np.zeros((ph, pw, *pixels.shape[2:]), pixels.dtype)  # [PH, PW, C]
+        canvas[top : top + h, left : left + w] = pixels
+        pixels = canvas
+    top, left = (ph - height) // 2, (pw - width) // 2
+    return pixels[top : top + height, left : left + width]  # [height, width, C]
+
+
+@dataclass(frozen=True)
+class ClipImages:
+    """LLaVA-1.5's CLIP image processor on the host (images.ImageHost): every image becomes one [1, 3, H, W] of
+    the processed size (the center crop), as CLIPImageProcessorPil makes it, and one grid of (H / patch) x
+    (W / patch) `<image>` tokens. Build it with `Llava.image_host(processor_config)`.
+
+    shortest_edge / resize_to: the resize (short side to n, the other as the processor computes it; or exactly
+    (h, w)); None: no resize. crop: the center crop (h, w), None: none. processed: the one size every image
+    becomes (the crop, else the fixed resize): CLIP's position embeddings take no other.
+    """
+
+    fmt: ImageFormat
+    shortest_edge: int | None
+    resize_to: tuple[int, int] | None
+    crop: tuple[int, int] | None
+    resample: int  # PIL.Image.Resampling value
+    convert_rgb: bool
+    patch: int
+    image_token: str = IMAGE_TOKEN
+    min_side: int = 1  # any size is resized and center-cropped
+
+    @property
+    def processed(self) -> tuple[int, int]:
+        size = self.crop or self.resize_to
+        assert size is not None  # from_config refuses settings without one output size
+        return size
+
+    def processed_size(self, height: int, width: int) -> tuple[int, int]:
+        return self.processed
+
+    def layout(self, height: int, width: int) -> ImageLayout:
+        h, w = self.processed
+        return ImageLayout.single(h // self.patch, w // self.patch)
+
+    def expand(self, layout: ImageLayout) -> str:
+        """One `<image>` per vision token: the processor's expansion of the template's single `<image>`."""
+        if layout.fixed_tokens or len(layout.grids) != 1:
+            raise InputError(f"LLaVA-1.5 lays an image out as one grid, not {layout.to_json()}.")
+        return self.image_token * layout.vision_tokens
+
+    def feed_shapes(self, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        return {contract.PIXEL_VALUES: (1, 3, *self.processed)}
+
+    def pixel_range(self) -> tuple[int, int]:
+        h, w = self.processed
+        return h * w, h * w
+
+    def resized(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after the resize step, before the crop."""
+        if self.shortest_edge is not None:
+            return shortest_edge_size(height, width, self.shortest_edge)
+        return self.resize_to or (height, width)
+
+    def prepare(self, image: Any) -> PreparedImage:
+        """Convert to RGB, resize (PIL, the processor's filter, on the 8-bit image as it resizes), center-crop on
+        the 8-bit pixels (zero padding included), then rescale and normalize: the processor's order of steps."""
+        if not hasattr(image, "getbands"):
+            raise InputError(f"an image must be a PIL.Image, got {type(image).__name__}.")
+        if self.convert_rgb:
+            image = to_rgb(image)
+        elif image.mode != "RGB":
+            raise InputError(
+                f"image mode {image.mode}: this processor does not convert images to RGB (do_convert_rgb off)."
+            )
+        height, width = image.height, image.width
+        if self.shortest_edge is not None or self.resize_to is not None:
+            h, w = self.resized(height, width)
+            image = image.resize((w, h), resample=self.resample)
+        pixels = np.asarray(image)  # [H, W, 3] uint8
+        if self.crop is not None:
+            pixels = center_crop(pixels, *self.crop)  # [h, w, 3]
+        x = self.fmt.chw(pixels)[None]  # [1, 3, h, w] float32
+        return PreparedImage(
+            size=self.processed,
+            layout=self.layout(height, width),
+            feeds={contract.PIXEL_VALUES: np.ascontiguousarray(x)},
+        )
+
+    @classmethod
+    def from_config(cls, processor_config: dict[str, Any], *, max_pixels: int | None = None) -> ClipImages:
+        """Read processor_config.json (or a bare preprocessor_config.json); refuse what this host does not
+        implement, naming it, rather than size images differently from the processor."""
+        features = image_features(processor_config)
+        kind = str(features.get("image_processor_type", "CLIPImageProcessor"))
+        if not kind.startswith("CLIPImageProcessor"):
+            raise InputError(f"image processor {kind}: LLaVA-1.5's host implements CLIPImageProcessor only.")
+        settings = CLIP_DEFAULTS | features
+        if settings["do_pad"]:
+            raise InputError("image processor setting do_pad is not supported for LLaVA-1.5 (CLIP does not pad).")
+        resample = settings["resample"]
+        if not isinstance(resample, int) or not 0 <= resample <= 5:
+            raise InputError(f"image processor resample {resample!r} is not a PIL resampling filter (0-5).")
+        size = size_setting(settings["size"], "size", square=False) if settings["do_resize"] else None
+        crop = size_setting(settings["crop_size"], "crop_size", square=True) if settings["do_center_crop"] else None
+        resize_to = (size["height"], size["width"]) if size and "height" in size else None
+        crop_hw = (crop["height"], crop["width"]) if crop else None
+        if crop_hw is None and resize_to is None:
+            raise InputError(
+                f"the image processor gives images of varying size (do_center_crop off, size {settings['size']!r}, "
+                f"do_resize {settings['do_resize']}): LLaVA-1.5's CLIP tower takes one fixed size; set "
+                "do_center_crop with crop_size."
+            )
+        patch = int(processor_config.get("patch_size", PROCESSOR_SETTINGS["patch_size"]))
+        host = cls(
+            fmt=ImageFormat.from_config(settings),
+            shortest_edge=size["shortest_edge"] if size and "shortest_edge" in size else None,
+            resize_to=resize_to,
+            crop=crop_hw,
+            resample=resample,
+            convert_rgb=bool(settings["do_convert_rgb"]),
+            patch=patch,
+            image_token=str(processor_config.get("image_token", IMAGE_TOKEN)),
+        )
+        check_token_count(processor_config, host.layout(1, 1).vision_tokens)
+        h, w = host.processed
+        if max_pixels is not None and max_pixels < h * w:
+            raise InputError(
+                f"--max-image-pixels {max_pixels} is below {w}x{h} = {h * w}: this model's processor crops every "
+                "image to that fixed size (the cap cannot change it; any cap >= it has no effect)."
+            )
+        return host
+
+
+def check_token_count(processor_config: dict[str, Any], grid_tokens: int) -> None:
+    """LlavaProcessor writes (h / patch) * (w / patch) + num_additional_image_tokens placeholders, less one for
+    vision_feature_select_strategy "default" (CLS dropped): this host lays out exactly the grid, so a CLS kept
+    ("full") or other extra tokens are refused."""
+    extra = int(processor_config.get("num_additional_image_tokens", PROCESSOR_SETTINGS["num_additional_image_tokens"]))
+    strategy = processor_config.get(
+        "vision_feature_select_strategy", PROCESSOR_SETTINGS["vision_feature_select_strategy"]
+    )
+    extra -= strategy == "default"
+    if extra:
+        raise InputError(
+            f"processor_config.json: num_additional_image_tokens and vision_feature_select_strategy {strategy!r} "
+            f"give {grid_tokens + extra} placeholders per image for a {grid_tokens}-token grid; only the grid "
+            "(CLS dropped, 'default') is supported."
+        )
 
 
 # --- tiny preset ------------------------------------------------------------------------------------------------
@@ -372,42 +598,52 @@ class Llava(Family):
     def spatial_merge(self, model: Any) -> int:
         return 1  # one LLM token per CLIP patch
 
+    # --- images -------------------------------------------------------------------------------------------
+
+    def image_host(self, processor_config: dict[str, Any], *, max_pixels: int | None = None) -> ClipImages:
+        """The CLIP processor's resize and center crop on the host. `max_pixels` has no effect: every image is
+        cropped to one fixed size; a cap below it is refused (the crop cannot shrink)."""
+        return ClipImages.from_config(processor_config, max_pixels=max_pixels)
+
     # --- the vision graph -----------------------------------------------------------------------------------
 
-    def check_image_size(self, processor: Any, image_size: tuple[int, int]) -> None:
-        """The engine's vision graph takes exactly one size: CLIP's position embeddings are fixed, and the
-        processor resizes and crops every image to it. Anything else is refused before any work, naming the size
-        that works."""
-        h, w = (int(x) for x in image_size)
-        sh, sw = served_size(processor)
-        if (h, w) != (sh, sw):
-            raise InputError(
-                f"image size {w}x{h} (width x height) cannot be an engine profile: this model's processor resizes "
-                f"and crops every image to {sw}x{sh}, and its CLIP vision tower takes only that size. "
-                f"The size this model serves is {sw}x{sh}."
-            )
+    def cap_pixels(self, processor: Any, max_pixels: int) -> Any:
+        """Every image is cropped to one size: a cap at or above it changes nothing (the processor is returned as it
+        is), one below it is refused (ClipImages.from_config says why)."""
+        self.image_host(processor.to_dict(), max_pixels=max_pixels)
+        return processor
 
     def vision_export(self, loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
-        """The vision graph for one image of exactly `image_size` (height, width): module, example pixel_values
-        [1, 3, H, W] of `dtype`, and the image's token grid (side, side)."""
-        self.check_image_size(loaded.processor, image_size)
+        """The vision graph at the processor's crop size, all shapes fixed (CLIP's position embeddings are): its
+        example is an image of `image_size` (height, width, as sent; any size) as `image_host(...).prepare` makes
+        it, i.e. always the crop. The crop must be the vision tower's image_size."""
+        import torch
+
+        host = self.image_host(loaded.processor.to_dict())
         h, w = (int(x) for x in image_size)
+        crop = host.processed_size(h, w)
         vision = loaded.model.config.vision_config
-        if (h, w) != (vision.image_size, vision.image_size):
+        tower = (int(vision.image_size), int(vision.image_size))
+        if crop != tower:
             raise InputError(
-                f"the processor crops images to {w}x{h} but the vision tower takes {vision.image_size}x"
-                f"{vision.image_size}: preprocessor_config.json and config.json are from different checkpoints."
+                f"the processor (processor_config.json / preprocessor_config.json) makes images {crop[1]}x{crop[0]} "
+                f"but the vision tower (config.json vision_config.image_size) takes {tower[1]}x{tower[0]}: the two "
+                "files are from different checkpoints."
             )
-        patch = int(vision.patch_size)
-        gen = torch.Generator().manual_seed(0)
-        example = torch.randn(1, 3, h, w, generator=gen).to(dtype)  # [1, 3, H, W]
-        return VisionExport(module=VisionGraph(loaded.model), example=example, token_grid=(h // patch, w // patch))
+        if loaded.model.config.vision_feature_select_strategy != "default":
+            raise InputError(
+                f"config.json vision_feature_select_strategy {loaded.model.config.vision_feature_select_strategy!r}: "
+                "only 'default' (CLS dropped, one token per patch) is supported."
+            )
+        pixels = host.prepare(example_image(h, w)).feeds[contract.PIXEL_VALUES]  # [1, 3, crop_h, crop_w]
+        example = {contract.PIXEL_VALUES: torch.from_numpy(pixels).to(dtype)}
+        return VisionExport(module=vision_graph(loaded.model), example=example, dynamic_shapes=None)
 
     # --- requests -------------------------------------------------------------------------------------------
 
     def check_inputs(self, processor: Any, images: list, prompt: str) -> None:
         """Reject what the processor would fail on obscurely, with a message that says why (any size is resized
-        and center-cropped to the profile)."""
+        and center-cropped)."""
         check_request(images, prompt)
 
     def process(self, processor: Any, images: list, prompt: str) -> dict[str, torch.Tensor]:
@@ -420,6 +656,8 @@ class Llava(Family):
         the template is tokenized without special tokens and <s> is put in front here, as the tokenizer would: for
         a prompt without control tokens the ids are exactly those of `processor(text=chat_text(...), images=...)`.
         """
+        import torch
+
         self.check_inputs(processor, images, prompt)
         messages = user_turn(images, prompt)
         try:
@@ -442,31 +680,34 @@ class Llava(Family):
             attention_mask = torch.cat([torch.ones_like(lead, dtype=attention_mask.dtype), attention_mask], dim=1)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": out["pixel_values"].float()}
 
-    @torch.no_grad()
     def vision_embeddings(self, loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
         """CLIP at vision_feature_layer (CLS dropped) through the projector: [N_vis, D], images in order."""
+        import torch
+
         model = loaded.model
         pixel_values = processed["pixel_values"].to(model.device, model.dtype)  # [N_images, 3, H, W]
-        out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        with torch.no_grad():
+            out = model.model.get_image_features(pixel_values=pixel_values, return_dict=True)
         return torch.cat(list(out.pooler_output), dim=0)  # [N_vis, D]
 
     def spans(self, processor: Any, processed: dict[str, torch.Tensor], image_token_id: int) -> list[list[VisionSpan]]:
-        """Per batch row, each image's run of placeholder tokens as a VisionSpan with its square grid."""
+        """Per batch row, each image's run of placeholder tokens as a VisionSpan with its grid (every image is
+        cropped to one size, so one grid for all)."""
         height, width = processed["pixel_values"].shape[-2:]
-        if height != width:
-            raise InputError(f"pixel_values are {width}x{height}; LLaVA-1.5's processor crops images to a square.")
-        side = token_side(processor, int(height))
+        grid = token_grid(processor, int(height), int(width))
         n_images = processed["pixel_values"].shape[0]
         hint = "is the processor's vision_feature_select_strategy 'default' (CLS dropped)?"
-        return spans_on_grids(processed["input_ids"], image_token_id, [(side, side)] * n_images, hint)
+        return spans_on_grids(processed["input_ids"], image_token_id, [grid] * n_images, hint)
 
-    @torch.no_grad()
     def embed_and_position(
         self, loaded: LoadedModel, processed: dict[str, torch.Tensor], vision_embeds: torch.Tensor
     ) -> PrefillInputs:
         """Text embeddings with the vision embeddings scattered into the placeholders, and 1-D RoPE positions."""
+        import torch
+
         model = loaded.model
-        processed, embeds = self.embed(loaded, processed, vision_embeds)  # [B, S, D]
+        with torch.no_grad():
+            processed, embeds = self.embed(loaded, processed, vision_embeds)  # [B, S, D]
         input_ids = processed["input_ids"]  # [B, S]
         row_spans = self.spans(loaded.processor, processed, int(model.config.image_token_index))
         mask = processed["attention_mask"]  # [B, S]

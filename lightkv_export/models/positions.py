@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 if TYPE_CHECKING:
     import torch

@@ -3,33 +3,53 @@
 Both families have the same outer layout: `model.model.visual` (vision encoder + patch merger),
 `model.model.language_model` (decoder stack with M-RoPE), `model.lm_head`, and a processor that expands one
 <|image_pad|> per image into (h / merge) * (w / merge) placeholder tokens. Only the classes and the real
-checkpoints' hyper-parameters differ.
+checkpoints' hyper-parameters differ (and Qwen2.5-VL's windowed vision attention, whose layout its host adds).
 
 `prepare` = `process` -> `vision_embeddings` -> `embed_and_position` (models/family.py); the exporter calls the
 parts on their own (the vision encoder and the language model are exported separately).
+
+The host image side (`QwenImages`, images.ImageHost) sizes each image as Qwen2VLImageProcessor does (`smart_resize`
+within the processor's min / max pixels), lays its patches out in the merger's order and computes what depends only
+on the patch grid (rotary position ids, attention segments): the vision graph takes those as inputs, so one graph
+serves every image size. The module imports without torch or transformers (an engine's host reads `QwenImages`
+alone): they are imported where a method needs them, and the vision graph's torch.nn.Module class is made on first
+use.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import functools
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from transformers import AttentionInterface
+import numpy as np
 
+from lightkv_export.contract import PIXEL_VALUES
 from lightkv_export.errors import InputError
+from lightkv_export.images import ImageFormat, PreparedImage, image_features
+from lightkv_export.method.spans import ImageLayout, VisionSpan, spans_on_grids
 from lightkv_export.models import tiny
 from lightkv_export.models.base import (
     LoadedModel,
     PrefillInputs,
     VisionExport,
-    VisionSpan,
     attention_implementation,
     check_request,
-    spans_on_grids,
     user_turn,
 )
 from lightkv_export.models.family import Family, register_family
+
+# The processors' RGB conversion and a noise picture, shared with LLaVA's host (one copy of each).
+from lightkv_export.models.llava import example_image, to_rgb
 from lightkv_export.models.positions import MROPE
+
+if TYPE_CHECKING:
+    import torch
 
 HF_ID = "Qwen/Qwen2-VL-2B-Instruct"
 
@@ -59,6 +79,32 @@ REAL_VISION = {
 REAL_MIN_PIXELS = 56 * 56
 REAL_MAX_PIXELS = 28 * 28 * 16384
 
+# The vision graph's inputs besides contract.PIXEL_VALUES: what depends only on an image's patch grid, computed on
+# the host (transformers' vision encoders take them precomputed, under the kwargs named in VisionGraph.forward).
+POSITION_IDS = "vision.position_ids"  # [N_patches, 2] int64: each patch's (row, column), the rotary positions
+CU_SEQLENS = "vision.cu_seqlens"  # [2] int32: [0, N_patches], the one image's attention segment
+
+IMAGE_TOKEN = "<|image_pad|>"
+MAX_ASPECT = 200  # smart_resize refuses a longer side more than 200 times the shorter
+MIN_SIDE = 1  # the processor takes any image with pixels (smart_resize scales small ones up to min_pixels)
+# Qwen2VLImageProcessor's class defaults (transformers 5): a saved processor config leaves out what it does not
+# change, and the processor then uses these.
+DEFAULT_MIN_PIXELS = 56 * 56
+DEFAULT_MAX_PIXELS = 28 * 28 * 1280
+QWEN_DEFAULTS: dict[str, Any] = {
+    "do_resize": True,
+    "resample": 3,  # PIL.Image.Resampling.BICUBIC
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],  # OPENAI_CLIP_MEAN
+    "image_std": [0.26862954, 0.26130258, 0.27577711],  # OPENAI_CLIP_STD
+    "do_convert_rgb": True,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "merge_size": 2,
+}
+
 
 # --- Qwen-VL helpers (pure functions of a model, processor or tensors) ---------------------------------------
 
@@ -86,7 +132,236 @@ def vision_spans(
     return spans_on_grids(input_ids, image_token_id, grids, "is <|image_pad|> typed in the prompt?")
 
 
-# --- the vision graph ---------------------------------------------------------------------------------------------
+def no_grad(method: Callable) -> Callable:
+    """torch.no_grad() around `method`, imported when called (this module imports without torch)."""
+
+    @functools.wraps(method)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return method(*args, **kwargs)
+
+    return run
+
+
+# --- the host image side (numpy + PIL, no torch) ----------------------------------------------------------------
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """(height, width) Qwen2VLImageProcessor resizes an image to: each side rounded to a multiple of `factor`
+    (patch x merge; Python's round, halves to even), then, if the pixel count leaves [min_pixels, max_pixels],
+    both sides scaled by one factor to meet it (floored when shrinking, ceiled when growing, never under `factor`).
+
+    The one copy of transformers' `smart_resize` (the runtime has no transformers; tests hold the two equal): the
+    float expressions are written in the same order so that the roundings agree. An empty image, or one whose
+    aspect ratio is above 200 (the processor's refusal), is an InputError."""
+    if min(height, width) < MIN_SIDE:
+        raise InputError(f"image {width}x{height} (width x height) is empty: both sides must be at least 1 pixel.")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        ratio = max(height, width) / min(height, width)
+        raise InputError(
+            f"image {width}x{height} (width x height) has an aspect ratio of {ratio:.1f}; the processor accepts at "
+            f"most {MAX_ASPECT} (crop or pad the image)."
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def pixel_budget(features: dict[str, Any]) -> tuple[int, int]:
+    """(min_pixels, max_pixels) of an image processor's settings: transformers 5 saves them as size
+    {"shortest_edge", "longest_edge"}, older files as min_pixels / max_pixels (which, as in the processor, win)."""
+    size = features.get("size") or {}
+    low = features.get("min_pixels", size.get("shortest_edge", size.get("min_pixels", DEFAULT_MIN_PIXELS)))
+    high = features.get("max_pixels", size.get("longest_edge", size.get("max_pixels", DEFAULT_MAX_PIXELS)))
+    for name, value in (("min_pixels", low), ("max_pixels", high)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise InputError(f"image processor {name} {value!r} must be a positive integer (pixels).")
+    return low, high
+
+
+def rotary_position_ids(rows: int, cols: int, merge: int) -> np.ndarray:
+    """[rows * cols, 2] int64: each patch's (row, column) in the patch grid, patches in the merger's order (each
+    merge x merge block together, blocks in raster order), as transformers' get_vision_position_ids."""
+
+    def blocks(index: np.ndarray) -> np.ndarray:  # [rows, cols] -> [rows * cols], block-major
+        return index.reshape(rows // merge, merge, cols // merge, merge).transpose(0, 2, 1, 3).reshape(-1)
+
+    row, col = np.indices((rows, cols))  # [rows, cols] each
+    return np.stack([blocks(row), blocks(col)], axis=-1).astype(np.int64)  # [rows * cols, 2]
+
+
+@dataclass(frozen=True)
+class QwenImages:
+    """Qwen2VLImageProcessor on the host (images.ImageHost): each image resized by `smart_resize` (PIL, the
+    processor's filter, on the 8-bit image), rescaled and normalized, cut into patch x patch patches laid out in the
+    merger's order ([N_patches, C * T * P * P], the frame repeated over the temporal patch), with the grid-only
+    vision-graph inputs. One grid of (H / factor) x (W / factor) <|image_pad|> tokens per image. Build it with
+    `Qwen2VL.image_host(processor_config)`."""
+
+    fmt: ImageFormat
+    patch: int
+    merge: int
+    temporal: int
+    min_pixels: int
+    max_pixels: int
+    resample: int  # PIL.Image.Resampling value
+    convert_rgb: bool
+    image_token: str = IMAGE_TOKEN
+    min_side: int = MIN_SIDE
+
+    @property
+    def factor(self) -> int:
+        """Pixels per LLM token along a side: patch x merge (28 for the real checkpoints)."""
+        return self.patch * self.merge
+
+    def processed_size(self, height: int, width: int) -> tuple[int, int]:
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def patch_grid(self, height: int, width: int) -> tuple[int, int]:
+        """(rows, cols) of vision-encoder patches of an image of this size (as sent): image_grid_thw's h, w."""
+        h, w = self.processed_size(height, width)
+        return h // self.patch, w // self.patch
+
+    def layout(self, height: int, width: int) -> ImageLayout:
+        h, w = self.processed_size(height, width)
+        return ImageLayout.single(h // self.factor, w // self.factor)
+
+    def expand(self, layout: ImageLayout) -> str:
+        """One <|image_pad|> per vision token: the processor's expansion of the template's single <|image_pad|>."""
+        if layout.fixed_tokens or len(layout.grids) != 1:
+            raise InputError(f"Qwen-VL lays an image out as one grid, not {layout.to_json()}.")
+        return self.image_token * layout.vision_tokens
+
+    def grid_feeds(self, rows: int, cols: int) -> dict[str, np.ndarray]:
+        """The vision graph's inputs that depend only on the patch grid (rows, cols)."""
+        return {
+            POSITION_IDS: rotary_position_ids(rows, cols, self.merge),  # [N, 2]
+            CU_SEQLENS: np.asarray([0, rows * cols], dtype=np.int32),  # [2]
+        }
+
+    def grid_shapes(self, rows: int, cols: int) -> dict[str, tuple[int, ...]]:
+        """The shapes of grid_feeds(rows, cols), without computing them."""
+        return {POSITION_IDS: (rows * cols, 2), CU_SEQLENS: (2,)}
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Per graph input, its axes that vary with the image, named by what they count ("patches" is merge^2
+        "tokens"): the vision export's dynamic shapes."""
+        return {PIXEL_VALUES: {0: "patches"}, POSITION_IDS: {0: "patches"}, CU_SEQLENS: {}}
+
+    def feed_shapes(self, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        rows, cols = self.patch_grid(height, width)
+        width_ = 3 * self.temporal * self.patch * self.patch
+        return {PIXEL_VALUES: (rows * cols, width_), **self.grid_shapes(rows, cols)}
+
+    def pixel_range(self) -> tuple[int, int]:
+        """(min, max) pixels of a processed image. smart_resize stays within [min_pixels, max_pixels] but at its
+        edges: growing, it rounds both sides up (past max_pixels when the two are close); shrinking, it rounds both
+        down (under min_pixels likewise) and keeps each side at least one factor (past max_pixels for aspect
+        ratios near 200 when max_pixels < 200 factor^2). The bounds below cover those, the lower one loosely; for
+        the real checkpoints' settings they are exactly (min_pixels, max_pixels)."""
+        f, low, high = self.factor, self.min_pixels, self.max_pixels
+        token = f * f  # a processed image is whole tokens: a multiple of f^2 pixels
+        # Scaled exactly, an image of aspect a <= 200 and p pixels has sides sqrt(p / a) and sqrt(p * a); each
+        # rounding moves a side by less than f.
+        grown = low + f * (math.sqrt(low * MAX_ASPECT) + math.sqrt(low / MAX_ASPECT)) + token
+        shrunk = high - f * (math.sqrt(high * MAX_ASPECT) + math.sqrt(high / MAX_ASPECT)) + token
+        clamped = f * math.floor(math.sqrt(high * MAX_ASPECT) / f) * f if math.sqrt(high / MAX_ASPECT) < f else 0
+        smallest = max(token, math.ceil(shrunk / token) * token)
+        largest = max(math.floor(grown / token) * token, clamped)
+        return min(low, smallest), max(high, largest)
+
+    @cached_property
+    def levels(self) -> np.ndarray:
+        """[C, 256] float32: each 8-bit level of each channel rescaled and normalized as the processor computes
+        it (the rescale in float64, then float32; the normalization in float32), so a lookup gives its values
+        bit for bit."""
+        rescaled = (np.arange(256, dtype=np.float64) * self.fmt.scale).astype(np.float32)  # [256]
+        return (rescaled[None, :] - self.fmt.mean[:, None]) / self.fmt.std[:, None]  # [C, 256]
+
+    def patches(self, pixels: np.ndarray) -> np.ndarray:
+        """[H, W, C] uint8 (sides multiples of patch x merge) -> [N_patches, C*T*P*P] float32, in the merger's
+        order: each merge x merge block of patches together, blocks in raster order."""
+        h, w, c = pixels.shape
+        x = np.stack([self.levels[i][pixels[..., i]] for i in range(c)])  # [C, H, W] float32
+        p, m, t = self.patch, self.merge, self.temporal
+        gh, gw = h // p, w // p
+        x = x.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, P, P]
+        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], t, p, p))  # [gh/m, gw/m, m, m, C, T, P, P]
+        return x.reshape(gh * gw, c * t * p * p)  # [N_patches, C*T*P*P] (a copy: the broadcast is not contiguous)
+
+    def prepare(self, image: Any) -> PreparedImage:
+        """Convert to RGB, resize to smart_resize's size (PIL, the processor's filter, on the 8-bit image, as the
+        processor resizes), rescale and normalize, lay out the patches: the processor's steps and order."""
+        if not hasattr(image, "getbands"):
+            raise InputError(f"an image must be a PIL.Image, got {type(image).__name__}.")
+        if self.convert_rgb:
+            image = to_rgb(image)
+        elif image.mode != "RGB":
+            raise InputError(
+                f"image mode {image.mode}: this processor does not convert images to RGB (do_convert_rgb off)."
+            )
+        height, width = image.height, image.width
+        h, w = self.processed_size(height, width)
+        pixels = np.asarray(image.resize((w, h), resample=self.resample))  # [h, w, 3] uint8
+        feeds = {PIXEL_VALUES: self.patches(pixels), **self.grid_feeds(h // self.patch, w // self.patch)}
+        return PreparedImage(size=(h, w), layout=self.layout(height, width), feeds=feeds)
+
+    @classmethod
+    def settings(cls, processor_config: dict[str, Any], max_pixels: int | None) -> dict[str, Any]:
+        """The constructor's arguments from processor_config.json (or a bare preprocessor_config.json), with a
+        user cap on the processed pixels; what this host does not implement is refused, named, rather than images
+        sized differently from the processor."""
+        features = QWEN_DEFAULTS | image_features(processor_config)
+        kind = str(features.get("image_processor_type", "Qwen2VLImageProcessor"))
+        if not kind.startswith("Qwen2VLImageProcessor"):
+            raise InputError(f"image processor {kind}: the Qwen-VL host implements Qwen2VLImageProcessor only.")
+        if not features["do_resize"]:
+            raise InputError("image processor setting do_resize off is not supported for Qwen-VL (smart_resize).")
+        patch, merge, temporal = (int(features[k]) for k in ("patch_size", "merge_size", "temporal_patch_size"))
+        low, high = pixel_budget(features)
+        factor = patch * merge
+        if high < factor * factor or low > high:
+            raise InputError(
+                f"image processor min_pixels {low} / max_pixels {high}: expected min_pixels <= max_pixels and "
+                f"max_pixels at least one token's {factor}x{factor} pixels."
+            )
+        if max_pixels is not None:
+            if max_pixels < low:
+                raise InputError(
+                    f"--max-image-pixels {max_pixels} is below the processor's min_pixels {low}: every image is "
+                    f"scaled up to at least {low} pixels; give a cap of at least {low}."
+                )
+            high = min(high, int(max_pixels))
+        resample = features["resample"]
+        if not isinstance(resample, int) or not 0 <= resample <= 5:
+            raise InputError(f"image processor resample {resample!r} is not a PIL resampling filter (0-5).")
+        return {
+            "fmt": ImageFormat.from_config(features),
+            "patch": patch,
+            "merge": merge,
+            "temporal": temporal,
+            "min_pixels": low,
+            "max_pixels": high,
+            "resample": int(resample),
+            "convert_rgb": bool(features["do_convert_rgb"]),
+        }
+
+    @classmethod
+    def from_config(cls, processor_config: dict[str, Any], *, max_pixels: int | None = None) -> QwenImages:
+        return cls(**cls.settings(processor_config, max_pixels))
+
+
+# --- the vision graph -------------------------------------------------------------------------------------------
 
 VISION_ATTENTION = "lightkv_flash_varlen_export"  # "flash" in the name: transformers then passes cu_seqlens
 
@@ -96,90 +371,63 @@ def varlen_attention(module, query, key, value, attention_mask, *, scaling=None,
 
     The vision encoders attend inside windows / images given by cumulative lengths. Transformers' SDPA path
     splits the sequence with `.tolist()` (untraceable); its flash path hands the attention function
-    `cu_seq_lens_q` instead, which this turns into a block-diagonal mask with tensor ops only.
-    query / key / value [1, H, N, d]; returns [1, N, H, d] as a flash implementation does.
+    `cu_seq_lens_q` instead, which this turns into a block-diagonal mask with tensor ops only (the segment
+    lengths stay graph inputs: any number of patches). query / key / value [1, H, N, d]; returns [1, N, H, d] as a
+    flash implementation does.
     """
+    import torch
+
     n = query.shape[2]
-    segment = (torch.arange(n)[:, None] >= cu_seq_lens_q[None, 1:]).sum(-1)  # [N] segment of each token
+    bounds = cu_seq_lens_q[None, 1:]  # [1, S] each segment's end
+    segment = (torch.arange(n, device=query.device)[:, None] >= bounds).sum(-1)  # [N] segment of each token
     mask = segment[:, None] == segment[None, :]  # [N, N]
     out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
     return out.transpose(1, 2), None
 
 
-AttentionInterface.register(VISION_ATTENTION, varlen_attention)
+@functools.cache
+def register_vision_attention() -> None:
+    """Register varlen_attention with transformers (once, when a graph is first made)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VISION_ATTENTION, varlen_attention)
 
 
-def vision_layout(visual: torch.nn.Module, grid_thw: torch.Tensor) -> dict[str, Any]:
-    """The encoder's data-dependent layout tensors for one grid, computed eagerly so the graph holds constants
-    (transformers' vision encoders pop these precomputed values from their kwargs)."""
-    from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids
-
-    cfg = visual.config
-    layout: dict[str, Any] = {"position_ids": get_vision_position_ids(grid_thw, visual.spatial_merge_size)}
-    layout["cu_seqlens"], _ = get_vision_attention_seqlens(grid_thw, cfg)
-    layout["max_seqlen"] = int((layout["cu_seqlens"][1:] - layout["cu_seqlens"][:-1]).max())
-    if hasattr(visual, "window_size"):  # Qwen2.5-VL's windowed blocks
-        from transformers.vision_utils import get_vision_window_index
-
-        layout["window_index"], layout["cu_window_seqlens"] = get_vision_window_index(
-            grid_thw, visual.spatial_merge_size, visual.window_size, visual.patch_size
-        )
-        lengths = layout["cu_window_seqlens"][1:] - layout["cu_window_seqlens"][:-1]
-        layout["max_window_seqlen"] = int(lengths.max())
-    return layout
+# transformers reads a maximum segment length only to size flash kernels; varlen_attention masks by the segment
+# bounds and never reads it. Given, it stops transformers computing it with .item() (untraceable).
+UNREAD_MAX_SEQLEN = 0
 
 
-class VisionGraph(torch.nn.Module):
-    """Vision encoder + merger for one image of a fixed patch grid (the engine's image-size profile)."""
+@functools.cache
+def vision_graph_class() -> type:
+    """The VisionGraph torch.nn.Module class, made on first use so that importing this module needs no torch."""
+    import torch
 
-    def __init__(self, loaded: LoadedModel, grid_thw: tuple[int, int, int]) -> None:
-        super().__init__()
-        self.loaded = loaded
-        self.visual = vision_model(loaded.model)  # registers the weights as this module's parameters
-        self.grid = torch.tensor([grid_thw], dtype=torch.long)
-        self.layout = vision_layout(self.visual, self.grid)
+    register_vision_attention()
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        with attention_implementation(self.visual.config, VISION_ATTENTION):  # traced: the graph has the mask
-            out = self.loaded.model.model.get_image_features(
-                pixel_values, self.grid, return_dict=True, **dict(self.layout)
-            )
-        return torch.cat(out.pooler_output, dim=0)  # [N_vis, D]
+    class VisionGraph(torch.nn.Module):
+        """Vision encoder + merger for one image of any patch grid: the grid-only layout (rotary positions,
+        attention segments) comes in as inputs, so nothing in the graph depends on the example's grid."""
 
+        def __init__(self, model: Any) -> None:
+            super().__init__()
+            self.visual = vision_model(model)  # registers the weights as this module's parameters
 
-def patch_grid(processor: Any, image_size: tuple[int, int]) -> tuple[int, int, int]:
-    """(t, h, w) patch grid of one image of exactly `image_size` pixels (height, width).
+        def encode(self, pixel_values: torch.Tensor, **layout: Any) -> torch.Tensor:
+            """[N_patches, F] float32 pixels + the layout kwargs transformers' encoder pops -> [N_vis, D]."""
+            pixels = pixel_values.to(self.visual.dtype)  # the host's float32 feeds, in the encoder's dtype
+            with attention_implementation(self.visual.config, VISION_ATTENTION):  # traced: the graph has the mask
+                # grid_thw None: every use of it in the encoder is replaced by the precomputed layout (a use
+                # left would fail the trace rather than bake in the example's grid).
+                out = self.visual(pixels, grid_thw=None, max_seqlen=UNREAD_MAX_SEQLEN, **layout)
+            return out.pooler_output  # [N_vis, D]
 
-    The engine's vision graph is built for one grid, so the processor must keep the profile's size as it is:
-    each side a multiple of patch * merge (28 for Qwen-VL), the pixel count within the processor's budget, the
-    aspect ratio at most 200. Anything else is refused before any work, with a size that would be served.
-    """
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        def forward(
+            self, pixel_values: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor
+        ) -> torch.Tensor:
+            return self.encode(pixel_values, position_ids=position_ids, cu_seqlens=cu_seqlens)  # [N_vis, D]
 
-    features = processor.image_processor
-    factor = features.patch_size * features.merge_size
-    size = features.size
-    low, high = int(size["shortest_edge"]), int(size["longest_edge"])  # the processor's min / max pixels
-    h, w = image_size
-    problem = None
-    if h < 1 or w < 1 or max(h, w) / min(h, w) > 200:
-        problem = "its aspect ratio is above 200 (the processor's limit)" if min(h, w) >= 1 else "it is empty"
-    elif h % factor or w % factor:
-        problem = (
-            f"a side is not a positive multiple of {factor} (patch {features.patch_size} x merge {features.merge_size})"
-        )
-    elif not low <= h * w <= high:
-        problem = f"{h * w:,} pixels are outside the processor's {low:,} to {high:,}"
-    if problem is None:
-        return 1, h // features.patch_size, w // features.patch_size
-    hint = ""
-    if min(h, w) >= 1 and max(h, w) / min(h, w) <= 200:
-        sh, sw = smart_resize(h, w, factor=factor, min_pixels=low, max_pixels=high)
-        hint = f" The nearest size this model serves is {sw}x{sh}."
-    raise InputError(
-        f"image size {w}x{h} (width x height) cannot be an engine profile: {problem}. Use a WIDTHxHEIGHT with "
-        f"both sides multiples of {factor} and {low:,} to {high:,} pixels in all.{hint}"
-    )
+    return VisionGraph
 
 
 # --- the family -----------------------------------------------------------------------------------------------
@@ -221,17 +469,25 @@ class Qwen2VL(Family):
         """(config, processor) of the tiny preset (models/tiny.py); the registry seeds the weights."""
         tokenizer = tiny.build_tokenizer()
         config = self.config_class()(**tiny.tiny_config_dict(self.name, tokenizer))
-        return config, tiny.build_processor(self.name, tokenizer)
+        return config, self.with_vision_settings(tiny.build_processor(self.name, tokenizer), config.vision_config)
 
     def random_processor(self) -> Any:
         image_processor = tiny.build_image_processor(self.real_min_pixels, self.real_max_pixels)
-        return tiny.build_processor(self.name, tiny.build_tokenizer(), image_processor)
+        processor = tiny.build_processor(self.name, tiny.build_tokenizer(), image_processor)
+        return self.with_vision_settings(processor, self.real_vision)
 
     def processor_from(self, path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
         """The processor over a checkpoint's tokenizer and PIL image processor (no video processor: that needs
-        torchvision, and only images are fed)."""
+        torchvision, and only images are fed), with the vision settings its host needs from config.json."""
         processor_class = tiny.image_only_processor(self.name)
-        return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+        processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
+        return self.with_vision_settings(processor, read_vision_config(path))
+
+    def with_vision_settings(self, processor: Any, vision_config: Any) -> Any:
+        """`processor`, its image processor given the vision encoder's settings that the host image side needs and
+        preprocessor_config.json lacks (saved with it, so an engine's processor files carry them). None for
+        Qwen2-VL; Qwen2.5-VL adds its attention window."""
+        return processor
 
     def align_token_ids(self, config: Any, tokenizer: Any) -> None:
         ids = tiny.special_token_ids(tokenizer)
@@ -244,27 +500,70 @@ class Qwen2VL(Family):
     def spatial_merge(self, model: Any) -> int:
         return int(model.config.vision_config.spatial_merge_size)
 
+    # --- images ---------------------------------------------------------------------------------------------
+
+    def image_host(self, processor_config: dict[str, Any], *, max_pixels: int | None = None) -> QwenImages:
+        return QwenImages.from_config(processor_config, max_pixels=max_pixels)
+
+    def cap_pixels(self, processor: Any, max_pixels: int) -> Any:
+        """A copy of `processor` whose image processor's max_pixels is `max_pixels` (when below its own): the
+        Hugging Face processor, its saved files and so the engine's host all size images within the cap."""
+        import copy
+
+        self.image_host(processor.to_dict(), max_pixels=max_pixels)  # refuses a cap below min_pixels
+        features = processor.image_processor
+        _, high = pixel_budget(features.to_dict())
+        if max_pixels >= high:
+            return processor
+        capped = copy.deepcopy(processor)
+        features = capped.image_processor
+        features.size = {**dict(features.size or {}), "longest_edge": int(max_pixels)}
+        if getattr(features, "max_pixels", None) is not None:
+            features.max_pixels = int(max_pixels)
+        return capped
+
     # --- the vision graph -----------------------------------------------------------------------------------
 
-    def check_image_size(self, processor: Any, image_size: tuple[int, int]) -> None:
-        """Refuse an image-size profile the processor would resize (see patch_grid), before any work."""
-        patch_grid(processor, image_size)
+    def check_vision_settings(self, host: QwenImages, vision_config: Any) -> None:
+        """The processor's patch, merge and temporal patch must be the vision encoder's: the host lays pixels out
+        by the first, the encoder reads them by the second."""
+        pairs = (
+            ("patch_size", host.patch, vision_config.patch_size),
+            ("merge_size / spatial_merge_size", host.merge, vision_config.spatial_merge_size),
+            ("temporal_patch_size", host.temporal, vision_config.temporal_patch_size),
+        )
+        wrong = [f"{name} {a} vs {b}" for name, a, b in pairs if int(a) != int(b)]
+        if wrong:
+            raise InputError(
+                f"the image processor and the vision encoder (config.json vision_config) disagree: "
+                f"{', '.join(wrong)}; preprocessor_config.json and config.json are from different checkpoints."
+            )
+
+    def vision_graph(self, model: Any) -> Any:
+        """The vision graph (a torch.nn.Module) over `model`'s encoder and merger; its inputs are the host's feeds."""
+        return vision_graph_class()(model)
 
     def vision_export(self, loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
-        """The vision graph for one image of exactly `image_size` (height, width): pixel_values
-        [N_patches, C*T*P*P]."""
-        t, h, w = patch_grid(loaded.processor, image_size)
-        features = loaded.processor.image_processor
-        width = 3 * features.temporal_patch_size * features.patch_size**2
-        pixels = torch.randn(t * h * w, width, dtype=dtype)  # [N_patches, F]
-        merge = int(features.merge_size)
-        return VisionExport(VisionGraph(loaded, (t, h, w)), pixels, (h // merge, w // merge))
+        """The vision graph, dynamic in the number of patches: traced on an example image of `image_size` (height,
+        width, as sent) as `image_host(...).prepare` makes it. pixel_values stays float32 whatever `dtype` (the
+        host's feeds; the graph casts to the encoder's dtype), so the host feeds every engine alike."""
+        import torch
+
+        host = self.image_host(loaded.processor.to_dict())
+        self.check_vision_settings(host, loaded.model.config.vision_config)
+        prepared = host.prepare(example_image(*(int(x) for x in image_size)))
+        example = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in prepared.feeds.items()}
+        return VisionExport(
+            module=self.vision_graph(loaded.model),
+            example=example,
+            dynamic_shapes=vision_dynamic_shapes(host, list(example)),
+        )
 
     # --- requests -------------------------------------------------------------------------------------------
 
     def check_inputs(self, processor: Any, images: list, prompt: str) -> None:
         """Reject what the processor would fail on obscurely (or silently mangle), with a message that says why."""
-        check_request(images, prompt, min_side=int(getattr(processor.image_processor, "patch_size", 14)))
+        check_request(images, prompt, min_side=MIN_SIDE)
 
     def process(self, processor: Any, images: list, prompt: str) -> dict[str, torch.Tensor]:
         """Processor outputs for one request (CPU tensors; needs only the processor, so engines without a
@@ -291,9 +590,11 @@ class Qwen2VL(Family):
         keys = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
         return {k: out[k] for k in keys}
 
-    @torch.no_grad()
+    @no_grad
     def vision_embeddings(self, loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
         """Vision encoder + merger on `process`'s pixels: [N_vis, D] LLM-width embeddings, images in order."""
+        import torch
+
         device = loaded.model.device
         pixels, grid_thw = processed["pixel_values"].to(device), processed["image_grid_thw"].to(device)
         out = loaded.model.model.get_image_features(pixels, grid_thw, return_dict=True)
@@ -304,7 +605,7 @@ class Qwen2VL(Family):
         merge = int(processor.image_processor.merge_size)
         return vision_spans(processed["input_ids"], image_token_id, processed["image_grid_thw"], merge)
 
-    @torch.no_grad()
+    @no_grad
     def embed_and_position(
         self, loaded: LoadedModel, processed: dict[str, torch.Tensor], vision_embeds: torch.Tensor
     ) -> PrefillInputs:
@@ -328,3 +629,33 @@ class Qwen2VL(Family):
             spans=spans,
             decode_offset=rope_deltas.view(-1, 1),
         )
+
+
+# --- vision-graph helpers (torch imported inside) ----------------------------------------------------------------
+
+
+def read_vision_config(path: Any) -> dict[str, Any]:
+    """config.json's vision_config of a checkpoint directory ({} without one: the processor is used alone)."""
+    file = Path(path) / "config.json" if path is not None else None
+    if file is None or not file.is_file():
+        return {}
+    try:
+        return dict(json.loads(file.read_text()).get("vision_config") or {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"{file} cannot be read ({exc}); copy the checkpoint's config.json again.") from None
+
+
+def vision_dynamic_shapes(host: QwenImages, names: list[str]) -> tuple:
+    """torch.export dynamic shapes of the vision graph's inputs `names`, in order, from the host's description of
+    which axes vary (QwenImages.dynamic_axes): one Dim for the vision tokens, the patches merge^2 times it (so the
+    export knows the merger's reshape divides), one per other count."""
+    from torch.export import Dim
+
+    tokens = Dim("vision_tokens")
+    dims = {"tokens": tokens, "patches": tokens * (host.merge * host.merge)}
+    axes = host.dynamic_axes()
+
+    def dim(count: str) -> Any:
+        return dims.setdefault(count, Dim(f"vision_{count}"))
+
+    return tuple({axis: dim(count) for axis, count in axes[name].items()} or None for name in names)

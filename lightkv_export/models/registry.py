@@ -11,14 +11,15 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lightkv_export.errors import InputError, LightKVError, ModelNotFoundError
 from lightkv_export.models import llava, qwen2_5_vl, qwen2_vl, tiny  # importing a family registers it
 from lightkv_export.models.base import LoadedModel, ModelSpec
 from lightkv_export.models.family import FAMILIES, Family
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL_TYPES = {model_type: family.name for family in FAMILIES.values() for model_type in family.model_types}
 
@@ -171,9 +172,7 @@ def get_family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def load_model(
-    key_or_local_dir: str, *, random_weights: bool = False, dtype: torch.dtype = torch.float32
-) -> LoadedModel:
+def load_model(key_or_local_dir: str, *, random_weights: bool = False, dtype: torch.dtype | None = None) -> LoadedModel:
     """A model key, alias, hub id or local checkpoint directory -> LoadedModel (eval mode, `dtype`).
 
     Tiny presets are always random (seeded) and cached in-process. Real checkpoints load from a local directory
@@ -237,9 +236,21 @@ def how_to_get(hf_id: str | None) -> str:
 # --- tiny presets -----------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def load_tiny(key: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def resolve_dtype(dtype: torch.dtype | None) -> torch.dtype:
+    """float32 unless told otherwise (never transformers' "auto", the checkpoint's own dtype). torch is imported
+    here, not at module level: the runtime reads families' host sides through this registry without PyTorch."""
+    import torch
+
+    return torch.float32 if dtype is None else dtype
+
+
+def load_tiny(key: str, dtype: torch.dtype | None = None) -> LoadedModel:
     """The tiny preset: real architecture at toy size, seeded weights, locally built tokenizer and processor."""
+    return _load_tiny(key, resolve_dtype(dtype))
+
+
+@functools.cache
+def _load_tiny(key: str, dtype: torch.dtype) -> LoadedModel:
     spec = SPECS[key]
     family = FAMILIES[spec.family]
     config, processor = family.tiny_preset()
@@ -248,6 +259,9 @@ def load_tiny(key: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
 
 def build_seeded(family: Family, config: Any, dtype: torch.dtype) -> Any:
     """The family's model from `config` with weights drawn from a fixed seed, eval mode."""
+    import torch
+
+    dtype = resolve_dtype(dtype)
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng(devices=[]):
         model = family.model_class()._from_config(config, dtype=dtype)
@@ -257,13 +271,21 @@ def build_seeded(family: Family, config: Any, dtype: torch.dtype) -> Any:
     return model
 
 
-@torch.no_grad()
 def seeded_init_(model: torch.nn.Module, seed: int) -> None:
     """Overwrite every weight with uniform noise from one seeded generator, in parameter order.
 
     torch's uniform sampler is serial on CPU (no SIMD-dependent maths, unlike its normal sampler), so the
     weights are bit-identical on every machine. Matrices get variance 1 / fan_in, biases +-0.02, norm gains stay 1.
     """
+    import torch
+
+    with torch.no_grad():
+        _seeded_init(model, seed)
+
+
+def _seeded_init(model: torch.nn.Module, seed: int) -> None:
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     norm_params = {id(p) for m in model.modules() if "Norm" in type(m).__name__ for p in m.parameters(recurse=False)}
     for param in model.parameters():
@@ -353,7 +375,7 @@ def load_local(
     path: Path,
     *,
     random_weights: bool = False,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     spec: ModelSpec | None = None,
     key: str | None = None,
 ) -> LoadedModel:
@@ -391,7 +413,7 @@ def load_local(
     model, info = damaged_as_input_error(
         lambda: family.model_class().from_pretrained(
             str(path),
-            dtype=dtype,
+            dtype=resolve_dtype(dtype),
             attn_implementation="sdpa",
             local_files_only=True,
             use_safetensors=True,

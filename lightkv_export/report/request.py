@@ -18,7 +18,7 @@ from lightkv_export.accounting.units import dtype_bytes
 from lightkv_export.errors import InputError
 from lightkv_export.kv import kv_bytes_per_layer
 from lightkv_export.method.schedule import Schedule
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 from lightkv_export.report.pictures import (
     DEFAULT_PROMPT,
     GUIDANCE_PNG,

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import onnx
@@ -30,6 +31,9 @@ from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.positions import SCHEMES
 from lightkv_export.passes.join_branches import BRANCH, JOINED, join_branches
 from lightkv_export.passes.lower_trt_plugin import lower_trt_plugin
+
+if TYPE_CHECKING:
+    from lightkv_export.images import ImageHost
 
 TRT_TARGETS: dict[str, tuple[int, int]] = {
     "trt-sm80": (8, 0),
@@ -287,16 +291,55 @@ MAX_TEXT_TOKENS = 2048
 MAX_DECODE_CONTEXT = 8192
 
 
-def engine_profiles(manifest: Manifest) -> dict[str, Profile]:
-    """(min, opt, max) shapes per dynamic input of each graph, from the image profile and the reference request.
+# Aspect ratios (height / width) the vision profile's max covers: the same pixels in a long strip hold more
+# windows (Qwen2.5-VL's window order, segment lengths) than in a square.
+PROFILE_ASPECTS = (1.0, 0.5, 2.0, 1 / 3, 3.0, 0.1, 10.0, 0.02, 50.0)
 
-    opt is the reference request (one image of the profile, the reference prompt, batch 1); max admits
-    MAX_BATCH rows of MAX_IMAGES images and MAX_TEXT_TOKENS text tokens.
+
+def image_extremes(images: ImageHost) -> list[tuple[int, int]]:
+    """(height, width) images at the processor's smallest and largest pixel counts, in several aspect ratios."""
+    low, high = images.pixel_range()
+    sizes = []
+    for pixels in (low, high):
+        for aspect in PROFILE_ASPECTS:
+            h = max(1, round(math.sqrt(pixels * aspect)))
+            w = max(1, pixels // h)
+            if max(h, w) / min(h, w) <= 200 and min(h, w) >= images.min_side:
+                sizes.append((h, w))
+    return sizes
+
+
+def vision_profile(images: ImageHost, image_size: tuple[int, int]) -> dict[str, tuple]:
+    """(min, opt, max) of every vision-graph input: elementwise over images the processor can produce, opt at the
+    reference image. A processor that crops to one size gives min = opt = max."""
+    opt = images.feed_shapes(*image_size)
+    shapes = [images.feed_shapes(h, w) for h, w in image_extremes(images)] + [opt]
+    return {
+        name: (
+            tuple(min(s[name][i] for s in shapes) for i in range(len(opt[name]))),
+            tuple(opt[name]),
+            tuple(max(s[name][i] for s in shapes) for i in range(len(opt[name]))),
+        )
+        for name in opt
+    }
+
+
+def max_image_tokens(images: ImageHost) -> int:
+    """The most tokens one image can put in the sequence (its layout at the processor's largest size)."""
+    return max(images.layout(h, w).tokens for h, w in image_extremes(images))
+
+
+def engine_profiles(manifest: Manifest, images: ImageHost) -> dict[str, Profile]:
+    """(min, opt, max) shapes per dynamic input of each graph: ranges from the family's image side (`images`:
+    the processor's smallest and largest images) and the reference request.
+
+    opt is the reference request (one image of `Manifest.image_size`, the reference prompt, batch 1); max admits
+    MAX_BATCH rows of MAX_IMAGES images of the largest size and MAX_TEXT_TOKENS text tokens.
     """
     ref = manifest.reference_request
     d, hkv, hd = manifest.hidden_size, manifest.num_kv_heads, manifest.head_dim
     seq, vision = ref.seq_len, ref.vision_tokens
-    max_seq = MAX_IMAGES * vision + MAX_TEXT_TOKENS
+    max_seq = MAX_IMAGES * max(max_image_tokens(images), vision) + MAX_TEXT_TOKENS
     b = (1, 1, MAX_BATCH)
 
     def dims(*per_axis: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -329,9 +372,8 @@ def engine_profiles(manifest: Manifest) -> dict[str, Profile]:
         for kv in ("key", "value"):
             decode[contract.past(i, kv)] = dims(b, (hkv, hkv, hkv), past, (hd, hd, hd))
         decode[contract.past_mask(i)] = dims(b, past)
-    pixels = tuple((n, n, n) for n in manifest.vision_input_shape)  # one image of the profile: fixed
     return {
-        "vision": Profile({contract.PIXEL_VALUES: dims(*pixels)}),
+        "vision": Profile(vision_profile(images, tuple(manifest.image_size))),
         "embed": Profile({contract.INPUT_IDS: dims(b, (1, seq, max_seq))}),
         "prefill": Profile(prefill),
         "decode": Profile(decode),
@@ -418,7 +460,10 @@ def build_engine(
         where = f" Kernels for {target}: {kernels_dir}." if kernels_dir.exists() else ""
         raise TargetUnavailableError(f"{exc}{where}") from None
     graphs = _write_graphs(directory / "onnx", exported, prefill)
-    per_graph = engine_profiles(manifest)
+    from lightkv_export.models.registry import get_family
+
+    images = get_family(manifest.family).image_host(processor.to_dict(), max_pixels=manifest.max_image_pixels)
+    per_graph = engine_profiles(manifest, images)
     profiles = {"vision": [per_graph["vision"]], "embed": [per_graph["embed"]], STEP: step_profiles(per_graph)}
     infos = {}
     for name in ENGINES:

@@ -243,27 +243,18 @@ def check_generate_body(body: Any, limits: Limits, max_new_tokens_limit: int = I
         raise InputError(f"'stream' must be true or false, got {body['stream']!r}.")
 
 
-def sequence_length(template_tokens: int, per_image_tokens: int, images: int, prompt_tokens: int, new: int) -> int:
-    """The longest sequence a request can reach: chat template + prompt + every image's tokens + the new tokens."""
-    return template_tokens + images * per_image_tokens + prompt_tokens + new
-
-
-def check_sequence(
-    limits: Limits, template_tokens: int, per_image_tokens: int, images: int, prompt: int, new: int,
-    context: int | None = None,
-) -> int:  # fmt: skip
-    """The request's longest sequence against max_sequence_length, and against the engine's `context` (the model's
-    max_position_embeddings: positions past it were never trained), which no config.pbtxt parameter raises."""
-    total = sequence_length(template_tokens, per_image_tokens, images, prompt, new)
-    what = (
-        f"the request needs a sequence of {total} tokens ({template_tokens} template + {images} images x "
-        f"{per_image_tokens} + {prompt} prompt + {new} new tokens)"
-    )
+def check_sequence(limits: Limits, prompt_sequence: int, new: int, context: int | None = None, parts: str = "") -> int:
+    """The request's longest sequence (its prompt sequence, from the images' layouts and the prompt's tokens, plus
+    `new` tokens) against max_sequence_length, and against the engine's `context` (the model's
+    max_position_embeddings: positions past it were never trained), which no config.pbtxt parameter raises.
+    `parts`: how the prompt sequence adds up, for the message."""
+    total = prompt_sequence + new
+    what = f"the request needs a sequence of {total} tokens ({parts or f'{prompt_sequence} prompt'} + {new} new tokens)"
     limits.check("max_sequence_length", total, f"{what}, which")
     if context is not None and total > context:
         raise InputError(
             f"{what} is over the engine's context of {context} tokens (the model's max_position_embeddings); "
-            "shorten the prompt, send fewer images or ask for fewer new tokens."
+            "shorten the prompt, send fewer or smaller images, or ask for fewer new tokens."
         )
     return total
 

@@ -89,12 +89,6 @@ class TritonPythonModel:
         batching = codec.Batching.from_parameters(params)
         codec.allow_pil_pixels(self.limits)
         manifest = self.engine.manifest
-        h, w = (int(x) for x in manifest.vision_token_grid)  # every image is resized to the profile
-        vision_per_image = h * w
-        host = self.engine.processor  # host.HostProcessor: no torch, no transformers in this process
-        self.template_tokens = host.template_tokens(0)
-        # Each image adds its wrapper tokens, and its one placeholder becomes vision_per_image tokens.
-        self.per_image_tokens = host.template_tokens(1) - self.template_tokens - 1 + vision_per_image
         self.scheduler = Scheduler(
             self.engine,
             kv_budget=parse_budget(batching.kv_budget, available=_free_memory(manifest.target)),
@@ -131,7 +125,7 @@ class TritonPythonModel:
         try:
             prompt_values = codec.require(_input(request, "prompt"), "prompt")
             image_values = codec.require(_input(request, "image"), "image")
-            n_images = codec.check_image_count(image_values, limits)
+            codec.check_image_count(image_values, limits)
             image_file = _input(request, IMAGE_FILE_INPUT)
             if image_file is not None and image_file.size == 1 and bool(image_file.reshape(-1)[0]):
                 image_values = _read_image_files(image_values)
@@ -140,9 +134,8 @@ class TritonPythonModel:
             stream = codec.decode_stream(_input(request, "stream"))
             prompt_tokens = self.engine.processor.prompt_tokens(prompt)  # as plain text, as the runtime has it
             limits.check("max_prompt_tokens", prompt_tokens, f"the prompt has {prompt_tokens} tokens, which")
-            # A max_new_tokens over the engine's own limit is refused by the scheduler, with that limit in the message.
-            new = min(max(0, max_new), self.engine.manifest.max_new_tokens_limit)
-            codec.check_sequence(limits, self.template_tokens, self.per_image_tokens, n_images, prompt_tokens, new)
+            # Headers only: each image's size gives its tokens (its layout), so the sequence is checked (by the
+            # scheduler's Engine.check_request) before any pixel is decoded.
             images = codec.decode_images(image_values, limits)
             seq = self.scheduler.prepare(images, prompt, max_new_tokens=max_new)
             sink = Sink(request, sender, stream, TextDeltas(self.engine.processor.tokenizer), seq)

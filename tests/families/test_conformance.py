@@ -45,7 +45,7 @@ def test_merged_cache_follows_the_reference_runtime(family):
     and the tokens agree."""
     _, loaded, result = family
     engine = Engine.load(result.engine_dirs["ort-cpu"])
-    h, w = engine.image_size
+    h, w = engine.manifest.image_size
     images, prompt = [parity_images((h, w), 4)], "What is in this picture?"
     pre = engine.prefill(engine.prepare(images, prompt))
     want = reference_run(loaded, engine, images, prompt, max_new_tokens=6)
@@ -59,7 +59,7 @@ def test_merged_cache_follows_the_reference_runtime(family):
 def test_ratio_zero_generates_like_hugging_face(family, builds):
     key, loaded, _ = family
     engine = Engine.load(builds(key, 0.0).engine_dirs["ort-cpu"])
-    h, w = engine.image_size
+    h, w = engine.manifest.image_size
     image, prompt = parity_images((h, w), 5), "Describe the picture."
     gen = engine.generate([image], prompt, max_new_tokens=8)
     assert len(set(gen.kv_lengths)) == 1  # nothing merged anywhere
@@ -73,11 +73,12 @@ def test_ratio_zero_generates_like_hugging_face(family, builds):
 def test_batched_generation_equals_one_request_at_a_time(family):
     _, loaded, result = family
     engine = Engine.load(result.engine_dirs["ort-cpu"])
-    h, w = engine.image_size
+    h, w = engine.manifest.image_size
+    # Mixed sizes: each row's images are sized by the processor, so rows differ in vision tokens and grids.
     items = [
         ([parity_images((h, w), 0)], "Describe this image."),
-        ([parity_images((h, w), 1), parity_images((h // 2, w), 2)], "Compare the two pictures in detail, please."),
-        ([parity_images((h, w), 3)], "Colours?"),
+        ([parity_images((h, w), 1), parity_images((3 * h // 2, w // 2), 2)], "Compare the two pictures, please."),
+        ([parity_images((h // 2, w), 3)], "Colours?"),
     ]
     batched = engine.generate_batch(items, max_new_tokens=5)
     for (images, prompt), got in zip(items, batched, strict=True):
@@ -98,12 +99,13 @@ def test_the_accounting_is_what_the_engine_holds(family):
     manifest = engine.manifest
     account = engine_account(manifest)
     ref = manifest.reference_request
-    h, w = engine.image_size
+    h, w = engine.manifest.image_size
     gen = engine.generate([parity_images((h, w), 0)], ref.prompt, max_new_tokens=2)
     assert list(account.kv_lengths) == gen.kv_lengths == ref.kv_lengths
     assert sum(account.kv_bytes) == gen.kv_bytes < sum(account.kv_bytes_vanilla)
-    grid = manifest.vision_token_grid
-    assert grid[0] * grid[1] == ref.vision_tokens == gen.vision_tokens_in
+    layout = engine.processor.layouts([(w, h)])[0]
+    assert [layout.to_json()] == ref.image_layouts
+    assert layout.vision_tokens == ref.vision_tokens == gen.vision_tokens_in
     assert np.isclose(account.retention, manifest.retention, atol=0.02)
 
 
@@ -118,22 +120,29 @@ HOST_PROMPTS = (
 
 
 def test_host_preprocessing_is_the_hugging_face_processor(family):
-    """The engine's own host preprocessing (host.py: tokenizers, jinja2, numpy) makes the token ids, pixels and
-    spans that the checkpoint's Hugging Face processor makes, for prompts with control-token text and 1-2 images."""
+    """The engine's own host preprocessing (host.py and the family's image side: tokenizers, jinja2, numpy) makes
+    the token ids, pixels and spans that the checkpoint's Hugging Face processor makes, for prompts with
+    control-token text and for images as users send them: one, two of different sizes and aspect ratios, a tall
+    page, and images at the processor's minimum and near its maximum (each layout known from the size alone)."""
+    from lightkv_export import contract
+    from lightkv_export.inputs import parity_cases
+
     _, loaded, result = family
     engine = Engine.load(result.engine_dirs["ort-cpu"])
-    h, w = engine.image_size
+    h, w = engine.manifest.image_size
     token = engine.manifest.image_token_id
-    for n_images in (1, 2):
-        images = [parity_images((h, w), i) for i in range(n_images)]
-        for prompt in HOST_PROMPTS:
-            want = loaded.family.process(loaded.processor, images, prompt)
-            got = engine.processor.process(images, prompt)
-            assert got.input_ids.tolist() == want["input_ids"].tolist(), prompt
-            pixels = np.concatenate(got.pixels)
-            assert pixels.shape == tuple(want["pixel_values"].shape)
-            assert np.abs(pixels - want["pixel_values"].numpy()).max() < 1e-5, prompt
-            assert got.spans == loaded.family.spans(loaded.processor, want, token), prompt
+    cases = [(images, p) for _, images, p in parity_cases((h, w), engine.processor.images.pixel_range())]
+    cases += [([parity_images((h, w), i) for i in range(n)], p) for n in (1, 2) for p in HOST_PROMPTS]
+    for images, prompt in cases:
+        sizes = [im.size for im in images]
+        want = loaded.family.process(loaded.processor, images, prompt)
+        got = engine.processor.process(images, prompt)
+        assert got.input_ids.tolist() == want["input_ids"].tolist(), (prompt, sizes)
+        pixels = np.concatenate([im.feeds[contract.PIXEL_VALUES] for im in got.images])
+        assert pixels.shape == tuple(want["pixel_values"].shape), sizes
+        assert np.abs(pixels - want["pixel_values"].numpy()).max() < 1e-5, (prompt, sizes)
+        assert got.spans == loaded.family.spans(loaded.processor, want, token), (prompt, sizes)
+        assert got.layouts == engine.processor.layouts(sizes), sizes
 
 
 def test_an_engine_process_imports_neither_torch_nor_transformers(family):
@@ -175,8 +184,9 @@ def server(builds, tmp_path_factory):
 
 
 def test_served_answers_equal_the_reference_runtime(family, server):
-    """Through Triton Inference Server and the client: token ids, text and KV accounting of the PyTorch
-    reference runtime on the engine's own inputs."""
+    """Through Triton Inference Server and the client, a request with two images of different sizes and aspect
+    ratios: token ids, text and KV accounting of Engine.generate and of the PyTorch reference runtime on the
+    engine's own inputs."""
     import io
 
     from PIL import Image
@@ -185,14 +195,20 @@ def test_served_answers_equal_the_reference_runtime(family, server):
 
     _, loaded, result = family
     engine = Engine.load(result.engine_dirs["ort-cpu"])
-    h, w = engine.image_size
-    buffer = io.BytesIO()
-    parity_images((h + 28, w), 6).save(buffer, format="PNG")  # another size: the engine resizes it
-    blob = buffer.getvalue()
-    prompt = "What stands out in this image?"
+    h, w = engine.manifest.image_size
+    blobs = []
+    for size, seed in (((h + 28, w), 6), ((h // 2, w + 56), 7)):  # sized by the processor as sent
+        buffer = io.BytesIO()
+        parity_images(size, seed).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    images = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs]
+    prompt = "What differs between these images?"
     name = triton_repo.model_name(engine.manifest)
-    _, answer = client.ask(server.url, [blob], prompt, model=name, max_new_tokens=5)
-    want = reference_run(loaded, engine, [Image.open(io.BytesIO(blob)).convert("RGB")], prompt, max_new_tokens=5)
-    assert answer.token_ids == want.tokens and answer.text == want.text
+    _, answer = client.ask(server.url, blobs, prompt, model=name, max_new_tokens=5)
+    local = engine.generate(images, prompt, max_new_tokens=5)
+    want = reference_run(loaded, engine, images, prompt, max_new_tokens=5)
+    assert answer.token_ids == local.token_ids == want.tokens and answer.text == want.text
     assert answer.kv_bytes == want.kv_bytes and answer.vision_tokens_in == want.vision_tokens_in
     assert answer.vision_tokens_per_group == [n for _, n in want.vision_tokens_per_group]
+    layouts = engine.processor.layouts([im.size for im in images])
+    assert layouts[0] != layouts[1] and answer.vision_tokens_in == sum(x.vision_tokens for x in layouts)

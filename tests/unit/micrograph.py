@@ -28,7 +28,7 @@ from lightkv_export.contract import ROLE_META_KEY, ROLE_PREFIX
 from lightkv_export.method.guidance import text_guidance
 from lightkv_export.method.merge_plan import RequestPlan
 from lightkv_export.method.reference import apply_plan
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 OPSET = 21
 

@@ -220,3 +220,41 @@ def test_a_gpu_record_survives_a_run_where_its_benchmark_is_skipped(tmp_path):
     (tmp_path / "kernels_gpu.json").unlink()
     (entry,) = merge_previous([skipped], tmp_path, {"kernels_gpu"})
     assert entry["status"] == "skipped" and entry["reason"] == "needs a CUDA GPU"
+
+
+def test_image_sizes_quick_sizes_each_image_as_the_processor_does(tmp_path):
+    """--quick image_sizes through run_one, the JSON and the README: each image's grid is what the real Qwen2.5-VL
+    image processor, capped at the benchmark's max_pixels, makes of the image as sent; the page is an unresized 1:3
+    one near the cap; each size's KV cache is that of its own sequence and of the plan's lengths."""
+    from PIL import Image
+
+    from benchmarks import bench_image_sizes as sizes
+    from lightkv_export.models.registry import get_family
+
+    out = tmp_path / "results"
+    assert bench.main(["--quick", "--only", "image_sizes", "--out", str(out)]) == 0
+    record = json.loads((out / "image_sizes.json").read_text())
+    rows, model = record["rows"], record["model"]
+    assert [r["sent"] for r in rows[:-1]] == [list(s) for s in sizes.QUICK_PHOTOS] and len(rows) == 3
+    width, height = rows[-1]["sent"]
+    assert height == 3 * width and rows[-1]["processed"] == [height, width]  # the page reaches the model unresized
+    assert 0.9 * sizes.QUICK_CAP <= width * height <= sizes.QUICK_CAP == record["max_pixels"]
+    processor = get_family("qwen2_5_vl").random_processor().image_processor
+    cap = {"longest_edge": sizes.QUICK_CAP, "shortest_edge": processor.size["shortest_edge"]}
+    kv_token = 2 * model["kv_heads"] * (model["hidden"] // model["heads"]) * 4  # K + V, fp32, per layer
+    section = (out / "README_SECTION.md").read_text()
+    for r in rows:
+        (rows_, cols), merge = r["grid"], processor.merge_size
+        thw = processor(images=[Image.new("RGB", tuple(r["sent"]))], size=cap, return_tensors="np")["image_grid_thw"]
+        assert thw.tolist() == [[1, rows_ * merge, cols * merge]], r["image"]
+        assert r["vision_tokens"] == rows_ * cols
+        assert r["seq"] == model["text_before"] + r["vision_tokens"] + model["text_after"]
+        assert r["kv_bytes"]["vanilla"] == model["layers"] * r["seq"] * kv_token
+        assert r["kv_bytes"]["lightkv"] == sum(r["kv_lengths"]["lightkv"]) * kv_token < r["kv_bytes"]["vanilla"]
+        assert abs(r["retention"] - record["retention_nominal"]) < 0.05, r["retention"]
+        assert record["ratios"][f"KV bytes @ {r['image']}"] == r["kv_ratio"]
+        assert record["ratios"][f"prefill speed-up @ {r['image']}"] == r["speedup"] > 0
+        assert f"| {r['image']} | {rows_}x{cols} | {r['vision_tokens']} | {r['seq']} |" in section
+    assert len(record["ratios"]) == 2 * len(rows)
+    predicted = [r["predicted_flops_ratio"] for r in rows]
+    assert predicted == sorted(predicted) and predicted[0] < predicted[-1]  # the saving grows with the image

@@ -111,8 +111,8 @@ def test_runtime_rejects_bad_requests(builds):
         engine.generate([], "Describe.")
     with pytest.raises(InputError, match="max_new_tokens"):
         engine.generate([image], "Describe.", max_new_tokens=10_000)
-    with pytest.raises(InputError, match="smaller than one"):
-        engine.generate([parity_images((8, 8), 0)], "Describe.")
+    with pytest.raises(InputError, match="accepts aspect ratios up to 200"):
+        engine.generate([parity_images((3, 900), 0)], "Describe.")
     with pytest.raises(InputError, match="not an engine directory"):
         Engine.load(engine.directory.parent)
 
@@ -175,7 +175,7 @@ def test_interrupted_build_leaves_no_engine_directory(builds, engines_out, monke
 
 
 def test_mrope_positions_match_transformers(tiny_qwen_vl):
-    from lightkv_export.models.base import VisionSpan
+    from lightkv_export.method.spans import VisionSpan
 
     images = [parity_images((336, 448), 0), parity_images((224, 168), 1)]
     processed = tiny_qwen_vl.family.process(tiny_qwen_vl.processor, images, "Compare them.")
@@ -210,7 +210,7 @@ def cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
         (["--ratio", "1.5"], "--ratio 1.5 is not a fraction in [0, 1]"),
         (["--ratio", "-0.2"], "--ratio -0.2 is not a fraction in [0, 1]"),
         (["--ratio", "nan"], "--ratio nan is not a fraction in [0, 1]"),
-        (["--image-size", "100x100"], "not a positive multiple of 28"),
+        (["--image-size", "0x0"], "image 0x0 (width x height) is empty"),
         (["--image-size", "big"], "WIDTHxHEIGHT"),
         (["--schedule", "3:2"], "LAYER:WINDOWS:RATIO"),
         (["--dtype", "int8"], "unknown dtype"),
@@ -341,7 +341,7 @@ def test_silent_noops_are_named():
     schedule = parse_schedule("2:2:0.5,4:2:0.7,6:1:0.5", 8)
 
     def ref(vision_tokens: int, kv_lengths: list[int]) -> ReferenceRequest:
-        return ReferenceRequest("x", kv_lengths[0], vision_tokens, kv_lengths, [], [], [])
+        return ReferenceRequest("x", kv_lengths[0], vision_tokens, [], kv_lengths, [], [], [])
 
     merging = ref(192, [240, 240, 144, 144, 96, 96, 72, 72])
     (capped,) = silent_noops(schedule, merging)
@@ -512,7 +512,9 @@ def test_parity_fails_an_engine_that_decodes_from_the_compressed_length(builds, 
     assert not report.passed
     cases = {c.case for c in report.checks if c.level == "model"}
     assert failing_outputs(report) == {("model", f"greedy-{DECODE_STEPS}")}
-    assert {c.case for c in report.checks if not c.passed} == cases  # every request's continuation differs
+    # Every request LightKV shortened continues differently; the processor's smallest image (2 x 2 tokens, fewer
+    # than a stage's windows need) merges nothing, so its compressed length is its length and it still passes.
+    assert {c.case for c in report.checks if not c.passed} == cases - {"min-image"}
 
 
 def test_build_reports_time_and_peak_memory_per_stage(builds):

@@ -27,7 +27,7 @@ from lightkv_export.method.merge_plan import (
     stage_kept_name,
 )
 from lightkv_export.method.schedule import Schedule, Stage, solve
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 from lightkv_export.models.positions import MROPE
 from lightkv_export.passes.insert_lightkv import insert_lightkv
 from tests.unit.micrograph import ToyConfig, ToyOutputs, reference_prefill, toy_prefill

@@ -9,13 +9,16 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from lightkv_export import contract
 from lightkv_export.errors import InputError
+from lightkv_export.method.spans import ImageLayout, VisionSpan
 from lightkv_export.models import llava, registry
-from lightkv_export.models.base import LoadedModel, VisionSpan
+from lightkv_export.models.base import LoadedModel
 from lightkv_export.models.family import FAMILIES
 from tests.helpers import state_checksum
 
@@ -197,10 +200,10 @@ def test_spans_reject_runs_that_are_not_one_grid(tiny_llava, test_image):
     processed = LLAVA.process(tiny_llava.processor, [test_image], "Describe.")
     cut = dict(processed, input_ids=processed["input_ids"].clone())
     cut["input_ids"][0, 3 + N_VIS // 2] = 5  # one run of 256 becomes 128 + 127
-    with pytest.raises(InputError, match=r"image 0: 128 placeholder tokens but its grid is 16x16 \(256\)"):
+    with pytest.raises(InputError, match=r"grid 0 \(16x16 = 256 tokens\) does not fit its placeholder run of 128"):
         LLAVA.spans(tiny_llava.processor, cut, image_id)
     two_images = dict(processed, pixel_values=processed["pixel_values"].repeat(2, 1, 1, 1))
-    with pytest.raises(InputError, match="2 images but 1 placeholder runs"):
+    with pytest.raises(InputError, match="the images have 2 grids but the prompt holds placeholders for 1"):
         LLAVA.spans(tiny_llava.processor, two_images, image_id)
 
 
@@ -247,27 +250,213 @@ def test_decoder_layers_with_family_positions_reproduce_hf_logits(tiny_llava, te
     assert (LLAVA.lm_head(tiny_llava.model)(text.norm(wrong[:, -1:]))[:, -1] - reference).abs().max() > 1e-3
 
 
+# --- the host image side (ClipImages) ---------------------------------------------------------------------------
+
+# (width, height) as sent: wide, tall, a page, smaller than the crop, exactly each crop, odd sizes both ways (the long
+# side's truncation and the crop's rounding show), a single pixel and a sliver.
+SIZES = [
+    (448, 224),
+    (196, 588),
+    (280, 840),
+    (50, 70),
+    (224, 224),
+    (336, 336),
+    (333, 517),
+    (517, 333),
+    (1, 1),
+    (3, 1000),
+]
+
+
+def noise(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """Random pixels: any misplaced row, column or filter tap changes many values."""
+    channels = {"RGB": 3, "RGBA": 4, "LA": 2, "L": 1}[mode]
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    return Image.fromarray(pixels[..., 0] if channels == 1 else pixels, mode=mode)
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_llava, tmp_path_factory) -> dict:
+    """processor_config.json as save_pretrained writes it, and the processor reloaded from it, for the tiny
+    preset (224) and LLaVA-1.5's real settings (336)."""
+    from transformers import AutoProcessor
+
+    out = {}
+    real = llava.build_processor(tiny_llava.processor.tokenizer, image_size=llava.REAL_IMAGE_SIZE)
+    for name, processor in (("tiny", tiny_llava.processor), ("real", real)):
+        path = tmp_path_factory.mktemp(f"llava-{name}")
+        processor.save_pretrained(path)
+        config = json.loads((path / "processor_config.json").read_text())
+        out[name] = (config, AutoProcessor.from_pretrained(path, local_files_only=True))
+    return out
+
+
+def hf_pixels(image_processor, image: Image.Image) -> np.ndarray:
+    return image_processor(image, return_tensors="np")["pixel_values"]  # [1, 3, H, W]
+
+
+@pytest.mark.parametrize("name", ["tiny", "real"])
+def test_host_pixels_equal_the_processor(saved, name):
+    config, processor = saved[name]
+    assert type(processor.image_processor).__name__ == "CLIPImageProcessorPil"
+    crop = {"tiny": 224, "real": 336}[name]
+    host = LLAVA.image_host(config)
+    assert isinstance(host, llava.ClipImages) and host.shortest_edge == crop and host.crop == (crop, crop)
+    for i, (width, height) in enumerate(SIZES):
+        image = noise(width, height, seed=i)
+        prepared = host.prepare(image)
+        got = prepared.feeds[contract.PIXEL_VALUES]
+        assert list(prepared.feeds) == [contract.PIXEL_VALUES] and got.dtype == np.float32
+        want = hf_pixels(processor.image_processor, image)
+        assert got.shape == want.shape == (1, 3, crop, crop), (width, height)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5, err_msg=f"{width}x{height}")
+        side = crop // 14
+        assert prepared.size == host.processed_size(height, width) == (crop, crop)
+        assert prepared.layout == host.layout(height, width) == ImageLayout.single(side, side)
+        assert host.feed_shapes(height, width) == {contract.PIXEL_VALUES: got.shape}
+
+
+def test_host_converts_image_modes_as_the_processor(saved):
+    """Transparency is composited onto white (not dropped), grey and palette images become RGB, as the processor's
+    convert_to_rgb does; the resize runs on the converted 8-bit image."""
+    config, processor = saved["tiny"]
+    host = LLAVA.image_host(config)
+    palette = noise(300, 200, seed=3).convert("P")
+    palette.info["transparency"] = 7
+    for image in (noise(300, 200, 1, "RGBA"), noise(200, 300, 2, "LA"), noise(260, 230, 3, "L"), palette):
+        got = host.prepare(image).feeds[contract.PIXEL_VALUES]
+        np.testing.assert_allclose(got, hf_pixels(processor.image_processor, image), rtol=0, atol=1e-5)
+    rgba = noise(300, 200, 1, "RGBA")
+    dropped = host.prepare(rgba.convert("RGB")).feeds[contract.PIXEL_VALUES]
+    assert np.abs(host.prepare(rgba).feeds[contract.PIXEL_VALUES] - dropped).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # CLIPImageProcessorPil's defaults
+        {"size": 250, "crop_size": 200},  # bare numbers: the short side, a square crop
+        {"size": {"shortest_edge": 200}, "crop_size": {"height": 140, "width": 196}, "resample": 2},
+        {"do_resize": False, "crop_size": {"height": 224, "width": 224}},  # small images are zero-padded
+        {"size": {"height": 168, "width": 252}, "do_center_crop": False, "resample": 0},
+        {"do_rescale": False, "do_normalize": False},
+    ],
+)
+def test_host_follows_other_clip_settings(settings):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    reference = CLIPImageProcessorPil.from_dict(settings)
+    config = {"image_processor": dict(settings), "patch_size": 14}  # as written: unset keys take CLIP's defaults
+    host = LLAVA.image_host(config)
+    for i, (width, height) in enumerate([(448, 224), (50, 70), (51, 75), (333, 517), (300, 120)]):
+        image = noise(width, height, seed=10 + i)
+        got = host.prepare(image).feeds[contract.PIXEL_VALUES]
+        want = hf_pixels(reference, image)
+        assert got.shape == want.shape == (1, 3, *host.processed_size(height, width)), settings
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-4, err_msg=f"{settings} {width}x{height}")
+    h, w = host.processed_size(1, 1)
+    assert host.layout(1, 1) == ImageLayout.single(h // 14, w // 14) and host.pixel_range() == (h * w, h * w)
+
+
+def test_host_expands_one_image_as_the_processor(saved):
+    config, processor = saved["tiny"]
+    host = LLAVA.image_host(config)
+    assert (host.image_token, host.min_side, host.pixel_range()) == ("<image>", 1, (224 * 224, 224 * 224))
+    chat = llava.chat_text(processor, 2, "Compare.")
+    images = [noise(448, 224, 0), noise(50, 70, 1)]
+    want = processor(text=chat, images=images, return_tensors="np")["input_ids"]
+    expansions = {host.expand(host.layout(im.height, im.width)) for im in images}  # one size for every image
+    assert len(expansions) == 1
+    expanded = chat.replace("<image>", expansions.pop())
+    assert expanded.count("<image>") == 2 * N_VIS
+    got = processor.tokenizer(expanded, return_tensors="np")["input_ids"]
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(InputError, match="one grid"):
+        host.expand(ImageLayout(((16, 16), 2)))
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"do_pad": True}, "do_pad is not supported"),
+        ({"size": {"shortest_edge": 224, "longest_edge": 400}}, "size .*longest_edge.* is not supported"),
+        ({"size": {"max_height": 224, "max_width": 224}}, "size .*max_height.* is not supported"),
+        ({"crop_size": {"height": 0, "width": 224}}, "crop_size .* is not supported"),
+        ({"do_center_crop": False}, "varying size"),
+        ({"do_resize": False, "do_center_crop": False}, "varying size"),
+        ({"resample": 9}, "not a PIL resampling filter"),
+        ({"image_processor_type": "LlavaNextImageProcessor"}, "CLIPImageProcessor only"),
+    ],
+)
+def test_host_refuses_settings_it_does_not_implement(saved, change, match):
+    config, _ = saved["tiny"]
+    changed = dict(config, image_processor=dict(config["image_processor"], **change))
+    with pytest.raises(InputError, match=match):
+        LLAVA.image_host(changed)
+
+
+def test_host_refuses_extra_tokens_and_a_cap_below_the_crop(saved):
+    config, _ = saved["real"]
+    with pytest.raises(InputError, match=r"577 placeholders per image for a 576-token grid"):
+        LLAVA.image_host(dict(config, vision_feature_select_strategy="full"))
+    LLAVA.image_host(dict(config, vision_feature_select_strategy="full", num_additional_image_tokens=0))
+    with pytest.raises(InputError, match="crops every image to that fixed size"):
+        LLAVA.image_host(config, max_pixels=336 * 336 - 1)
+    capped = LLAVA.image_host(config, max_pixels=336 * 336)  # a cap at or above the crop changes nothing
+    bare = LLAVA.image_host(config["image_processor"])  # a bare preprocessor_config.json: patch 14 by default
+    image = noise(500, 300)
+    for other in (LLAVA.image_host(config), bare):
+        assert (other.processed, other.layout(300, 500), other.patch) == (capped.processed, capped.layout(300, 500), 14)
+        np.testing.assert_array_equal(
+            other.prepare(image).feeds[contract.PIXEL_VALUES], capped.prepare(image).feeds[contract.PIXEL_VALUES]
+        )
+    with pytest.raises(InputError, match=re.escape("PIL.Image")):
+        capped.prepare(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_module_and_host_work_without_torch(saved, tmp_path):
+    """An engine's host imports the family module and prepares images with numpy and PIL alone."""
+    config, _ = saved["tiny"]
+    (tmp_path / "processor_config.json").write_text(json.dumps(config))
+    snippet = f"""
+import json, sys
+import numpy as np
+from PIL import Image
+from lightkv_export.models.family import FAMILIES
+import lightkv_export.models.llava
+host = FAMILIES["llava"].image_host(json.load(open({str(tmp_path / "processor_config.json")!r})))
+feeds = host.prepare(Image.new("RGB", (300, 200), (10, 20, 30))).feeds
+print(feeds["pixel_values"].shape, "torch" in sys.modules, "transformers" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(1, 3, 224, 224) False False"
+
+
 # --- the vision graph -------------------------------------------------------------------------------------------
 
 
-def test_vision_export_is_traceable_and_equals_vision_embeddings(tiny_llava, test_image, other_image):
-    vision = LLAVA.vision_export(tiny_llava, (224, 224), torch.float32)
-    assert vision.token_grid == (SIDE, SIDE)
-    assert vision.example.shape == (1, 3, 224, 224) and vision.example.dtype == torch.float32
-    program = torch.export.export(vision.module, (vision.example,))
+def test_vision_export_is_fixed_at_the_crop_and_equals_vision_embeddings(tiny_llava, test_image, other_image):
+    for size in ((224, 224), (100, 300), (600, 50)):  # the example image as sent: any size becomes the crop
+        vision = LLAVA.vision_export(tiny_llava, size, torch.float32)
+        assert list(vision.example) == [contract.PIXEL_VALUES] and vision.dynamic_shapes is None
+        assert not vision.module.training  # exported as an inference graph
+        example = vision.example[contract.PIXEL_VALUES]
+        assert example.shape == (1, 3, 224, 224) and example.dtype == torch.float32
+    program = torch.export.export(vision.module, tuple(vision.example.values()))
     for image in (test_image, other_image):
         processed = LLAVA.process(tiny_llava.processor, [image], "Describe.")
         with torch.no_grad():
             out = program.module()(processed["pixel_values"])  # [256, 64]
         torch.testing.assert_close(out, LLAVA.vision_embeddings(tiny_llava, processed), rtol=0, atol=1e-6)
-    assert LLAVA.vision_export(tiny_llava, (224, 224), torch.float16).example.dtype == torch.float16
+    half = LLAVA.vision_export(tiny_llava, (224, 224), torch.float16).example[contract.PIXEL_VALUES]
+    assert half.dtype == torch.float16
     # Features come from layer -2: the graph never runs CLIP's last layer (HF's get_image_features does).
     calls = []
     last = llava.vision_model(tiny_llava.model).encoder.layers[-1]
     handle = last.register_forward_hook(lambda *_: calls.append(1))
     try:
         with torch.no_grad():
-            vision.module(vision.example)
+            vision.module(*vision.example.values())
         assert calls == []
         LLAVA.vision_embeddings(tiny_llava, processed)
         assert calls == [1]
@@ -275,19 +464,42 @@ def test_vision_export_is_traceable_and_equals_vision_embeddings(tiny_llava, tes
         handle.remove()
 
 
-def test_check_image_size_names_the_served_size(tiny_llava):
-    LLAVA.check_image_size(tiny_llava.processor, (224, 224))
-    for size in ((336, 336), (224, 448)):
-        with pytest.raises(InputError, match="The size this model serves is 224x224"):
-            LLAVA.check_image_size(tiny_llava.processor, size)
-    with pytest.raises(InputError, match="cannot be an engine profile"):
-        LLAVA.vision_export(tiny_llava, (336, 336), torch.float32)
+def test_onnx_vision_graph_on_host_pixels_equals_the_model(tiny_llava, saved, tmp_path):
+    """The engine's path (host pixels -> exported ONNX graph in onnxruntime) against the PyTorch model fed by the
+    Hugging Face processor, on images of several sizes and aspects."""
+    import onnxruntime as ort
+
+    vision = LLAVA.vision_export(tiny_llava, (336, 448), torch.float32)
+    path = tmp_path / "vision.onnx"
+    with torch.no_grad():
+        program = torch.onnx.export(
+            vision.module,
+            tuple(vision.example.values()),
+            input_names=list(vision.example),
+            output_names=[contract.IMAGE_EMBEDS],
+            dynamic_shapes=vision.dynamic_shapes,
+            dynamo=True,
+            verbose=False,
+        )
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    host = LLAVA.image_host(saved["tiny"][0])
+    for i, (width, height) in enumerate([(448, 224), (196, 588), (50, 70), (333, 517)]):
+        image = noise(width, height, seed=20 + i)
+        (embeds,) = session.run([contract.IMAGE_EMBEDS], host.prepare(image).feeds)  # [256, 64]
+        processed = LLAVA.process(tiny_llava.processor, [image], "Describe.")
+        want = LLAVA.vision_embeddings(tiny_llava, processed).numpy()  # [256, 64]
+        assert embeds.shape == want.shape == (host.layout(height, width).vision_tokens, 64)
+        np.testing.assert_allclose(embeds, want, rtol=0, atol=1e-4, err_msg=f"{width}x{height}")
+
+
+def test_vision_export_refuses_a_crop_the_tower_does_not_take(tiny_llava):
     real = llava.build_processor(tiny_llava.processor.tokenizer, image_size=llava.REAL_IMAGE_SIZE)
-    LLAVA.check_image_size(real, (336, 336))
-    with pytest.raises(InputError, match="336x336"):
-        LLAVA.check_image_size(real, (224, 224))
-    with pytest.raises(InputError, match="different checkpoints"):  # a 336 processor on the 224 tower
+    message = r"makes images 336x336 but the vision tower \(config.json vision_config.image_size\) takes 224x224"
+    with pytest.raises(InputError, match=message):  # a 336 processor on the 224 tower
         LLAVA.vision_export(replace(tiny_llava, processor=real), (336, 336), torch.float32)
+    with pytest.raises(InputError, match=re.escape("processor_config.json")):
+        LLAVA.vision_export(replace(tiny_llava, processor=real), (224, 224), torch.float32)
 
 
 def test_saved_processor_reloads_to_the_same_request(tiny_llava, test_image, tmp_path):
@@ -301,3 +513,9 @@ def test_saved_processor_reloads_to_the_same_request(tiny_llava, test_image, tmp
         want = LLAVA.process(tiny_llava.processor, [test_image], prompt)
         got = LLAVA.process(again.processor, [test_image], prompt)
         assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_vision_export_refuses_a_tower_that_keeps_cls(tiny_llava, monkeypatch):
+    monkeypatch.setattr(tiny_llava.model.config, "vision_feature_select_strategy", "full")
+    with pytest.raises(InputError, match="vision_feature_select_strategy 'full'"):
+        LLAVA.vision_export(tiny_llava, (224, 224), torch.float32)

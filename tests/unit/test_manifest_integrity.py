@@ -131,8 +131,8 @@ def test_the_build_seals_its_manifest_and_its_graphs_record_what_they_were_built
     assert (facts.schedule(), facts.num_layers, facts.position_scheme, facts.vanilla) == (
         manifest.schedule, manifest.num_layers, manifest.position_scheme, manifest.vanilla,
     )  # fmt: skip
-    assert (facts.positions, facts.grid_mode, facts.vision_input_shape) == (
-        manifest.positions, manifest.grid_mode, manifest.vision_input_shape,
+    assert (facts.positions, facts.grid_mode, facts.vision_inputs) == (
+        manifest.positions, manifest.grid_mode, manifest.vision_inputs,
     )  # fmt: skip
     assert Engine.load(copy).schedule.stages == facts.stages
     report = run_parity(copy, loaded=tiny_qwen_vl)
@@ -220,7 +220,8 @@ def test_the_tensorrt_engines_joined_graph_records_the_same_facts(engine, tmp_pa
 
 FORMS = {
     "image_size": ([336], r"field image_size is \[336\]; expected \[height, width\]: two positive integers"),
-    "vision_token_grid": ([0, 4], r"field vision_token_grid is \[0, 4\]; expected \[rows, columns\]"),
+    "vision_inputs": ({"pixel_values": [0, 4]}, r"field vision_inputs is .*; expected \{vision graph input: shape\}"),
+    "max_image_pixels": (0, r"field max_image_pixels is 0; expected null or a positive number of pixels"),
     "position_scheme": ("bogus", r"field position_scheme is \"bogus\"; expected one of .*rope1d, mrope"),
     "positions": ("fancy", r"field positions is \"fancy\"; expected one of preserve, official"),
     "grid_mode": ("square", r"field grid_mode is \"square\"; expected one of true, official"),
@@ -231,7 +232,7 @@ FORMS = {
     "num_layers": (0, r"field num_layers is 0; expected a positive integer"),
     "files": ({"prefill.onnx": "abc"}, r"field files is .*; expected \{relative path: SHA-256"),
     "schedule": ("3:2", r"field schedule is \"3:2\"; expected LAYER:WINDOWS:RATIO stages"),
-    "format": (2, r"field format is 2; expected 3, the manifest format this lightkv_export reads"),
+    "format": (2, r"field format is 2; expected 4, the manifest format this lightkv_export reads"),
 }
 
 

@@ -23,9 +23,10 @@ QWEN2_VL, QWEN25_VL = FAMILIES["qwen2_vl"], FAMILIES["qwen2_5_vl"]
 
 CHECKSUM_SNIPPET = """
 import hashlib, sys
-from lightkv_export.models.registry import load_tiny
+import torch
+from lightkv_export.models.registry import _load_tiny
 h = hashlib.sha256()
-for name, t in load_tiny.__wrapped__(sys.argv[1]).model.state_dict().items():
+for name, t in _load_tiny.__wrapped__(sys.argv[1], torch.float32).model.state_dict().items():
     h.update(name.encode()); h.update(t.contiguous().numpy().tobytes())
 print(h.hexdigest())
 """
@@ -104,7 +105,7 @@ def test_tiny_architecture(tiny_model):
 
 
 def test_tiny_build_is_deterministic_in_process_and_across_processes(tiny_qwen_vl):
-    fresh = registry.load_tiny.__wrapped__("tiny-qwen-vl")
+    fresh = registry._load_tiny.__wrapped__("tiny-qwen-vl", torch.float32)
     assert fresh.model is not tiny_qwen_vl.model
     assert state_checksum(fresh.model) == state_checksum(tiny_qwen_vl.model)
     out = subprocess.run(
@@ -221,7 +222,7 @@ def test_process_needs_only_the_processor(tiny_qwen2_vl, test_image):
     [
         ([], "Describe this image.", "no image"),
         (None, "   ", "prompt is empty"),
-        ([Image.new("RGB", (10, 200))], "Describe.", "smaller than one 14x14 patch"),
+        ([Image.new("RGB", (2, 600))], "Describe.", "2x600 pixels; the processor accepts aspect ratios up to 200"),
         (["picture.png"], "Describe.", "expected a PIL.Image.Image"),
     ],
 )

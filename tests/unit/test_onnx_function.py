@@ -28,7 +28,7 @@ from lightkv_export.method.onnx_function import (
     standalone_model,
 )
 from lightkv_export.method.reference import apply_plan
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 DIM = 8  # small D keeps ORT fast; the op is per-token, so D does not change any code path
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}  # relative, on the merged values

@@ -18,7 +18,8 @@ from lightkv_export.errors import InputError
 from lightkv_export.export import export_decode, export_prefill, strip_roles
 from lightkv_export.method.merge_plan import plan_request
 from lightkv_export.method.schedule import parse_schedule
-from lightkv_export.models.base import VisionSpan, head_dim
+from lightkv_export.method.spans import VisionSpan
+from lightkv_export.models.base import head_dim
 from lightkv_export.models.positions import MROPE
 from lightkv_export.passes.fuse_attention import fuse_decode_attention, fuse_prefill_attention
 from lightkv_export.passes.fuse_norms import fuse_norms

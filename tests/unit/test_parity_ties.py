@@ -18,7 +18,7 @@ from lightkv_export.method.layout import plan_stage
 from lightkv_export.method.merge_plan import merged_into, plan_request
 from lightkv_export.method.onnx_function import run_ort_assign
 from lightkv_export.method.reference import apply_plan
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 SPANS = [[VisionSpan(2, 16, (4, 4))]]  # one 4 x 4 image, one window: A = even positions, B = odd
 SEQ, DIM = 20, 16

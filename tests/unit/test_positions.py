@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 from lightkv_export.models.positions import MROPE, ROPE_1D, SCHEMES, Positions
 from lightkv_export.passes.graph_edit import Builder
 

@@ -19,7 +19,7 @@ from lightkv_export.method.layout import (
     window_layout,
 )
 from lightkv_export.method.reference import lightkv_merge
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 
 
 def naive_merge(hidden, guidance, spans, windows, ratio, grid_mode="true"):

@@ -241,24 +241,32 @@ def test_what_killed_builds_left_is_removed_by_the_next_one(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("size", "nearest"),
-    [("28x28", "56x56"), ("56x5600", "28x4480"), ("672x672", "448x448"), ("100000x100000", "448x448")],
+    ("args", "message"),
+    [
+        (
+            ["--image-size", "20000x56"],
+            "image 20000x56 (width x height) has an aspect ratio of 357.1; the processor accepts at most 200",
+        ),
+        (["--image-size", "0x56"], "image 0x56 (width x height) is empty"),
+        (["--max-image-pixels", "0"], "--max-image-pixels 0 is not a positive number of pixels"),
+        (["--max-image-pixels", "1000"], "--max-image-pixels 1000 is below the processor's min_pixels 3136"),
+        (
+            ["--model", "tiny-llava", "--max-image-pixels", "1000"],
+            "below 224x224 = 50176: this model's processor crops",
+        ),
+    ],
 )
-def test_image_sizes_the_model_cannot_serve_are_refused_before_any_work(tmp_path, monkeypatch, capsys, size, nearest):
+def test_images_the_model_cannot_take_are_refused_before_any_work(tmp_path, monkeypatch, capsys, args, message):
+    """Any image size the processor takes is served as it sizes it; a reference image it refuses, or a pixel cap
+    the processor cannot honour, is exit 2 with the reason, before any export."""
     monkeypatch.syspath_prepend(str(ROOT))
     import build
-    from lightkv_export.config import parse_image_size
-    from lightkv_export.models.qwen2_vl import patch_grid
-    from lightkv_export.models.registry import load_model
 
     out = tmp_path / "engines"
-    assert build.main(["--model", "tiny-qwen-vl", "--image-size", size, "--out", str(out)]) == 2
-    message = " ".join(capsys.readouterr().err.split())
-    assert f"image size {size} (width x height) cannot be an engine profile" in message
-    assert "3,136 to 200,704 pixels" in message and f"The nearest size this model serves is {nearest}." in message
-    assert list(out.iterdir()) == []  # no export, no engine
-    h, w = parse_image_size(nearest)
-    assert patch_grid(load_model("tiny-qwen-vl").processor, (h, w)) == (1, h // 14, w // 14)  # servable
+    model = [] if "--model" in args else ["--model", "tiny-qwen-vl"]
+    assert build.main([*model, *args, "--out", str(out)]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not out.exists() or list(out.iterdir()) == []  # no export, no engine
 
 
 # --- one engine per source; independent files; locks; --out ----------------------------------------------------

@@ -21,7 +21,6 @@ TOY_MANIFEST = make_manifest(
     schedule="2:1:0.5",
     retention=0.75,
     grid_mode="true",
-    vision_token_grid=[4, 4],
     dtype="float32",
     num_layers=4,
     hidden_size=8,
@@ -34,6 +33,7 @@ TOY_MANIFEST = make_manifest(
         prompt="x",
         seq_len=20,
         vision_tokens=16,
+        image_layouts=[[[4, 4]]],
         kv_lengths=[20, 20, 12, 12],
         vision_tokens_per_layer=[16, 16, 8, 8],
         kv_bytes_per_layer=[640, 640, 384, 384],
@@ -70,6 +70,7 @@ def test_engine_account_retention_is_achieved_not_nominal():
         prompt="x",
         seq_len=240,
         vision_tokens=192,
+        image_layouts=[[[12, 16]]],
         kv_lengths=lengths,
         vision_tokens_per_layer=[n - 48 for n in lengths],
         kv_bytes_per_layer=[n * 256 for n in lengths],
@@ -77,7 +78,7 @@ def test_engine_account_retention_is_achieved_not_nominal():
     )
     tiny = replace(
         TOY_MANIFEST, num_layers=8, retention=0.546875, schedule="3:2:0.5,4:2:0.5,7:1:0.5", hidden_size=64,
-        num_attention_heads=4, num_kv_heads=2, head_dim=16, vision_token_grid=[12, 16], reference_request=reference,
+        num_attention_heads=4, num_kv_heads=2, head_dim=16, reference_request=reference,
     )  # fmt: skip
     acc = engine_account(tiny)
     assert acc.nominal_retention == 0.546875 and acc.retention == 844 / 1536

@@ -25,7 +25,7 @@ from lightkv_export.kv import kv_bytes_per_layer
 from lightkv_export.method.layout import plan_stage, window_layout
 from lightkv_export.method.reference import lightkv_merge
 from lightkv_export.method.schedule import parse_schedule
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 from lightkv_export.report import cli
 from lightkv_export.report.markdown import PICTURES_HEADING
 from lightkv_export.report.pictures import (
@@ -142,8 +142,8 @@ def test_build_pictures_are_written_linked_once_and_plot_the_manifest(engines, t
     # The plotted series against the analytic accounting, traced from the schedule on the reference layout.
     ref = manifest.reference_request
     layers = manifest.num_layers
-    grid = tuple(manifest.vision_token_grid)
-    layout = TokenLayout(0, (grid,), ref.seq_len - ref.vision_tokens)
+    grids = tuple(tuple(g) for layout in ref.image_layouts for g in layout if isinstance(g, list))
+    layout = TokenLayout(0, grids, ref.seq_len - ref.vision_tokens)
     trace = trace_schedule(parse_schedule(manifest.schedule, layers), layout, layers)
     vision = vision_picture_data(manifest, tmp_path / "v.png")
     assert vision.lightkv == trace.vision_per_layer

@@ -183,9 +183,11 @@ def test_a_single_image_instead_of_a_list_says_so(engine, image):
 
 
 def test_the_sequence_length_counts_template_images_prompt_and_new_tokens(engine, image):
-    template, per_image = engine.sequence_shape
-    assert per_image > 192  # the 12 x 16 vision tokens and their wrapper
-    small = Engine.load(engine.directory, limits=Limits(max_sequence_length=template + 2 * per_image + 10))
+    tokens = engine.processor.prompt_tokens(PROMPT)
+    one, _ = engine.processor.sequence_tokens(engine.processor.layouts([image.size]), tokens)
+    two, parts = engine.processor.sequence_tokens(engine.processor.layouts([image.size] * 2), tokens)
+    assert two - one > 192 and parts.count("+") == 3  # the 12 x 16 vision tokens and their wrapper
+    small = Engine.load(engine.directory, limits=Limits(max_sequence_length=two + 10))
     refused(small, lambda: small.generate([image, image], PROMPT, max_new_tokens=16), "max_sequence_length")
     # The same request fits one image fewer: the estimate is what the limit is held to, not a guess.
     assert small.generate([image], PROMPT, max_new_tokens=2).token_ids

@@ -16,7 +16,7 @@ import pytest
 
 from lightkv_export.method.merge_plan import layer_lengths, plan_request, stage_input_names, stage_kept_name
 from lightkv_export.method.schedule import parse_schedule
-from lightkv_export.models.base import VisionSpan
+from lightkv_export.method.spans import VisionSpan
 from lightkv_export.models.positions import MROPE
 from lightkv_export.runtime import Engine, Request
 from tests.helpers import make_manifest

@@ -21,10 +21,10 @@ def picture(seed: int, size=(448, 336)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))  # [H, W, 3]
 
 
-REQUESTS = [  # (images, prompt, max_new_tokens): one and two images, sizes other than the profile
+REQUESTS = [  # (images, prompt, max_new_tokens): one and two images of mixed sizes, each sized by the processor
     ([picture(0)], PROMPTS[0], 6),
     ([picture(1, (300, 200))], PROMPTS[1], 3),
-    ([picture(2), picture(3)], PROMPTS[2], 8),
+    ([picture(2), picture(3, (196, 588))], PROMPTS[2], 8),
     ([picture(4, (640, 480))], PROMPTS[0], 1),
     ([picture(5)], PROMPTS[1], 5),
 ]
@@ -57,6 +57,8 @@ def test_requests_joining_mid_flight_answer_as_alone(engines, kind):
     assert max(batch_sizes) >= 2  # requests ran side by side, joining a batch already decoding
     for seq, want in zip(seqs, alone, strict=True):
         assert seq.state == "finished" and seq.tokens == want and streamed[seq.id] == want
+    # Each reservation comes from the request's own grids: images of other sizes hold other vision tokens.
+    assert len({seq.vision_tokens for seq in seqs}) >= 3
     assert scheduler.reserved == 0 and len(scheduler.pool.free) == 3 and not scheduler.pool.lengths.any()
 
 

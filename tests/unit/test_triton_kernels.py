@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from lightkv_export.errors import InputError  # noqa: E402
 from lightkv_export.method.layout import StagePlan, plan_stage  # noqa: E402
 from lightkv_export.method.reference import apply_plan  # noqa: E402
-from lightkv_export.models.base import VisionSpan  # noqa: E402
+from lightkv_export.method.spans import VisionSpan  # noqa: E402
 from plugins.lightkv.launch import INTERPRET_CONFIG, lightkv_merge_triton  # noqa: E402
 
 interpreted = pytest.mark.skipif(NEEDS_FRESH_PROCESS, reason="triton was imported in compiled mode; see below")

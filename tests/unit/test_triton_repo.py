@@ -323,9 +323,9 @@ def test_limits_refuse_before_any_work():
     with pytest.raises(InputError, match=r"the prompt has 10000 characters, .*limit of 8192 .*max_prompt_chars"):
         codec.decode_prompt(np.array([("é" * 10_000).encode()], dtype=np.object_), limits)
     assert codec.decode_prompt(np.array([("é" * 8192).encode()], dtype=np.object_), limits) == "é" * 8192
-    with pytest.raises(InputError, match=r"sequence of 4101 tokens \(20 template \+ 8 images x 500 \+ 65 prompt "):
-        codec.check_sequence(limits, 20, 500, 8, 65, 16)
-    assert codec.check_sequence(limits, 20, 500, 8, 60, 16) == 4096
+    with pytest.raises(InputError, match=r"sequence of 4101 tokens \(20 template \+ images 500 \+ 500 "):
+        codec.check_sequence(limits, 4085, 16, parts="20 template + images 500 + 500 + ... + 65 prompt")
+    assert codec.check_sequence(limits, 4080, 16) == 4096
     # Within the limits, the images decode as before; the limit is inclusive and its value is the config's.
     assert [im.size for im in codec.decode_images(np.array([png_bytes()], dtype=np.object_), limits)] == [(32, 24)]
     assert codec.decode_images(np.array([png_bytes()], dtype=np.object_), codec.Limits(max_image_pixels=32 * 24))

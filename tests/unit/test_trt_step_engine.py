@@ -71,7 +71,7 @@ def test_one_graph_holds_the_llm_weights_once_for_prefill_and_decode(step) -> No
 def test_each_profile_ranges_its_branch_and_fixes_the_other(step) -> None:
     engine, _, _, paths = step
     graph = onnx.load(str(paths[trt.STEP]), load_external_data=False).graph
-    per_graph = trt.engine_profiles(engine.manifest)
+    per_graph = trt.engine_profiles(engine.manifest, engine.processor.images)
     profiles = trt.step_profiles(per_graph)
     assert len(profiles) == len(JOINED)
     inputs = {i.name for i in graph.input} - {BRANCH}  # BRANCH: a static scalar, no profile entry
@@ -105,7 +105,9 @@ def test_each_branch_computes_its_own_graph(step) -> None:
     graphs = {"prefill": strip_roles(prefill), "decode": strip_roles(onnx.load(str(exported.decode)))}
     onnx.load_external_data_for_model(graphs["prefill"], str(exported.directory))
     joined = ort.InferenceSession(join_branches(graphs).SerializeToString(), providers=["CPUExecutionProvider"])
-    fixed = {JOINED[i]: p.shapes for i, p in enumerate(trt.step_profiles(trt.engine_profiles(m)))}
+    fixed = {
+        JOINED[i]: p.shapes for i, p in enumerate(trt.step_profiles(trt.engine_profiles(m, engine.processor.images)))
+    }
 
     request = engine.prepare([parity_images(tuple(m.image_size), 0)], "Describe the image.")
     plan = plan_request(request.spans, [request.seq_len], engine.schedule, grid_mode=m.grid_mode)
@@ -116,7 +118,7 @@ def test_each_branch_computes_its_own_graph(step) -> None:
         "decode": {},
     }  # fmt: skip
     for value in graphs["decode"].graph.input:  # one decode step over a random cache of the opt lengths
-        shape = per_graph_opt(m, "decode", value.name)
+        shape = per_graph_opt(m, engine.processor.images, "decode", value.name)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
         draw = rng.standard_normal(shape) if dtype.kind == "f" else np.ones(shape)
         feeds["decode"][value.name] = draw.astype(dtype)
@@ -138,8 +140,8 @@ def test_each_branch_computes_its_own_graph(step) -> None:
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-def per_graph_opt(manifest, graph: str, name: str) -> tuple[int, ...]:
-    return trt.engine_profiles(manifest)[graph].shapes[name][1]
+def per_graph_opt(manifest, images, graph: str, name: str) -> tuple[int, ...]:
+    return trt.engine_profiles(manifest, images)[graph].shapes[name][1]
 
 
 def test_the_prefill_profile_includes_every_out_slots_input(step) -> None:

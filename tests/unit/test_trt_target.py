@@ -700,7 +700,7 @@ def test_the_lowered_tiny_prefill_gives_every_plugin_the_shapes_of_a_real_reques
     extra = lowered_feeds(feeds)
     assert {i.name for i in lowered.graph.input} == set(feeds) | set(extra)  # what TrtSession.run feeds
     # The prefill engine's optimization profile covers every input of the lowered graph, and this request.
-    profile = trt.engine_profiles(m)["prefill"].shapes
+    profile = trt.engine_profiles(m, engine.processor.images)["prefill"].shapes
     assert set(profile) == {i.name for i in lowered.graph.input}
     for name, array in {**feeds, **extra}.items():
         low, opt, high = profile[name]

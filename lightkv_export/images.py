@@ -1,0 +1,94 @@
+"""What a family's host side does with one image, without PyTorch: the interface the engine runtime, the Triton
+backend, the accounting and the TensorRT profiles use, and the pieces every family shares.
+
+A family's `image_host(processor_config)` (models/family.py) returns an `ImageHost` read from the checkpoint's (or
+the engine's) processor settings. It sizes each image as the model's own processor does (Qwen-VL's smart resize
+within min_pixels / max_pixels, LLaVA's resize and center crop, tiles, ...): nothing is resized to an engine
+profile. From an image's size alone it gives the image's `ImageLayout` (method/spans.py), so token counts, KV
+reservations and limits are known before a pixel is touched; from the image it gives the vision graph's feeds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from lightkv_export.method.spans import ImageLayout
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image as the vision graph takes it.
+
+    size:   (height, width) in pixels after the processor's resize / crop
+    layout: its tokens in the sequence (grids and fixed runs)
+    feeds:  the vision graph's inputs for this image, by graph input name (contract.PIXEL_VALUES first; the rest
+            depend only on the grid: rotary positions, window order, segment lengths)
+    """
+
+    size: tuple[int, int]
+    layout: ImageLayout
+    feeds: dict[str, np.ndarray]
+
+
+class ImageHost(Protocol):
+    """A family's host image side (torch-free)."""
+
+    image_token: str  # the placeholder token a grid's tokens are written as
+    min_side: int  # the smallest side the processor takes (smaller: refused, as it would fail)
+
+    def processed_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the processor turns an image of this size into."""
+        ...
+
+    def layout(self, height: int, width: int) -> ImageLayout:
+        """The tokens an image of this size (as sent) becomes: no pixels needed."""
+        ...
+
+    def prepare(self, image: Any) -> PreparedImage:
+        """A PIL image as sent -> resized as the processor does, laid out as the vision graph takes it."""
+        ...
+
+    def expand(self, layout: ImageLayout) -> str:
+        """The text that replaces the chat template's placeholder for one image: each grid as that many
+        `image_token`s, each fixed run as the family's tokens."""
+        ...
+
+    def feed_shapes(self, height: int, width: int) -> dict[str, tuple[int, ...]]:
+        """The vision graph's input shapes for an image of this size (as sent): TensorRT profiles."""
+        ...
+
+    def pixel_range(self) -> tuple[int, int]:
+        """(min, max) pixels of a processed image: the range TensorRT profiles and the accounting cover."""
+        ...
+
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """Rescale and normalization of an image processor (its processor_config.json / preprocessor_config.json)."""
+
+    scale: float
+    mean: np.ndarray  # [C]
+    std: np.ndarray  # [C]
+
+    @classmethod
+    def from_config(cls, config: dict) -> ImageFormat:
+        scale = float(config.get("rescale_factor", 1 / 255)) if config.get("do_rescale", True) else 1.0
+        normalize = config.get("do_normalize", True)
+        mean = np.asarray(config["image_mean"] if normalize else [0.0, 0.0, 0.0], np.float32)
+        std = np.asarray(config["image_std"] if normalize else [1.0, 1.0, 1.0], np.float32)
+        return cls(scale, mean, std)
+
+    def chw(self, image: Any) -> np.ndarray:
+        """[C, H, W] float32 of an RGB PIL image (or an [H, W, C] array)."""
+        x = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)  # [H, W, C]
+        # As transformers rescales: in float64, then down to float32 (bit-identical pixels, not merely close).
+        x = (x.astype(np.float64) * self.scale).astype(np.float32)
+        return ((x - self.mean) / self.std).transpose(2, 0, 1)  # [C, H, W]
+
+
+def image_features(config: dict) -> dict:
+    """The image processor's settings inside a processor_config.json (or a bare preprocessor_config.json)."""
+    return config.get("image_processor", config)
