@@ -92,3 +92,23 @@ class ImageFormat:
 def image_features(config: dict) -> dict:
     """The image processor's settings inside a processor_config.json (or a bare preprocessor_config.json)."""
     return config.get("image_processor", config)
+
+
+def to_rgb(image: Any) -> Any:
+    """An RGB PIL image as the processor's convert_to_rgb makes it: transparency composited onto white (a plain
+    convert("RGB") would drop alpha and show what lies under transparent pixels)."""
+    from PIL import Image
+
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def example_image(height: int, width: int) -> Any:
+    """A deterministic noise picture of (height, width) pixels (the export's example: any content will do)."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)  # [H, W, 3]
+    return Image.fromarray(pixels, mode="RGB")

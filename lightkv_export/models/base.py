@@ -18,9 +18,15 @@ if TYPE_CHECKING:
     from lightkv_export.models.family import Family
 
 
+# Parity tolerances (max abs error) per output. fp32 tiny models agree to rounding; real models run in fp16/bf16.
+TINY_TOLERANCES = {"default": 1e-4, "vision": 1e-4, "hidden": 1e-3, "kv": 1e-4, "logits": 1e-3}
+REAL_TOLERANCES = {"default": 2e-2, "vision": 2e-2, "hidden": 5e-2, "kv": 2e-2, "logits": 5e-2}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A registry entry: what a model key means and how it is built."""
+    """A model key: what it means and how it is built. Each family declares its own (`Family.presets`); the
+    registry collects them."""
 
     key: str
     family: str  # a registered family's name (models/family.py)
@@ -33,6 +39,17 @@ class ModelSpec:
     plan_image_size: tuple[int, int] | None = None  # the planner's default request image (else default_image_size)
     vision: str | None = None  # the planner's token-count rule when it is not the family's (models/shapes.py)
     plan_only: str | None = None  # why it can be planned but not built (None: buildable)
+    aliases: tuple[str, ...] = ()  # other names --model takes for it (lower case; hub ids too)
+
+    @classmethod
+    def real(cls, key: str, family: str, hf_id: str, windows: tuple[int, ...], image: tuple[int, int], **more: Any):
+        """A real checkpoint's key: windows per stage, the reference image (height, width), real-size tolerances."""
+        return cls(key, family, hf_id, False, windows, image, dict(REAL_TOLERANCES), **more)
+
+    @classmethod
+    def toy(cls, key: str, family: str, hf_id: str, windows: tuple[int, ...], image: tuple[int, int], **more: Any):
+        """A tiny preset mirroring `hf_id`'s architecture at toy size, with fp32 tolerances."""
+        return cls(key, family, hf_id, True, windows, image, dict(TINY_TOLERANCES), **more)
 
     @property
     def dir_name(self) -> str:

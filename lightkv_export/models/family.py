@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from lightkv_export.images import ImageHost
     from lightkv_export.method.spans import VisionSpan
-    from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport
+    from lightkv_export.models.base import LoadedModel, ModelSpec, PrefillInputs, VisionExport
     from lightkv_export.models.positions import Positions
 
 
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 class ArchShape:
     """One model's sizes, as accounting and the exporter need them; built by `Family.arch` from a config.
 
-    vision:           how an image becomes vision tokens ("qwen" | "llava" | "llava-next", models/shapes.py)
+    vision:           the planner's token rule for a model no family builds yet ("llava-next", models/shapes.py);
+                      "" for every family's models (their own image side counts the tokens)
     language_params:  decoder + embeddings + LM head (tied heads counted once)
     vision_params:    vision encoder + projector / merger
     key, hf_id, default_windows, default_image_size: the registry entry it was read for (empty for a bare config)
@@ -77,7 +78,7 @@ class Family:
     model_types: ClassVar[tuple[str, ...]]  # config.json model_type values it loads
     hf_id: ClassVar[str]  # the real checkpoint a tiny preset mirrors and --random-weights builds by default
     positions: ClassVar[Positions]  # position ids and what a merge does to them (models/positions.py)
-    vision: ClassVar[str]  # the token-count rule of models/shapes.py for the planner
+    presets: ClassVar[tuple[ModelSpec, ...]] = ()  # its model keys, aliases, windows, reference images, tolerances
     qkv_bias: ClassVar[bool]  # the attention projections have biases (not a config field in every family)
 
     # --- loading --------------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ class Family:
             vocab=int(text.vocab_size),
             tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=self.qkv_bias,
-            vision=self.vision,
+            vision="",
             language_params=language,
             vision_params=total - language,
         )

@@ -27,10 +27,18 @@ import numpy as np
 
 from lightkv_export import contract
 from lightkv_export.errors import InputError
-from lightkv_export.images import ImageFormat, PreparedImage, image_features
+from lightkv_export.images import ImageFormat, PreparedImage, example_image, image_features, to_rgb
 from lightkv_export.method.spans import ImageLayout, VisionSpan, spans_on_grids
 from lightkv_export.models import tiny
-from lightkv_export.models.base import LoadedModel, PrefillInputs, VisionExport, check_request, leading_ids, user_turn
+from lightkv_export.models.base import (
+    LoadedModel,
+    ModelSpec,
+    PrefillInputs,
+    VisionExport,
+    check_request,
+    leading_ids,
+    user_turn,
+)
 from lightkv_export.models.family import Family, register_family
 from lightkv_export.models.positions import ROPE_1D
 
@@ -42,6 +50,11 @@ HF_ID_13B = "llava-hf/llava-1.5-13b-hf"
 # LLaVA-NeXT (vicuna) keeps LLaVA-1.5's decoders and CLIP tower; only the planner knows it (models/registry.py).
 HF_ID_NEXT = "llava-hf/llava-v1.6-vicuna-7b-hf"
 HF_ID_NEXT_13B = "llava-hf/llava-v1.6-vicuna-13b-hf"
+NEXT_NOT_BUILT = (
+    "LLaVA-NeXT's anyres vision front end (a base view plus high-resolution tiles with newline tokens) has no "
+    "family module yet, so it is known to the planner (`plan`, the paper comparison) but cannot be built; "
+    "build llava or llava-13b (LLaVA-1.5) instead"
+)
 IMAGE_TOKEN = "<image>"
 
 # llava-1.5-{7b,13b}-hf config.json, for --random-weights without the checkpoint on disk. Vicuna decoders; the
@@ -226,14 +239,6 @@ def vision_graph(model: Any) -> Any:
     return vision_graph_class()(model)
 
 
-def example_image(height: int, width: int) -> Any:
-    """A deterministic noise picture of (height, width) pixels (the export's example: any content will do)."""
-    from PIL import Image
-
-    pixels = np.random.default_rng(0).integers(0, 256, size=(height, width, 3), dtype=np.uint8)  # [H, W, 3]
-    return Image.fromarray(pixels, mode="RGB")
-
-
 # --- the host image side (numpy + PIL, no torch) ----------------------------------------------------------------
 
 # CLIPImageProcessorPil's class defaults (transformers 5): a saved processor_config.json leaves out what it does
@@ -277,18 +282,6 @@ def shortest_edge_size(height: int, width: int, edge: int) -> tuple[int, int]:
     if width <= height:
         return int(edge * height / width), edge
     return edge, int(edge * width / height)
-
-
-def to_rgb(image: Any) -> Any:
-    """An RGB PIL image as the processor's convert_to_rgb makes it: transparency composited onto white (a plain
-    convert("RGB") would drop alpha and show what lies under transparent pixels)."""
-    from PIL import Image
-
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -557,8 +550,24 @@ class Llava(Family):
 
     hf_id = HF_ID
     positions = ROPE_1D  # position_ids [B, S]
-    vision = "llava"
     qkv_bias = False
+    # The paper's LLaVA-1.5 windows (layers 12, 18, 24 of 32); 336 x 336 is 24 x 24 = 576 tokens, the tiny 224 x 224
+    # 16 x 16 = 256, then ~128, ~64. LLaVA-NeXT: LLaVA-1.5's decoders behind the anyres front end, which has no
+    # family module yet (issue 30): the planner counts its tokens (models/shapes.py, the paper's ~2,144 for
+    # 720 x 480), builds are refused.
+    presets = (
+        ModelSpec.real("llava", "llava", HF_ID, (4, 2, 1), (REAL_IMAGE_SIZE,) * 2,
+                       aliases=("llava-1.5", "llava-1.5-7b", "llava-7b", HF_ID.lower())),
+        ModelSpec.real("llava-13b", "llava", HF_ID_13B, (4, 2, 1), (REAL_IMAGE_SIZE,) * 2,
+                       aliases=("llava-1.5-13b", HF_ID_13B.lower())),
+        ModelSpec.toy("tiny-llava", "llava", HF_ID, (2, 2, 1), (TINY_IMAGE_SIZE,) * 2, aliases=("tiny-llava-1.5",)),
+        ModelSpec.real("llava-next", "llava", HF_ID_NEXT, (4, 2, 1), (REAL_IMAGE_SIZE,) * 2,
+                       plan_image_size=(480, 720), vision="llava-next", plan_only=NEXT_NOT_BUILT,
+                       aliases=("llava-next-7b", "llava-1.6", HF_ID_NEXT.lower())),
+        ModelSpec.real("llava-next-13b", "llava", HF_ID_NEXT_13B, (4, 2, 1), (REAL_IMAGE_SIZE,) * 2,
+                       plan_image_size=(480, 720), vision="llava-next", plan_only=NEXT_NOT_BUILT,
+                       aliases=("llava-1.6-13b", HF_ID_NEXT_13B.lower())),
+    )  # fmt: skip
 
     def model_class(self) -> type:
         from transformers import LlavaForConditionalGeneration

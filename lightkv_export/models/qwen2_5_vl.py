@@ -19,6 +19,7 @@ import numpy as np
 
 from lightkv_export.errors import InputError
 from lightkv_export.images import image_features
+from lightkv_export.models.base import ModelSpec
 from lightkv_export.models.family import register_family
 from lightkv_export.models.qwen2_vl import UNREAD_MAX_SEQLEN, Qwen2VL, QwenImages, vision_graph_class
 
@@ -153,6 +154,11 @@ def windowed_graph_class() -> type:
 @register_family("qwen2_5_vl", model_types=("qwen2_5_vl",))
 class Qwen25VL(Qwen2VL):
     hf_id = HF_ID
+    presets = (  # the paper's windows for Qwen2.5-VL; images as for Qwen2-VL
+        ModelSpec.real("qwen-vl", "qwen2_5_vl", HF_ID, (6, 4, 2), (672, 672), plan_image_size=(768, 1024),
+                       aliases=("qwen2.5-vl", "qwen2.5-vl-7b", "qwen2.5-vl-7b-instruct", HF_ID.lower())),
+        ModelSpec.toy("tiny-qwen-vl", "qwen2_5_vl", HF_ID, (2, 2, 1), (336, 448), aliases=("tiny-qwen2.5-vl",)),
+    )  # fmt: skip
     real_text: ClassVar[dict[str, Any]] = REAL_TEXT
     real_vision: ClassVar[dict[str, Any]] = REAL_VISION
     tie_word_embeddings = False

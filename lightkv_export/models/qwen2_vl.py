@@ -31,11 +31,14 @@ import numpy as np
 
 from lightkv_export.contract import PIXEL_VALUES
 from lightkv_export.errors import InputError
-from lightkv_export.images import ImageFormat, PreparedImage, image_features
+
+# The processors' RGB conversion and a noise picture, shared with LLaVA's host (one copy of each).
+from lightkv_export.images import ImageFormat, PreparedImage, example_image, image_features, to_rgb
 from lightkv_export.method.spans import ImageLayout, VisionSpan, spans_on_grids
 from lightkv_export.models import tiny
 from lightkv_export.models.base import (
     LoadedModel,
+    ModelSpec,
     PrefillInputs,
     VisionExport,
     attention_implementation,
@@ -43,9 +46,6 @@ from lightkv_export.models.base import (
     user_turn,
 )
 from lightkv_export.models.family import Family, register_family
-
-# The processors' RGB conversion and a noise picture, shared with LLaVA's host (one copy of each).
-from lightkv_export.models.llava import example_image, to_rgb
 from lightkv_export.models.positions import MROPE
 
 if TYPE_CHECKING:
@@ -439,8 +439,14 @@ class Qwen2VL(Family):
 
     hf_id = HF_ID
     positions = MROPE  # position_ids [3, B, S]
-    vision = "qwen"
     qkv_bias = True
+    # 672 x 672: 24 x 24 = 576 vision tokens, every stage >= 8 tokens per window; the planner's default request is
+    # a 4:3 photo (27 x 37 = 999 tokens). Tiny: 12 x 16 = 192 tokens, then ~96, ~48.
+    presets = (
+        ModelSpec.real("qwen2-vl", "qwen2_vl", HF_ID, (6, 4, 2), (672, 672), plan_image_size=(768, 1024),
+                       aliases=("qwen2-vl-2b", "qwen2-vl-2b-instruct", HF_ID.lower())),
+        ModelSpec.toy("tiny-qwen2-vl", "qwen2_vl", HF_ID, (2, 2, 1), (336, 448)),
+    )  # fmt: skip
     real_text: ClassVar[dict[str, Any]] = REAL_TEXT
     real_vision: ClassVar[dict[str, Any]] = REAL_VISION
     tie_word_embeddings = True

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightkv_export.errors import InputError, LightKVError, ModelNotFoundError
-from lightkv_export.models import llava, qwen2_5_vl, qwen2_vl, tiny  # importing a family registers it
+from lightkv_export.models import llava, qwen2_5_vl, qwen2_vl, tiny  # noqa: F401  (importing a family registers it)
 from lightkv_export.models.base import LoadedModel, ModelSpec
 from lightkv_export.models.family import FAMILIES, Family
 
@@ -23,132 +23,10 @@ if TYPE_CHECKING:
 
 MODEL_TYPES = {model_type: family.name for family in FAMILIES.values() for model_type in family.model_types}
 
-# Parity tolerances (max abs error) per output. fp32 tiny models agree to rounding; real models run in fp16/bf16.
-TINY_TOLERANCES = {"default": 1e-4, "vision": 1e-4, "hidden": 1e-3, "kv": 1e-4, "logits": 1e-3}
-REAL_TOLERANCES = {"default": 2e-2, "vision": 2e-2, "hidden": 5e-2, "kv": 2e-2, "logits": 5e-2}
-
-NEXT_NOT_BUILT = (
-    "LLaVA-NeXT's anyres vision front end (a base view plus high-resolution tiles with newline tokens) has no "
-    "family module yet, so it is known to the planner (`plan`, the paper comparison) but cannot be built; "
-    "build llava or llava-13b (LLaVA-1.5) instead"
-)
-# Every model key, buildable or planned: the one table of sizes (through each family's `arch`) and aliases.
-SPECS: dict[str, ModelSpec] = {
-    spec.key: spec
-    for spec in (
-        ModelSpec(
-            key="qwen-vl",
-            family="qwen2_5_vl",
-            hf_id=qwen2_5_vl.HF_ID,
-            tiny=False,
-            default_windows=(6, 4, 2),  # the paper's windows for Qwen2.5-VL
-            default_image_size=(672, 672),  # 24 x 24 = 576 vision tokens: every stage has >= 8 tokens per window
-            tolerances=dict(REAL_TOLERANCES),
-            plan_image_size=(768, 1024),  # a 4:3 photo: 27 x 37 = 999 vision tokens
-        ),
-        ModelSpec(
-            key="qwen2-vl",
-            family="qwen2_vl",
-            hf_id=qwen2_vl.HF_ID,
-            tiny=False,
-            default_windows=(6, 4, 2),
-            default_image_size=(672, 672),
-            tolerances=dict(REAL_TOLERANCES),
-            plan_image_size=(768, 1024),
-        ),
-        ModelSpec(
-            key="tiny-qwen-vl",
-            family="qwen2_5_vl",
-            hf_id=qwen2_5_vl.HF_ID,
-            tiny=True,
-            default_windows=(2, 2, 1),  # 12 x 16 = 192 tokens, then ~96, ~48: each stage keeps >= 8 per window
-            default_image_size=(336, 448),
-            tolerances=dict(TINY_TOLERANCES),
-        ),
-        ModelSpec(
-            key="llava",
-            family="llava",
-            hf_id=llava.HF_ID,
-            tiny=False,
-            default_windows=(4, 2, 1),  # the paper's LLaVA-1.5 windows (layers 12, 18, 24 of 32)
-            default_image_size=(llava.REAL_IMAGE_SIZE, llava.REAL_IMAGE_SIZE),  # 24 x 24 = 576 vision tokens
-            tolerances=dict(REAL_TOLERANCES),
-        ),
-        ModelSpec(
-            key="llava-13b",
-            family="llava",
-            hf_id=llava.HF_ID_13B,
-            tiny=False,
-            default_windows=(4, 2, 1),
-            default_image_size=(llava.REAL_IMAGE_SIZE, llava.REAL_IMAGE_SIZE),
-            tolerances=dict(REAL_TOLERANCES),
-        ),
-        ModelSpec(
-            key="tiny-llava",
-            family="llava",
-            hf_id=llava.HF_ID,
-            tiny=True,
-            default_windows=(2, 2, 1),  # 16 x 16 = 256 tokens, then ~128, ~64: each stage keeps >= 8 per window
-            default_image_size=(llava.TINY_IMAGE_SIZE, llava.TINY_IMAGE_SIZE),
-            tolerances=dict(TINY_TOLERANCES),
-        ),
-        ModelSpec(
-            key="llava-next",
-            family="llava",
-            hf_id=llava.HF_ID_NEXT,
-            tiny=False,
-            default_windows=(4, 2, 1),
-            default_image_size=(llava.REAL_IMAGE_SIZE, llava.REAL_IMAGE_SIZE),
-            tolerances=dict(REAL_TOLERANCES),
-            plan_image_size=(480, 720),  # the paper's ~2,144 vision tokens (models/shapes.py)
-            vision="llava-next",
-            plan_only=NEXT_NOT_BUILT,
-        ),
-        ModelSpec(
-            key="llava-next-13b",
-            family="llava",
-            hf_id=llava.HF_ID_NEXT_13B,
-            tiny=False,
-            default_windows=(4, 2, 1),
-            default_image_size=(llava.REAL_IMAGE_SIZE, llava.REAL_IMAGE_SIZE),
-            tolerances=dict(REAL_TOLERANCES),
-            plan_image_size=(480, 720),
-            vision="llava-next",
-            plan_only=NEXT_NOT_BUILT,
-        ),
-        ModelSpec(
-            key="tiny-qwen2-vl",
-            family="qwen2_vl",
-            hf_id=qwen2_vl.HF_ID,
-            tiny=True,
-            default_windows=(2, 2, 1),
-            default_image_size=(336, 448),
-            tolerances=dict(TINY_TOLERANCES),
-        ),
-    )
-}
-ALIASES = {
-    "qwen2.5-vl": "qwen-vl",
-    "qwen2.5-vl-7b": "qwen-vl",
-    "qwen2.5-vl-7b-instruct": "qwen-vl",
-    qwen2_5_vl.HF_ID.lower(): "qwen-vl",
-    "qwen2-vl-2b": "qwen2-vl",
-    "qwen2-vl-2b-instruct": "qwen2-vl",
-    qwen2_vl.HF_ID.lower(): "qwen2-vl",
-    "tiny-qwen2.5-vl": "tiny-qwen-vl",
-    "llava-1.5": "llava",
-    "llava-1.5-7b": "llava",
-    llava.HF_ID.lower(): "llava",
-    "llava-1.5-13b": "llava-13b",
-    llava.HF_ID_13B.lower(): "llava-13b",
-    "tiny-llava-1.5": "tiny-llava",
-    "llava-7b": "llava",
-    "llava-next-7b": "llava-next",
-    "llava-1.6": "llava-next",
-    "llava-1.6-13b": "llava-next-13b",
-    llava.HF_ID_NEXT.lower(): "llava-next",
-    llava.HF_ID_NEXT_13B.lower(): "llava-next-13b",
-}
+# Every model key, buildable or planned, as its family declares it (`Family.presets`), families in registration
+# (import) order: the one table of keys and aliases; sizes come through each family's `arch`.
+SPECS: dict[str, ModelSpec] = {spec.key: spec for family in FAMILIES.values() for spec in family.presets}
+ALIASES: dict[str, str] = {alias: spec.key for spec in SPECS.values() for alias in spec.aliases}
 
 
 def known_keys() -> str:

@@ -3,35 +3,29 @@ models/registry.py's one table of keys and aliases) and vision tokens per image.
 
 Enough to account for KV-cache bytes, prefill FLOPs and the memory budget without building anything.
 
-Vision tokens per image, as each processor counts them:
-* Qwen2-VL / Qwen2.5-VL: the image is resized to multiples of 28 (patch 14 x spatial merge 2) by `smart_resize`
-  (round each side to the nearest multiple of 28; if that exceeds max_pixels, scale down and floor; if below
-  min_pixels, scale up and ceil). An H x W resize gives (H / 28) x (W / 28) tokens on that grid.
-  max_pixels = 12845056 and min_pixels = 3136, as in the checkpoints' preprocessor_config.json.
-* LLaVA-1.5: every image is resized to 336 x 336, CLIP ViT-L/14 gives 24 x 24 = 576 tokens (CLS dropped).
-* LLaVA-NeXT ("anyres"): a base view (24 x 24 = 576) followed by a high-resolution view. The high-resolution
-  canvas is the grid pinpoint with the largest effective resolution (ties: least waste) among 336x672, 672x336,
-  672x672, 1008x336, 336x1008 (h x w); its tiles give (h / 14) x (w / 14) patches, the padding rows (or columns)
-  added to keep the aspect ratio are removed ("unpadding") and one newline token ends every remaining row.
-  So a 720 x 480 (w x h) image: canvas 672 x 672 -> 48 x 48 patches -> 32 x 48 after unpadding -> 32 rows of
-  48 + 1 newline = 1568 tokens, plus 576 base = 2144 (the paper's "about 2,144"). As LightKV spans this is two
-  images: the base view on its 24 x 24 grid and the high-resolution view on a rows x (cols + 1) grid whose last
-  column holds the newline tokens (they sit in raster order at the end of each row).
+Vision tokens per image come from each family's own host image side (`Family.image_host` over the real
+processor's settings: Qwen-VL's smart resize, LLaVA-1.5's resize and crop), the code the engines run. The one
+exception is LLaVA-NeXT, which the planner knows but no family builds yet (issue 30): its "anyres" rule is here.
+A base view (24 x 24 = 576) is followed by a high-resolution view. The high-resolution
+canvas is the grid pinpoint with the largest effective resolution (ties: least waste) among 336x672, 672x336,
+672x672, 1008x336, 336x1008 (h x w); its tiles give (h / 14) x (w / 14) patches, the padding rows (or columns)
+added to keep the aspect ratio are removed ("unpadding") and one newline token ends every remaining row.
+So a 720 x 480 (w x h) image: canvas 672 x 672 -> 48 x 48 patches -> 32 x 48 after unpadding -> 32 rows of
+48 + 1 newline = 1568 tokens, plus 576 base = 2144 (the paper's "about 2,144"). As LightKV spans this is two
+grids: the base view on its 24 x 24 grid and the high-resolution view on a rows x (cols + 1) grid whose last
+column holds the newline tokens (they sit in raster order at the end of each row).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import replace
+from typing import Any
 
 from lightkv_export.errors import InputError
 from lightkv_export.models.family import ArchShape
 from lightkv_export.models.registry import ALIASES, SPECS, get_family, get_spec
 
-QWEN_FACTOR = 28  # patch 14 x spatial merge 2
-QWEN_MIN_PIXELS = 56 * 56
-QWEN_MAX_PIXELS = 12845056  # 16384 tokens of 28 x 28
 CLIP_PATCH = 14
 CLIP_SIDE = 336
 LLAVA_BASE_GRID = (CLIP_SIDE // CLIP_PATCH, CLIP_SIDE // CLIP_PATCH)  # (24, 24)
@@ -63,7 +57,7 @@ def get_shape(key: str) -> ArchShape:
         arch,
         key=spec.key,
         hf_id=spec.hf_id,
-        vision=spec.vision or arch.vision,
+        vision=spec.vision or "",
         default_windows=spec.default_windows,
         default_image_size=spec.plan_image_size or spec.default_image_size,
     )
@@ -74,22 +68,12 @@ def get_shape(key: str) -> ArchShape:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def qwen_smart_resize(
-    height: int, width: int, min_pixels: int = QWEN_MIN_PIXELS, max_pixels: int = QWEN_MAX_PIXELS
-) -> tuple[int, int]:
-    """Qwen's resize to multiples of 28 (Python's round: halves go to even), kept within the pixel budget."""
-    if min(height, width) < 1 or max(height, width) / min(height, width) > 200:
-        raise InputError(f"image {width}x{height}: sides must be >= 1 with an aspect ratio of at most 200.")
-    f = QWEN_FACTOR
-    h_bar, w_bar = round(height / f) * f, round(width / f) * f
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h_bar = max(f, math.floor(height / beta / f) * f)
-        w_bar = max(f, math.floor(width / beta / f) * f)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar, w_bar = math.ceil(height * beta / f) * f, math.ceil(width * beta / f) * f
-    return h_bar, w_bar
+@functools.cache
+def planner_images(key: str) -> Any:
+    """The family's host image side (images.ImageHost) over the real checkpoint's processor settings (the
+    family's `random_processor`: real image sizes, a local tokenizer), so the planner counts what engines run."""
+    family = get_family(get_spec(key).family)
+    return family.image_host(family.random_processor().to_dict())
 
 
 def anyres_canvas(height: int, width: int) -> tuple[int, int]:
@@ -121,13 +105,10 @@ def image_grids(shape: ArchShape, height: int, width: int) -> list[tuple[int, in
     """The (h, w) token grids one image contributes, in sequence order (LLaVA-NeXT: base view, then high-res)."""
     if height < 1 or width < 1:
         raise InputError(f"image size {width}x{height} must be positive.")
-    if shape.vision == "qwen":
-        h, w = qwen_smart_resize(height, width)
-        return [(h // QWEN_FACTOR, w // QWEN_FACTOR)]
-    if shape.vision == "llava":
-        return [LLAVA_BASE_GRID]
-    rows, cols = anyres_highres_grid(height, width)
-    return [LLAVA_BASE_GRID, (rows, cols + 1)]  # + 1: the newline token closing each row
+    if shape.vision == "llava-next":
+        rows, cols = anyres_highres_grid(height, width)
+        return [LLAVA_BASE_GRID, (rows, cols + 1)]  # + 1: the newline token closing each row
+    return list(planner_images(shape.key).layout(height, width).grids)
 
 
 def vision_tokens(shape: ArchShape, height: int, width: int) -> int:

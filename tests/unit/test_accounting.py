@@ -17,7 +17,8 @@ from lightkv_export.errors import InputError
 from lightkv_export.kv import kv_bytes_per_layer
 from lightkv_export.method.reference import lightkv_merge
 from lightkv_export.method.schedule import Schedule, Stage, parse_schedule, solve
-from lightkv_export.models.shapes import get_shape, image_grids, qwen_smart_resize, vision_tokens
+from lightkv_export.models.qwen2_vl import smart_resize
+from lightkv_export.models.shapes import get_shape, image_grids, vision_tokens
 
 # hidden 8, 2 heads of 4, 1 KV head, MLP 16, vocab 10: small enough to count by hand
 TOY = dataclasses.replace(
@@ -111,7 +112,7 @@ def test_vision_tokens(key, size, grids):
 
 
 def test_qwen_resize_caps_pixels():
-    h, w = qwen_smart_resize(6000, 8000)
+    h, w = smart_resize(6000, 8000, 28, 56 * 56, 28 * 28 * 16384)
     assert h % 28 == 0 and w % 28 == 0 and h * w <= 12845056
     assert vision_tokens(get_shape("qwen-vl"), 6000, 8000) == (h // 28) * (w // 28)
 
@@ -122,7 +123,7 @@ def test_model_shapes_match_published_sizes():
     assert get_shape("llava").params() / 1e9 == pytest.approx(7.06, abs=0.01)
     assert get_shape("llava-next-13b").params() / 1e9 == pytest.approx(13.35, abs=0.01)
     assert get_shape("LLaVA-1.5-13B") == get_shape("llava-13b")  # an alias is the same model
-    with pytest.raises(InputError, match="known models: qwen-vl, qwen2-vl, llava, llava-13b, llava-next"):
+    with pytest.raises(InputError, match="known models: llava, llava-13b, llava-next, llava-next-13b, qwen2-vl"):
         get_shape("gpt-4")
 
 

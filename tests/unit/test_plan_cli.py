@@ -57,7 +57,7 @@ def assert_one_error_line(out: subprocess.CompletedProcess, *parts: str) -> None
     ("args", "parts"),
     [
         (["--model", "gpt-4", "--ratio", "0.5"],
-         ["unknown model 'gpt-4'", "known models: qwen-vl, qwen2-vl, llava, llava-13b, llava-next", "aliases:"]),
+         ["unknown model 'gpt-4'", "known models: llava, llava-13b, llava-next, llava-next-13b, qwen2-vl", "aliases:"]),
         (["--ratio", "0.5", "--image-size", "1024by768"], ["image size '1024by768' is not WIDTHxHEIGHT", "'1024x768'"]),
         (["--ratio", "0.5", "--gpu-memory", "lots"], ["memory size 'lots' is not NUMBER[UNIT]", "'80GB'"]),
         (["--ratio", "0.05"],
