@@ -362,11 +362,11 @@ def engine_server(engine_out, tiny_qwen_vl):
         server.close()
 
 
-REQUESTS = [  # (image sizes, prompt, max_new_tokens)
-    ([(56, 56)], "Describe the image.", 6),
-    ([(84, 56)], "What color is it?", 4),
-    ([(56, 56), (56, 84)], "Compare the two pictures.", 5),
-    ([(112, 84)], "Count the objects", 3),
+REQUESTS = [  # (image sizes (w, h), prompt, max_new_tokens): each sized by the processor, merged by LightKV
+    ([(224, 168)], "Describe the image.", 6),
+    ([(336, 224)], "What color is it?", 4),
+    ([(224, 224), (168, 336)], "Compare the two pictures.", 5),
+    ([(280, 196)], "Count the objects", 3),
 ]
 
 
@@ -532,12 +532,12 @@ def test_bad_requests_get_clear_errors_and_server_stays_healthy(engine_server, t
     engine, name = engines["lightkv"], names["lightkv"]
     good = request_images([(56, 56)], 0)
     limit = engine.manifest.max_new_tokens_limit
-    tiny = png(image((2, 2)))
+    tiny = png(image((2, 600)))  # an aspect ratio the processor refuses
     small = png(image((28, 28)))
     cases = [
         (good, "", 4, runtime_message(engine, [image((56, 56))], "", 4)),
         (good, "hi", limit + 1, runtime_message(engine, [image((56, 56))], "hi", limit + 1)),
-        ([tiny], "hi", 4, runtime_message(engine, [image((2, 2))], "hi", 4)),
+        ([tiny], "hi", 4, runtime_message(engine, [image((2, 600))], "hi", 4)),
         ([b"\x89PNG\r\n\x1a\n corrupt"], "hi", 4, "image 0: not a readable PNG or JPEG"),
         # The server limits (config.pbtxt defaults), each naming the parameter that raises it.
         (good, "a" * 10_000, 4, "the prompt has 10000 characters, which is over the server's limit of 8192"),
@@ -591,7 +591,7 @@ def test_kv_budget_overload_and_cancellation(engine_out, tiny_qwen_vl, tmp_path)
     name = triton_repo.model_name(engine.manifest)
     # An image whose answer runs the whole 500 tokens (no early end-of-turn with these random weights), so that
     # the request holding the budget is still decoding while the others arrive.
-    blobs = request_images([(56, 56)], 2)
+    blobs = request_images([(448, 336)], 4)
     prompt, long_new = "Describe the image.", 500
     want = reference(tiny_qwen_vl, engine, blobs, prompt, long_new)
     assert len(want.tokens) == long_new, "pick an image whose reference answer does not stop early"
@@ -601,7 +601,7 @@ def test_kv_budget_overload_and_cancellation(engine_out, tiny_qwen_vl, tmp_path)
     repo = triton_repo.write_repository([engine_dirs["lightkv"]], tmp_path / "repo", batching=batching)
     assert f'{{ key: "kv_budget", value: {{ string_value: "{one}b" }} }}' in (repo / name / "config.pbtxt").read_text()
     with serve.Server(repo) as server:
-        two = request_images([(56, 56), (56, 84)], 1)
+        two = request_images([(448, 336), (336, 448)], 1)
         with pytest.raises(client.ClientError, match=r"more than the whole budget of .* raise the KV budget"):
             client.ask(server.url, two, prompt, max_new_tokens=long_new)
         with pytest.raises(client.ClientError, match=r"refused the request: this request needs .* [KM]iB of KV cache"):

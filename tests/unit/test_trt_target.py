@@ -861,3 +861,34 @@ def test_the_step_engine_opens_as_one_session_per_branch(fake_tensorrt) -> None:
 def test_an_idle_input_the_profile_does_not_fix_is_refused(fake_tensorrt) -> None:
     with pytest.raises(InputError, match="not fixed in profile 0"):
         trt.TrtSession(_FakeEngine(fixed_idle=False), profile=0, prefix="prefill/", device="cpu")
+
+
+@pytest.mark.parametrize("key", ["tiny-qwen-vl", "tiny-llava"])
+def test_the_vision_profile_ranges_every_image_the_processor_makes(builds, key) -> None:
+    """The vision engine's profile is a range, not one image's shape: it covers the graph's every input for images
+    of any size and aspect the processor takes (smallest, largest, a tall page, a wide strip), with opt at the
+    reference image; a processor that crops every image to one size gives min = opt = max."""
+    from lightkv_export.runtime import Engine
+
+    engine = Engine.load(builds(key, 0.55).engine_dirs["ort-cpu"])
+    images, manifest = engine.processor.images, engine.manifest
+    profile = trt.engine_profiles(manifest, images)["vision"].shapes
+    assert set(profile) == set(manifest.vision_inputs)  # every input of the exported vision graph
+    assert all(len(profile[n][0]) == len(shape) for n, shape in manifest.vision_inputs.items())
+    low, high = images.pixel_range()
+    side = int(high**0.5)
+    sizes = [
+        (1, 1),
+        (side, side),
+        (3 * side // 2, side // 2),
+        (side // 9, 9 * side),
+        (900, 5),
+        tuple(manifest.image_size),
+    ]
+    for h, w in sizes:
+        for name, shape in images.feed_shapes(h, w).items():
+            lo, _, hi = profile[name]
+            assert all(a <= d <= b for a, d, b in zip(lo, shape, hi, strict=True)), (key, (h, w), name, shape)
+    assert {n: s[1] for n, s in profile.items()} == images.feed_shapes(*manifest.image_size)
+    fixed = all(s[0] == s[2] for s in profile.values())
+    assert fixed == (low == high) == (key == "tiny-llava")
