@@ -339,11 +339,11 @@ def export_embed(text_model, path: Path) -> None:
     )
 
 
-def export_vision(loaded: LoadedModel, path: Path, *, image_size: tuple[int, int], dtype: torch.dtype) -> dict:
-    """The family's vision graph, traced on an example image of `image_size` (height, width) and dynamic where
-    the model's processor lets the image vary; returns the graph's inputs and shapes as the manifest records them
-    (-1: any size)."""
-    vision = loaded.family.vision_export(loaded, image_size, dtype)
+def export_vision(loaded: LoadedModel, path: Path, *, dtype: torch.dtype) -> dict:
+    """The family's vision graph, dynamic where the model's processor lets the image vary (traced on an image of the
+    model's reference size: the graph is byte for byte the same for any example); returns the graph's inputs and
+    shapes as the manifest records them (-1: any size)."""
+    vision = loaded.family.vision_export(loaded, tuple(loaded.spec.default_image_size), dtype)
     _export(
         vision.module,
         tuple(vision.example.values()),
@@ -372,7 +372,7 @@ def graph_config(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def export_key(loaded: LoadedModel, *, dtype: torch.dtype, image_size: tuple[int, int]) -> str:
+def export_key(loaded: LoadedModel, *, dtype: torch.dtype) -> str:
     """Cache key: the weights, the architecture, the export settings and the toolchain."""
     import transformers
 
@@ -382,7 +382,7 @@ def export_key(loaded: LoadedModel, *, dtype: torch.dtype, image_size: tuple[int
         h.update(tensor.detach().float().flatten()[:: max(1, tensor.numel() // 4096)].numpy().tobytes())
         h.update(str(tuple(tensor.shape)).encode())
     h.update(json.dumps(graph_config(loaded.model.config.to_dict()), sort_keys=True, default=str).encode())
-    settings = (str(dtype), image_size, EXPORT_VERSION, OPSET, torch.__version__, transformers.__version__)
+    settings = (str(dtype), EXPORT_VERSION, OPSET, torch.__version__, transformers.__version__)
     h.update(repr(settings).encode())
     return h.hexdigest()[:16]
 
@@ -453,7 +453,6 @@ def export_model(
     cache_root: Path,
     *,
     dtype: torch.dtype,
-    image_size: tuple[int, int],
     source: ModelSource | None = None,
     log=lambda msg: None,
 ) -> ExportedGraphs:
@@ -463,7 +462,7 @@ def export_model(
     Builds of the same export wait for each other (a lock per key); the export is written under a temporary
     name and renamed into place complete. With `source`, small models export the decode graph in a worker.
     """
-    key = export_key(loaded, dtype=dtype, image_size=image_size)
+    key = export_key(loaded, dtype=dtype)
     directory = cache_root / f"{loaded.spec.dir_name}-{key}"
     cache_root.mkdir(parents=True, exist_ok=True)
     with locked(directory, what="the export cache entry", log=log):
@@ -473,7 +472,7 @@ def export_model(
         for stale in remove_stale_partials(directory):
             log(f"removed {stale}, left by an interrupted export")
         with staging(directory) as tmp:
-            meta = _export_all(loaded, tmp, key=key, dtype=dtype, image_size=image_size, source=source, log=log)
+            meta = _export_all(loaded, tmp, key=key, dtype=dtype, source=source, log=log)
             write_text_atomic(tmp / "export.json", json.dumps(meta, indent=2))
             promote(tmp, directory)
     return _graphs(directory, meta)
@@ -494,7 +493,7 @@ def _cached(directory: Path, log) -> ExportedGraphs | None:
     return None
 
 
-def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: ModelSource | None, log) -> dict:
+def _export_all(loaded, tmp: Path, *, key: str, dtype, source: ModelSource | None, log) -> dict:
     text, head = loaded.family.text_model(loaded.model), loaded.family.lm_head(loaded.model)
     decode = tmp / "decode.onnx"
     worker = None
@@ -503,7 +502,6 @@ def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: Model
             "model": source.model,
             "random_weights": source.random_weights,
             "dtype": str(dtype).removeprefix("torch."),
-            "image_size": list(image_size),
             "key": key,
             "path": str(decode),
             "parent": os.getpid(),
@@ -511,7 +509,7 @@ def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: Model
         worker_log = tmp / "decode-worker.log"
         worker, deadline = start_worker(spec, worker_log), time.monotonic() + worker_timeout_s()
     try:
-        profile = export_vision(loaded, tmp / "vision.onnx", image_size=image_size, dtype=dtype)
+        profile = export_vision(loaded, tmp / "vision.onnx", dtype=dtype)
         export_embed(text, tmp / "embed.onnx")
         export_prefill(text, head, tmp / "prefill.onnx", dtype=dtype, positions=loaded.family.positions)
         why = "" if worker is None else wait_worker(worker, worker_log, deadline)
@@ -531,7 +529,6 @@ def _export_all(loaded, tmp: Path, *, key: str, dtype, image_size, source: Model
         "model": loaded.spec.key,
         "key": key,
         "dtype": str(dtype).removeprefix("torch."),
-        "image_size": list(image_size),
         **profile,
         "num_layers": len(text.layers),
         "sha256": {g: graph_digest(tmp / f"{g}.onnx") for g in GRAPHS},

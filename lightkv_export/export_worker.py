@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(1)
     dtype = getattr(torch, spec["dtype"])
     loaded = load_model(spec["model"], random_weights=bool(spec["random_weights"]), dtype=dtype)
-    key = export_key(loaded, dtype=dtype, image_size=tuple(spec["image_size"]))
+    key = export_key(loaded, dtype=dtype)
     if key != spec["key"]:
         print(f"loaded {spec['model']!r} with export key {key}, the parent has {spec['key']}", file=sys.stderr)
         return 3

@@ -319,7 +319,7 @@ def base_manifest(
         retention=schedule.retention if schedule is not None else 1.0,
         positions=config.position_mode,
         grid_mode=config.grid_mode,
-        image_size=list(exported.meta["image_size"]),
+        image_size=list(loaded_image_size(config, loaded)),
         vision_inputs={k: list(v) for k, v in exported.meta["vision_inputs"].items()},
         num_layers=arch.num_layers,
         hidden_size=arch.hidden,
@@ -484,7 +484,7 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
         if config.force:
             remove_cached_export(cache, loaded.spec.dir_name, log=progress.log)
         exported = export_model(
-            loaded, cache, dtype=torch_dtype, image_size=image_size, log=progress.log,
+            loaded, cache, dtype=torch_dtype, log=progress.log,
             source=ModelSource(config.model, config.random_weights),
         )  # fmt: skip
     with progress.stage("LightKV transform" if schedule is not None else "vanilla prefill"):

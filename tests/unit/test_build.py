@@ -138,9 +138,12 @@ def test_export_cache_is_reused_for_another_ratio(builds, engines_out):
 
 
 def test_cli_detects_a_corrupt_cached_export_and_rebuilds_it(builds, engines_out, tmp_path):
-    """A cached graph damaged in place (bit rot, a half-finished copy): the CLI notices by hash and exports again."""
+    """A cached graph damaged in place (bit rot, a half-finished copy): the CLI notices by hash and exports again,
+    in another process, byte for byte the graphs and engine of the first export (no paths, stack traces or dict
+    orders leak into them)."""
     import shutil
 
+    from lightkv_export.artifacts import file_digest
     from lightkv_export.export import graph_digest
 
     builds("tiny-qwen-vl", 0.55)
@@ -156,7 +159,13 @@ def test_cli_detects_a_corrupt_cached_export_and_rebuilds_it(builds, engines_out
     assert "is corrupt (hash mismatch): exporting again" in " ".join(proc.stderr.split())
     meta = json.loads((copy / "export.json").read_text())
     assert all(graph_digest(copy / f"{g}.onnx") == meta["sha256"][g] for g in ("vision", "embed", "prefill", "decode"))
-    assert (out / "tiny-qwen-vl" / "r0.55" / "ort-cpu" / "manifest.json").is_file()
+    assert sorted(copy.iterdir()) and all(  # the re-export is the first export, file for file
+        file_digest(f) == file_digest(cache / f.name) for f in copy.iterdir() if f.is_file()
+    ), "a re-export differs from the first one"
+    engine = out / "tiny-qwen-vl" / "r0.55" / "ort-cpu"
+    first = builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"]
+    graphs = [p.name for p in first.glob("*.onnx")]
+    assert len(graphs) == 4 and all(file_digest(engine / g) == file_digest(first / g) for g in graphs)
 
 
 def test_interrupted_build_leaves_no_engine_directory(builds, engines_out, monkeypatch):

@@ -1,7 +1,6 @@
-"""Checkpoint directories whose processors size images other than the presets do, built as a user would: no
---image-size. Each engine then takes images as that checkpoint's processor sizes them (issue 29: on ae5cbb5 both
-were refused before any work, the Qwen one for a 672 x 672 profile over its 200,704-pixel budget, the LLaVA one for
-a 336 x 336 profile over its 98-pixel crop)."""
+"""Processors that size images other than the presets do. On ae5cbb5 both were refused before any work: a Qwen
+processor whose budget (here 50,176 pixels) is below the 672 x 672 profile, and a LLaVA checkpoint whose processor
+crops to 98 pixels under a 336 x 336 profile. Now each engine takes images as its processor sizes them."""
 
 from __future__ import annotations
 
@@ -17,16 +16,6 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def qwen_checkpoint(directory: Path) -> Path:
-    """tiny-qwen-vl with a processor that allows at most 64 tokens (50,176 pixels) per image."""
-    from lightkv_export.models.registry import load_model
-
-    loaded = load_model("tiny-qwen-vl").capped(28 * 28 * 64)
-    loaded.model.save_pretrained(directory)
-    loaded.processor.save_pretrained(directory)
-    return directory
-
-
 def llava_checkpoint(directory: Path) -> Path:
     """A tiny LLaVA whose CLIP tower and processor take 98 x 98 crops (7 x 7 = 49 vision tokens)."""
     from lightkv_export.models import llava
@@ -40,22 +29,35 @@ def llava_checkpoint(directory: Path) -> Path:
     return directory
 
 
-# 336 x 448 (the reference image of a tiny-shaped checkpoint) in 50,176 pixels: smart_resize to 168 x 252.
-@pytest.mark.parametrize(("make", "grid"), [(qwen_checkpoint, (6, 9)), (llava_checkpoint, (7, 7))])
-def test_a_checkpoint_directory_builds_without_image_size(tmp_path, monkeypatch, make, grid):
+def served_as_the_processor_sizes(engine_dir: Path, budget: int) -> None:
+    """A page and a photo of other sizes in one request: each laid out by the engine's processor, within its budget."""
+    engine = Engine.load(engine_dir)
+    page, photo = parity_images((840, 280), 1), parity_images((480, 640), 2)
+    gen = engine.generate([page, photo], "Compare.", max_new_tokens=2)
+    layouts = engine.processor.layouts([page.size, photo.size])
+    assert gen.vision_tokens_in == sum(x.vision_tokens for x in layouts) and gen.token_ids
+    assert all(x.vision_tokens <= budget for x in layouts)
+
+
+def test_a_checkpoint_directory_builds_without_image_size(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     import build
 
-    checkpoint = make(tmp_path / "ckpt")
+    checkpoint = llava_checkpoint(tmp_path / "ckpt")
     out = tmp_path / "engines"
     assert build.main(["--model", str(checkpoint), "--ratio", "0.55", "--out", str(out)]) == 0
     (engine_dir,) = out.glob("ckpt-*/r0.55/ort-cpu")
     manifest = json.loads((engine_dir / "manifest.json").read_text())
-    parity = json.loads((engine_dir / "parity.json").read_text())
-    assert parity["passed"] and manifest["reference_request"]["image_layouts"] == [[list(grid)]]
-    engine = Engine.load(engine_dir)
-    page, photo = parity_images((840, 280), 1), parity_images((480, 640), 2)  # each sized by the processor
-    gen = engine.generate([page, photo], "Compare.", max_new_tokens=2)
-    layouts = engine.processor.layouts([page.size, photo.size])
-    assert gen.vision_tokens_in == sum(x.vision_tokens for x in layouts) and gen.token_ids
-    assert all(x.vision_tokens <= 64 for x in layouts)  # within the checkpoint's own budget (or its crop)
+    assert json.loads((engine_dir / "parity.json").read_text())["passed"]
+    assert manifest["reference_request"]["image_layouts"] == [[[7, 7]]]  # the 224 x 224 reference, cropped to 98
+    served_as_the_processor_sizes(engine_dir, 49)
+
+
+def test_a_reference_image_over_the_processors_budget_is_sized_down(builds):
+    """672 x 672 under a 50,176-pixel cap (64 tokens): smart_resize to 224 x 224, an 8 x 8 grid."""
+    result = builds("tiny-qwen-vl", 0.55, image_size=(672, 672), max_image_pixels=28 * 28 * 64)
+    engine_dir = result.engine_dirs["ort-cpu"]
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    assert result.parity["ort-cpu"].passed and manifest["max_image_pixels"] == 28 * 28 * 64
+    assert manifest["reference_request"]["image_layouts"] == [[[8, 8]]]
+    served_as_the_processor_sizes(engine_dir, 64)

@@ -40,7 +40,7 @@ for s in sessions:
 torch.ones(512, 512) @ torch.ones(512, 512)  # torch's thread pool is up too
 loaded = load_model("tiny-qwen-vl")
 logs = []
-exported = export_model(loaded, Path(sys.argv[1]), dtype=torch.float32, image_size=(336, 448),
+exported = export_model(loaded, Path(sys.argv[1]), dtype=torch.float32,
                         source=ModelSource("tiny-qwen-vl"), log=logs.append)
 print("\\n".join(logs))
 print("DIR", exported.directory)
@@ -99,7 +99,7 @@ def worker(spec: dict) -> subprocess.CompletedProcess:
 
 
 def test_the_worker_refuses_a_model_that_is_not_the_parents(tmp_path) -> None:
-    spec = {"model": "tiny-qwen-vl", "random_weights": False, "dtype": "float32", "image_size": [336, 448],
+    spec = {"model": "tiny-qwen-vl", "random_weights": False, "dtype": "float32",
             "key": "0123456789abcdef", "path": str(tmp_path / "decode.onnx"), "parent": os.getpid()}  # fmt: skip
     proc = worker(spec)
     assert proc.returncode == 3, proc.stderr[-2000:]
@@ -121,12 +121,10 @@ def test_an_interrupted_export_stops_its_worker_and_leaves_nothing(tmp_path, tin
     monkeypatch.setattr(export, "parallel_export_ok", lambda model, source: True)
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
-        export.export_model(
-            tiny_qwen_vl, cache, dtype=torch.float32, image_size=(336, 448), source=ModelSource("tiny-qwen-vl")
-        )
+        export.export_model(tiny_qwen_vl, cache, dtype=torch.float32, source=ModelSource("tiny-qwen-vl"))
     (proc,) = started
     assert proc.returncode is not None  # killed and reaped at once, not waited for
-    key = export.export_key(tiny_qwen_vl, dtype=torch.float32, image_size=(336, 448))
+    key = export.export_key(tiny_qwen_vl, dtype=torch.float32)
     entry = cache / f"{tiny_qwen_vl.spec.dir_name}-{key}"
     assert list(cache.iterdir()) == []  # no partial export, no worker log, no lock file
     assert not is_locked(entry)
@@ -149,8 +147,8 @@ def test_the_export_key_ignores_what_saving_a_checkpoint_writes(tmp_path, tiny_q
     is the same model with the same key. What changes a graph still changes it."""
     from lightkv_export.models.registry import load_model
 
-    def key(loaded, image_size=(336, 448)):
-        return export.export_key(loaded, dtype=torch.float32, image_size=image_size)
+    def key(loaded, dtype=torch.float32):
+        return export.export_key(loaded, dtype=dtype)
 
     before, config = key(tiny_qwen2_vl), tiny_qwen2_vl.model.config
     architectures = getattr(config, "architectures", None)
@@ -162,7 +160,7 @@ def test_the_export_key_ignores_what_saving_a_checkpoint_writes(tmp_path, tiny_q
     finally:
         config.architectures = architectures
     assert key(load_model(str(tmp_path / "ckpt"))) == before
-    assert key(tiny_qwen2_vl, (336, 420)) != before
+    assert key(tiny_qwen2_vl, torch.float16) != before
 
 
 def test_an_exported_modules_weights_are_freed_once_it_is_released(tmp_path: Path) -> None:

@@ -452,17 +452,25 @@ def test_the_transform_twice_in_one_process_is_byte_identical(builds):
     assert len({g.SerializeToString() for g in graphs}) == 1
 
 
-def test_a_forced_rebuild_gives_byte_identical_graphs(engine_055, tmp_path):
+def test_force_exports_again_instead_of_reusing_the_cache(engine_055, tmp_path, monkeypatch):
+    """--force removes the cached export before exporting (that a re-export is byte for byte the first one is
+    test_build.test_cli_detects_a_corrupt_cached_export_and_rebuilds_it, which re-exports in another process)."""
+    from lightkv_export import pipeline
+
     entry = export_entry(engine_055)
     out = tmp_path / "out"
-    shutil.copytree(entry, out / ".cache" / "export" / entry.name)
-    logs: list[str] = []
-    result = run(BuildConfig(model="tiny-qwen-vl", ratio=0.55, out=out, force=True, parity=False), Recorder(logs))
-    assert not any("reusing cached export" in line for line in logs)  # --force exported again
-    graphs = {n: h for n, h in snapshot(engine_055).items() if n.endswith(".onnx")}
-    again = snapshot(result.engine_dirs["ort-cpu"])
-    assert {n: h for n, h in again.items() if n.endswith(".onnx")} == graphs and len(graphs) == 4
-    assert snapshot(out / ".cache" / "export" / entry.name) == snapshot(entry)
+    copy = out / ".cache" / "export" / entry.name
+    shutil.copytree(entry, copy)
+    seen = []
+
+    def export_model(loaded, cache, **kwargs):
+        seen.append(sorted(p.name for p in cache.iterdir()))
+        raise KeyboardInterrupt  # no export needed: what mattered is what it found
+
+    monkeypatch.setattr(pipeline, "export_model", export_model)
+    with pytest.raises(KeyboardInterrupt):
+        run(BuildConfig(model="tiny-qwen-vl", ratio=0.55, out=out, force=True, parity=False), Recorder([]))
+    assert seen == [[]] and not copy.exists()  # the intact cached export was removed, not reused
 
 
 def test_an_export_with_external_weights_builds_the_same_engine_without_loading_them(builds, tmp_path):
