@@ -57,3 +57,14 @@ def make_manifest(**fields):
         versions={}, created="2026-12-02T00:00:00+00:00", dtype="float32", target="ort-cpu",
     )  # fmt: skip
     return Manifest(**(defaults | fields))
+
+
+def export_entry(engine_dir):
+    """The export cache entry an engine was built from, OUT/.cache/export/<model_dir>-<export_key> (a session's
+    builds share it: tests that need the vanilla graphs read them here instead of exporting again)."""
+    import json
+
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    entry = engine_dir.parents[2] / ".cache" / "export" / f"{manifest['model_dir']}-{manifest['export_key']}"
+    assert entry.is_dir(), entry
+    return entry

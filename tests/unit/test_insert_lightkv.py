@@ -17,7 +17,7 @@ import torch
 
 from lightkv_export.contract import ROLE_META_KEY, ROLE_PREFIX, is_attention_role
 from lightkv_export.errors import InputError
-from lightkv_export.export import export_prefill, strip_roles
+from lightkv_export.export import strip_roles
 from lightkv_export.method.layout import OP_DOMAIN, OP_NAME
 from lightkv_export.method.merge_plan import (
     RequestPlan,
@@ -30,6 +30,7 @@ from lightkv_export.method.schedule import Schedule, Stage, solve
 from lightkv_export.method.spans import VisionSpan
 from lightkv_export.models.positions import MROPE
 from lightkv_export.passes.insert_lightkv import insert_lightkv
+from tests.helpers import export_entry
 from tests.unit.micrograph import ToyConfig, ToyOutputs, reference_prefill, toy_prefill
 
 CFG = ToyConfig()
@@ -246,13 +247,9 @@ PROMPT = "Describe this image."
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tiny_qwen_vl, tmp_path_factory):
-    """tiny-qwen-vl's prefill, exported once for this module."""
-    loaded = tiny_qwen_vl
-    path = tmp_path_factory.mktemp("tiny_export") / "prefill.onnx"
-    text, head = loaded.family.text_model(loaded.model), loaded.family.lm_head(loaded.model)
-    export_prefill(text, head, path, dtype=torch.float32, positions=loaded.family.positions)
-    return onnx.load(str(path))
+def tiny_export(builds):
+    """tiny-qwen-vl's prefill, from the export the session's builds share (not exported again here)."""
+    return onnx.load(str(export_entry(builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"]) / "prefill.onnx"))
 
 
 @pytest.mark.parametrize("ratio", [0.55, 0.3])

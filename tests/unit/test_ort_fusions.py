@@ -11,11 +11,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-import torch
 
 from lightkv_export import contract
 from lightkv_export.errors import InputError
-from lightkv_export.export import export_decode, export_prefill, strip_roles
+from lightkv_export.export import strip_roles
 from lightkv_export.method.merge_plan import plan_request
 from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.method.spans import VisionSpan
@@ -25,25 +24,23 @@ from lightkv_export.passes.fuse_attention import fuse_decode_attention, fuse_pre
 from lightkv_export.passes.fuse_norms import fuse_norms
 from lightkv_export.passes.insert_lightkv import insert_lightkv
 from lightkv_export.targets.ort import InPlaceBranch
+from tests.helpers import export_entry
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_qwen_vl, tmp_path_factory) -> onnx.ModelProto:
-    family, model = tiny_qwen_vl.family, tiny_qwen_vl.model
-    path = tmp_path_factory.mktemp("decode") / "decode.onnx"
-    export_decode(
-        family.text_model(model), family.lm_head(model), path, dtype=torch.float32, positions=family.positions
-    )
-    return onnx.load(str(path))
+def export_dir(builds):
+    """tiny-qwen-vl's vanilla export, shared with the session's builds (not exported again here)."""
+    return export_entry(builds("tiny-qwen-vl", 0.55).engine_dirs["ort-cpu"])
 
 
 @pytest.fixture(scope="module")
-def exported_prefill(tiny_qwen_vl, tmp_path_factory) -> onnx.ModelProto:
-    family, model = tiny_qwen_vl.family, tiny_qwen_vl.model
-    path = tmp_path_factory.mktemp("prefill") / "prefill.onnx"
-    text, head = family.text_model(model), family.lm_head(model)
-    export_prefill(text, head, path, dtype=torch.float32, positions=family.positions)
-    return onnx.load(str(path))
+def exported(export_dir) -> onnx.ModelProto:
+    return onnx.load(str(export_dir / "decode.onnx"))
+
+
+@pytest.fixture(scope="module")
+def exported_prefill(export_dir) -> onnx.ModelProto:
+    return onnx.load(str(export_dir / "prefill.onnx"))
 
 
 def copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -25,6 +25,7 @@ from lightkv_export.errors import InputError
 from lightkv_export.integrity import verify_engine
 from lightkv_export.pipeline import run
 from lightkv_export.runtime import Engine
+from tests.helpers import export_entry
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -60,14 +61,6 @@ def wait_for(proc: subprocess.Popen, text: str, timeout: float = 240) -> list[st
             return lines
     proc.kill()
     raise AssertionError(f"never printed {text!r}:\n{''.join(lines)[-3000:]}")
-
-
-def export_entry(engine_dir: Path) -> Path:
-    """The export cache entry an engine was built from (other tests of the session export other sizes / dtypes)."""
-    manifest = json.loads((engine_dir / "manifest.json").read_text())
-    entry = engine_dir.parents[2] / ".cache" / "export" / f"{manifest['model_dir']}-{manifest['export_key']}"
-    assert entry.is_dir(), entry
-    return entry
 
 
 @pytest.fixture(scope="module")

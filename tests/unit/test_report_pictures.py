@@ -18,7 +18,6 @@ from lightkv_export import torch_runtime
 from lightkv_export.accounting.trace import TokenLayout, trace_schedule
 from lightkv_export.accounting.units import dtype_bytes
 from lightkv_export.artifacts import Manifest, read_manifest
-from lightkv_export.config import BuildConfig
 from lightkv_export.errors import InputError
 from lightkv_export.inputs import parity_images, torch_inputs
 from lightkv_export.kv import kv_bytes_per_layer
@@ -46,14 +45,13 @@ from lightkv_export.runtime import Engine
 
 
 @pytest.fixture(scope="module")
-def engines(tmp_path_factory) -> dict[str, Path]:
-    """A tiny LightKV engine (ratio 0.55) and a vanilla one; the second build reuses the cached export."""
-    from lightkv_export.pipeline import run
+def engines(builds, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the session's tiny LightKV engine (ratio 0.55) and vanilla one: these tests rewrite report.md."""
+    import shutil
 
     out = tmp_path_factory.mktemp("engines")
-    light = run(BuildConfig(model="tiny-qwen-vl", ratio=0.55, out=out, parity=False))
-    vanilla = run(BuildConfig(model="tiny-qwen-vl", vanilla=True, out=out, parity=False))
-    return {"lightkv": light.engine_dirs["ort-cpu"], "vanilla": vanilla.engine_dirs["ort-cpu"]}
+    built = {"lightkv": builds("tiny-qwen-vl", 0.55), "vanilla": builds("tiny-qwen-vl", None, vanilla=True)}
+    return {k: Path(shutil.copytree(r.engine_dirs["ort-cpu"], out / k)) for k, r in built.items()}
 
 
 def manifest_of(engine_dir: Path) -> Manifest:
