@@ -3,7 +3,7 @@ pixel values and vision spans out, read from the engine's processor/ files.
 
 The engine runtime and the Triton backend use this, so that a serving process holds ONNX Runtime, numpy and the
 `tokenizers` library, not the 400 MiB that torch and transformers' processors add. It computes what the
-checkpoint's Hugging Face processor computes (tests/unit/test_host.py holds it to that for every family, and
+checkpoint's Hugging Face processor computes (tests/families/test_conformance.py holds it to that for every family, and
 parity compares the engine's requests, made here, with the PyTorch model fed by the Hugging Face processor):
 
 * the chat template (processor/chat_template.jinja) rendered with jinja2 as transformers renders it, for one user

@@ -65,6 +65,20 @@ class ImageHost(Protocol):
         ...
 
 
+# What transformers 5's image processors of these families default to when a saved config leaves a key out (their
+# class defaults); each family adds its own (sizes, patches).
+PROCESSOR_DEFAULTS: dict[str, Any] = {
+    "do_resize": True,
+    "resample": 3,  # PIL.Image.Resampling.BICUBIC
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],  # OPENAI_CLIP_MEAN
+    "image_std": [0.26862954, 0.26130258, 0.27577711],  # OPENAI_CLIP_STD
+    "do_convert_rgb": True,
+}
+
+
 @dataclass(frozen=True)
 class ImageFormat:
     """Rescale and normalization of an image processor (its processor_config.json / preprocessor_config.json)."""
@@ -104,6 +118,22 @@ def to_rgb(image: Any) -> Any:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def processor_rgb(image: Any, convert: bool) -> Any:
+    """The PIL image a processor works on: converted as its convert_to_rgb does (`convert`: do_convert_rgb), or
+    refused when it is not RGB and the processor would not convert it."""
+    from lightkv_export.errors import InputError
+
+    if not hasattr(image, "getbands"):
+        raise InputError(f"an image must be a PIL.Image, got {type(image).__name__}.")
+    if convert:
+        return to_rgb(image)
+    if image.mode != "RGB":
+        raise InputError(
+            f"image mode {image.mode}: this processor does not convert images to RGB (do_convert_rgb off)."
+        )
+    return image
 
 
 def example_image(height: int, width: int) -> Any:

@@ -265,7 +265,12 @@ class Engine:
             codec.check_image_size(i, *image.size, limits)
         tokens = self.processor.prompt_tokens(prompt)
         limits.check("max_prompt_tokens", tokens, f"the prompt has {tokens} tokens, which")
-        sequence, parts = self.processor.sequence_tokens(self.processor.layouts([im.size for im in images]), tokens)
+        layouts = self.processor.layouts([im.size for im in images])
+        for i, (image, layout) in enumerate(zip(images, layouts, strict=True)):
+            w, h = image.size
+            what = f"image {i} ({w}x{h} as sent) becomes {layout.vision_tokens} vision tokens, which"
+            limits.check("max_image_tokens", layout.vision_tokens, what)
+        sequence, parts = self.processor.sequence_tokens(layouts, tokens)
         codec.check_sequence(limits, sequence, new, context=self.context_length, parts=parts)
         return new
 

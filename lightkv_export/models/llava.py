@@ -27,7 +27,14 @@ import numpy as np
 
 from lightkv_export import contract
 from lightkv_export.errors import InputError
-from lightkv_export.images import ImageFormat, PreparedImage, example_image, image_features, to_rgb
+from lightkv_export.images import (
+    PROCESSOR_DEFAULTS,
+    ImageFormat,
+    PreparedImage,
+    example_image,
+    image_features,
+    processor_rgb,
+)
 from lightkv_export.method.spans import ImageLayout, VisionSpan, spans_on_grids
 from lightkv_export.models import tiny
 from lightkv_export.models.base import (
@@ -244,17 +251,10 @@ def vision_graph(model: Any) -> Any:
 # CLIPImageProcessorPil's class defaults (transformers 5): a saved processor_config.json leaves out what it does
 # not change, and the processor then uses these.
 CLIP_DEFAULTS: dict[str, Any] = {
-    "do_resize": True,
+    **PROCESSOR_DEFAULTS,
     "size": {"shortest_edge": 224},
-    "resample": 3,  # PIL.Image.Resampling.BICUBIC
     "do_center_crop": True,
     "crop_size": {"height": 224, "width": 224},
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],  # OPENAI_CLIP_MEAN
-    "image_std": [0.26862954, 0.26130258, 0.27577711],  # OPENAI_CLIP_STD
-    "do_convert_rgb": True,
     "do_pad": False,
 }
 
@@ -355,14 +355,7 @@ class ClipImages:
     def prepare(self, image: Any) -> PreparedImage:
         """Convert to RGB, resize (PIL, the processor's filter, on the 8-bit image as it resizes), center-crop on
         the 8-bit pixels (zero padding included), then rescale and normalize: the processor's order of steps."""
-        if not hasattr(image, "getbands"):
-            raise InputError(f"an image must be a PIL.Image, got {type(image).__name__}.")
-        if self.convert_rgb:
-            image = to_rgb(image)
-        elif image.mode != "RGB":
-            raise InputError(
-                f"image mode {image.mode}: this processor does not convert images to RGB (do_convert_rgb off)."
-            )
+        image = processor_rgb(image, self.convert_rgb)
         height, width = image.height, image.width
         if self.shortest_edge is not None or self.resize_to is not None:
             h, w = self.resized(height, width)

@@ -33,7 +33,14 @@ from lightkv_export.contract import PIXEL_VALUES
 from lightkv_export.errors import InputError
 
 # The processors' RGB conversion and a noise picture, shared with LLaVA's host (one copy of each).
-from lightkv_export.images import ImageFormat, PreparedImage, example_image, image_features, to_rgb
+from lightkv_export.images import (
+    PROCESSOR_DEFAULTS,
+    ImageFormat,
+    PreparedImage,
+    example_image,
+    image_features,
+    processor_rgb,
+)
 from lightkv_export.method.spans import ImageLayout, VisionSpan, spans_on_grids
 from lightkv_export.models import tiny
 from lightkv_export.models.base import (
@@ -92,14 +99,7 @@ MIN_SIDE = 1  # the processor takes any image with pixels (smart_resize scales s
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 QWEN_DEFAULTS: dict[str, Any] = {
-    "do_resize": True,
-    "resample": 3,  # PIL.Image.Resampling.BICUBIC
-    "do_rescale": True,
-    "rescale_factor": 1 / 255,
-    "do_normalize": True,
-    "image_mean": [0.48145466, 0.4578275, 0.40821073],  # OPENAI_CLIP_MEAN
-    "image_std": [0.26862954, 0.26130258, 0.27577711],  # OPENAI_CLIP_STD
-    "do_convert_rgb": True,
+    **PROCESSOR_DEFAULTS,
     "patch_size": 14,
     "temporal_patch_size": 2,
     "merge_size": 2,
@@ -302,14 +302,7 @@ class QwenImages:
     def prepare(self, image: Any) -> PreparedImage:
         """Convert to RGB, resize to smart_resize's size (PIL, the processor's filter, on the 8-bit image, as the
         processor resizes), rescale and normalize, lay out the patches: the processor's steps and order."""
-        if not hasattr(image, "getbands"):
-            raise InputError(f"an image must be a PIL.Image, got {type(image).__name__}.")
-        if self.convert_rgb:
-            image = to_rgb(image)
-        elif image.mode != "RGB":
-            raise InputError(
-                f"image mode {image.mode}: this processor does not convert images to RGB (do_convert_rgb off)."
-            )
+        image = processor_rgb(image, self.convert_rgb)
         height, width = image.height, image.width
         h, w = self.processed_size(height, width)
         pixels = np.asarray(image.resize((w, h), resample=self.resample))  # [h, w, 3] uint8

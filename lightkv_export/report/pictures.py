@@ -66,7 +66,7 @@ class MergeStage:
 class MergeMapPicture:
     path: Path
     grid: tuple[int, int]  # (h, w) LLM-token grid of the image
-    cell: tuple[float, float]  # pixels per token (height, width) in the engine's profile
+    cell: tuple[float, float]  # pixels per token (height, width) of the image as the processor sized it
     stages: tuple[MergeStage, ...]
 
 
@@ -254,7 +254,7 @@ def _input_panel(ax, pixels: np.ndarray, grid: tuple[int, int]) -> None:
     _show_image(ax, pixels, grid, grey=False)
     ax.grid(color="white", lw=0.4, alpha=0.6)
     height, width = pixels.shape[:2]
-    ax.set_title(f"input, resized to the engine's {height}x{width}\n{grid[0]}x{grid[1]} LLM tokens", fontsize=8)
+    ax.set_title(f"input, as the processor sizes it: {width}x{height}\n{grid[0]}x{grid[1]} LLM tokens", fontsize=8)
 
 
 def draw_merge_map(data: MergeMapPicture, image, title: str) -> Path:

@@ -1,6 +1,6 @@
 """One request's pictures from a PyTorch reference run on an engine's own inputs (any image and prompt).
 
-The run takes the engine's `prepare` (the image resized to its profile, the same tokens and positions) and its
+The run takes the engine's `prepare` (the image as its processor sizes it, the same tokens and positions) and its
 schedule; the merge map follows every vision token through the stages' `merged_into`, the guidance picture shows
 the first stage's xi, and the KV picture marks the bytes the run really held.
 """
@@ -152,8 +152,9 @@ def request_pictures(
 
     span = request.spans[0][0]
     h, w = span.grid
-    underlay = image.convert("RGB").resize((size[1], size[0]))  # what the engine saw
-    cell = (size[0] / h, size[1] / w)
+    ph, pw = engine.processor.images.processed_size(image.height, image.width)
+    underlay = image.convert("RGB").resize((pw, ph))  # what the engine saw: the image as its processor sizes it
+    cell = (ph / h, pw / w)
     title = f"{manifest.model} ({manifest.target}), schedule {manifest.schedule}"
     if manifest.grid_mode != "true":  # windows were cut on another grid than the one drawn
         title += f", {manifest.grid_mode} grid mode (windows on the pseudo-square grid)"

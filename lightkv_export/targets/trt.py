@@ -31,6 +31,7 @@ from lightkv_export.method.schedule import parse_schedule
 from lightkv_export.models.positions import SCHEMES
 from lightkv_export.passes.join_branches import BRANCH, JOINED, join_branches
 from lightkv_export.passes.lower_trt_plugin import lower_trt_plugin
+from lightkv_export.triton_backend.codec import Limits
 
 if TYPE_CHECKING:
     from lightkv_export.images import ImageHost
@@ -286,14 +287,17 @@ GRAPHS = ("vision", "embed", "prefill", "decode")  # the graphs an engine runs (
 STEP = "step"  # prefill and decode: one engine over passes/join_branches.py's graph, a profile per branch
 ENGINES = ("vision", "embed", STEP)  # the plan directories: vision/model.plan, embed/model.plan, step/model.plan
 MAX_BATCH = 8
-MAX_IMAGES = 4  # images per request the prefill profile admits
+# The served limits' defaults (triton_backend/codec.py Limits) bound the profiles: a request the server accepts fits
+# them, and a config.pbtxt that raises a limit past them needs the engine rebuilt with a larger profile.
+MAX_IMAGES = Limits().max_images  # images per request the prefill profile admits
+MAX_SEQUENCE = Limits().max_sequence_length  # template + images + prompt + new tokens of one row
 MAX_TEXT_TOKENS = 2048
 MAX_DECODE_CONTEXT = 8192
 
 
 # Aspect ratios (height / width) the vision profile's max covers: the same pixels in a long strip hold more
 # windows (Qwen2.5-VL's window order, segment lengths) than in a square.
-PROFILE_ASPECTS = (1.0, 0.5, 2.0, 1 / 3, 3.0, 0.1, 10.0, 0.02, 50.0)
+PROFILE_ASPECTS = (1.0, 0.5, 2.0, 1 / 3, 3.0, 0.1, 10.0, 0.02, 50.0, 1 / 200, 200.0)  # 200: the processors' limit
 
 
 def image_extremes(images: ImageHost) -> list[tuple[int, int]]:
@@ -304,7 +308,9 @@ def image_extremes(images: ImageHost) -> list[tuple[int, int]]:
         for aspect in PROFILE_ASPECTS:
             h = max(1, round(math.sqrt(pixels * aspect)))
             w = max(1, pixels // h)
-            if max(h, w) / min(h, w) <= 200 and min(h, w) >= images.min_side:
+            if max(h, w) > 200 * min(h, w):  # rounding took the strip past the processors' limit of 200
+                h, w = (h, -(-h // 200)) if h > w else (-(-w // 200), w)
+            if min(h, w) >= images.min_side:
                 sizes.append((h, w))
     return sizes
 
@@ -339,7 +345,7 @@ def engine_profiles(manifest: Manifest, images: ImageHost) -> dict[str, Profile]
     ref = manifest.reference_request
     d, hkv, hd = manifest.hidden_size, manifest.num_kv_heads, manifest.head_dim
     seq, vision = ref.seq_len, ref.vision_tokens
-    max_seq = MAX_IMAGES * max(max_image_tokens(images), vision) + MAX_TEXT_TOKENS
+    max_seq = min(MAX_IMAGES * max(max_image_tokens(images), vision) + MAX_TEXT_TOKENS, MAX_SEQUENCE)
     b = (1, 1, MAX_BATCH)
 
     def dims(*per_axis: tuple[int, int, int]) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:

@@ -12,9 +12,10 @@ endpoints):
   A streamed response carries text (the new piece) and token_ids (its token); the last one adds the rest.
 
 Limits (`Limits`, read from config.pbtxt `parameters`) are checked before any work, cheapest first: the number of
-images and the prompt's characters from the tensors' sizes, then the prompt's tokens, the total sequence length
-(estimated from the template, the engine's vision tokens per image and max_new_tokens), then each image's size from
-its PNG/JPEG header (PIL's lazy open reads only the header), and only then are the pixels decoded. A refusal is an
+images and the prompt's characters from the tensors' sizes, then the prompt's tokens, then each image's size from
+its PNG/JPEG header (PIL's lazy open reads only the header), then the total sequence length (the template, each
+image's own tokens from its size as the checkpoint's processor lays it out, the prompt and max_new_tokens), and only
+then are the pixels decoded. A refusal is an
 InputError (INVALID_ARG on the wire) naming the limit, the value and the config.pbtxt parameter that raises it.
 
 The same `Limits` (and the same checks below) hold for the Python API: runtime.Engine.generate / generate_batch and
@@ -83,6 +84,9 @@ class Limits:
     max_prompt_tokens: int = 2048  # tokens of the prompt (as plain text), before the template and images
     max_images: int = 8  # images in one request
     max_image_pixels: int = 4096 * 4096  # width x height of each image as sent (read from the header)
+    # Vision tokens of one image as the checkpoint's processor lays it out (Qwen-VL: up to 16,384): the vision
+    # graph's attention holds patches x patches scores per head, so a 16,384-token image would need hundreds of GB.
+    max_image_tokens: int = 4096
     max_sequence_length: int = 4096  # template + prompt + vision tokens + max_new_tokens
 
     @classmethod
@@ -287,11 +291,22 @@ def decode_images(values: np.ndarray, limits: Limits | None = None) -> list[Imag
     """The image tensor ([N] of encoded bytes) as RGB PIL images; corrupt or unsupported bytes are an InputError.
 
     With `limits`, the count is checked before any image is opened and each image's size before its pixels are
-    decoded."""
+    decoded (`open_images`, then `load_images`: a caller can check more between the two from the sizes alone)."""
+    opened = open_images(values, limits)
+    try:
+        return load_images(opened)
+    finally:
+        for img, _ in opened:
+            img.close()
+
+
+def open_images(values: np.ndarray, limits: Limits | None = None) -> list[tuple[Image.Image, bytes]]:
+    """Each image opened lazily (its header read: format and size, no pixels), with its bytes; the count and each
+    size checked against `limits`. The caller closes them (`load_images` copies the pixels out)."""
     flat = values.reshape(-1)
     if limits is not None:
         check_image_count(flat, limits)
-    opened = []
+    opened: list[tuple[Image.Image, bytes]] = []
     try:
         for i, blob in enumerate(flat):
             data = image_bytes(blob, i)
@@ -304,16 +319,24 @@ def decode_images(values: np.ndarray, limits: Limits | None = None) -> list[Imag
                 raise InputError(f"image {i}: {img.format} is not supported (send PNG or JPEG bytes)")
             if limits is not None:
                 check_image_size(i, *img.size, limits)
-        images = []
-        for i, (img, data) in enumerate(opened):
-            try:
-                images.append(img.convert("RGB"))  # load() happens here: truncated data fails now, not later
-            except (OSError, SyntaxError, ValueError) as e:
-                raise InputError(f"image {i}: not a readable PNG or JPEG image ({len(data)} bytes: {e})") from None
-        return images
-    finally:
+    except BaseException:
         for img, _ in opened:
             img.close()
+        raise
+    return opened
+
+
+def load_images(opened: list[tuple[Image.Image, bytes]]) -> list[Image.Image]:
+    """The pixels of `open_images`' images, as RGB the way the processors convert (transparency on white)."""
+    from lightkv_export.images import to_rgb
+
+    images = []
+    for i, (img, data) in enumerate(opened):
+        try:
+            images.append(to_rgb(img))  # load() happens here: truncated data fails now, not later
+        except (OSError, SyntaxError, ValueError) as e:
+            raise InputError(f"image {i}: not a readable PNG or JPEG image ({len(data)} bytes: {e})") from None
+    return images
 
 
 def image_bytes(blob: Any, i: int) -> bytes:

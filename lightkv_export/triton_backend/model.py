@@ -134,9 +134,15 @@ class TritonPythonModel:
             stream = codec.decode_stream(_input(request, "stream"))
             prompt_tokens = self.engine.processor.prompt_tokens(prompt)  # as plain text, as the runtime has it
             limits.check("max_prompt_tokens", prompt_tokens, f"the prompt has {prompt_tokens} tokens, which")
-            # Headers only: each image's size gives its tokens (its layout), so the sequence is checked (by the
-            # scheduler's Engine.check_request) before any pixel is decoded.
-            images = codec.decode_images(image_values, limits)
+            # Headers only: each image's size gives its tokens (its layout), so every limit, the sequence length
+            # included, is checked before any pixel is decoded.
+            opened = codec.open_images(image_values, limits)
+            try:
+                self.engine.check_request([img for img, _ in opened], prompt, max_new)
+                images = codec.load_images(opened)
+            finally:
+                for img, _ in opened:
+                    img.close()
             seq = self.scheduler.prepare(images, prompt, max_new_tokens=max_new)
             sink = Sink(request, sender, stream, TextDeltas(self.engine.processor.tokenizer), seq)
             with self.sinks_lock:  # registered before it can be admitted: no token of it is ever lost

@@ -17,7 +17,7 @@ from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position
 
 from lightkv_export import contract
 from lightkv_export.errors import InputError
-from lightkv_export.export import _export
+from lightkv_export.export import export_vision
 from lightkv_export.models import qwen2_5_vl, qwen2_vl, registry, tiny
 from lightkv_export.models.family import FAMILIES
 
@@ -285,16 +285,8 @@ def test_the_family_modules_import_without_torch():
 @pytest.fixture(scope="module")
 def vision_graph(tiny_loaded, tmp_path_factory):
     """(loaded, ONNX Runtime session) of the family's vision graph, exported once, traced on a 336 x 448 image."""
-    export = tiny_loaded.family.vision_export(tiny_loaded, (336, 448), torch.float32)
     path = tmp_path_factory.mktemp(tiny_loaded.spec.key) / "vision.onnx"
-    _export(
-        export.module,
-        tuple(export.example.values()),
-        path,
-        input_names=list(export.example),
-        output_names=[contract.IMAGE_EMBEDS],
-        dynamic_shapes=export.dynamic_shapes,
-    )
+    export_vision(tiny_loaded, path, dtype=torch.float32)  # traced on the preset's 336 x 448 reference image
     return tiny_loaded, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 

@@ -256,7 +256,7 @@ def test_colour_groups_gives_touching_groups_different_colours():
 
 def test_cli_any_image_and_prompt(engines, tmp_path, capsys, tiny_qwen_vl):
     photo = tmp_path / "photo.png"
-    parity_images((200, 150), 7).save(photo)  # another size: the engine resizes to its profile
+    parity_images((200, 150), 7).save(photo)  # another size and aspect: drawn as the processor sizes it
     out = tmp_path / "pics"
     rc = cli.main([str(engines["lightkv"]), "--image", str(photo), "--prompt", "What is red?", "--out", str(out)])
     captured = capsys.readouterr()
@@ -273,8 +273,9 @@ def test_cli_any_image_and_prompt(engines, tmp_path, capsys, tiny_qwen_vl):
         assert mine.name == theirs.name
         if mine.name == VISION_PNG:
             np.testing.assert_array_equal(png_pixels(mine), png_pixels(theirs))
-        else:
-            assert_differ(mine, theirs)
+        else:  # a portrait image's panels have another shape than the landscape default's, or other pixels
+            a, b = png_pixels(mine), png_pixels(theirs)
+            assert a.shape != b.shape or not np.array_equal(a, b), mine.name
 
 
 def test_cli_vanilla_engine_says_there_is_no_merge_map(engines, tmp_path, capsys):

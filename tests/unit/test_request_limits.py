@@ -182,6 +182,18 @@ def test_a_single_image_instead_of_a_list_says_so(engine, image):
 # --- sequence length and the engine's context ---------------------------------------------------------------------
 
 
+def test_an_image_over_max_image_tokens_is_refused_from_its_size(engine):
+    """Each image's vision tokens, from its size as the processor lays it out, against max_image_tokens: the
+    vision graph's attention grows with their square."""
+    from PIL import Image
+
+    small = Engine.load(engine.directory, limits=Limits(max_image_tokens=100))
+    big, fine = Image.new("RGB", (448, 336)), Image.new("RGB", (224, 168))  # 12 x 16 = 192 and 6 x 8 = 48 tokens
+    refused(small, lambda: small.generate([fine, big], PROMPT), r"image 1 \(448x336 as sent\) becomes 192 vision "
+            r"tokens, which is over the server's limit of 100 \(config.pbtxt parameter max_image_tokens")  # fmt: skip
+    assert small.generate([fine], PROMPT, max_new_tokens=1).vision_tokens_in == 48
+
+
 def test_the_sequence_length_counts_template_images_prompt_and_new_tokens(engine, image):
     tokens = engine.processor.prompt_tokens(PROMPT)
     one, _ = engine.processor.sequence_tokens(engine.processor.layouts([image.size]), tokens)

@@ -121,6 +121,7 @@ def test_config_parses_as_triton_model_config(key):
         "max_prompt_tokens": 2048,
         "max_images": 8,
         "max_image_pixels": 4096 * 4096,
+        "max_image_tokens": 4096,
         "max_sequence_length": 4096,
     }
     assert codec.Batching.from_parameters(params) == codec.Batching()  # and the scheduler's settings
@@ -331,6 +332,25 @@ def test_limits_refuse_before_any_work():
     assert codec.decode_images(np.array([png_bytes()], dtype=np.object_), codec.Limits(max_image_pixels=32 * 24))
     with pytest.raises(InputError, match=r"image 0 is 32x24 = 768 pixels, which is over the server's limit of 767 "):
         codec.decode_images(np.array([png_bytes()], dtype=np.object_), codec.Limits(max_image_pixels=767))
+
+
+def test_images_open_by_their_headers_and_load_only_after_the_checks():
+    """The served model checks every limit (the sequence from each image's size included) between `open_images`
+    (headers: a truncated image opens) and `load_images` (pixels: it fails there, as an InputError); transparency
+    is composited on white, as the processors and the in-process runtime do."""
+    from lightkv_export.images import to_rgb
+
+    noise = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(noise, format="PNG")
+    cut = noise.getvalue()[: len(noise.getvalue()) // 2]  # a whole header, half the pixel data
+    opened = codec.open_images(np.array([png_bytes(), cut], dtype=np.object_), codec.Limits())
+    assert [img.size for img, _ in opened] == [(32, 24), (64, 48)]
+    with pytest.raises(InputError, match=r"image 1: not a readable PNG or JPEG image"):
+        codec.load_images(opened)
+    buf = io.BytesIO()
+    Image.new("RGBA", (4, 2), (255, 0, 0, 0)).save(buf, format="PNG")  # fully transparent red
+    (loaded,) = codec.decode_images(np.array([buf.getvalue()], dtype=np.object_))
+    assert loaded.getpixel((0, 0)) == (255, 255, 255) == to_rgb(Image.open(io.BytesIO(buf.getvalue()))).getpixel((0, 0))
 
 
 def test_limits_from_config_parameters():

@@ -876,13 +876,15 @@ def test_the_vision_profile_ranges_every_image_the_processor_makes(builds, key) 
     assert set(profile) == set(manifest.vision_inputs)  # every input of the exported vision graph
     assert all(len(profile[n][0]) == len(shape) for n, shape in manifest.vision_inputs.items())
     low, high = images.pixel_range()
-    side = int(high**0.5)
+    side, long = int(high**0.5), int((high * 200) ** 0.5)
     sizes = [
         (1, 1),
         (side, side),
         (3 * side // 2, side // 2),
         (side // 9, 9 * side),
         (900, 5),
+        (long, -(-long // 200)),  # the processors' most extreme aspect ratio, 200
+        (-(-long // 200), long),
         tuple(manifest.image_size),
     ]
     for h, w in sizes:
