@@ -34,7 +34,9 @@ class PreparedImage:
 
 
 class ImageHost(Protocol):
-    """A family's host image side (torch-free)."""
+    """A family's host image side (torch-free). A family whose chat template writes another placeholder than
+    `image_token` (InternVL's `<image>`, expanded to fenced context tokens) also sets `template_placeholder`: the
+    host replaces each occurrence of it with `expand(layout)` of the next image."""
 
     image_token: str  # the placeholder token a grid's tokens are written as
     min_side: int  # the smallest side the processor takes (smaller: refused, as it would fail)
