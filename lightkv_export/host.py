@@ -227,11 +227,17 @@ class HostProcessor:
         expand = {self.placeholder: [self.placeholder] * num_images}
         return len(self._with_prefix(self.tokenizer.encode_chat(self.tokenizer.render(num_images, ""), expand)))
 
+    @cached_property
+    def template_shape(self) -> tuple[int, int]:
+        """(tokens of the chat around an empty prompt, tokens it puts around each image's placeholder): rendered
+        once, not per request."""
+        empty = self.template_tokens(0)
+        return empty, self.template_tokens(1) - empty - 1
+
     def sequence_tokens(self, layouts: list[ImageLayout], prompt_tokens: int) -> tuple[int, str]:
         """The request's prompt sequence from its images' layouts and its prompt's token count, before anything is
         tokenized or a pixel is touched (as the limits and KV reservations need it), and how it adds up."""
-        empty = self.template_tokens(0)
-        wrapper = self.template_tokens(1) - empty - 1  # tokens the template puts around each image's placeholder
+        empty, wrapper = self.template_shape
         images = [wrapper + layout.tokens for layout in layouts]
         parts = f"{empty} template + images {' + '.join(map(str, images)) or '0'} + {prompt_tokens} prompt"
         return empty + prompt_tokens + sum(images), parts

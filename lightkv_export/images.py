@@ -11,6 +11,7 @@ reservations and limits are known before a pixel is touched; from the image it g
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 import numpy as np
@@ -97,12 +98,17 @@ class ImageFormat:
         std = np.asarray(config["image_std"] if normalize else [1.0, 1.0, 1.0], np.float32)
         return cls(scale, mean, std)
 
-    def chw(self, image: Any) -> np.ndarray:
-        """[C, H, W] float32 of an RGB PIL image (or an [H, W, C] array)."""
-        x = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image)  # [H, W, C]
-        # As transformers rescales: in float64, then down to float32 (bit-identical pixels, not merely close).
-        x = (x.astype(np.float64) * self.scale).astype(np.float32)
-        return ((x - self.mean) / self.std).transpose(2, 0, 1)  # [C, H, W]
+    @cached_property
+    def levels(self) -> np.ndarray:
+        """[C, 256] float32: each 8-bit level of each channel rescaled and normalized as transformers computes it
+        (the rescale in float64, then float32; the normalization in float32), so a lookup gives its values bit for
+        bit."""
+        rescaled = (np.arange(256, dtype=np.float64) * self.scale).astype(np.float32)  # [256]
+        return (rescaled[None, :] - self.mean[:, None]) / self.std[:, None]  # [C, 256]
+
+    def chw(self, pixels: np.ndarray) -> np.ndarray:
+        """[C, H, W] float32 of [H, W, C] uint8 RGB pixels, rescaled and normalized."""
+        return np.stack([self.levels[c][pixels[..., c]] for c in range(pixels.shape[-1])])  # [C, H, W]
 
 
 def image_features(config: dict) -> dict:

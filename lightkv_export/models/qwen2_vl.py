@@ -23,7 +23,6 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -280,19 +279,11 @@ class QwenImages:
         largest = max(math.floor(grown / token) * token, clamped)
         return min(low, smallest), max(high, largest)
 
-    @cached_property
-    def levels(self) -> np.ndarray:
-        """[C, 256] float32: each 8-bit level of each channel rescaled and normalized as the processor computes
-        it (the rescale in float64, then float32; the normalization in float32), so a lookup gives its values
-        bit for bit."""
-        rescaled = (np.arange(256, dtype=np.float64) * self.fmt.scale).astype(np.float32)  # [256]
-        return (rescaled[None, :] - self.fmt.mean[:, None]) / self.fmt.std[:, None]  # [C, 256]
-
     def patches(self, pixels: np.ndarray) -> np.ndarray:
         """[H, W, C] uint8 (sides multiples of patch x merge) -> [N_patches, C*T*P*P] float32, in the merger's
         order: each merge x merge block of patches together, blocks in raster order."""
         h, w, c = pixels.shape
-        x = np.stack([self.levels[i][pixels[..., i]] for i in range(c)])  # [C, H, W] float32
+        x = self.fmt.chw(pixels)  # [C, H, W] float32
         p, m, t = self.patch, self.merge, self.temporal
         gh, gw = h // p, w // p
         x = x.reshape(c, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, C, P, P]

@@ -132,10 +132,8 @@ class TritonPythonModel:
             prompt = codec.decode_prompt(prompt_values, limits)
             max_new = codec.decode_max_new_tokens(_input(request, "max_new_tokens"), self.default_max_new_tokens)
             stream = codec.decode_stream(_input(request, "stream"))
-            prompt_tokens = self.engine.processor.prompt_tokens(prompt)  # as plain text, as the runtime has it
-            limits.check("max_prompt_tokens", prompt_tokens, f"the prompt has {prompt_tokens} tokens, which")
-            # Headers only: each image's size gives its tokens (its layout), so every limit, the sequence length
-            # included, is checked before any pixel is decoded.
+            # Headers only: each image's size gives its tokens (its layout), so every limit (the prompt's tokens and
+            # the sequence length included: Engine.check_request) is checked before any pixel is decoded.
             opened = codec.open_images(image_values, limits)
             try:
                 self.engine.check_request([img for img, _ in opened], prompt, max_new)
