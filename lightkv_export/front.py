@@ -22,7 +22,14 @@ killed, tritonserver gone) ends with a `data: {"error": ...}` event instead of s
 The body limit of a model's endpoints is derived from its config.pbtxt limits (codec.Limits): max_images images of
 max_image_pixels pixels each, as PNG of 8-bit RGBA (4 bytes a pixel, the largest an in-limit image usually is) in
 base64, plus max_prompt_chars characters escaped as JSON (\\uXXXX\\uXXXX: 12 bytes each), plus 64 KiB; a fixed
-64 KiB elsewhere. `create_app(..., limits=FrontLimits(max_body_bytes=N))` overrides it.
+64 KiB elsewhere. `create_app(..., limits=FrontLimits(max_body_bytes=N))` (`serve --max-request-bytes N`)
+overrides it.
+
+Slow clients: a whole request (headers and body) must arrive within FrontLimits.request_timeout_s (30 s; `serve
+--request-timeout`), else the connection is closed, with a 408 when a request had begun (`deadline_protocol`); an
+idle connection between requests closes after keep_alive_s (5 s); at most max_connections (256; `serve
+--max-connections`) connections are served at once, and a request on one more gets uvicorn's 503 (plain text
+"Service Unavailable", connection closed). Headers are limited to 16 KiB by h11 (400 past it).
 
 Routes live in `create_app`; an OpenAI-compatible /v1/chat/completions (issue 34) is meant to be one more route there,
 reusing `Upstream`, `read_json` and the request builder.
@@ -63,6 +70,14 @@ BYTES_PER_PIXEL = 4  # 8-bit RGBA PNG
 HEALTH_POLL_S = 0.5  # how often a waiting request asks the supervisor whether its model's stub is alive
 STREAM_END_S = 5.0  # how long a finished request's stream may take to close
 UPSTREAM_TIMEOUT_S = 10.0  # short calls to tritonserver (readiness, metadata)
+# Slow clients (slowloris): uvicorn has no deadline for a request to arrive, so one that sends a byte now and then
+# holds its connection for ever; RequestDeadline adds one. 30 s carries the largest default body (~730 MB) at
+# ~25 MB/s, far below loopback speed.
+REQUEST_TIMEOUT_S = 30.0
+KEEP_ALIVE_S = 5.0
+# Each connection costs a file descriptor (1024 per process is a common soft limit) and its buffers; 256 is well
+# above what one machine's clients open (the model's scheduler queues far fewer requests).
+MAX_CONNECTIONS = 256
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", -1),
     ("grpc.max_receive_message_length", -1),
@@ -103,10 +118,16 @@ class RequestError(Exception):
 
 @dataclass(frozen=True)
 class FrontLimits:
-    """Overrides of the derived limits (None: derive from each model's config.pbtxt limits)."""
+    """The front's limits. max_body_bytes: the generate endpoints' body limit (None: derived from each model's
+    config.pbtxt limits). request_timeout_s: a whole request (headers and body) must arrive within it, counted from
+    its first byte (from the connection's opening for its first request); keep_alive_s: an idle connection between
+    requests closes after it; max_connections: open connections served at once (a request on one more gets 503)."""
 
     max_body_bytes: int | None = None
     max_json_depth: int = MAX_JSON_DEPTH
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    keep_alive_s: float = KEEP_ALIVE_S
+    max_connections: int = MAX_CONNECTIONS
 
 
 def generate_body_limit(limits: Limits) -> int:
@@ -156,6 +177,8 @@ MODEL_LIMIT_WHY = (
     " (derived from the model's config.pbtxt limits max_images, max_image_pixels and max_prompt_chars); send fewer "
     "or smaller images"
 )
+
+SET_LIMIT_WHY = " (set by serve --max-request-bytes); send fewer or smaller images"
 
 
 def _too_large(size: int, limit: int, why: str, at_least: bool = False) -> str:
@@ -621,7 +644,8 @@ def create_app(
 
     async def prepared(request: Request) -> tuple[ModelInfo, Any, ImageFiles | None]:
         info = await model_info(request)
-        body = await read_json(request, info.body_limit, limits.max_json_depth, why=MODEL_LIMIT_WHY)
+        why = MODEL_LIMIT_WHY if limits.max_body_bytes is None else SET_LIMIT_WHY
+        body = await read_json(request, info.body_limit, limits.max_json_depth, why=why)
         files = ImageFiles(image_dir) if image_dir is not None else None
         try:  # in a thread: writing hundreds of MB of images must not stall the other requests
             return info, await asyncio.to_thread(build_request, info, body, files=files), files
@@ -760,24 +784,110 @@ def bind(port: int | None) -> socket.socket:
     return sock
 
 
+def timeout_response(timeout_s: float) -> bytes:
+    """The 408 answer, as raw HTTP: it is written where no ASGI response exists (the headers are not complete)."""
+    body = json.dumps(
+        {"error": f"the request did not arrive whole within {timeout_s:g} s (this server's request timeout)"}
+    ).encode()
+    head = (
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+def deadline_protocol(timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for each request to arrive whole (headers and body).
+
+    uvicorn limits the headers' size (h11: 16 KiB) and idle time between requests (keep-alive) but not the time a
+    request takes to arrive: a client that sends a byte every few seconds keeps its connection, and a few hundred
+    such clients use up the connection cap. Here the clock starts at the connection's opening (for its first
+    request) or at the first byte of a next one, and stops when h11 has the whole request (the client's state
+    DONE). At the deadline the connection is closed: with a 408 when a request had begun and no response was
+    started (written raw: with the headers incomplete there is no ASGI request to answer), silently when nothing
+    was sent, and without a word when a response was already under way (e.g. a 413 sent before the body was read:
+    the rest of that body is not waited for). The ASGI app then sees a disconnect, as if the client had left."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    arriving = (h11.IDLE, h11.SEND_BODY)  # the client's states while a request is (or may be) on its way
+
+    class RequestDeadline(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+        _began = False  # a byte of the current request has arrived
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm(began=False)
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and self.conn.their_state in arriving:
+                self._arm(began=True)  # the next request on a kept-alive connection
+            self._began = True
+            super().data_received(data)
+
+        def handle_events(self) -> None:
+            super().handle_events()
+            if self.conn.their_state not in arriving:
+                self._disarm()  # the request arrived whole (or the connection is done)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # A pipelined request already buffered does not pass through data_received again.
+            if self._deadline is None and self.conn.their_state in arriving and self.conn.trailing_data[0]:
+                self._arm(began=True)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self, *, began: bool) -> None:
+            self._disarm()
+            self._began = began
+            self._deadline = self.loop.call_later(timeout_s, self._expired)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self) -> None:
+            self._deadline = None
+            if self.transport.is_closing() or self.conn.their_state not in arriving:
+                return
+            in_cycle = self.conn.their_state is h11.SEND_BODY and self.cycle is not None
+            if self._began and not (in_cycle and self.cycle.response_started):
+                self.transport.write(timeout_response(timeout_s))
+            self.transport.close()  # connection_lost tells the app (a disconnect)
+
+    return RequestDeadline
+
+
 class FrontServer:
     """The front on uvicorn, in a thread of this process, serving on an already bound socket.
 
     In a thread rather than a process: a `serve` killed with SIGKILL takes the front with it (and tritonserver, by
-    its parent-death signal), and Ctrl-C / SIGTERM stop both in one place."""
+    its parent-death signal), and Ctrl-C / SIGTERM stop both in one place. `limits` gives the connection limits
+    (request deadline, keep-alive, connection cap); the body limits are the app's (create_app)."""
 
-    def __init__(self, app: Starlette, sock: socket.socket, *, graceful_s: int = 5) -> None:
+    def __init__(
+        self, app: Starlette, sock: socket.socket, *, graceful_s: int = 5, limits: FrontLimits | None = None
+    ) -> None:
         import uvicorn
 
+        limits = limits or FrontLimits()
         self.sock = sock
         config = uvicorn.Config(
             app,
-            http="h11",
+            http=deadline_protocol(limits.request_timeout_s),
             lifespan="on",
             log_level="warning",
             access_log=False,
             timeout_graceful_shutdown=graceful_s,
-            timeout_keep_alive=5,
+            timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]  (call_later takes a float)
+            # uvicorn answers 503 when the open connections, this one included, reach the limit: + 1 makes
+            # max_connections the number served at once.
+            limit_concurrency=limits.max_connections + 1,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self._run, name="lightkv-front", daemon=True)

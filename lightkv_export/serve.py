@@ -1,6 +1,7 @@
 """Serve engines with a real Triton Inference Server behind a validating HTTP front on 127.0.0.1.
 
     python -m lightkv_export.serve ENGINE_DIR_OR_REPO [--port N] [--repo-dir DIR] [--restarts N] [--no-verify-hash]
+        [--max-request-bytes N] [--request-timeout S] [--max-connections N]
 
 Given an engine directory, a model repository is written first (to --repo-dir, or a temporary directory). Every
 engine served (the directory given, or each `<repo>/<model>/1/engine` of a repository) is verified against its
@@ -18,15 +19,27 @@ Two parts, one process tree (see `Server`):
 
 Failure behaviour:
 - The port is bound before anything starts: a port in use is exit 3 with a message, before any URL is printed.
-- tritonserver is started through a small exec wrapper (`child_command`) that arms PR_SET_PDEATHSIG (SIGKILL) and
-  umask 077 before exec: `kill -9` of serve takes tritonserver with it, and the front (a thread) dies with serve.
-  The backend stubs watch their parent (stub_bootstrap.py): when tritonserver dies they leave within a second.
-- The stubs' shared-memory regions are 0600 (stub_bootstrap.py sets it at the stub's first line, since the backend
-  creates them 0644 whatever the umask; serve checks again once ready). Regions, and the backend's empty
-  /tmp/python_env_* directory (its path is fixed, TMPDIR is ignored), are removed when a server stops or dies.
-  The region grows to fit the largest request and the backend never shrinks it, so images do not pass through it:
-  the front writes them to files in `<workdir>/private/images` (0700) and the model reads and removes them
-  (triton_backend/model.py); the region stays at its 1 MB start.
+- Slow clients cannot hold the front: a whole request (headers and body) must arrive within --request-timeout
+  (30 s) or its connection is closed, with a 408 when it had begun; idle connections between requests close after
+  5 s; at most --max-connections (256) connections are served at once (a request on one more gets 503). Bodies of
+  the generate endpoints are limited by --max-request-bytes (default: derived from each model's limits). See front.py.
+- tritonserver is started through a small exec wrapper (`child_command`) that gives it a private /dev/shm where
+  the kernel allows it, arms PR_SET_PDEATHSIG (SIGKILL) and umask 077 before exec: `kill -9` of serve takes
+  tritonserver with it, and the front (a thread) dies with serve. The backend stubs watch their parent
+  (stub_bootstrap.py): when tritonserver dies they leave within a second.
+- Shared memory: the backend creates each stub's region with mode 0644 whatever the umask (boost.interprocess
+  shm_open then fchmod 0644, in tritonserver before the stub starts). Where unprivileged user and mount namespaces
+  are allowed, tritonserver runs in its own with a 0700 tmpfs on /dev/shm (CHILD_EXEC): no other user can see the
+  regions at all, and they go with the server's last process, even after kill -9; serve sees them through
+  /proc/<pid>/root (`Server.shm_dir`). Elsewhere (the log's first line says "shared /dev/shm (<why>)") the regions
+  are in the shared /dev/shm and made 0600 by the stub's first line (stub_bootstrap.py; serve checks again once
+  ready), and removed when a server stops or dies. The region grows to fit the largest request and the backend
+  never shrinks it, so images do not pass through it: the front writes them to files in
+  `<workdir>/private/images` (0700) and the model reads and removes them (triton_backend/model.py); the region
+  stays at its 1 MB start.
+- The backend's empty /tmp/python_env_* directory (its path is fixed in the backend: TMPDIR is ignored and no
+  backend-config names it) is removed when a server stops or dies; serve records which one is its server's in its
+  working directory, so after a kill -9 of serve the next start removes it too.
 - Health means able to answer. tritonserver keeps saying "ready" after a Python backend stub dies (kill -9, an
   out-of-memory kill) although every request to that model then fails, and it never starts the stub again; a
   decoupled request of that model then stays open forever. So `Server.health()` checks the server process, the
@@ -43,13 +56,13 @@ Failure behaviour:
 - Ctrl-C / SIGTERM stop the front (open requests get up to 5 s) and then tritonserver, and remove the working
   directory; exit 0.
 - A `serve` killed with SIGKILL cannot clean up (its processes die, see above): the next server start of this
-  user removes its working directory and /dev/shm regions (`remove_stale`: only those whose recorded owner, pid and
-  start time, is gone).
-- Not covered: after such a kill the backend's empty /tmp/python_env_* directory stays (nothing says whose it
-  is). The stub's region is 0644 for the moments between its creation by tritonserver and the stub's first line
-  (before any model is loaded or request served); a local user who opened it in that window keeps the descriptor.
-  A model without the image_file input (not written by this
-  package) gets its images through the region, which then grows to fit the largest request for good.
+  user removes its working directory, its python_env directory and /dev/shm regions (`remove_stale`: only those
+  whose recorded owner, pid and start time, is gone).
+- Not covered: without namespaces, the stub's region is 0644 for the moments between its creation by tritonserver
+  and the stub's first line (before any model is loaded or request served); a local user who opened it in that
+  window keeps the descriptor. A model without the image_file input (not written by this package) gets its images
+  through the region, which then grows to fit the largest request for good. A client that reads its answer very
+  slowly holds its connection (and its request) until it reads or goes away.
 
 The server is the `tritonserver` binary (2.51) and its Python backend shipped in the `nvidia-pytriton==0.7.0`
 wheel (installed with --no-deps: the pytriton library itself wants numpy<2 and is not used). Running it from a
@@ -103,7 +116,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightkv_export.errors import InputError, LightKVError
-from lightkv_export.front import IMAGE_DIR_ENV, FrontLimits, FrontServer, create_app
+from lightkv_export.front import (
+    IMAGE_DIR_ENV,
+    MAX_CONNECTIONS,
+    REQUEST_TIMEOUT_S,
+    FrontLimits,
+    FrontServer,
+    create_app,
+)
 from lightkv_export.front import bind as front_bind
 from lightkv_export.triton_repo import ENGINE_SUBDIR, is_repository, repository_models, write_repository
 
@@ -127,15 +147,50 @@ GRPC_PORT = 1  # only a suffix of the unix socket's path (see server_command)
 SHM_MODE = 0o600
 PYTHON_ENV_WAIT_S = 30.0  # at most this long under the start lock, waiting for the backend's python_env directory
 PYTHON_ENV_GLOB = "python_env_*"  # the Python backend's mkdtemp("/tmp/python_env_XXXXXX"); TMPDIR is ignored
-# Run by child_command: arm PR_SET_PDEATHSIG (1), check the parent is still ours, umask 077, exec the server.
+# Run by child_command: a private /dev/shm where the kernel allows it (below), arm PR_SET_PDEATHSIG (1), check the
+# parent is still ours, umask 077, exec the server. The private /dev/shm: a new user namespace (this user mapped to
+# itself) and mount namespace with a tmpfs of mode 0700 on /dev/shm, so the backend's regions are visible to this
+# server's processes only (never 0644 to other users, not even for a moment) and go with its last process, even on
+# kill -9. Where unprivileged namespaces are refused (some containers, AppArmor on Ubuntu 24.04) it says why on its
+# first log line and the server runs as before.
 CHILD_EXEC = """\
 import ctypes, os, signal, sys
-if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
+libc = ctypes.CDLL(None, use_errno=True)
+def private_shm():
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(0x10000000 | 0x00020000) != 0:
+        return "unshare(CLONE_NEWUSER | CLONE_NEWNS): " + os.strerror(ctypes.get_errno())
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open("/proc/self/" + name, "w") as f:
+            f.write(text)
+    if libc.mount(None, b"/", None, 0x4000 | 0x40000, None) != 0:
+        return "mount(/, MS_REC | MS_PRIVATE): " + os.strerror(ctypes.get_errno())
+    if libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", 0x2 | 0x4, b"mode=0700") != 0:
+        return "mount(tmpfs, /dev/shm): " + os.strerror(ctypes.get_errno())
+    return ""
+def attempt():
+    try:
+        return private_shm()
+    except OSError as e:
+        return str(e)
+if sys.argv[2] == "1":
+    probe = os.fork()  # tried in a child first: a half-made namespace cannot be undone
+    if probe == 0:
+        why = attempt()
+        if why:
+            print("lightkv_export: shared /dev/shm (" + why + ")", flush=True)
+        os._exit(1 if why else 0)
+    if os.waitpid(probe, 0)[1] == 0:
+        why = attempt()
+        if why:
+            sys.exit("lightkv_export: a private /dev/shm failed after a successful trial: " + why)
+        print("lightkv_export: private /dev/shm", flush=True)
+if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:
     sys.exit("lightkv_export: prctl(PR_SET_PDEATHSIG) failed: " + os.strerror(ctypes.get_errno()))
 if os.getppid() != int(sys.argv[1]):
     sys.exit("lightkv_export: serve exited before tritonserver started")
 os.umask(0o077)
-os.execv(sys.argv[2], sys.argv[2:])
+os.execv(sys.argv[3], sys.argv[3:])
 """
 _SERVER_COUNT = iter(range(1 << 62))  # makes each server's /dev/shm prefix unique within this process
 
@@ -254,12 +309,13 @@ def server_command(
     ]
 
 
-def child_command(cmd: list[str]) -> list[str]:
-    """`cmd` started through a small exec wrapper that, in the child and before exec, arms a parent-death signal
-    (SIGKILL when this process dies, even by kill -9), exits if this process is already gone, and sets umask 077.
+def child_command(cmd: list[str], *, private_shm: bool = False) -> list[str]:
+    """`cmd` started through a small exec wrapper that, in the child and before exec, gives it a private /dev/shm
+    where the kernel allows it (private_shm; see CHILD_EXEC), arms a parent-death signal (SIGKILL when this process
+    dies, even by kill -9), exits if this process is already gone, and sets umask 077.
     A wrapper rather than Popen's preexec_fn: preexec_fn runs Python after fork() in a process with threads (the
     front's event loop, gRPC's own threads), which can deadlock."""
-    return [sys.executable, "-I", "-S", "-c", CHILD_EXEC, str(os.getpid()), *cmd]
+    return [sys.executable, "-I", "-S", "-c", CHILD_EXEC, str(os.getpid()), "1" if private_shm else "0", *cmd]
 
 
 def server_env(install: TritonInstall, base: dict[str, str] | None = None) -> dict[str, str]:
@@ -379,6 +435,7 @@ def grpc_ready(target: str, timeout_s: float = 1.0) -> bool:
 
 WORKDIR_PREFIX = "lightkv-triton-"
 OWNER_FILE = "owner"  # in a working directory: "<serve pid> <its start time in clock ticks>"
+PYTHON_ENVS_FILE = "python_envs"  # in a working directory: the running tritonserver's /tmp/python_env_*, one a line
 
 
 def process_start(pid: int) -> int | None:
@@ -404,6 +461,7 @@ def remove_stale(tmp: Path | None = None, shm: Path = SHM_DIR) -> list[Path]:
             continue  # no owner recorded (being created, or not ours): left alone
         if process_start(pid) == start:
             continue
+        removed.extend(_remove_recorded_envs(workdir / PYTHON_ENVS_FILE))
         shutil.rmtree(workdir, ignore_errors=True)
         removed.append(workdir)
         for segment in shm.glob(f"lightkv{pid}_*"):
@@ -411,6 +469,33 @@ def remove_stale(tmp: Path | None = None, shm: Path = SHM_DIR) -> list[Path]:
                 if segment.stat().st_uid == os.getuid():
                     segment.unlink()
                     removed.append(segment)
+    return removed
+
+
+def server_shm_dir(pid: int) -> Path:
+    """Where a server's /dev/shm is seen from this process: its private tmpfs through /proc/<pid>/root when it runs
+    in a mount namespace of its own (CHILD_EXEC), else the shared /dev/shm."""
+    try:
+        if os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino:
+            return Path(f"/proc/{pid}/root") / SHM_DIR.relative_to("/")
+    except OSError:
+        pass
+    return SHM_DIR
+
+
+def _remove_recorded_envs(record: Path) -> list[Path]:
+    """The Python backend directories a dead server recorded (see Server._start_triton), removed: only this user's,
+    only /tmp/python_env_* and only when empty (an environment unpacked there is never touched)."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for line in record.read_text().splitlines():
+            path = Path(line)
+            if path.parent != Path("/tmp") or not path.match(PYTHON_ENV_GLOB):
+                continue
+            with contextlib.suppress(OSError):
+                if path.stat().st_uid == os.getuid():
+                    path.rmdir()
+                    removed.append(path)
     return removed
 
 
@@ -475,8 +560,11 @@ class Server:
         port: int | None = None,
         startup_timeout_s: float = 180.0,
         front_limits: FrontLimits | None = None,
+        private_shm: bool = True,
     ) -> None:
         self.repo_dir = Path(repo_dir).resolve()
+        self.private_shm = private_shm  # try a private /dev/shm for tritonserver (see CHILD_EXEC)
+        self.shm_dir = SHM_DIR  # where this server's regions are seen from here (set once it is ready)
         self.requested_port = check_port(port)
         self.startup_timeout_s = startup_timeout_s
         self.front_limits = front_limits
@@ -542,7 +630,7 @@ class Server:
             app = create_app(
                 self.grpc_target, limits=self.front_limits, health=self._stub_health, image_dir=self.image_dir
             )
-            self.front = FrontServer(app, sock).start()
+            self.front = FrontServer(app, sock, limits=self.front_limits).start()
         except BaseException as e:
             sock.close()
             self.close()  # the error carries the log tail; nothing is left behind
@@ -572,7 +660,7 @@ class Server:
                 log.flush()
                 # Own session: a terminal's Ctrl-C reaches serve, which shuts the server down in order.
                 self.process = subprocess.Popen(
-                    child_command(cmd),
+                    child_command(cmd, private_shm=self.private_shm),
                     cwd=stub_site_dir(),
                     env=env,
                     stdout=log,
@@ -586,12 +674,15 @@ class Server:
                     break
                 time.sleep(0.05)
             self.python_envs = python_envs() - before
+            # Recorded for remove_stale: a serve killed with SIGKILL cannot remove it, the next start can.
+            (self._workdir / PYTHON_ENVS_FILE).write_text("".join(f"{p}\n" for p in sorted(self.python_envs)))
         try:
             self._wait_ready()
         except ServeError:
             self._stop_triton()
             raise
         self.stubs = child_stubs(self.process.pid)
+        self.shm_dir = server_shm_dir(self.process.pid)
         self._private_shm()
 
     def _private_shm(self) -> None:
@@ -647,7 +738,7 @@ class Server:
         """This server's shared-memory regions in /dev/shm (its prefix is unique per server)."""
         if not self.shm_prefix:
             return []
-        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+        return sorted(self.shm_dir.glob(f"{self.shm_prefix}*"))
 
     def _stop_triton(self, timeout_s: float = EXIT_TIMEOUT_S + 15.0) -> int | None:
         """SIGTERM, wait up to timeout_s, then SIGKILL tritonserver's process group; then remove what it leaves
@@ -670,9 +761,10 @@ class Server:
                 os.killpg(proc.pid, signal.SIGKILL)
         for pid in self.stubs:
             _wait_gone(pid, 5.0)
-        for segment in self.shm_segments():
+        for segment in self.shm_segments():  # none in a private /dev/shm: it went with the server's last process
             with contextlib.suppress(FileNotFoundError):
                 segment.unlink()
+        self.shm_dir = SHM_DIR
         for env_dir in self.python_envs:
             with contextlib.suppress(OSError):
                 env_dir.rmdir()  # only when empty: never a directory with an environment in it
@@ -736,6 +828,43 @@ def bind_port(port: int | None) -> socket.socket:
             f"cannot listen on 127.0.0.1, {what}: {e.strerror}{hint}; stop it, or pick another --port (0 for a "
             "free one)"
         ) from None
+
+
+MIN_REQUEST_BYTES = 1024  # below this not even a one-image request fits
+
+
+def request_bytes(text: str) -> int:
+    """--max-request-bytes: a number of bytes ('800000000') or a size with a unit ('800MB', '512MiB')."""
+    from lightkv_export.accounting.units import parse_memory
+
+    raw = str(text).strip()
+    try:
+        size = int(raw) if raw.isdigit() else parse_memory(raw) if raw[-1:].isalpha() else None
+    except InputError:
+        size = None
+    if size is None:
+        raise InputError(
+            f"--max-request-bytes {text!r} is not a size: give bytes ('800000000') or a size with a unit ('800MB', "
+            "'512MiB')"
+        )
+    if size < MIN_REQUEST_BYTES:
+        raise InputError(
+            f"--max-request-bytes must be at least {MIN_REQUEST_BYTES} bytes (a request with one small image is "
+            f"larger), got {size}; leave it out for the limit derived from each model's limits"
+        )
+    return size
+
+
+def front_limits(args: argparse.Namespace) -> FrontLimits:
+    """The front's limits from serve's flags, each checked (an InputError says which flag and what it takes)."""
+    if not 0 < args.request_timeout <= 3600:
+        raise InputError(f"--request-timeout must be above 0 and at most 3600 seconds, got {args.request_timeout:g}")
+    if args.max_connections < 1:
+        raise InputError(f"--max-connections must be at least 1, got {args.max_connections}")
+    max_bytes = None if args.max_request_bytes is None else request_bytes(args.max_request_bytes)
+    return FrontLimits(
+        max_body_bytes=max_bytes, request_timeout_s=args.request_timeout, max_connections=args.max_connections
+    )
 
 
 def resolve_repository(target: Path, repo_dir: Path | None) -> tuple[Path, bool]:
@@ -869,6 +998,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Default {DEFAULT_RESTARTS}; 0: exit 1 at the first death",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        default=None,
+        metavar="N",
+        help="refuse (413) a generate request whose body is larger: bytes, or a size such as 800MB or 512MiB; at "
+        f"least {MIN_REQUEST_BYTES}. Default: derived from each model's limits (max_images images of "
+        "max_image_pixels pixels as base64 PNG, plus the longest prompt; ~730 MB for the default limits)",
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=REQUEST_TIMEOUT_S,
+        metavar="S",
+        help=f"a whole request (headers and body) must arrive within S seconds, or its connection is closed (408); "
+        f"this cuts off slow clients that would hold connections. Default {REQUEST_TIMEOUT_S:g}",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=MAX_CONNECTIONS,
+        metavar="N",
+        help=f"serve at most N open connections at once; a request on one more gets 503. Default {MAX_CONNECTIONS}",
+    )
+    parser.add_argument(
         "--no-verify-hash",
         action="store_true",
         help="check each engine file's size against its manifest but skip the SHA-256 of its contents (faster for "
@@ -882,12 +1034,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         port = check_port(args.port)  # before writing a repository for a server that cannot start
         if args.restarts < 0:
             raise InputError(f"--restarts must be >= 0, got {args.restarts}")
+        limits = front_limits(args)
         if port is not None:
             bind_port(port).close()  # a port in use is said at once, not after verifying and loading the engines
         verify_engines(args.target, full_hash=not args.no_verify_hash)
         repo, is_temp = resolve_repository(args.target, args.repo_dir)
         temp_repo = repo.parent if is_temp else None
-        server = Server(repo, port=port, startup_timeout_s=args.startup_timeout)
+        server = Server(repo, port=port, startup_timeout_s=args.startup_timeout, front_limits=limits)
         try:
             server.start()
             banner = (

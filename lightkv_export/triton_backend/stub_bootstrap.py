@@ -14,7 +14,8 @@ Being the stub's first Python code, this is also where the stub protects itself 
 stub, model.py, shm region, 2 shm sizes, parent pid, ...):
 - its shared-memory region (/dev/shm/<region>, created by tritonserver with mode 0644 whatever the umask: the
   backend's boost.interprocess sets the mode explicitly) becomes 0600, so no other local user can read the prompts
-  and images that pass through it;
+  and images that pass through it. This matters where serve could not give tritonserver a private /dev/shm (see
+  serve.CHILD_EXEC: no unprivileged namespaces there); in a private one nobody else sees the region anyway;
 - it leaves when tritonserver dies: the stub itself only notices after minutes, holding hundreds of MB. A thread
   checks every 0.5 s that its parent is still the tritonserver that started it and otherwise kills the stub.
   Not PR_SET_PDEATHSIG: that fires when the *thread* that forked the stub exits (a model-loading thread of

@@ -4,16 +4,20 @@ One server for the module serves the echo model of test_serving.py and a decoupl
 JSON endpoint gets a deeply nested body and an oversized one; the server process must survive them all (a nested
 body used to crash tritonserver with SIGSEGV). Also: tritonserver has no TCP listener (only the front has), its
 shared memory is 0600, fields are checked by type and range, and a stream whose backend stub dies ends with an
-error event.
+error event. Slow clients (slowloris): a second front on the same tritonserver with deadlines of a second, over real
+sockets.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -246,6 +250,13 @@ def test_only_the_front_listens_on_tcp_and_shared_memory_is_private(server):
     assert segments, "no /dev/shm region found for the server"
     for segment in segments:  # the stub's region carries every prompt and image: 0600, not 0644
         assert segment.stat().st_mode & 0o777 == 0o600, (segment, oct(segment.stat().st_mode))
+    log = server.log_path.read_text()
+    if server.shm_dir == serve.SHM_DIR:  # unprivileged namespaces refused here: the log says why
+        assert "lightkv_export: shared /dev/shm (" in log
+    else:  # a private tmpfs: no other user sees the regions, not even while the backend creates them 0644
+        assert "lightkv_export: private /dev/shm" in log
+        assert not list(serve.SHM_DIR.glob(f"{server.shm_prefix}*"))
+        assert all(s.parent == Path(f"/proc/{server.process.pid}/root/dev/shm") for s in segments)
 
 
 def test_a_stream_whose_stub_dies_ends_with_an_error_event(server):
@@ -297,3 +308,136 @@ def test_the_other_endpoints(server):
     assert status == 404 and "error" in json.loads(raw)  # Triton's other endpoints are not exposed
     status, raw = post(server, "/v2/repository/index", b'{"ready": true}')
     assert status == 200 and sorted(m["name"] for m in json.loads(raw)) == ["echo", "slow"]
+
+
+# ------------------------------------------------------------------------------------------------- slow clients
+
+DEADLINE_S = 1.0
+
+
+@contextlib.contextmanager
+def deadline_front(server: serve.Server, **limits):
+    """A second front on the module's tritonserver with a 1 s request deadline (and `limits`): its port."""
+    config = front.FrontLimits(request_timeout_s=DEADLINE_S, **limits)
+    sock = front.bind(None)
+    runner = front.FrontServer(front.create_app(server.grpc_target, limits=config), sock, limits=config).start()
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        runner.stop()
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float = 10.0) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as closed)."""
+    sock.settimeout(timeout_s)
+    out = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def echo_body(prompt: str = "hi") -> bytes:
+    return json.dumps({"prompt": prompt, "image": [base64.b64encode(png(image((4, 4)))).decode()]}).encode()
+
+
+def test_slow_headers_are_cut_off_while_a_normal_client_is_served(server):
+    """A client that sends its headers a byte every 0.1 s (they would take ~10 s) is cut off with a 408 at the 1 s
+    deadline; a normal client on the same front, at the same time, is answered. Without the deadline the slow
+    client keeps its connection for as long as it trickles."""
+    request = b"POST /v2/models/echo/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\r\n"
+    with deadline_front(server) as port:
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        outcome: dict = {}
+
+        def trickle() -> None:
+            t0 = time.monotonic()
+            try:
+                for byte in request:
+                    slow.send(bytes([byte]))
+                    time.sleep(0.1)
+                    slow.setblocking(False)
+                    try:
+                        answer = slow.recv(65536)
+                    except BlockingIOError:
+                        continue
+                    finally:
+                        slow.setblocking(True)
+                    outcome["answer"] = answer + read_until_closed(slow)
+                    break
+            except OSError as e:  # the server closed and reset: cut off all the same
+                outcome["error"] = e
+            outcome["after_s"] = time.monotonic() - t0
+
+        thread = threading.Thread(target=trickle)
+        thread.start()
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/v2/models/echo/generate", echo_body("ab"))
+        response = conn.getresponse()
+        normal = response.status, json.loads(response.read()), time.monotonic() - t0
+        conn.close()
+        assert "after_s" not in outcome  # the normal client was answered while the slow one still trickled
+        thread.join(15)
+        slow.close()
+    assert normal[0] == 200 and normal[1]["text"].startswith("ba "), normal
+    assert DEADLINE_S * 0.9 <= outcome["after_s"] < DEADLINE_S + 2, outcome
+    answer = outcome.get("answer", b"")
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"did not arrive whole within 1 s" in answer, outcome
+
+
+def test_a_slow_body_gets_408_and_a_silent_connection_is_closed(server):
+    """Headers in time, then 10 of 1000 declared body bytes and nothing more: a 408 (JSON) at the deadline and the
+    connection closed. A connection that sends nothing at all is closed at the deadline without an answer."""
+    with deadline_front(server) as port:
+        body_slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+        t0 = time.monotonic()
+        body_slow.sendall(
+            b"POST /v2/models/echo/generate HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b'{"prompt":'
+        )
+        raw = read_until_closed(body_slow)
+        took = time.monotonic() - t0
+        assert read_until_closed(silent) == b"" and time.monotonic() - t0 < DEADLINE_S + 2
+        body_slow.close()
+        silent.close()
+        assert server.health(probe_http=True) is None
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), raw
+    assert "did not arrive whole within 1 s" in json.loads(payload)["error"]
+    assert DEADLINE_S * 0.9 <= took < DEADLINE_S + 2, took
+
+
+def test_idle_connections_close_and_the_connection_cap_answers_503(server):
+    """An idle kept-alive connection closes after keep_alive_s. With max_connections=2, two open connections are
+    served and a request on a third gets 503 (closed); once one goes, requests are served again."""
+    with deadline_front(server, keep_alive_s=0.3, max_connections=2) as port:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("GET", "/v2/health/ready")
+        assert conn.getresponse().read() == b""  # 200, kept alive
+        time.sleep(0.6)
+        assert read_until_closed(conn.sock, 5) == b""  # closed by the server, not by us
+        conn.close()
+
+        held = [http.client.HTTPConnection("127.0.0.1", port, timeout=30) for _ in range(2)]
+        for c in held:
+            c.connect()
+        time.sleep(0.1)  # accepted on the server's side
+        third = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        third.request("POST", "/v2/models/echo/generate", echo_body())
+        response = third.getresponse()
+        assert response.status == 503 and response.read() == b"Service Unavailable"  # 2 held + this one
+        assert response.getheader("connection") == "close" and third.sock is None  # http.client saw it close
+        third.close()
+        held[0].request("POST", "/v2/models/echo/generate", echo_body("ab"))  # a held one is served
+        response = held[0].getresponse()
+        assert response.status == 200 and json.loads(response.read())["text"].startswith("ba ")
+        held[1].close()
+        time.sleep(0.1)
+        fresh = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        fresh.request("POST", "/v2/models/echo/generate", echo_body("cd"))
+        response = fresh.getresponse()
+        assert response.status == 200 and json.loads(response.read())["text"].startswith("dc ")
+        fresh.close()
+        held[0].close()

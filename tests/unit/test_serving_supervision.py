@@ -1,9 +1,12 @@
 """Supervision of a real `serve` (subprocess) with real signals: what is left after kill -9, a port in use, restarts
-with backoff, and no leftovers in /tmp or /dev/shm."""
+with backoff, and no leftovers in /tmp or /dev/shm; serve's front flags (body size, request deadline, connection
+cap) on a real server."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -67,19 +70,23 @@ def test_kill_9_of_tritonserver_then_of_serve(tmp_path):
         assert infer_echo(address, "cd", [png(image((4, 4)))])["text"].startswith("dc ")
 
         stub2, prefix2 = stub_of(pid2), shm_prefix(pid2)
-        envs2 = serve.python_envs() - envs_before - envs  # the restarted server's
         workdirs = [
             d
             for d in Path(serve.tempfile.gettempdir()).glob(f"{serve.WORKDIR_PREFIX}*")
             if (d / serve.OWNER_FILE).is_file() and (d / serve.OWNER_FILE).read_text().split()[0] == str(proc.pid)
         ]
-        assert len(workdirs) == 1 and list(serve.SHM_DIR.glob(f"{prefix2}*"))
+        assert len(workdirs) == 1 and list(serve.server_shm_dir(pid2).glob(f"{prefix2}*"))
+        # The restarted server's python_env, as serve recorded it (other servers may run beside this test).
+        envs2 = {Path(p) for p in (workdirs[0] / serve.PYTHON_ENVS_FILE).read_text().split()}
+        assert len(envs2) == 1 and envs2 <= serve.python_envs() - envs_before - envs, envs2
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         assert wait_gone([pid2, stub2], 10) < 5
         # A killed serve cannot clean up; the next server start removes what it left (here called directly).
+        assert envs2 and all(e.is_dir() for e in envs2)  # the killed server's python_env is still there ...
         removed = serve.remove_stale()
         assert workdirs[0] in removed and not workdirs[0].exists()
+        assert envs2 <= set(removed) and not any(e.exists() for e in envs2)  # ... and goes with its working dir
         assert not list(serve.SHM_DIR.glob(f"{prefix2}*"))
         port = int(url.rsplit(":", 1)[1])
         with pytest.raises(ConnectionRefusedError):  # the front went with serve: nothing listens there
@@ -89,7 +96,7 @@ def test_kill_9_of_tritonserver_then_of_serve(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        for env_dir in locals().get("envs2", ()):  # what a killed serve leaves and nothing can attribute (docs)
+        for env_dir in locals().get("envs2", ()):  # only if the test failed before remove_stale
             with contextlib.suppress(OSError):
                 env_dir.rmdir()
     assert "Traceback" not in lines.text()
@@ -98,14 +105,18 @@ def test_kill_9_of_tritonserver_then_of_serve(tmp_path):
 def test_stub_leaves_when_tritonserver_is_killed(tmp_path):
     """No supervisor at all (a bare Server): kill -9 of tritonserver, and its stub still goes within seconds (it
     used to stay for minutes with parent pid 1, holding its memory)."""
-    server = serve.Server(echo_repo(tmp_path)).start()
+    server = serve.Server(echo_repo(tmp_path), private_shm=False).start()  # also: the shared /dev/shm's fallback
     try:
         pid = server.process.pid
         stub = stub_of(pid)
+        (region,) = server.shm_segments()
+        assert server.shm_dir == serve.SHM_DIR and region.parent == serve.SHM_DIR
+        assert region.stat().st_mode & 0o777 == 0o600  # the stub's own chmod
         os.kill(pid, signal.SIGKILL)
         assert wait_gone([stub], 10) < 3
     finally:
         server.close()
+    assert not region.exists()
 
 
 def test_a_port_in_use_is_a_clear_error_before_any_url(tmp_path):
@@ -210,3 +221,70 @@ def test_two_servers_started_together_stop_cleanly(tmp_path):
                 proc.wait()
     assert codes == [0, 0] and all("stopped (exit code 0)" in out for out in outs), outs
     assert len(during - serve.python_envs()) >= 2  # both servers' directories are gone (other users' may come)
+
+
+def raw_exchange(port: int, data: bytes, timeout_s: float = 10.0) -> tuple[bytes, float]:
+    """Send `data` on a fresh connection and read until the server closes it: (what came back, seconds taken)."""
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as sock:
+        sock.sendall(data)
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                out += chunk
+    return out, time.monotonic() - t0
+
+
+def test_serve_flags_for_slow_clients_body_size_and_connections(tmp_path):
+    """`serve --max-request-bytes 2000 --request-timeout 1 --max-connections 2` for real: a 2001-byte body is 413
+    naming the flag and a smaller one is answered; a body that stops coming gets 408 within about a second; a third
+    connection's request gets 503."""
+    proc, lines = serve_cli(
+        str(echo_repo(tmp_path)), "--max-request-bytes", "2000", "--request-timeout", "1", "--max-connections", "2"
+    )
+    try:
+        url, _ = url_and_pid(lines.wait_for("url: ", 120))
+        port = int(url.rsplit(":", 1)[1])
+        ok = json.dumps({"prompt": "ab", "image": [base64.b64encode(png(image((4, 4)))).decode()]}).encode()
+        assert len(ok) < 2000
+        big = json.dumps({"prompt": "x" * (2001 - len(b'{"prompt": ""}'))}).encode()
+        assert len(big) == 2001
+        post = b"POST /v2/models/echo/generate HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n"
+        raw, _ = raw_exchange(port, post % len(big) + big)
+        assert raw.startswith(b"HTTP/1.1 413 ") and b"limit of 2000 bytes (set by serve --max-request-bytes)" in raw
+        raw, _ = raw_exchange(port, post % len(ok) + ok)
+        assert raw.startswith(b"HTTP/1.1 200 ") and json.loads(raw.partition(b"\r\n\r\n")[2])["text"].startswith("ba ")
+        raw, took = raw_exchange(port, post % len(ok) + ok[:10])  # the rest of the body never comes
+        assert raw.startswith(b"HTTP/1.1 408 ") and 0.9 <= took < 3, (raw, took)
+        with socket.create_connection(("127.0.0.1", port)), socket.create_connection(("127.0.0.1", port)):
+            time.sleep(0.2)
+            raw, _ = raw_exchange(port, post % len(ok) + ok)
+        assert raw.startswith(b"HTTP/1.1 503 "), raw
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in lines.text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-request-bytes", "100"], "--max-request-bytes must be at least 1024 bytes"),
+        (["--max-request-bytes", "lots"], "--max-request-bytes 'lots' is not a size"),
+        (["--max-request-bytes", "-5"], "--max-request-bytes '-5' is not a size"),
+        (["--request-timeout", "0"], "--request-timeout must be above 0"),
+        (["--max-connections", "0"], "--max-connections must be at least 1"),
+    ],
+)
+def test_serve_refuses_bad_front_limits_before_starting(flags, message, tmp_path, capsys):
+    assert serve.main([str(tmp_path / "nothing-here"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+
+
+def test_max_request_bytes_takes_units():
+    assert serve.request_bytes("1500") == 1500
+    assert serve.request_bytes("2KiB") == 2048 and serve.request_bytes("800MB") == 800_000_000
