@@ -217,7 +217,7 @@ class HostProcessor:
         prepared = [self.images.prepare(im) for im in images]
         layouts = [p.layout for p in prepared]
         ids = np.asarray([self.prompt_ids(layouts, prompt)], dtype=np.int64)  # [1, S]
-        grids = [g for layout in layouts for g in layout.grids]
+        grids = [g for layout in layouts for g in layout.grid_parts]  # with any inline fixed tokens
         hint = "does the chat template write one placeholder per image?"
         spans = spans_on_grids(ids, self.image_token_id, grids, hint)
         return HostInputs(ids, prepared, spans)

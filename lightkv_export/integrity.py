@@ -300,7 +300,8 @@ def graph_facts(directory: Path, manifest: Manifest) -> GraphFacts:
     if len(stages) != len(kept):
         raise damaged(f"{len(kept)} LightKV stage outputs, its metadata records {len(stages)} stages")
     for node in _merge_nodes(model.graph):  # ort-cpu keeps them (TensorRT's plugins drop windows and ratio)
-        k = _numbered([node.output[1].removeprefix(PREFILL_GRAPHS[name])], r"lightkv\.(\d+)\.kept")
+        # (kept_reordered: the op's own kept where the stage reorders its input, insert_lightkv's reorder)
+        k = _numbered([node.output[1].removeprefix(PREFILL_GRAPHS[name])], r"lightkv\.(\d+)\.kept(?:_reordered)?")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if k and k[0] < len(stages):
             s = stages[k[0]]

@@ -39,6 +39,7 @@ from lightkv_export.method.merge_plan import (
     plan_request,
     stage_assign_name,
     stage_kept_name,
+    takes_order,
 )
 from lightkv_export.method.schedule import Schedule, parse_schedule
 from lightkv_export.method.spans import VisionSpan
@@ -207,6 +208,9 @@ class Engine:
         self.num_layers = manifest.num_layers
         self.schedule = engine_schedule(manifest)
         self.outputs = {name: [o.name for o in s.get_outputs()] for name, s in sessions.items()}
+        prefill = sessions.get("prefill")
+        # Built for grids with inline fixed tokens (insert_lightkv's reorder): each stage takes its order.
+        self.reorders = hasattr(prefill, "get_inputs") and takes_order([i.name for i in prefill.get_inputs()])
 
     @classmethod
     def load(
@@ -323,7 +327,9 @@ class Engine:
         `lengths` [B]: valid tokens per row of a padded batch (default: every row is full)."""
         lengths = [request.seq_len] * request.input_ids.shape[0] if lengths is None else list(lengths)
         if plan is None and not self.manifest.vanilla:
-            plan = plan_request(request.spans, lengths, self.schedule, grid_mode=self.manifest.grid_mode)
+            plan = plan_request(
+                request.spans, lengths, self.schedule, grid_mode=self.manifest.grid_mode, reorder=self.reorders
+            )
         feeds = {
             contract.INPUTS_EMBEDS: request.inputs_embeds,
             contract.POSITION_IDS: request.position_ids,

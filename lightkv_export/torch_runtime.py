@@ -9,6 +9,11 @@ The KV cache therefore holds per-layer lengths: layers 1..lambda_1 the full prom
 fewer vision tokens. Decode continues from the uncompressed length, so a token's position is the same as in the
 vanilla model whatever the schedule.
 
+Grids with tokens that never merge inside them (LLaVA-NeXT's newline after every row): at the stage that first
+merges such a grid, the layer's output and its guidance are gathered by the plan's order (method/layout.py
+`inline_order`: the grid's vision tokens, then its inline tokens) before the op, and the op's `kept` is mapped back
+through it, so `kept` and the positions gathered with it stay in the stage's input order, as the engines report them.
+
 Batches: one request per call (B = 1). The op itself is batched; batching requests is the engines' job.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import inspect
 import sys
@@ -30,7 +36,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lightkv_export.errors import InputError, LightKVError
 from lightkv_export.method.guidance import SoftmaxAxis, text_guidance
-from lightkv_export.method.layout import GridMode, StagePlan
+from lightkv_export.method.layout import GridMode, StagePlan, inline_order
 from lightkv_export.method.merge_plan import plan_request, stage_input_names
 from lightkv_export.method.reference import MergeResult, VisionSpan, lightkv_merge
 from lightkv_export.method.schedule import Schedule
@@ -67,7 +73,9 @@ def capture_attention(config) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class StageRecord:
-    """What one stage did: kept [B, S'] source indices into the stage's input, the new spans, skips."""
+    """What one stage did: kept [B, S'] source indices into the stage's input, the new spans, skips.
+    merged_into and shortfall are in the op's input order: the stage's input gathered by its order (the plan's
+    win_index order), where a grid with inline fixed tokens was reordered."""
 
     layer: int
     kept: torch.Tensor
@@ -110,8 +118,24 @@ def vision_mask(
     mask = torch.zeros(len(spans), seq_len, dtype=torch.bool, device=device)
     for b, row in enumerate(spans):
         for span in row:
-            mask[b, span.start : span.end] = True
+            if span.trailing:  # a grid's inline fixed tokens are not vision tokens
+                mask[b, span.start : span.end].view(span.grid[0], -1)[:, : span.grid[1]] = True  # [h, w + n]
+            else:
+                mask[b, span.start : span.end] = True
     return mask
+
+
+def gather_order(
+    order: torch.Tensor, hidden: torch.Tensor, guidance: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [B, S, D] and guidance [B, S] in the stage's reordered input order, order [B, S]."""
+    index = order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # [B, S, D]
+    return hidden.gather(1, index), guidance.gather(1, order)
+
+
+def kept_in_input_order(kept: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """kept [B, S'] of a reordered stage as indices into its input before the reordering (-1 stays -1)."""
+    return torch.where(kept >= 0, order.gather(1, kept.clamp(min=0)), kept)  # [B, S']
 
 
 @dataclass(frozen=True)
@@ -122,6 +146,7 @@ class StagedPlan:
     plan: StagePlan
     tensors: Any  # plugins.lightkv.launch.PlanTensors
     out_lengths: torch.Tensor  # [B] int64
+    order: torch.Tensor | None  # [B, S] int64: the stage's input reordering (None: nothing moves)
     text_positions: tuple[torch.Tensor, torch.Tensor]  # text_index [B, T] int64, text_valid [B, T] bool
 
 
@@ -129,13 +154,14 @@ def stage_plans(spans, seq_len: int, schedule: Schedule, grid_mode: GridMode, de
     """Every stage's plan from the layout alone (as the reference op plans it), on `device`."""
     from plugins.lightkv.launch import plan_tensors
 
-    planned = plan_request(spans, [seq_len] * len(spans), schedule, grid_mode=grid_mode)
+    planned = plan_request(spans, [seq_len] * len(spans), schedule, grid_mode=grid_mode, reorder=True)
     staged = []
     for k, plan in enumerate(planned.stages):
         names = stage_input_names(k)
         text = tuple(torch.as_tensor(planned.feeds[names[n]], device=device) for n in ("text_index", "text_valid"))
         lengths = torch.as_tensor(plan.out_lengths, dtype=torch.int64, device=device)  # [B]
-        staged.append(StagedPlan(plan, plan_tensors(plan, device), lengths, text))
+        order = torch.as_tensor(plan.order, device=device) if plan.order is not None else None  # [B, S]
+        staged.append(StagedPlan(plan, plan_tensors(plan, device), lengths, order, text))
     return staged
 
 
@@ -228,12 +254,18 @@ def prefill(
                 text_positions=planned.text_positions if planned else None,
             )  # [1, S]
             if planned is not None:
-                res = merge_with_kernels(hidden, xi, planned)
+                order = planned.order
+                res = merge_with_kernels(*(gather_order(order, hidden, xi) if order is not None else (hidden, xi)),
+                                         planned)  # fmt: skip
             else:
                 forced = assignments[len(records)] if assignments is not None else None
-                res = lightkv_merge(
-                    hidden, xi, spans, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode, merged_into=forced
-                )
+                kwargs = {"windows": stage.windows, "ratio": stage.ratio, "grid_mode": grid_mode}
+                order_np, op_spans = inline_order(spans, seq, **kwargs)
+                order = torch.from_numpy(order_np).to(hidden.device) if order_np is not None else None  # [B, S]
+                op_in = gather_order(order, hidden, xi) if order is not None else (hidden, xi)
+                res = lightkv_merge(*op_in, op_spans, merged_into=forced, **kwargs)
+            if order is not None:
+                res = dataclasses.replace(res, kept=kept_in_input_order(res.kept, order))
             records.append(StageRecord(idx + 1, res.kept, res.spans, res.skipped, xi, res.merged_into, res.shortfall))
             hidden, spans = res.hidden, res.spans
             pos = scheme.after_merge(pos, res.kept, positions)  # [*lead, 1, S']

@@ -4,6 +4,13 @@ Everything here depends only on spans, grids, row lengths and the stage's window
 values (DESIGN.md section 2), so S' is known before any compute and an engine can size its buffers from it. The
 runtime plans every request with it; the PyTorch reference (method/reference.py, which states the rules) and
 every kernel execute the plans it makes.
+
+Tokens that never merge inside a grid (a span's `trailing` tokens after every row, LLaVA-NeXT's newlines) would
+make the survivors per row, and so their place after a merge, depend on the data. At the first stage that merges
+such a grid the plan therefore reorders the stage's input (`inline_order`): the grid's vision tokens first, raster
+order, then its inline tokens in order, everything else in place. The stage merges the reordered sequence and
+reports `kept` in the original positions, and the grid leaves it as a plain grid followed by a fixed run, so every
+later stage is an ordinary one.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ class StagePlan:
 
     win_index: [W, n_max] int64, flat index (b * S + s) of each window's tokens in raster order, -1 padding
     win_r:     [W] int64, tokens to merge away in each window
+    order:     [B, S] int64 or None: the stage's input reordering (`inline_order`): the op runs on the input
+               gathered by it, its win_index and kept index the reordered sequence. None: nothing moves.
     """
 
     batch: int
@@ -44,6 +53,7 @@ class StagePlan:
     win_r: np.ndarray
     spans: tuple[tuple[VisionSpan, ...], ...]
     skipped: tuple[tuple[bool, ...], ...]
+    order: np.ndarray | None = None
 
     @property
     def out_seq_len(self) -> int:
@@ -127,12 +137,57 @@ def validate_layout(spans: Sequence[Sequence[VisionSpan]], lengths: Sequence[int
                     "Expected spans sorted by start and non-overlapping."
                 )
             h, w = span.grid
+            if span.trailing < 0 or (span.trailing and span.length != h * w):
+                raise InputError(
+                    f"{where}: {span.trailing} inline fixed tokens per row need a full {h}x{w} grid of vision "
+                    "tokens. Expected trailing >= 0, and length = h * w where trailing > 0."
+                )
             if h < 1 or w < 1 or h * w < span.length or (h - 1) * w >= span.length:
                 raise InputError(
                     f"{where}: grid {h}x{w} does not match {span.length} tokens. Expected "
                     "(h - 1) * w < length <= h * w (a full grid, or a partial last row after a merge)."
                 )
             prev_end = span.end
+
+
+def skips(span: VisionSpan, windows: int) -> bool:
+    """Too small for the stage's windows: the span passes the stage unmerged."""
+    return span.length < MIN_TOKENS_PER_WINDOW * windows * windows
+
+
+def merges(span: VisionSpan, windows: int, ratio: float, grid_mode: GridMode) -> bool:
+    """Whether the stage merges at least one of the span's tokens."""
+    if ratio == 0.0 or skips(span, windows):
+        return False
+    grid = span.grid if grid_mode == "true" else pseudo_square(span.length)
+    return int(merge_counts(window_layout(span.length, grid, windows)[1], ratio).sum()) > 0
+
+
+def inline_order(
+    spans: Sequence[Sequence[VisionSpan]],
+    seq_len: int,
+    *,
+    windows: int,
+    ratio: float,
+    grid_mode: GridMode = "true",
+) -> tuple[np.ndarray | None, tuple[tuple[VisionSpan, ...], ...]]:
+    """(order [B, S] int64 or None, the spans in the reordered sequence): each span with inline fixed tokens that
+    this stage merges gets its vision tokens first (raster order), then its inline tokens in order, within its own
+    positions; everything else stays. None when nothing moves (no inline tokens, or none of their grids merges
+    here: a model's own order until its first merge, so ratio 0 is the model itself)."""
+    if not any(span.trailing for row in spans for span in row):  # every family without inline tokens
+        return None, tuple(tuple(row) for row in spans)
+    order = np.tile(np.arange(seq_len, dtype=np.int64), (len(spans), 1))  # [B, S]
+    moved, out = False, []
+    for b, row in enumerate(spans):
+        row_out = []
+        for span in row:
+            if span.trailing and merges(span, windows, ratio, grid_mode):
+                order[b, span.start : span.end] = np.concatenate([span.vision_positions(), span.inline_positions()])
+                span, moved = VisionSpan(span.start, span.length, span.grid), True
+            row_out.append(span)
+        out.append(tuple(row_out))
+    return (order if moved else None), tuple(out)
 
 
 def plan_stage(
@@ -143,8 +198,13 @@ def plan_stage(
     ratio: float,
     grid_mode: GridMode = "true",
     lengths: Sequence[int] | None = None,
+    reorder: bool = False,
 ) -> StagePlan:
-    """Everything about one stage that depends only on the layout (no tensor values)."""
+    """Everything about one stage that depends only on the layout (no tensor values).
+
+    reorder: plan grids with inline fixed tokens on the reordered input (`inline_order`, the plan's `order`);
+    without it such a grid that merges here is an InputError (a caller that would run the op on the input as it
+    is, as reference.lightkv_merge does, would merge the wrong tokens)."""
     if not 0.0 <= ratio < 1.0:
         raise InputError(f"stage ratio {ratio} is outside [0, 1): it is the fraction of each window merged away.")
     if windows < 1:
@@ -155,6 +215,13 @@ def plan_stage(
     if any(n > seq_len or n < 0 for n in lengths):
         raise InputError(f"row lengths {lengths} must lie in [0, {seq_len}] (the sequence length).")
     validate_layout(spans, lengths)
+    order, spans = inline_order(spans, seq_len, windows=windows, ratio=ratio, grid_mode=grid_mode)
+    if order is not None and not reorder:
+        raise InputError(
+            "a grid with tokens that never merge inside it (a newline after every row) merges at this stage, and "
+            "this caller runs the stage on the input as it is. Expected plan_stage(..., reorder=True) with the "
+            "input gathered by the plan's order (merge_plan.plan_request and torch_runtime.prefill do this)."
+        )
 
     blocks: list[np.ndarray] = []
     rs: list[np.ndarray] = []
@@ -163,10 +230,10 @@ def plan_stage(
         removed = 0
         row_spans, row_skipped = [], []
         for span in row:
-            skip = span.length < MIN_TOKENS_PER_WINDOW * windows * windows
+            skip = skips(span, windows)
             row_skipped.append(skip)
-            if skip or ratio == 0.0:
-                row_spans.append(VisionSpan(span.start - removed, span.length, span.grid))
+            if skip or ratio == 0.0 or span.trailing:  # a grid with inline tokens here merges nothing
+                row_spans.append(VisionSpan(span.start - removed, span.length, span.grid, span.trailing))
                 continue
             grid = span.grid if grid_mode == "true" else pseudo_square(span.length)
             members, sizes = window_layout(span.length, grid, windows)
@@ -197,4 +264,5 @@ def plan_stage(
         win_r=win_r,
         spans=tuple(new_spans),
         skipped=tuple(skipped),
+        order=order,
     )

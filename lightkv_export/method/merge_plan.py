@@ -12,6 +12,11 @@ A graph lowered to the TensorRT plugins (passes/lower_trt_plugin.py) takes one m
 int64 = 0..S'-1 (`lowered_feeds`): S' = max(out_lengths) as an input dimension, so that TensorRT sizes every output
 after the merge from plain input dimensions (no data-dependent size tensor). The ONNX function reads S' from
 out_lengths itself, so ONNX Runtime graphs have no such input.
+
+A graph built for grids with inline fixed tokens (insert_lightkv(..., reorder=True): LLaVA-NeXT's newlines) takes
+one more input per stage, order [B, S] int64 (`plan_request(..., reorder=True)`): the permutation of the stage's
+input it merges (layout.inline_order; 0..S-1 where nothing moves). Graphs built without it have no such input, and
+plan_request refuses a layout that needs one.
 """
 
 from __future__ import annotations
@@ -23,17 +28,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from lightkv_export.errors import InputError
-from lightkv_export.method.layout import GridMode, StagePlan, plan_stage
+from lightkv_export.method.layout import GridMode, StagePlan, inline_order, plan_stage
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.method.spans import VisionSpan
 
 STAGE_INPUTS = ("win_index", "win_r", "out_lengths", "text_index", "text_valid")
 OUT_SLOTS = "out_slots"  # the extra stage input of graphs lowered to the TensorRT plugins
+ORDER = "order"  # the extra stage input of graphs built for grids with inline fixed tokens
 
 
 def stage_input_names(stage: int) -> dict[str, str]:
-    """Graph input names of stage `stage` (0-based), keyed by role (OUT_SLOTS: TensorRT graphs only)."""
-    return {role: f"lightkv.{stage}.{role}" for role in (*STAGE_INPUTS, OUT_SLOTS)}
+    """Graph input names of stage `stage` (0-based), keyed by role (OUT_SLOTS: TensorRT graphs only; ORDER: graphs
+    built for inline fixed tokens only)."""
+    return {role: f"lightkv.{stage}.{role}" for role in (*STAGE_INPUTS, OUT_SLOTS, ORDER)}
+
+
+def takes_order(input_names: Sequence[str]) -> bool:
+    """Whether a prefill graph with these inputs was built for inline fixed tokens (takes each stage's order)."""
+    return stage_input_names(0)[ORDER] in set(input_names)
 
 
 def stage_of(name: str) -> int | None:
@@ -58,7 +70,8 @@ def lowered_feeds(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def stage_kept_name(stage: int) -> str:
-    """Graph output: kept [B, S'] int64 of stage `stage`: source index (into the stage's input) of each survivor."""
+    """Graph output: kept [B, S'] int64 of stage `stage`: source index (into the stage's input, as it was before any
+    reordering) of each survivor."""
     return f"lightkv.{stage}.kept"
 
 
@@ -111,7 +124,7 @@ def text_positions(spans: Sequence[Sequence[VisionSpan]], lengths: Sequence[int]
     for row, length in zip(spans, lengths, strict=True):
         vision = np.zeros(length, dtype=bool)
         for span in row:
-            vision[span.start : span.end] = True
+            vision[span.vision_positions()] = True  # a grid's inline fixed tokens are not vision tokens
         rows.append(np.flatnonzero(~vision))
     width = max((len(r) for r in rows), default=0)
     index = np.zeros((len(rows), width), dtype=np.int64)
@@ -127,18 +140,30 @@ def plan_request(
     schedule: Schedule,
     *,
     grid_mode: GridMode = "true",
+    reorder: bool = False,
 ) -> RequestPlan:
-    """Plan every stage of `schedule` for a batch of rows (right-padded to max(lengths))."""
+    """Plan every stage of `schedule` for a batch of rows (right-padded to max(lengths)).
+
+    reorder: the engine takes each stage's order (built for inline fixed tokens): feed it at every stage. Without
+    it, a layout whose inline tokens would have to move is an InputError."""
     cur_spans = tuple(tuple(row) for row in spans)
     cur_lengths = tuple(int(n) for n in lengths)
     seq = max(cur_lengths)
     plans, feeds = [], {}
     for k, stage in enumerate(schedule.stages):
         text_index, text_valid = text_positions(cur_spans, cur_lengths)
-        plan = plan_stage(
-            cur_spans, seq, windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode, lengths=cur_lengths
-        )
+        kwargs = {"windows": stage.windows, "ratio": stage.ratio, "grid_mode": grid_mode}
+        if not reorder and inline_order(cur_spans, seq, **kwargs)[0] is not None:
+            raise InputError(
+                "the images have grids with tokens that never merge inside them (a newline after every row), and "
+                "this engine was built without the per-stage order input they need. Expected an engine built for "
+                "its family's layout (insert_lightkv(..., reorder=True)); rebuild it."
+            )
+        plan = plan_stage(cur_spans, seq, lengths=cur_lengths, reorder=reorder, **kwargs)
         names = stage_input_names(k)
+        if reorder:  # [B, S]: the identity where nothing moves, so the engine's inputs never change
+            identity = np.tile(np.arange(seq, dtype=np.int64), (len(cur_spans), 1))
+            feeds[names[ORDER]] = plan.order if plan.order is not None else identity
         if plan.win_r.size:
             feeds[names["win_index"]] = plan.win_index.astype(np.int64)
             feeds[names["win_r"]] = plan.win_r.astype(np.int64)

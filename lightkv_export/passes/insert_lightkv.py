@@ -11,6 +11,12 @@ At each scheduled layer lambda (1-based) the pass adds, on the export's role val
   so the pass does not depend on how the exporter spelled them.
 Later layers then compute, and output, shorter K and V. Each stage's `kept` and `assign` (the partner each merged
 token went to, for parity's tie-aware check) become graph outputs.
+
+With `reorder` (a family whose grids hold tokens that never merge inside them, LLaVA-NeXT's newlines) each stage
+also takes order [B, S] (merge_plan.plan_request(..., reorder=True)): the layer's output and xi are gathered by it
+before the op, and the op's kept is mapped back through it (kept = order[kept], -1 stays -1), so the `kept` output
+and everything gathered with it (the survivors' positions) are in the stage's input order, as without a reordering.
+Without it the graph is exactly what it was before (no order input).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from onnx_ir.passes import common as common_passes
 from lightkv_export.contract import ENGINE_META_KEY, INPUTS_EMBEDS, PRESENT_PREFIX, ROLE_PREFIX, is_attention_role
 from lightkv_export.errors import InputError
 from lightkv_export.method.layout import OP_DOMAIN, OP_NAME, OP_VERSION
-from lightkv_export.method.merge_plan import stage_assign_name, stage_input_names, stage_kept_name
+from lightkv_export.method.merge_plan import ORDER, stage_assign_name, stage_input_names, stage_kept_name
 from lightkv_export.method.onnx_function import lightkv_function, node_attributes
 from lightkv_export.method.schedule import Schedule
 from lightkv_export.models.positions import SCHEMES
@@ -148,14 +154,30 @@ def _guidance(b: Builder, query, key, lengths, text_index, text_valid, *, groups
     return b.op("ReduceSum", [probs, b.ints([1, 2, 4])], {"keepdims": 0})  # [B, S]
 
 
+def _reordered(b: Builder, order: ir.Value, hidden: ir.Value, xi: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """hidden [B, S, D] and xi [B, S] gathered by order [B, S] along the sequence."""
+    index = b.op("Expand", [b.op("Unsqueeze", [order, b.ints([2])]), b.op("Shape", [hidden])])  # [B, S, D]
+    return b.op("GatherElements", [hidden, index], {"axis": 1}), b.op("GatherElements", [xi, order], {"axis": 1})
+
+
+def _kept_in_input_order(b: Builder, order: ir.Value, kept: ir.Value, name: str) -> ir.Value:
+    """kept [B, S'] of the reordered input as indices into the input before the reordering (-1 stays -1)."""
+    zero = b.i64(0)
+    source = b.op("GatherElements", [order, b.op("Max", [kept, zero])], {"axis": 1})  # [B, S']
+    return b.multi("Where", [b.op("Less", [kept, zero]), kept, source], num_outputs=1, names=[name])[0]
+
+
 def insert_lightkv(
     model: onnx.ModelProto,
     schedule: Schedule,
     *,
     positions: PositionMode = "preserve",
     grid_mode: str = "true",
+    reorder: bool = False,
 ) -> tuple[onnx.ModelProto, PassReport]:
-    """The vanilla prefill with one LightKV stage per scheduled layer (a new model; the input is not modified)."""
+    """The vanilla prefill with one LightKV stage per scheduled layer (a new model; the input is not modified).
+    reorder: take each stage's order input (grids with inline fixed tokens, module docstring); recorded in the
+    engine metadata."""
     if positions not in ("preserve", "official"):
         raise InputError(f"positions must be 'preserve' or 'official', got {positions!r}.")
     meta = role_meta(model, "prefill")
@@ -180,6 +202,7 @@ def insert_lightkv(
         out_lengths = _new_input(graph, names["out_lengths"], INT64, ["batch"])
         text_index = _new_input(graph, names["text_index"], INT64, ["batch", f"T_{k}"])
         text_valid = _new_input(graph, names["text_valid"], BOOL, ["batch", f"T_{k}"])
+        order = _new_input(graph, names[ORDER], INT64, ["batch", f"S_in_{k}"]) if reorder else None
 
         i = stage.layer - 1
         hidden, query, key = (values[meta[role][i]] for role in ("hidden", "query", "key"))
@@ -189,15 +212,19 @@ def insert_lightkv(
             groups=meta["num_heads"] // meta["num_kv_heads"], head_dim=meta["head_dim"],
         )  # fmt: skip
         guidance_nodes += b.count - before
-        uses = list(hidden.uses())
+        uses = list(hidden.uses())  # before the reordering adds its own
+        op_hidden, op_xi = _reordered(b, order, hidden, xi) if order is not None else (hidden, xi)
+        kept_name = f"lightkv.{k}.kept_reordered" if order is not None else stage_kept_name(k)
         merged, kept, assign = b.multi(
             OP_NAME,
-            [hidden, xi, win_index, win_r, state["len"], out_lengths],
+            [op_hidden, op_xi, win_index, win_r, state["len"], out_lengths],
             node_attributes(windows=stage.windows, ratio=stage.ratio, grid_mode=grid_mode),
             num_outputs=3,
             domain=OP_DOMAIN,
-            names=[f"lightkv.{k}.hidden", stage_kept_name(k), stage_assign_name(k)],
+            names=[f"lightkv.{k}.hidden", kept_name, stage_assign_name(k)],
         )
+        if order is not None:
+            kept = _kept_in_input_order(b, order, kept, stage_kept_name(k))
         for node, idx in uses:
             node.replace_input_with(idx, merged)
 
@@ -233,21 +260,26 @@ def insert_lightkv(
     inserted = sum(1 for n in out.graph.node if n.domain == OP_DOMAIN and n.op_type == OP_NAME)
     if inserted != len(schedule.stages):
         raise AssertionError(f"inserted {inserted} LightKV stages, the schedule has {len(schedule.stages)}")
-    set_engine_meta(out, schedule, positions=positions, grid_mode=grid_mode)
+    set_engine_meta(out, schedule, positions=positions, grid_mode=grid_mode, reorder=reorder)
     return out, report
 
 
-def set_engine_meta(model: onnx.ModelProto, schedule: Schedule, *, positions: str, grid_mode: str) -> None:
+def set_engine_meta(
+    model: onnx.ModelProto, schedule: Schedule, *, positions: str, grid_mode: str, reorder: bool = False
+) -> None:
     """Record in the graph's metadata (ENGINE_META_KEY) what it was built for: each stage's layer, windows and ratio,
     the position and grid modes. The host's merge plan is made from the manifest's schedule, which the graph itself
     cannot see (the TensorRT plugins drop the windows and ratio): this record is what the manifest is checked
-    against when an engine is loaded (integrity.py)."""
+    against when an engine is loaded (integrity.py). `reorder` is recorded only where set (graphs taking each
+    stage's order input), so every other engine's record is what it was."""
     record = {
         "schedule": str(schedule),
         "stages": [[s.layer, s.windows, s.ratio] for s in schedule.stages],
         "positions": positions,
         "grid_mode": grid_mode,
     }
+    if reorder:
+        record["reorder"] = True
     kept = [p for p in model.metadata_props if p.key != ENGINE_META_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

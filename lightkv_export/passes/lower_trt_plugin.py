@@ -22,8 +22,9 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from lightkv_export.errors import InputError
 from lightkv_export.method.layout import OP_DOMAIN, OP_NAME
-from lightkv_export.method.merge_plan import OUT_SLOTS, stage_input_names, stage_of
+from lightkv_export.method.merge_plan import OUT_SLOTS, stage_input_names, stage_of, takes_order
 
 PLUGIN_NAMESPACE = "lightkv"
 PLUGIN_VERSION = "1"
@@ -94,6 +95,12 @@ def lower_graph(graph: onnx.GraphProto) -> list[str]:
 def lower_trt_plugin(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of `model` with every LightKVMerge node lowered to the TensorRT plugins, each stage's out_slots
     [S'] int64 added as a graph input, and the LightKVMerge function dropped."""
+    if takes_order([i.name for i in model.graph.input]):
+        raise InputError(
+            "a TensorRT engine for grids with tokens that never merge inside them (LLaVA-NeXT's newlines: each "
+            "stage's order input) is not supported yet: its optimization profiles do not cover the order input. "
+            "Build the ort-cpu target for this family."
+        )
     out = onnx.ModelProto()
     out.CopyFrom(model)
     present = {i.name for i in out.graph.input}

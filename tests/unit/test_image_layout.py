@@ -19,7 +19,7 @@ def test_a_layout_counts_grids_and_fixed_tokens_and_round_trips_through_json():
     assert (tiles.vision_tokens, tiles.fixed_tokens, tiles.tokens) == (22, 3, 25)
     assert ImageLayout.from_json(tiles.to_json()) == tiles
     assert ImageLayout.single(12, 16).to_json() == [[12, 16]]
-    for bad in (((0, 3),), (2,), ((2, 3, 1),), ((2, 3), 0)):
+    for bad in (((0, 3),), (2,), ((2, 3, 0),), ((2, 3, 1, 1),), ((2, 3), 0)):  # (h, w, n): n >= 1 inline
         with pytest.raises(ValueError):
             ImageLayout(bad)
 
