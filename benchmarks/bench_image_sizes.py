@@ -23,17 +23,28 @@ their largest buffers, about four score tensors each): about 7 GiB added for FUL
 resident in all. Time, from bench_ort_prefill's recorded 1.78 s for 343 GFLOPs: the page's vanilla prefill
 (1.8 TFLOPs) 10 to 15 s, LightKV's (0.94) about half; with the export, the whole run about 4 to 5 minutes.
 
+The vision encoder is measured too (`vision`): the family's vision graph (models/qwen2_5_vl.py) of a random-weight
+tower with Qwen2.5-VL-7B's width, heads and window at a quarter of its depth (VISION_FULL: 8 blocks, full attention
+in two), exported as an engine exports it, each image's feeds from the host, run in a fresh process per image
+(ONNX Runtime CPU, the engine's vision session settings) for its time and peak resident memory. The dense
+baseline is the same tower with the attention the graph had before (one masked SDPA over all patches: heads x N x N
+mask and scores per layer), run only where one heads x N x N float32 tensor stays under DENSE_LIMIT.
+
 Run: `python -m benchmarks --only image_sizes [--quick]` (--quick: bench_ort_prefill's QUICK model, small images
 under a 256-token cap).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import subprocess
+import sys
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.bench_ort_prefill import FULL, QUICK, THREADS, export_graphs, measure, session
 
@@ -50,6 +61,55 @@ PAGE_ASPECT = 3  # height / width of the document page
 PHOTOS = ((448, 448), (1344, 1008))
 QUICK_PHOTOS = ((224, 224), (448, 336))
 REPEATS = 7  # timed pairs per size (after a warm-up): the page's pair takes 15 to 25 s here (see the docstring)
+
+
+@dataclass(frozen=True)
+class VisionSize:
+    """The vision tower measured: Qwen2.5-VL-7B's vision config (REAL_VISION) with these changes."""
+
+    depth: int
+    hidden: int
+    heads: int
+    intermediate: int
+    full_attention: tuple[int, ...]  # fullatt_block_indexes: the blocks attending over the whole image
+    repeats: int  # timed runs per image (the first included: the page's takes minutes on 2 cores)
+
+
+# A quarter of the real tower's 32 blocks, every fourth one full attention as in the real one; real width and heads
+# (the attention's memory grows with heads x N^2 dense, HEAD_GROUP x N^2 segmented).
+VISION_FULL = VisionSize(8, 1280, 16, 3420, (3, 7), 1)
+VISION_QUICK = VisionSize(2, 64, 4, 128, (1,), 1)
+# Bytes of one heads x N x N float32 tensor under which the dense baseline runs: a probe of this tower at 4
+# blocks added 8.5 GiB running a 896 x 896 image dense (1 GiB per tensor), so 1344 x 1008 (3 GiB) would not fit.
+DENSE_LIMIT = 2**30
+
+# Run in a fresh process per (graph, image): its peak resident memory (VmHWM) is that image's alone. The engine's
+# vision session settings (targets/ort.py session_options: no CPU arena), 2 intra-op threads, sequential.
+CHILD = """
+import json, sys, time
+import numpy as np, onnxruntime as ort
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+path, feeds_path, repeats, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+from lightkv_export.targets.ort import session_options
+options = session_options({}, arena=False)
+options.intra_op_num_threads = threads
+options.inter_op_num_threads = 1
+options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+feeds = dict(np.load(feeds_path))
+loaded = status("VmRSS")
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    session.run(None, feeds)
+    times.append(time.perf_counter() - start)
+print(json.dumps({"loaded_rss": loaded, "peak_rss": status("VmHWM"), "times_s": times}))
+"""
 
 
 def image_host(cap: int) -> ImageHost:
@@ -114,10 +174,112 @@ def row(width: int, height: int, host: ImageHost, grid: tuple[int, int], m: dict
     }
 
 
+def dense_attention(module, query, key, value, attention_mask, *, scaling=None, cu_seq_lens_q=None, **_kwargs):
+    """The vision graph's attention before segments (the baseline): one SDPA over all N patches under an N x N
+    block-diagonal mask. query / key / value [1, H, N, d] -> [1, N, H, d]."""
+    import torch
+
+    n = query.shape[2]
+    bounds = cu_seq_lens_q[None, 1:]  # [1, S] each segment's end
+    segment = (torch.arange(n, device=query.device)[:, None] >= bounds).sum(-1)  # [N] segment of each token
+    mask = segment[:, None] == segment[None, :]  # [N, N]
+    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+@contextlib.contextmanager
+def vision_attention(function: Any):
+    """The vision graph traced with `function` as its attention (transformers' registry), restored after."""
+    from transformers import AttentionInterface
+
+    from lightkv_export.models import qwen2_vl
+
+    qwen2_vl.register_vision_attention()
+    AttentionInterface.register(qwen2_vl.VISION_ATTENTION, function)
+    try:
+        yield
+    finally:
+        AttentionInterface.register(qwen2_vl.VISION_ATTENTION, qwen2_vl.varlen_attention)
+
+
+def vision_tower(size: VisionSize) -> Any:
+    """A LoadedModel of Qwen2.5-VL with the vision tower at `size` (seeded random weights, the real window and
+    processor settings; the tiny language model: only the vision graph is exported)."""
+    import torch
+
+    from lightkv_export.models import tiny
+    from lightkv_export.models.base import LoadedModel
+    from lightkv_export.models.registry import build_seeded, get_family, get_spec
+
+    family = get_family(FAMILY)
+    config = family.tiny_config_dict(tiny.build_tokenizer())
+    config["vision_config"] = {
+        **family.real_vision,
+        "depth": size.depth,
+        "hidden_size": size.hidden,
+        "num_heads": size.heads,
+        "intermediate_size": size.intermediate,
+        "fullatt_block_indexes": list(size.full_attention),
+        "out_hidden_size": config["text_config"]["hidden_size"],
+    }
+    model = build_seeded(family, family.config_class()(**config), torch.float32)
+    return LoadedModel(get_spec("qwen-vl"), model, family.random_processor(), family)
+
+
+def run_child(graph: Path, feeds: dict, repeats: int, workdir: Path) -> dict:
+    """CHILD's measurement of `graph` on `feeds` in a fresh Python process."""
+    import numpy as np
+
+    feeds_path = workdir / "feeds.npz"
+    np.savez(feeds_path, **feeds)
+    args = [sys.executable, "-c", CHILD, str(graph), str(feeds_path), str(repeats), str(THREADS)]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"failed": f"exit {done.returncode}: {done.stderr.strip()[-300:]}"}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    times = sorted(out["times_s"])
+    return {**out, "median_ms": times[len(times) // 2] * 1e3, "run_added_bytes": out["peak_rss"] - out["loaded_rss"]}
+
+
+def measure_vision(quick: bool, sizes: list[tuple[int, int]], host: ImageHost) -> dict:
+    """Time and peak memory of the vision graph per image, segmented (the graph as exported) and dense (the
+    baseline, under DENSE_LIMIT and not in --quick)."""
+    import torch
+
+    from lightkv_export.export import export_vision
+    from lightkv_export.images import example_image
+
+    size = VISION_QUICK if quick else VISION_FULL
+    loaded = vision_tower(size)
+    variants = ("segmented",) if quick else ("segmented", "dense")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_vision_") as tmp:
+        work = Path(tmp)
+        graphs = {}
+        for variant in variants:
+            graphs[variant] = work / f"{variant}.onnx"
+            with vision_attention(dense_attention) if variant == "dense" else contextlib.nullcontext():
+                export_vision(loaded, graphs[variant], dtype=torch.float32)
+        del loaded
+        for width, height in sizes:
+            feeds = host.prepare(example_image(height, width)).feeds
+            patches = int(next(iter(feeds.values())).shape[0])
+            dense_bytes = size.heads * patches * patches * 4
+            row = {"image": label(width, height), "patches": patches, "dense_scores_bytes": dense_bytes}
+            for variant in variants:
+                if variant == "dense" and dense_bytes > DENSE_LIMIT:
+                    row[variant] = {"skipped": f"heads x N x N scores {dense_bytes / 2**30:.1f} GiB per tensor"}
+                    continue
+                row[variant] = run_child(graphs[variant], feeds, size.repeats, work)
+            rows.append(row)
+    return {"model": size.__dict__, "threads": THREADS, "rows": rows}
+
+
 def run(quick: bool = False) -> dict:
     cap, sizes = images(quick)
     host = image_host(cap)
     grids = [host.layout(h, w).grids[0] for w, h in sizes]  # (rows, cols): Qwen-VL lays an image out as one grid
+    vision = measure_vision(quick, sizes, host)  # first: no prefill session holds memory while it runs
     base = QUICK if quick else replace(FULL, repeats=REPEATS)
     longest = base.text_before + max(r * c for r, c in grids) + base.text_after
     # The config's context covers the longest request.
@@ -149,6 +311,7 @@ def run(quick: bool = False) -> dict:
         "threads": THREADS,
         "repeats": base.repeats,
         "build_s": build_s,
+        "vision": vision,
     }
 
 
@@ -177,4 +340,32 @@ def markdown(result: dict) -> str:
         f"with max_pixels capped at {result['max_pixels']:,}; speed-up = median of per-repeat vanilla / LightKV "
         f"ratios over {result['repeats']} interleaved repeats.",
     ]
+    if "vision" in result:
+        out += ["", *vision_markdown(result["vision"])]
     return "\n".join(out)
+
+
+def vision_markdown(vision: dict) -> list[str]:
+    m = vision["model"]
+    out = [
+        f"Vision encoder: random-weight Qwen2.5-VL tower ({m['depth']} blocks, full attention in "
+        f"{list(m['full_attention'])}, width {m['hidden']}, {m['heads']} heads, real window), ONNX Runtime CPU, "
+        f"{vision['threads']} threads, one fresh process per image; peak = the process's peak resident memory, "
+        "added = what running the image added to it. Segmented: the graph as exported (windows padded to a window, "
+        "one head's N x N at a time in full-attention blocks); dense: the same tower with one masked heads x N x N "
+        "attention per block (the graph before).",
+        "",
+        "| image (w x h) | patches N | segmented ms | segmented peak / added MiB | dense ms | dense peak / added MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def cells(m: dict | None) -> str:
+        if m is None:
+            return "- | -"
+        if "median_ms" not in m:
+            return f"{m.get('skipped') or m.get('failed')} | -"
+        return f"{m['median_ms']:.0f} | {m['peak_rss'] / 2**20:.0f} / {m['run_added_bytes'] / 2**20:.0f}"
+
+    for r in vision["rows"]:
+        out.append(f"| {r['image']} | {r['patches']} | {cells(r.get('segmented'))} | {cells(r.get('dense'))} |")
+    return out

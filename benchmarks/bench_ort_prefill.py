@@ -69,7 +69,7 @@ def qwen_config(
     from lightkv_export.models.registry import get_family
 
     family = get_family("qwen2_5_vl")
-    config_kw = tiny.tiny_config_dict("qwen2_5_vl", tiny.build_tokenizer())
+    config_kw = family.tiny_config_dict(tiny.build_tokenizer())
     config_kw["text_config"] = {
         **config_kw["text_config"],
         "hidden_size": hidden,

@@ -60,10 +60,11 @@ def write_checkpoint(size: BenchSize, path: Path) -> np.ndarray:
     """The random-weight checkpoint both builders read (save_pretrained + the tiny processor); returns the token
     embedding table, which the peer's decoder (built without embeddings) is fed from."""
     from lightkv_export.models import tiny
+    from lightkv_export.models.registry import get_family
 
     _, model = build_model(size)
     model.save_pretrained(path)
-    tiny.build_processor("qwen2_5_vl", tiny.build_tokenizer()).save_pretrained(path)
+    get_family("qwen2_5_vl").tiny_processor(tiny.build_tokenizer()).save_pretrained(path)
     return model.get_input_embeddings().weight.detach().numpy().copy()  # [V, D]
 
 

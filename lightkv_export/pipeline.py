@@ -211,8 +211,14 @@ def num_layers(loaded: LoadedModel) -> int:
 def schedule_for(config: BuildConfig, loaded: LoadedModel) -> Schedule | None:
     if config.vanilla:
         return None
+    first_layer, why = loaded.family.first_merge_layer(loaded.model.config)
     return resolve(
-        num_layers(loaded), ratio=config.effective_ratio, schedule=config.schedule, windows=loaded.spec.default_windows
+        num_layers(loaded),
+        ratio=config.effective_ratio,
+        schedule=config.schedule,
+        windows=loaded.spec.default_windows,
+        first_layer=first_layer,
+        why=why,
     )
 
 
@@ -468,17 +474,22 @@ def _run(config: BuildConfig, result: BuildResult, progress: Progress) -> BuildR
 
 def build_group(config: BuildConfig, dtype: str, targets: list[str], result: BuildResult, progress: Progress) -> None:
     """Load, export and transform once for the targets that share a dtype; then build and check each target."""
+    from lightkv_export.models.registry import fit_local_defaults
     from lightkv_export.targets.ort import transform_prefill
 
     torch_dtype = DTYPES[dtype]
     with progress.stage(f"load {config.model} ({dtype})"):
-        loaded = load(config, torch_dtype)
+        # A local checkpoint's windows and reference image fit its processor as capped (registry.fit_local_defaults).
+        loaded, fitted_note = fit_local_defaults(load(config, torch_dtype))
     image_size = loaded_image_size(config, loaded)
     loaded.image_host().layout(*image_size)  # a size the processor refuses is an InputError before any work
     schedule = schedule_for(config, loaded)
     if result.schedule is None and schedule is not None:
         result.schedule = schedule
         progress.log(f"schedule {schedule.describe()}")
+        first_layer, why = loaded.family.first_merge_layer(loaded.model.config)
+        if first_layer > 1:
+            progress.log(f"merges start after decoder layer {first_layer} at the earliest: {why}")
     with progress.stage(f"export ({dtype} vanilla graphs, cached per model)"):
         cache = config.out / EXPORT_CACHE
         if config.force:
@@ -496,7 +507,8 @@ def build_group(config: BuildConfig, dtype: str, targets: list[str], result: Bui
     dtype_bytes = torch.empty(0, dtype=torch_dtype).element_size()
     reference = reference_request(loaded, schedule, image_size, dtype_bytes, grid_mode=config.grid_mode)
     result.reference = result.reference or reference
-    notes = silent_noops(schedule, reference)
+    fitted = [fitted_note] if fitted_note and schedule is not None and config.schedule is None else []
+    notes = fitted + silent_noops(schedule, reference)
     for note in notes:
         progress.log(f"[yellow]warning:[/] {note}")
     manifest = base_manifest(config, loaded, schedule, exported, reference, dtype=dtype, notes=notes)

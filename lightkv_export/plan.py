@@ -83,7 +83,10 @@ def make_plan(args: argparse.Namespace) -> PlanResult:
         raise InputError(f"--images must be from 1 to {MAX_IMAGES}, got {args.images}: vision tokens come from images.")
     height, width = parse_image_size(args.image_size) if args.image_size else shape.default_image_size
     windows = parse_windows(args.windows) if args.windows else shape.default_windows
-    schedule = resolve(shape.num_layers, ratio=args.ratio, schedule=args.schedule, windows=windows)
+    first_layer, why = shape.first_merge_layer
+    schedule = resolve(
+        shape.num_layers, ratio=args.ratio, schedule=args.schedule, windows=windows, first_layer=first_layer, why=why
+    )
     layout = request_layout(shape, height, width, args.prompt_tokens, args.images)
     convention = FlopConvention(causal=args.causal, lm_head="last", decode_tokens=args.gen_tokens)
     return plan_budget(

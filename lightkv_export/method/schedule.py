@@ -82,10 +82,17 @@ class Schedule:
         return [(a + 1, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-def validate(schedule: Schedule) -> Schedule:
-    """Layers strictly increasing inside [1, L-1], windows >= 1, ratios in [0, 1)."""
+def validate(schedule: Schedule, first_layer: int = 1, why: str = "") -> Schedule:
+    """Layers strictly increasing inside [first_layer, L-1], windows >= 1, ratios in [0, 1). `first_layer` > 1 where
+    the model adds to the vision positions after early layers (Qwen3-VL's DeepStack), which a merge before the last
+    addition would have to compact too; `why` says so in the error."""
     last = 0
     for s in schedule.stages:
+        if s.layer < first_layer:
+            raise InputError(
+                f"stage {s}: this model's merges can start after decoder layer {first_layer} at the earliest"
+                f"{f' ({why})' if why else ''}; move the stage to layer {first_layer} or later."
+            )
         if not (last < s.layer < schedule.num_layers):
             raise InputError(
                 f"stage {s}: merge layers must increase and lie in 1..{schedule.num_layers - 1} "
@@ -99,7 +106,7 @@ def validate(schedule: Schedule) -> Schedule:
     return schedule
 
 
-def parse_schedule(text: str, num_layers: int) -> Schedule:
+def parse_schedule(text: str, num_layers: int, first_layer: int = 1, why: str = "") -> Schedule:
     """'12:4:0.5,18:2:0.5,24:1:0.5' -> Schedule."""
     stages = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -114,7 +121,7 @@ def parse_schedule(text: str, num_layers: int) -> Schedule:
             ) from None
     if not stages:
         raise InputError(f"schedule {text!r} has no stages; expected e.g. '12:4:0.5,18:2:0.5,24:1:0.5'.")
-    return validate(Schedule(num_layers, tuple(stages)))
+    return validate(Schedule(num_layers, tuple(stages)), first_layer, why)
 
 
 def retention_of(num_layers: int, layers: Sequence[int], ratio: float) -> float:
@@ -127,40 +134,51 @@ def retention_of(num_layers: int, layers: Sequence[int], ratio: float) -> float:
     return keep / num_layers
 
 
-def candidates(num_layers: int, windows: Sequence[int]) -> Iterator[tuple[tuple[int, ...], float, float]]:
-    """(merge layers, ratio, retention) for the first k window sizes, every layer placement and grid ratio."""
+def candidates(
+    num_layers: int, windows: Sequence[int], first_layer: int = 1
+) -> Iterator[tuple[tuple[int, ...], float, float]]:
+    """(merge layers, ratio, retention) for the first k window sizes, every layer placement from `first_layer` on
+    and every grid ratio."""
     for k in range(len(windows), 0, -1):
-        for layers in itertools.combinations(range(1, num_layers), k):
+        for layers in itertools.combinations(range(first_layer, num_layers), k):
             for ratio in RATIO_GRID:
                 yield layers, ratio, retention_of(num_layers, layers, ratio)
 
 
-def reachable_range(num_layers: int, windows: Sequence[int]) -> tuple[float, float]:
+def reachable_range(num_layers: int, windows: Sequence[int], first_layer: int = 1) -> tuple[float, float]:
     """Lowest: every stage as early as possible at 0.5; highest: one late stage at the smallest ratio."""
-    k = min(len(windows), num_layers - 1)
-    lowest = retention_of(num_layers, range(1, k + 1), PAPER_RATIO)
+    k = min(len(windows), num_layers - first_layer)
+    lowest = retention_of(num_layers, range(first_layer, first_layer + k), PAPER_RATIO)
     return lowest, retention_of(num_layers, [num_layers - 1], min(RATIO_GRID))
 
 
-def solve(num_layers: int, ratio: float, windows: Sequence[int]) -> Schedule:
-    """Turn (depth, R) into a schedule whose Eq. 9 retention is within 0.01 of R.
+def solve(num_layers: int, ratio: float, windows: Sequence[int], first_layer: int = 1, why: str = "") -> Schedule:
+    """Turn (depth, R) into a schedule whose Eq. 9 retention is within 0.01 of R, every stage at `first_layer` or
+    later (`validate`).
 
     Preference among the schedules that reach R: all stages used, the paper's 0.5 per stage, stage spacing
     closest to the paper's (about 0.18 of the depth), then the smallest error.
     """
     if num_layers < 2:
         raise InputError(f"a model with {num_layers} decoder layer(s) has no room for a merge stage.")
+    if not 1 <= first_layer < num_layers:
+        raise InputError(
+            f"no merge stage fits: merges may start after decoder layer {first_layer}"
+            f"{f' ({why})' if why else ''} and the model has {num_layers} layers."
+        )
     if not windows or any(w < 1 for w in windows):
         raise InputError(f"windows per stage must be positive integers, got {tuple(windows)}.")
     if ratio in (0.0, 1.0):
-        base = solve(num_layers, clamp_to_reachable(num_layers, NOMINAL_RATIO, windows), windows)
+        nominal = clamp_to_reachable(num_layers, NOMINAL_RATIO, windows, first_layer)
+        base = solve(num_layers, nominal, windows, first_layer, why)
         return Schedule(num_layers, tuple(Stage(s.layer, s.windows, 0.0) for s in base.stages), ratio)
-    lo, hi = reachable_range(num_layers, windows)
+    lo, hi = reachable_range(num_layers, windows, first_layer)
     if not 0.0 < ratio < 1.0 or ratio < lo - TOLERANCE or ratio > hi + TOLERANCE:
+        later = f" with merges from layer {first_layer} on ({why})" if first_layer > 1 else ""
         raise InputError(
-            f"ratio {ratio} cannot be reached with {num_layers} decoder layers: each stage removes at most half "
-            f"of the vision tokens, so the reachable range is {lo:.3f} to {hi:.3f} (0 or 1 for no compression). "
-            "Pick a ratio in that range, or give an explicit --schedule."
+            f"ratio {ratio} cannot be reached with {num_layers} decoder layers{later}: each stage removes at most "
+            f"half of the vision tokens, so the reachable range is {lo:.3f} to {hi:.3f} (0 or 1 for no "
+            "compression). Pick a ratio in that range, or give an explicit --schedule."
         )
     gap_target = max(1, round(PAPER_GAP * num_layers))
 
@@ -169,7 +187,7 @@ def solve(num_layers: int, ratio: float, windows: Sequence[int]) -> Schedule:
         spread = max((abs(b - a - gap_target) for a, b in itertools.pairwise(layers)), default=0)
         return (-len(layers), abs(rho - PAPER_RATIO), spread, abs(ret - ratio))
 
-    feasible = [c for c in candidates(num_layers, windows) if abs(c[2] - ratio) <= TOLERANCE]
+    feasible = [c for c in candidates(num_layers, windows, first_layer) if abs(c[2] - ratio) <= TOLERANCE]
     if not feasible:
         raise InputError(
             f"no schedule with one ratio per stage reaches {ratio} within {TOLERANCE} on {num_layers} layers; "
@@ -179,15 +197,24 @@ def solve(num_layers: int, ratio: float, windows: Sequence[int]) -> Schedule:
     return Schedule(num_layers, tuple(Stage(n, w, rho) for n, w in zip(layers, windows, strict=False)), ratio)
 
 
-def clamp_to_reachable(num_layers: int, ratio: float, windows: Sequence[int]) -> float:
-    lo, hi = reachable_range(num_layers, windows)
+def clamp_to_reachable(num_layers: int, ratio: float, windows: Sequence[int], first_layer: int = 1) -> float:
+    lo, hi = reachable_range(num_layers, windows, first_layer)
     return min(max(ratio, lo), hi)
 
 
-def resolve(num_layers: int, *, ratio: float | None, schedule: str | None, windows: Sequence[int]) -> Schedule:
-    """The CLI's entry: exactly one of --ratio and --schedule."""
+def resolve(
+    num_layers: int,
+    *,
+    ratio: float | None,
+    schedule: str | None,
+    windows: Sequence[int],
+    first_layer: int = 1,
+    why: str = "",
+) -> Schedule:
+    """The CLI's entry: exactly one of --ratio and --schedule. `first_layer` / `why`: the family's earliest merge
+    (Family.first_merge_layer)."""
     if (ratio is None) == (schedule is None):
         raise InputError("give exactly one of --ratio R (fraction of vision-token KV kept) or --schedule L:W:R,...")
     if schedule is not None:
-        return parse_schedule(schedule, num_layers)
-    return solve(num_layers, float(ratio), windows)
+        return parse_schedule(schedule, num_layers, first_layer, why)
+    return solve(num_layers, float(ratio), windows, first_layer, why)

@@ -52,6 +52,7 @@ class ArchShape:
     hf_id: str = ""
     default_windows: tuple[int, ...] = ()
     default_image_size: tuple[int, int] = (0, 0)  # (height, width) pixels of the planner's default request
+    first_merge_layer: tuple[int, str] = (1, "")  # Family.first_merge_layer: the earliest stage, and why
 
     @property
     def kv_dim(self) -> int:
@@ -79,7 +80,7 @@ class Family:
     hf_id: ClassVar[str]  # the real checkpoint a tiny preset mirrors and --random-weights builds by default
     positions: ClassVar[Positions]  # position ids and what a merge does to them (models/positions.py)
     presets: ClassVar[tuple[ModelSpec, ...]] = ()  # its model keys, aliases, windows, reference images, tolerances
-    qkv_bias: ClassVar[bool]  # the attention projections have biases (not a config field in every family)
+    tiny_text: ClassVar[dict[str, Any]]  # the tiny preset's text config (its decoder sizes: `tiny_shaped`)
 
     # --- loading --------------------------------------------------------------------------------------------
     def model_class(self) -> type:
@@ -96,6 +97,13 @@ class Family:
         """(config, processor) at toy size, built locally; the registry seeds the weights."""
         raise NotImplementedError
 
+    def tiny_shaped(self, config: Any) -> bool:
+        """Whether `config` has the tiny preset's decoder (a saved tiny preset, or a fine-tune of one): a local
+        checkpoint then starts from the tiny preset's windows and takes its tolerances, else the real preset's."""
+        text = config.get_text_config()
+        sizes = (int(text.hidden_size), int(text.num_hidden_layers))
+        return sizes == (self.tiny_text["hidden_size"], self.tiny_text["num_hidden_layers"])
+
     def random_processor(self) -> Any:
         """A processor for --random-weights without checkpoint files: a local tokenizer, the real image sizes."""
         raise NotImplementedError
@@ -107,6 +115,11 @@ class Family:
     def align_token_ids(self, config: Any, tokenizer: Any) -> None:
         """Point the config's special-token ids at the tokenizer's (when the tokenizer is not the checkpoint's)."""
         raise NotImplementedError
+
+    def check_config(self, config: Any) -> None:
+        """Refuse, with one InputError naming the part and what is supported, a checkpoint's config whose parts
+        (vision tower, decoder, feature settings) the family cannot export: called as the checkpoint is loaded,
+        before any export. The default accepts every config of the family's model types."""
 
     # --- sizes ----------------------------------------------------------------------------------------------
     def arch(self, config: Any) -> ArchShape:
@@ -131,13 +144,19 @@ class Family:
             intermediate=int(text.intermediate_size),
             vocab=int(text.vocab_size),
             tie_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-            qkv_bias=self.qkv_bias,
+            qkv_bias=self.attention_bias(model),
             vision="",
             language_params=language,
             vision_params=total - language,
+            first_merge_layer=self.first_merge_layer(config),
         )
 
     # --- the decoder ----------------------------------------------------------------------------------------
+    def attention_bias(self, model: Any) -> bool:
+        """Whether the decoder's q / k / v projections have biases, read off the model the config built (Qwen2:
+        always; Llama and Mistral: with attention_bias), so one family with several decoders reports each."""
+        return getattr(self.text_model(model).layers[0].self_attn.q_proj, "bias", None) is not None
+
     def text_model(self, model: Any) -> Any:
         """The decoder stack: .layers, .rotary_emb, .norm, .embed_tokens, .config."""
         return model.model.language_model
@@ -148,6 +167,14 @@ class Family:
     def spatial_merge(self, model: Any) -> int:
         """Vision-encoder patches per LLM token along each side."""
         raise NotImplementedError
+
+    def first_merge_layer(self, config: Any) -> tuple[int, str]:
+        """(the earliest decoder layer a merge stage may follow, 1-based; why). 1 for a decoder that only reads
+        the vision tokens. A model that adds vision features to the vision positions after early decoder layers
+        (Qwen3-VL's DeepStack, after layers 1..3) returns the last such layer unless its prefill graph compacts
+        those features with each stage's `kept`: the schedule solver then places every stage after it and
+        says so (method/schedule.py)."""
+        return 1, ""
 
     # --- images ---------------------------------------------------------------------------------------------
     def image_host(self, processor_config: dict[str, Any], *, max_pixels: int | None = None) -> ImageHost:

@@ -1,14 +1,18 @@
-"""LLaVA-1.5 family (`llava`): CLIP ViT-L/14 + 2-layer MLP projector + a Llama (Vicuna) decoder with 1-D RoPE.
+"""LLaVA family (`llava`): a ViT tower (CLIP or SigLIP) + a 2-layer MLP projector + a decoder with 1-D RoPE (Llama,
+Mistral or Qwen2), the parts read from each checkpoint's config.json (`check_parts` refuses the others).
 
-Layout the method and the exporter see: `model.model.vision_tower` (CLIPVisionModel), `model.model.
-multi_modal_projector`, `model.model.language_model` (LlamaModel), `model.lm_head`. The processor resizes and
-center-crops every image to one square size and expands each `<image>` into (size / patch)^2 placeholder tokens
-(CLS dropped: vision_feature_select_strategy "default"), so an image is always one contiguous run of side x side
-tokens in raster order, and positions are plain 1-D (token s at position s, no decode offset).
+Layout the method and the exporter see: `model.model.vision_tower` (CLIPVisionModel or SiglipVisionModel), `model.
+model.multi_modal_projector`, `model.model.language_model` (LlamaModel, MistralModel or Qwen2Model), `model.lm_head`.
+The processor sizes every image to one size (CLIP: resize + center crop; SigLIP: resize to a fixed square) and
+expands each `<image>` into (size // patch)^2 placeholder tokens (CLIP's CLS dropped: vision_feature_select_strategy
+"default"; SigLIP has none: "full"), so an image is always one contiguous run of rows x cols tokens in raster order
+(odd sides included: SigLIP 384 px / patch 14 is 27 x 27), and positions are plain 1-D (token s at position s, no
+decode offset). `vision_feature_layer` is one hidden state of the tower or a list of them, concatenated on the
+channels as transformers' LlavaModel.get_image_features does.
 
 `Llava` implements the family interface (models/family.py): 1-D RoPE positions ([B, S]), no spatial merge, the
 host image side (`ClipImages`: the processor's resize and center crop in numpy and PIL, no torch), a vision graph
-of the crop size (CLIP's position embeddings are fixed; an image of any size is resized and cropped to it), and a
+of the processed size (the towers' position embeddings are fixed; an image of any size is sized to it), and a
 tiny preset of the real classes at toy size with a locally trained, deterministic Llama tokenizer (no download).
 
 The module imports without torch or transformers (an engine's host reads `ClipImages` alone): they are imported
@@ -21,7 +25,7 @@ import copy
 import functools
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
@@ -120,18 +124,13 @@ REAL_CONFIGS = {
 }
 REAL_IMAGE_SIZE = 336
 
-# The tiny preset: Qwen tiny's decoder sizes on a Llama, a 2-layer CLIP (features come from layer -2) at 224 px.
+# The tiny preset: the tiny kit's decoder sizes (models/tiny.py) on a Llama, a 2-layer CLIP (features come from
+# layer -2) at 224 px.
 TINY_IMAGE_SIZE = 224  # 16 x 16 = 256 vision tokens per image
 TINY_TEXT = {
     "model_type": "llama",
-    "hidden_size": tiny.TINY_TEXT["hidden_size"],  # 64
-    "intermediate_size": tiny.TINY_TEXT["intermediate_size"],  # 128
-    "num_hidden_layers": tiny.TINY_TEXT["num_hidden_layers"],  # 8
-    "num_attention_heads": tiny.TINY_TEXT["num_attention_heads"],  # 4
-    "num_key_value_heads": tiny.TINY_TEXT["num_key_value_heads"],  # 2
+    **tiny.TINY_DECODER,  # hidden 64, MLP 128, 8 layers, 4 heads, 2 KV heads, 4096 positions
     "head_dim": 16,
-    "max_position_embeddings": tiny.TINY_TEXT["max_position_embeddings"],  # 4096
-    "rms_norm_eps": tiny.TINY_TEXT["rms_norm_eps"],  # 1e-6
     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
 }
 TINY_VISION = {
@@ -146,7 +145,7 @@ TINY_VISION = {
 }
 
 # The tiny tokenizer: Llama's layout (<unk> <s> </s>, 256 byte-fallback pieces, learned "▁"-BPE merges), then the
-# added <pad> and <image> as in the llava-hf checkpoints. Trained on the Qwen tiny corpus plus the chat words.
+# added <pad> and <image> as in the llava-hf checkpoints. Trained on the tiny kit's corpus plus the chat words.
 LLAMA_SPECIALS = ("<unk>", "<s>", "</s>")
 BYTE_PIECES = tuple(f"<0x{i:02X}>" for i in range(256))
 TINY_BPE_VOCAB = 640
@@ -172,8 +171,94 @@ CHAT_TEMPLATE = (
 
 
 def vision_model(model: Any) -> Any:
-    """The CLIP vision tower (the projector is `model.model.multi_modal_projector`)."""
+    """The vision tower (the projector is `model.model.multi_modal_projector`)."""
     return model.model.vision_tower
+
+
+# --- the parts a checkpoint may have ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tower:
+    """A vision tower this family exports: its name in messages, whether it prepends a CLS token (then the
+    processor's strategy must be "default", which drops it, so an image is exactly its patch grid), the layer norm
+    it applies to the embeddings before the encoder (None: none), and the image processor its host implements."""
+
+    name: str
+    cls_token: bool
+    pre_norm: str | None
+    image_processor: str
+
+    @property
+    def strategy(self) -> str:
+        """The vision_feature_select_strategy that leaves one token per patch."""
+        return "default" if self.cls_token else "full"
+
+
+TOWERS = {
+    "clip_vision_model": Tower("CLIP", cls_token=True, pre_norm="pre_layrnorm", image_processor="CLIPImageProcessor"),
+    "siglip_vision_model": Tower("SigLIP", cls_token=False, pre_norm=None, image_processor="SiglipImageProcessor"),
+}
+# Decoders with full causal attention, 1-D RoPE and the `model.layers[i].self_attn` layout the exporter runs
+# (Qwen2's q/k/v biases included: `Family.arch` reads them off the model).
+DECODERS = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
+
+
+def supported_parts() -> str:
+    """The towers and decoders a LLaVA checkpoint may have, for messages."""
+    towers = ", ".join(f"{t.name} ({k})" for k, t in TOWERS.items())
+    decoders = ", ".join(f"{name} ({k})" for k, name in DECODERS.items())
+    return f"supported: vision towers {towers}; decoders {decoders}"
+
+
+def tower_of(config: Any) -> Tower:
+    """The config's vision tower, or an InputError naming it and what is supported."""
+    vision = config.vision_config
+    model_type = getattr(vision, "model_type", None)
+    if model_type not in TOWERS:
+        raise InputError(
+            f"config.json vision_config model_type {model_type!r} ({type(vision).__name__}): this LLaVA "
+            f"checkpoint's vision tower is not supported; {supported_parts()}."
+        )
+    return TOWERS[model_type]
+
+
+def sliding_window(text: Any) -> int | None:
+    """The decoder's attention window when it has one that a sequence can reach (Mistral's `sliding_window`, Qwen2's
+    sliding layers), else None: the exported attention is full causal attention."""
+    window = getattr(text, "sliding_window", None)
+    if text.model_type == "qwen2":
+        sliding = "sliding_attention" in (getattr(text, "layer_types", None) or ())
+        return int(window) if sliding and window else None
+    return int(window) if window else None
+
+
+def check_parts(config: Any) -> Tower:
+    """Refuse, when the checkpoint is loaded and before any export, a LLaVA config whose vision tower, decoder or
+    feature settings this family does not export, naming them and listing what is supported. Returns the tower."""
+    tower = tower_of(config)
+    text = config.get_text_config()
+    if text.model_type not in DECODERS:
+        raise InputError(
+            f"config.json text_config model_type {text.model_type!r} ({type(text).__name__}): this LLaVA "
+            f"checkpoint's decoder is not supported; {supported_parts()}."
+        )
+    window = sliding_window(text)
+    if window is not None:
+        raise InputError(
+            f"config.json text_config: the {DECODERS[text.model_type]} decoder attends through a sliding window of "
+            f"{window} tokens, which the exported graphs do not implement (they attend to the whole sequence): "
+            "only decoders with full attention are supported (sliding_window null, use_sliding_window false)."
+        )
+    strategy = config.vision_feature_select_strategy
+    if strategy != tower.strategy:
+        kept = "keeps CLS" if tower.cls_token else "drops a patch token (SigLIP has no CLS)"
+        raise InputError(
+            f"config.json vision_feature_select_strategy {strategy!r} with a {tower.name} tower {kept}, so an image "
+            f"is not one token per patch: only {tower.strategy!r} is supported with {tower.name}."
+        )
+    feature_depths(config)  # an index outside the tower is refused here too
+    return tower
 
 
 # --- requests ---------------------------------------------------------------------------------------------------
@@ -200,11 +285,17 @@ def token_grid(processor: Any, height: int, width: int) -> tuple[int, int]:
 
 
 def feature_depths(config: Any) -> list[int]:
-    """CLIP layers to run for each vision_feature_layer: hidden state k of num_layers + 1 (0 = the embeddings)."""
+    """The tower's hidden states that vision_feature_layer names, in its order: hidden state k of num_layers + 1
+    (0 = the embeddings, k = after encoder layer k; negative counts from the end, as Python indexes the tuple)."""
     layers = config.vision_feature_layer
     layers = [layers] if isinstance(layers, int) else list(layers)
     total = int(config.vision_config.num_hidden_layers) + 1
-    return [layer % total for layer in layers]
+    if not layers or any(not -total <= int(layer) < total for layer in layers):
+        raise InputError(
+            f"config.json vision_feature_layer {config.vision_feature_layer!r}: each must index the vision tower's "
+            f"{total} hidden states (-{total} to {total - 1})."
+        )
+    return [int(layer) % total for layer in layers]
 
 
 @functools.cache
@@ -213,36 +304,39 @@ def vision_graph_class() -> type:
     import torch
 
     class VisionGraph(torch.nn.Module):
-        """CLIP up to the feature layer, CLS dropped, projector: what `get_image_features` computes for one image,
-        written out layer by layer so the graph holds no output-capturing hooks and skips the unused last
-        layers."""
+        """The tower up to its deepest feature layer, CLS dropped where it has one, the feature layers concatenated
+        on the channels, projector: what `get_image_features` computes for one image, written out layer by layer so
+        the graph holds no output-capturing hooks and skips the unused last layers (SigLIP's post_layernorm
+        included: it only norms the last hidden state, which hidden_states does not return)."""
 
         def __init__(self, model: Any) -> None:
             super().__init__()
             config = model.config
+            tower = check_parts(config)
             self.tower = model.model.vision_tower
             self.projector = model.model.multi_modal_projector
+            self.pre_norm = getattr(self.tower, tower.pre_norm) if tower.pre_norm else torch.nn.Identity()
             self.depths = feature_depths(config)
             self.drop_cls = config.vision_feature_select_strategy == "default"
-            self.train(False)  # an inference graph (CLIP's dropout off), whatever mode the model was left in
+            self.train(False)  # an inference graph (dropout off), whatever mode the model was left in
 
         def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-            hidden = self.tower.pre_layrnorm(self.tower.embeddings(pixel_values))  # [1, 1 + P, C]
+            hidden = self.pre_norm(self.tower.embeddings(pixel_values))  # [1, T, C], T = P (+ 1 CLS)
             selected = {0: hidden} if 0 in self.depths else {}
             for i, layer in enumerate(self.tower.encoder.layers[: max(self.depths)]):
-                hidden = layer(hidden, None)  # [1, 1 + P, C]
+                hidden = layer(hidden, None)  # [1, T, C]
                 if i + 1 in self.depths:
                     selected[i + 1] = hidden
             features = [selected[d] for d in self.depths]
             if self.drop_cls:
                 features = [f[:, 1:] for f in features]  # [1, P, C]
-            return self.projector(torch.cat(features, dim=-1)).flatten(0, 1)  # [N_vis, D]
+            return self.projector(torch.cat(features, dim=-1)).flatten(0, 1)  # [N_vis, D], D from L * C
 
     return VisionGraph
 
 
 def vision_graph(model: Any) -> Any:
-    """The vision graph (a torch.nn.Module) over `model`'s CLIP tower and projector."""
+    """The vision graph (a torch.nn.Module) over `model`'s vision tower and projector."""
     return vision_graph_class()(model)
 
 
@@ -257,6 +351,18 @@ CLIP_DEFAULTS: dict[str, Any] = {
     "crop_size": {"height": 224, "width": 224},
     "do_pad": False,
 }
+# SiglipImageProcessorPil's class defaults: a fixed square resize, no crop, mean and std 0.5.
+SIGLIP_DEFAULTS: dict[str, Any] = {
+    **PROCESSOR_DEFAULTS,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "size": {"height": 224, "width": 224},
+    "do_center_crop": False,
+    "crop_size": None,
+    "do_pad": False,
+}
+# The image processors this host implements (their PIL classes' names start so), with their class defaults.
+IMAGE_PROCESSORS = {"CLIPImageProcessor": CLIP_DEFAULTS, "SiglipImageProcessor": SIGLIP_DEFAULTS}
 
 
 def size_setting(value: Any, name: str, *, square: bool) -> dict[str, int]:
@@ -270,7 +376,7 @@ def size_setting(value: Any, name: str, *, square: bool) -> dict[str, int]:
         isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value.values()
     ):
         raise InputError(
-            f"image processor {name} {value!r} is not supported for LLaVA-1.5: expected {{'shortest_edge': n}} or "
+            f"image processor {name} {value!r} is not supported for LLaVA: expected {{'shortest_edge': n}} or "
             "{'height': h, 'width': w} with positive integers."
         )
     return {k: int(v) for k, v in value.items()}
@@ -301,13 +407,15 @@ def center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class ClipImages:
-    """LLaVA-1.5's CLIP image processor on the host (images.ImageHost): every image becomes one [1, 3, H, W] of
-    the processed size (the center crop), as CLIPImageProcessorPil makes it, and one grid of (H / patch) x
-    (W / patch) `<image>` tokens. Build it with `Llava.image_host(processor_config)`.
+    """LLaVA's image processor on the host (images.ImageHost), CLIP's or SigLIP's: every image becomes one
+    [1, 3, H, W] of the processed size, as CLIPImageProcessorPil (resize, center crop) or SiglipImageProcessorPil
+    (resize to a fixed (h, w), no crop) makes it, and one grid of (H // patch) x (W // patch) `<image>` tokens (the
+    tower's valid convolution drops the remainder: SigLIP 384 / 14 is 27). Build it with
+    `Llava.image_host(processor_config)`.
 
     shortest_edge / resize_to: the resize (short side to n, the other as the processor computes it; or exactly
     (h, w)); None: no resize. crop: the center crop (h, w), None: none. processed: the one size every image
-    becomes (the crop, else the fixed resize): CLIP's position embeddings take no other.
+    becomes (the crop, else the fixed resize): the tower's position embeddings take no other.
     """
 
     fmt: ImageFormat
@@ -336,7 +444,7 @@ class ClipImages:
     def expand(self, layout: ImageLayout) -> str:
         """One `<image>` per vision token: the processor's expansion of the template's single `<image>`."""
         if layout.fixed_tokens or len(layout.grids) != 1:
-            raise InputError(f"LLaVA-1.5 lays an image out as one grid, not {layout.to_json()}.")
+            raise InputError(f"LLaVA lays an image out as one grid, not {layout.to_json()}.")
         return self.image_token * layout.vision_tokens
 
     def feed_shapes(self, height: int, width: int) -> dict[str, tuple[int, ...]]:
@@ -376,11 +484,12 @@ class ClipImages:
         implement, naming it, rather than size images differently from the processor."""
         features = image_features(processor_config)
         kind = str(features.get("image_processor_type", "CLIPImageProcessor"))
-        if not kind.startswith("CLIPImageProcessor"):
-            raise InputError(f"image processor {kind}: LLaVA-1.5's host implements CLIPImageProcessor only.")
-        settings = CLIP_DEFAULTS | features
+        defaults = next((d for name, d in IMAGE_PROCESSORS.items() if kind.startswith(name)), None)
+        if defaults is None:
+            raise InputError(f"image processor {kind}: LLaVA's host implements {' and '.join(IMAGE_PROCESSORS)} only.")
+        settings = defaults | features
         if settings["do_pad"]:
-            raise InputError("image processor setting do_pad is not supported for LLaVA-1.5 (CLIP does not pad).")
+            raise InputError("image processor setting do_pad is not supported for LLaVA (CLIP and SigLIP do not pad).")
         resample = settings["resample"]
         if not isinstance(resample, int) or not 0 <= resample <= 5:
             raise InputError(f"image processor resample {resample!r} is not a PIL resampling filter (0-5).")
@@ -391,8 +500,8 @@ class ClipImages:
         if crop_hw is None and resize_to is None:
             raise InputError(
                 f"the image processor gives images of varying size (do_center_crop off, size {settings['size']!r}, "
-                f"do_resize {settings['do_resize']}): LLaVA-1.5's CLIP tower takes one fixed size; set "
-                "do_center_crop with crop_size."
+                f"do_resize {settings['do_resize']}): LLaVA's vision tower takes one fixed size; set "
+                "do_center_crop with crop_size, or size {'height': h, 'width': w}."
             )
         patch = int(processor_config.get("patch_size", PROCESSOR_SETTINGS["patch_size"]))
         host = cls(
@@ -491,6 +600,48 @@ def build_image_processor(image_size: int = TINY_IMAGE_SIZE) -> Any:
     )
 
 
+# llava-interleave-qwen's conversation layout (ChatML, "<image>\n" before the text), for toy SigLIP + Qwen2
+# checkpoints: no <s>, the Qwen tokenizer adds none.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] if part['type'] == 'image' or 'image' in part %}<image>\n{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+    "{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen_tokenizer() -> Any:
+    """A Qwen2Tokenizer over the tiny kit's locally learned byte-level BPE with ChatML's specials and <image> (the
+    layout of llava-interleave-qwen's tokenizer), for toy LLaVA checkpoints with a Qwen2 decoder."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = tiny.train_bpe()
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    )
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]}
+    )
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def build_siglip_image_processor(image_size: int) -> Any:
+    """SigLIP's PIL image processor (no torchvision needed): every image resized to `image_size` square."""
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    return SiglipImageProcessorPil(size={"height": image_size, "width": image_size})
+
+
 # LLaVA-1.5's processor settings (llava-hf's processor_config.json): CLS is counted, and "default" drops it again,
 # so an image is (size / 14)^2 placeholders.
 PROCESSOR_SETTINGS = {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
@@ -502,15 +653,32 @@ def build_processor(tokenizer: Any | None = None, image_size: int = TINY_IMAGE_S
     return llava_processor(None, tokenizer, build_image_processor(image_size), CHAT_TEMPLATE)
 
 
+def config_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """The processor settings a checkpoint's config.json implies (for a directory without processor_config.json):
+    its tower's patch, its strategy, and one extra token where the tower has a CLS token."""
+    vision = config.get("vision_config") or {}
+    tower = TOWERS.get(vision.get("model_type", "clip_vision_model"))
+    settings: dict[str, Any] = {}
+    if "patch_size" in vision:
+        settings["patch_size"] = int(vision["patch_size"])
+    if tower is not None:
+        settings["num_additional_image_tokens"] = int(tower.cls_token)
+        settings["vision_feature_select_strategy"] = config.get("vision_feature_select_strategy", tower.strategy)
+    return settings
+
+
 def llava_processor(path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
-    """LlavaProcessor over a checkpoint's (or an engine's) tokenizer and CLIP image processor, with the settings
-    of its processor_config.json where it has one."""
+    """LlavaProcessor over a checkpoint's (or an engine's) tokenizer and image processor, with the settings of its
+    processor_config.json where it has one, else those its config.json implies, else LLaVA-1.5's."""
     from pathlib import Path
 
     from transformers import LlavaProcessor
 
     settings = dict(PROCESSOR_SETTINGS)
-    saved = Path(path) / "processor_config.json" if path is not None else None
+    directory = Path(path) if path is not None else None
+    if directory is not None and (directory / "config.json").is_file():
+        settings |= config_settings(json.loads((directory / "config.json").read_text()))
+    saved = directory / "processor_config.json" if directory is not None else None
     if saved is not None and saved.is_file():
         settings |= {k: v for k, v in json.loads(saved.read_text()).items() if k in settings}
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template, **settings)
@@ -539,11 +707,11 @@ def tiny_config_dict(tokenizer: Any) -> dict[str, Any]:
 
 @register_family("llava", model_types=("llava",))
 class Llava(Family):
-    """LLaVA-1.5 (7b, 13b and the tiny preset)."""
+    """LLaVA-1.5 (7b, 13b and the tiny preset), and any LLaVA checkpoint with a tower and a decoder of
+    `supported_parts()` (llava-hf/llava-interleave-qwen-0.5b-hf: SigLIP + Qwen2)."""
 
     hf_id = HF_ID
     positions = ROPE_1D  # position_ids [B, S]
-    qkv_bias = False
     # The paper's LLaVA-1.5 windows (layers 12, 18, 24 of 32); 336 x 336 is 24 x 24 = 576 tokens, the tiny 224 x 224
     # 16 x 16 = 256, then ~128, ~64. LLaVA-NeXT: LLaVA-1.5's decoders behind the anyres front end, which has no
     # family module yet (issue 30): the planner counts its tokens (models/shapes.py, the paper's ~2,144 for
@@ -561,6 +729,7 @@ class Llava(Family):
                        plan_image_size=(480, 720), vision="llava-next", plan_only=NEXT_NOT_BUILT,
                        aliases=("llava-1.6-13b", HF_ID_NEXT_13B.lower())),
     )  # fmt: skip
+    tiny_text: ClassVar[dict[str, Any]] = TINY_TEXT
 
     def model_class(self) -> type:
         from transformers import LlavaForConditionalGeneration
@@ -590,6 +759,10 @@ class Llava(Family):
     def processor_from(self, path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
         return llava_processor(path, tokenizer, image_processor, chat_template)
 
+    def check_config(self, config: Any) -> None:
+        """A tower, decoder and feature settings this family exports (`check_parts`), or one InputError."""
+        check_parts(config)
+
     def align_token_ids(self, config: Any, tokenizer: Any) -> None:
         ids = special_token_ids(tokenizer)
         config.image_token_index = ids["image_token_index"]
@@ -598,13 +771,13 @@ class Llava(Family):
             setattr(text, name, ids[name])
 
     def spatial_merge(self, model: Any) -> int:
-        return 1  # one LLM token per CLIP patch
+        return 1  # one LLM token per tower patch
 
     # --- images -------------------------------------------------------------------------------------------
 
     def image_host(self, processor_config: dict[str, Any], *, max_pixels: int | None = None) -> ClipImages:
-        """The CLIP processor's resize and center crop on the host. `max_pixels` has no effect: every image is
-        cropped to one fixed size; a cap below it is refused (the crop cannot shrink)."""
+        """The CLIP / SigLIP processor's resize (and CLIP's center crop) on the host. `max_pixels` has no effect:
+        every image is sized to one fixed size; a cap below it is refused (it cannot shrink)."""
         return ClipImages.from_config(processor_config, max_pixels=max_pixels)
 
     # --- the vision graph -----------------------------------------------------------------------------------
@@ -616,9 +789,9 @@ class Llava(Family):
         return processor
 
     def vision_export(self, loaded: LoadedModel, image_size: tuple[int, int], dtype: torch.dtype) -> VisionExport:
-        """The vision graph at the processor's crop size, all shapes fixed (CLIP's position embeddings are): its
+        """The vision graph at the processor's size, all shapes fixed (the towers' position embeddings are): its
         example is an image of `image_size` (height, width, as sent; any size) as `image_host(...).prepare` makes
-        it, i.e. always the crop. The crop must be the vision tower's image_size."""
+        it, i.e. always the processed size, which must be the vision tower's image_size."""
         import torch
 
         host = self.image_host(loaded.processor.to_dict())
@@ -632,11 +805,7 @@ class Llava(Family):
                 f"but the vision tower (config.json vision_config.image_size) takes {tower[1]}x{tower[0]}: the two "
                 "files are from different checkpoints."
             )
-        if loaded.model.config.vision_feature_select_strategy != "default":
-            raise InputError(
-                f"config.json vision_feature_select_strategy {loaded.model.config.vision_feature_select_strategy!r}: "
-                "only 'default' (CLS dropped, one token per patch) is supported."
-            )
+        check_parts(loaded.model.config)  # a strategy that leaves other than one token per patch is refused
         pixels = host.prepare(example_image(h, w)).feeds[contract.PIXEL_VALUES]  # [1, 3, crop_h, crop_w]
         example = {contract.PIXEL_VALUES: torch.from_numpy(pixels).to(dtype)}
         return VisionExport(module=vision_graph(loaded.model), example=example, dynamic_shapes=None)
@@ -683,7 +852,8 @@ class Llava(Family):
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": out["pixel_values"].float()}
 
     def vision_embeddings(self, loaded: LoadedModel, processed: dict[str, torch.Tensor]) -> torch.Tensor:
-        """CLIP at vision_feature_layer (CLS dropped) through the projector: [N_vis, D], images in order."""
+        """The tower at vision_feature_layer (CLS dropped where it has one) through the projector: [N_vis, D], images
+        in order."""
         import torch
 
         model = loaded.model
@@ -698,7 +868,7 @@ class Llava(Family):
         height, width = processed["pixel_values"].shape[-2:]
         grid = token_grid(processor, int(height), int(width))
         n_images = processed["pixel_values"].shape[0]
-        hint = "is the processor's vision_feature_select_strategy 'default' (CLS dropped)?"
+        hint = "does vision_feature_select_strategy leave one token per patch (CLIP 'default', SigLIP 'full')?"
         return spans_on_grids(processed["input_ids"], image_token_id, [grid] * n_images, hint)
 
     def embed_and_position(

@@ -19,9 +19,16 @@ import numpy as np
 
 from lightkv_export.errors import InputError
 from lightkv_export.images import image_features
+from lightkv_export.models import tiny
 from lightkv_export.models.base import ModelSpec
 from lightkv_export.models.family import register_family
-from lightkv_export.models.qwen2_vl import UNREAD_MAX_SEQLEN, Qwen2VL, QwenImages, vision_graph_class
+from lightkv_export.models.qwen2_vl import (
+    SEGMENT_CAPACITY,
+    UNREAD_MAX_SEQLEN,
+    Qwen2VL,
+    QwenImages,
+    vision_graph_class,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -146,7 +153,15 @@ def windowed_graph_class() -> type:
                 window_index=window_index,
                 cu_window_seqlens=cu_window_seqlens,
                 max_window_seqlen=UNREAD_MAX_SEQLEN,
+                **{SEGMENT_CAPACITY: ((cu_window_seqlens, self.window_patches),)},
             )  # [N_vis, D]
+
+        @property
+        def window_patches(self) -> int:
+            """Most patches in one window (a static size: windows are padded to it, not to the image's N)."""
+            config = self.visual.config
+            side = config.window_size // config.spatial_merge_size // config.patch_size  # tokens, as transformers
+            return side * side * config.spatial_merge_size**2
 
     return WindowedVisionGraph
 
@@ -162,6 +177,20 @@ class Qwen25VL(Qwen2VL):
     real_text: ClassVar[dict[str, Any]] = REAL_TEXT
     real_vision: ClassVar[dict[str, Any]] = REAL_VISION
     tie_word_embeddings = False
+    # The tiny vision encoder: 2 x 2 LLM tokens per attention window (so window attention is exercised), the second
+    # block full attention; out_hidden_size is the LLM width.
+    tiny_vision: ClassVar[dict[str, Any]] = {
+        "depth": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "out_hidden_size": 64,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "window_size": 56,
+        "fullatt_block_indexes": [1],
+    }
 
     def model_class(self) -> type:
         from transformers import Qwen2_5_VLForConditionalGeneration
@@ -172,6 +201,11 @@ class Qwen25VL(Qwen2VL):
         from transformers import Qwen2_5_VLConfig
 
         return Qwen2_5_VLConfig
+
+    def processor_class(self) -> type:
+        from transformers import Qwen2_5_VLProcessor
+
+        return tiny.image_only_processor(Qwen2_5_VLProcessor)
 
     def with_vision_settings(self, processor: Any, vision_config: Any) -> Any:
         """The encoder's attention window on the image processor (saved in its settings as `window_size`)."""

@@ -348,25 +348,77 @@ class QwenImages:
 # --- the vision graph -------------------------------------------------------------------------------------------
 
 VISION_ATTENTION = "lightkv_flash_varlen_export"  # "flash" in the name: transformers then passes cu_seqlens
+# The kwarg the vision graph hands the attention function through transformers' encoder (which passes unknown
+# kwargs down to each attention call): ((bounds tensor, most patches in one of its segments), ...). A layer whose
+# cu_seq_lens_q is one of these tensors (Qwen2.5-VL's windows) attends in segments padded to that static length.
+SEGMENT_CAPACITY = "lightkv_segment_capacity"
+# Heads per score tensor where every patch attends every other (one image's full-attention layers): the graph
+# holds at most HEAD_GROUP x N x N scores at a time, not heads x N x N (a Python loop: it unrolls in the trace,
+# and ONNX Runtime frees each group's scores before the next group's are made).
+HEAD_GROUP = 1
 
 
-def varlen_attention(module, query, key, value, attention_mask, *, scaling=None, cu_seq_lens_q=None, **_kwargs):
-    """Attention within each packed segment of the vision sequence, as one masked SDPA.
+def varlen_attention(module, query, key, value, attention_mask, *, scaling=None, cu_seq_lens_q=None, **kwargs):
+    """Attention within each packed segment of the vision sequence (images, or Qwen2.5-VL's windows), with no
+    heads x N x N tensor.
 
-    The vision encoders attend inside windows / images given by cumulative lengths. Transformers' SDPA path
-    splits the sequence with `.tolist()` (untraceable); its flash path hands the attention function
-    `cu_seq_lens_q` instead, which this turns into a block-diagonal mask with tensor ops only (the segment
-    lengths stay graph inputs: any number of patches). query / key / value [1, H, N, d]; returns [1, N, H, d] as a
-    flash implementation does.
-    """
+    Transformers' SDPA path splits the sequence with `.tolist()` (untraceable); its flash path hands the attention
+    function `cu_seq_lens_q` instead, which this reads with tensor ops only (the bounds stay graph inputs: any
+    number of patches). Segments of a known greatest length (windows: SEGMENT_CAPACITY) are gathered into a padded
+    [segments, H, capacity, d] batch: N x capacity scores per head. One segment (the traced graph's one image:
+    cu_seqlens has the static shape [2]) is plain attention, HEAD_GROUP heads at a time. Several images in one
+    eager call (tests, never traced) are padded to the longest. query / key / value [1, H, N, d]; returns
+    [1, N, H, d] as a flash implementation does."""
+    bounds = cu_seq_lens_q
+    capacity = next((c for t, c in kwargs.get(SEGMENT_CAPACITY, ()) if t is bounds), None)
+    if capacity is None and bounds.shape[0] == 2:
+        out = grouped_attention(query, key, value, scaling, HEAD_GROUP)  # [1, H, N, d]
+    else:
+        if capacity is None:  # eager only: .max() of a tensor is a Python number here
+            capacity = int((bounds[1:] - bounds[:-1]).max())
+        out = segment_attention(query, key, value, bounds, capacity, scaling)  # [1, H, N, d]
+    return out.transpose(1, 2), None
+
+
+def grouped_attention(query, key, value, scaling, group: int):
+    """[1, H, N, d] attention of every token to every token, `group` heads per SDPA call."""
+    import torch
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    heads = query.shape[1]  # static: the model's head count
+    parts = [
+        sdpa(query[:, h : h + group], key[:, h : h + group], value[:, h : h + group], scale=scaling)
+        for h in range(0, heads, group)
+    ]  # each [1, group, N, d]
+    return torch.cat(parts, dim=1)  # [1, H, N, d]
+
+
+def segment_attention(query, key, value, bounds, capacity: int, scaling):
+    """[1, H, N, d] attention within the segments [bounds[i], bounds[i + 1]) (contiguous, in order, none empty),
+    each gathered into `capacity` slots (padding keys masked): segments x H x capacity^2 scores in all."""
     import torch
 
     n = query.shape[2]
-    bounds = cu_seq_lens_q[None, 1:]  # [1, S] each segment's end
-    segment = (torch.arange(n, device=query.device)[:, None] >= bounds).sum(-1)  # [N] segment of each token
-    mask = segment[:, None] == segment[None, :]  # [N, N]
-    out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-    return out.transpose(1, 2), None
+    starts, ends = bounds[:-1].long(), bounds[1:].long()  # [S] each
+    slots = starts[:, None] + torch.arange(capacity, device=query.device)[None, :]  # [S, L] token of each slot
+    filled = slots < ends[:, None]  # [S, L] slots holding a token of the segment
+    slots = torch.where(filled, slots, torch.zeros_like(slots))  # [S, L] padding reads token 0, then is masked
+
+    def gather(x: torch.Tensor) -> torch.Tensor:  # [1, H, N, d] -> [S, H, L, d]
+        return x[0][:, slots].transpose(0, 1)
+
+    mask = filled[:, None, None, :]  # [S, 1, 1, L] keys of the segment only
+    out = torch.nn.functional.scaled_dot_product_attention(
+        gather(query), gather(key), gather(value), attn_mask=mask, scale=scaling
+    )  # [S, H, L, d]
+    heads, dim = out.shape[1], out.shape[3]
+    # Back to token order: token t is slot t - starts[s] of its segment s, s counted by a cumulative sum of marks
+    # where segments start (distinct, no segment being empty: a plain scatter, no reduction).
+    marks = torch.zeros(n, dtype=torch.long, device=query.device).index_put((ends[:-1],), torch.ones_like(ends[:-1]))
+    segment = marks.cumsum(0)  # [N] segment of each token
+    flat = segment * capacity + torch.arange(n, device=query.device) - starts[segment]  # [N] its padded slot
+    out = out.transpose(0, 1).reshape(heads, -1, dim)  # [H, S * L, d]
+    return out[:, flat][None]  # [1, H, N, d]
 
 
 @functools.cache
@@ -377,8 +429,8 @@ def register_vision_attention() -> None:
     AttentionInterface.register(VISION_ATTENTION, varlen_attention)
 
 
-# transformers reads a maximum segment length only to size flash kernels; varlen_attention masks by the segment
-# bounds and never reads it. Given, it stops transformers computing it with .item() (untraceable).
+# transformers reads a maximum segment length only to size flash kernels; varlen_attention never reads it (a
+# data-dependent length would not trace). Given, it stops transformers computing it with .item() (untraceable).
 UNREAD_MAX_SEQLEN = 0
 
 
@@ -423,7 +475,6 @@ class Qwen2VL(Family):
 
     hf_id = HF_ID
     positions = MROPE  # position_ids [3, B, S]
-    qkv_bias = True
     # 672 x 672: 24 x 24 = 576 vision tokens, every stage >= 8 tokens per window; the planner's default request is
     # a 4:3 photo (27 x 37 = 999 tokens). Tiny: 12 x 16 = 192 tokens, then ~96, ~48.
     presets = (
@@ -434,6 +485,22 @@ class Qwen2VL(Family):
     real_text: ClassVar[dict[str, Any]] = REAL_TEXT
     real_vision: ClassVar[dict[str, Any]] = REAL_VISION
     tie_word_embeddings = True
+    # The tiny preset: the kit's decoder sizes (models/tiny.py) with M-RoPE (mrope_section sums to head_dim / 2 = 8)
+    # and a 2-block vision encoder whose merger's output (hidden_size, in Qwen2-VL) is the LLM width.
+    tiny_text: ClassVar[dict[str, Any]] = {
+        **tiny.TINY_DECODER,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
+    }
+    tiny_vision: ClassVar[dict[str, Any]] = {
+        "depth": 2,
+        "embed_dim": 32,
+        "num_heads": 2,
+        "mlp_ratio": 4,
+        "hidden_size": 64,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    }
     # The real processors' pixel budget (preprocessor_config.json): 4 to 16384 LLM tokens per image.
     real_min_pixels, real_max_pixels = REAL_MIN_PIXELS, REAL_MAX_PIXELS
 
@@ -455,21 +522,48 @@ class Qwen2VL(Family):
             "tie_word_embeddings": self.tie_word_embeddings,
         }
 
+    def processor_class(self) -> type:
+        """The transformers processor class, image-only (models/tiny.py image_only_processor: no video processor,
+        which needs torchvision)."""
+        from transformers import Qwen2VLProcessor
+
+        return tiny.image_only_processor(Qwen2VLProcessor)
+
+    def tiny_config_dict(self, tokenizer: Any) -> dict[str, Any]:
+        """Keyword arguments of the config class for the tiny preset, its token ids read from `tokenizer`."""
+        ids = tiny.special_token_ids(tokenizer)
+        text = {
+            **self.tiny_text,
+            "vocab_size": len(tokenizer),
+            **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+        }
+        return {
+            "text_config": text,
+            "vision_config": dict(self.tiny_vision),
+            **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+            "tie_word_embeddings": False,
+        }
+
+    def tiny_processor(self, tokenizer: Any | None = None, image_processor: Any | None = None) -> Any:
+        """The family's processor over the kit's tokenizer and image processor (or the ones given), without the
+        vision encoder's settings (`with_vision_settings` adds them)."""
+        return tiny.build_processor(self.processor_class(), tokenizer, image_processor)
+
     def tiny_preset(self) -> tuple[Any, Any]:
         """(config, processor) of the tiny preset (models/tiny.py); the registry seeds the weights."""
         tokenizer = tiny.build_tokenizer()
-        config = self.config_class()(**tiny.tiny_config_dict(self.name, tokenizer))
-        return config, self.with_vision_settings(tiny.build_processor(self.name, tokenizer), config.vision_config)
+        config = self.config_class()(**self.tiny_config_dict(tokenizer))
+        return config, self.with_vision_settings(self.tiny_processor(tokenizer), config.vision_config)
 
     def random_processor(self) -> Any:
         image_processor = tiny.build_image_processor(self.real_min_pixels, self.real_max_pixels)
-        processor = tiny.build_processor(self.name, tiny.build_tokenizer(), image_processor)
+        processor = self.tiny_processor(tiny.build_tokenizer(), image_processor)
         return self.with_vision_settings(processor, self.real_vision)
 
     def processor_from(self, path: Any, tokenizer: Any, image_processor: Any, chat_template: str) -> Any:
         """The processor over a checkpoint's tokenizer and PIL image processor (no video processor: that needs
         torchvision, and only images are fed), with the vision settings its host needs from config.json."""
-        processor_class = tiny.image_only_processor(self.name)
+        processor_class = self.processor_class()
         processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template)
         return self.with_vision_settings(processor, read_vision_config(path))
 

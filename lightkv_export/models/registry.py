@@ -6,20 +6,26 @@ Nothing here touches the network. Real checkpoints come from a local directory o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lightkv_export.errors import InputError, LightKVError, ModelNotFoundError
+from lightkv_export.method.layout import MIN_TOKENS_PER_WINDOW
 from lightkv_export.models import llava, qwen2_5_vl, qwen2_vl, tiny  # noqa: F401  (importing a family registers it)
 from lightkv_export.models.base import LoadedModel, ModelSpec
 from lightkv_export.models.family import FAMILIES, Family
 
 if TYPE_CHECKING:
     import torch
+
+    from lightkv_export.images import ImageHost
 
 MODEL_TYPES = {model_type: family.name for family in FAMILIES.values() for model_type in family.model_types}
 
@@ -223,17 +229,18 @@ def read_model_type(path: Path) -> str:
     return MODEL_TYPES[model_type]
 
 
+def base_preset(family: Family, config: Any) -> ModelSpec:
+    """The family's buildable preset with `config`'s shape (`Family.tiny_shaped`): what a local checkpoint starts
+    from (windows, reference image) and takes its hub id and tolerances from."""
+    buildable, tiny_shaped = [s for s in family.presets if not s.plan_only], family.tiny_shaped(config)
+    return next((s for s in buildable if s.tiny == tiny_shaped), buildable[0])  # else: the one it has
+
+
 def spec_for_local(key: str, family_name: str, config: Any) -> ModelSpec:
-    """A local checkpoint (or unregistered hub id) borrows the windows, image size and tolerances of the preset
-    with its shape."""
-    text = config.get_text_config()
-    tiny_spec = next(s for s in SPECS.values() if s.tiny and s.family == family_name)
-    real_spec = next(s for s in SPECS.values() if not s.tiny and not s.plan_only and s.family == family_name)
-    is_tiny_shape = (text.hidden_size, text.num_hidden_layers) == (
-        tiny.TINY_TEXT["hidden_size"],
-        tiny.TINY_TEXT["num_hidden_layers"],
-    )
-    base = tiny_spec if is_tiny_shape else real_spec
+    """A local checkpoint's (or unregistered hub id's) spec before its processor is read: the hub id, tolerances,
+    windows and reference image of the preset with its shape (`base_preset`); `fit_local_defaults` then fits the
+    windows and the image to its processor."""
+    base = base_preset(FAMILIES[family_name], config)
     return ModelSpec(
         key=key,
         family=family_name,
@@ -243,6 +250,80 @@ def spec_for_local(key: str, family_name: str, config: Any) -> ModelSpec:
         default_image_size=base.default_image_size,
         tolerances=dict(base.tolerances),
     )
+
+
+# The images `largest_image_tokens` lays out: photo and page shapes, either way up, at and a little below the
+# processor's largest pixel count (a processor that rounds sides down gives fewer tokens right at its limit).
+LARGEST_ASPECTS = (1.0, 3 / 4, 4 / 3, 1 / 2, 2.0)
+LARGEST_SCALES = tuple(1.0 - 0.03 * k for k in range(11))  # 1.0 down to 0.7 of the pixels
+
+
+def largest_image_tokens(host: ImageHost) -> int:
+    """The most tokens one grid holds (a stage's windows tile each grid on its own) among images near the
+    processor's largest pixel count, in photo and page shapes (long strips, which rounding can give a few more,
+    aside)."""
+    high = host.pixel_range()[1]
+    most = 0
+    for aspect in LARGEST_ASPECTS:
+        for scale in LARGEST_SCALES:
+            height = max(host.min_side, round(math.sqrt(high * scale * aspect)))
+            width = max(host.min_side, round(high * scale / height))
+            most = max(most, *(rows * cols for rows, cols in host.layout(height, width).grids))
+    return most
+
+
+def fitting_windows(windows: tuple[int, ...], tokens: int) -> tuple[int, ...]:
+    """Each stage's windows per side cut to what an image of `tokens` tokens can fill: a stage with p windows per
+    side merges only images of at least MIN_TOKENS_PER_WINDOW * p^2 tokens (method/layout.py), and each stage
+    may merge away up to half of an image's tokens, so stage k counts on ceil(tokens / 2^k). Never below 1."""
+    fitted = []
+    for p in windows:
+        fitted.append(max(1, min(p, math.isqrt(tokens // MIN_TOKENS_PER_WINDOW))))
+        tokens = -(-tokens // 2)
+    return tuple(fitted)
+
+
+@dataclass(frozen=True)
+class LocalDefaults:
+    """A local checkpoint's default windows and reference image, fitted to its processor from `base`'s."""
+
+    base: ModelSpec  # the preset with the checkpoint's shape
+    windows: tuple[int, ...]
+    image_size: tuple[int, int]  # (height, width): the base's reference image as the processor sizes it
+    largest_tokens: int  # the most tokens one image of the processor's gets (largest_image_tokens)
+
+    @property
+    def note(self) -> str | None:
+        """One line for the build when the windows were cut (None when they are the preset's)."""
+        if self.windows == self.base.default_windows:
+            return None
+        given, fitted = ", ".join(map(str, self.base.default_windows)), ", ".join(map(str, self.windows))
+        return (
+            f"windows per stage reduced from {self.base.key}'s ({given}) to ({fitted}): this checkpoint's processor "
+            f"gives an image at most {self.largest_tokens} vision tokens, and a stage with p windows per side needs "
+            f"at least {MIN_TOKENS_PER_WINDOW} p^2 of them (each stage may merge away half). --schedule sets "
+            "windows explicitly."
+        )
+
+
+def local_defaults(base: ModelSpec, host: ImageHost) -> LocalDefaults:
+    """`base`'s windows fitted to the largest image `host` (the checkpoint's processor) lays out, and its reference
+    image resized as that processor resizes it: a size the processor keeps, so the manifest's reference image is
+    the one the vision graph sees (Qwen-VL: within min / max pixels; LLaVA: the crop)."""
+    tokens = largest_image_tokens(host)
+    image_size = tuple(int(x) for x in host.processed_size(*base.default_image_size))
+    return LocalDefaults(base, fitting_windows(base.default_windows, tokens), image_size, tokens)
+
+
+def fit_local_defaults(loaded: LoadedModel) -> tuple[LoadedModel, str | None]:
+    """A local checkpoint (a key no preset has) with its windows and reference image fitted to its processor as
+    it is now (--max-image-pixels included), and the line that says so when the windows were cut; a preset as it
+    is (its windows are chosen with its processor)."""
+    if loaded.spec.key in SPECS:
+        return loaded, None
+    fitted = local_defaults(base_preset(loaded.family, loaded.model.config), loaded.image_host())
+    spec = dataclasses.replace(loaded.spec, default_windows=fitted.windows, default_image_size=fitted.image_size)
+    return dataclasses.replace(loaded, spec=spec), fitted.note
 
 
 def has_processor_files(path: Path) -> bool:
@@ -259,7 +340,8 @@ def load_local(
 ) -> LoadedModel:
     """A checkpoint directory (config.json, *.safetensors, tokenizer and processor files) -> LoadedModel.
 
-    Without `spec`, the spec is derived from the checkpoint's family and shape, keyed `key` (default: the path).
+    Without `spec`, the spec is derived from the checkpoint's family and shape, keyed `key` (default: the path),
+    its windows and reference image fitted to its processor (`fit_local_defaults`).
     """
     family_name = read_model_type(path)
     family = FAMILIES[family_name]
@@ -268,13 +350,17 @@ def load_local(
         f"{path / 'config.json'} is inconsistent",
         "Fix it, or copy the checkpoint's config.json again.",
     )
+    try:  # parts the family cannot export: one message, before any weights are read
+        family.check_config(config)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
     spec = spec or spec_for_local(key or str(path), family_name, config)
     if random_weights:
         processor = load_processor(path, family_name) if has_processor_files(path) else None
         if processor is None:
-            return build_random(spec, dtype, config=config)
+            return fit_local_defaults(build_random(spec, dtype, config=config))[0]
         family.align_token_ids(config, processor.tokenizer)
-        return LoadedModel(spec, build_seeded(family, config, dtype), processor, family)
+        return fit_local_defaults(LoadedModel(spec, build_seeded(family, config, dtype), processor, family))[0]
     source = key or spec.hf_id  # the hub id to download: the one asked for, else the registry's
     if not any(path.glob("*.safetensors")):
         pickled = sorted(p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern))
@@ -304,7 +390,7 @@ def load_local(
     check_loading_info(path, info)
     model.eval()
     processor = load_processor(path, family_name)
-    return LoadedModel(spec, model, processor, family)
+    return fit_local_defaults(LoadedModel(spec, model, processor, family))[0]
 
 
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

@@ -1,4 +1,7 @@
-"""Tiny presets: the real Qwen-VL architectures at toy size, built locally with no download.
+"""The tiny presets' kit: a Qwen-style tokenizer, its chat template, a small image processor and the decoder
+sizes and seed every tiny preset shares, built locally with no download. No family is named here: each family
+module builds its own tiny preset from these pieces with its own classes and vision settings
+(`Family.tiny_preset`).
 
 Everything here is a pure function of the code: the tokenizer is a byte-level BPE trained on a built-in corpus
 (the `tokenizers` trainer is deterministic for a fixed corpus), the weights come from a fixed seed, and the
@@ -60,8 +63,8 @@ TOKEN_PIXELS = 28 * 28
 MIN_PIXELS = TOKEN_PIXELS * 4
 MAX_PIXELS = TOKEN_PIXELS * 256
 
-# The text and vision sizes shared by both tiny families. mrope_section sums to head_dim / 2 = 8.
-TINY_TEXT = {
+# The decoder sizes of every tiny preset (each family adds its own positional and vision settings).
+TINY_DECODER = {
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 8,
@@ -69,31 +72,6 @@ TINY_TEXT = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]},
-}
-TINY_VISION = {
-    "qwen2_vl": {
-        "depth": 2,
-        "embed_dim": 32,
-        "num_heads": 2,
-        "mlp_ratio": 4,
-        "hidden_size": 64,  # Qwen2-VL: hidden_size is the merger's output = the LLM width
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-    },
-    "qwen2_5_vl": {
-        "depth": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "out_hidden_size": 64,
-        "patch_size": 14,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "window_size": 56,  # 2 x 2 LLM tokens per vision window, so window attention is exercised
-        "fullatt_block_indexes": [1],
-    },
 }
 SEED = 1234
 
@@ -156,52 +134,32 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
 
 def build_image_processor(min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Any:
     """Qwen2-VL's PIL image processor (no torchvision needed), patch 14, merge 2."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(
         min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2
     )
 
 
-def build_processor(family: str, tokenizer: Any | None = None, image_processor: Any | None = None) -> Any:
-    """The family's transformers processor over a (locally built) tokenizer and the PIL image processor."""
+def build_processor(processor_class: type, tokenizer: Any | None = None, image_processor: Any | None = None) -> Any:
+    """A transformers `processor_class` (a family's, made image-only by `image_only_processor`) over a (locally
+    built) tokenizer and the PIL image processor."""
     tokenizer = build_tokenizer() if tokenizer is None else tokenizer
     image_processor = build_image_processor() if image_processor is None else image_processor
-    return image_only_processor(family)(
-        image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE
-    )
+    return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
 
 
 @functools.cache
-def image_only_processor(family: str) -> type:
-    """The family's processor class, accepting no video processor.
+def image_only_processor(parent: type) -> type:
+    """`parent` (a transformers processor class) accepting no video processor.
 
     transformers' Qwen-VL processors require a video processor, which needs torchvision (not installed here,
     and images are all this project feeds). The subclass keeps the parent's name, so saved processor files
     name the real class and load with AutoProcessor wherever torchvision is present.
     """
-    from transformers import Qwen2_5_VLProcessor, Qwen2VLProcessor
-
-    parent = {"qwen2_vl": Qwen2VLProcessor, "qwen2_5_vl": Qwen2_5_VLProcessor}[family]
 
     @classmethod
     def get_attributes(cls) -> list[str]:
         return [name for name in parent.get_attributes() if name != "video_processor"]
 
     return type(parent.__name__, (parent,), {"get_attributes": get_attributes})
-
-
-def tiny_config_dict(family: str, tokenizer: Any) -> dict[str, Any]:
-    """Keyword arguments of the family's config class for the tiny preset."""
-    ids = special_token_ids(tokenizer)
-    text = {
-        **TINY_TEXT,
-        "vocab_size": len(tokenizer),
-        **{k: ids[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
-    }
-    return {
-        "text_config": text,
-        "vision_config": dict(TINY_VISION[family]),
-        **{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
-        "tie_word_embeddings": False,
-    }

@@ -84,8 +84,11 @@ class Limits:
     max_prompt_tokens: int = 2048  # tokens of the prompt (as plain text), before the template and images
     max_images: int = 8  # images in one request
     max_image_pixels: int = 4096 * 4096  # width x height of each image as sent (read from the header)
-    # Vision tokens of one image as the checkpoint's processor lays it out (Qwen-VL: up to 16,384): the vision
-    # graph's attention holds patches x patches scores per head, so a 16,384-token image would need hundreds of GB.
+    # Vision tokens of one image as the checkpoint's processor lays it out (Qwen-VL: up to 16,384). The vision
+    # graph attends per window and, in its full-attention blocks, one head's N x N scores at a time (N = 4 patches
+    # per token: 1 GiB at 4,096 tokens, 16 GiB at 16,384): measured, a run adds about 0.18 MiB per patch plus 1.6
+    # such N x N tensors, so Qwen2.5-VL-7B's tower needs about 8 GiB at 4,096 tokens and 15 GiB at 8,192. The
+    # prefill's S x S scores per head bind first (max_sequence_length 4096): raise both together.
     max_image_tokens: int = 4096
     max_sequence_length: int = 4096  # template + prompt + vision tokens + max_new_tokens
 

@@ -385,7 +385,7 @@ def test_host_expands_one_image_as_the_processor(saved):
         ({"do_center_crop": False}, "varying size"),
         ({"do_resize": False, "do_center_crop": False}, "varying size"),
         ({"resample": 9}, "not a PIL resampling filter"),
-        ({"image_processor_type": "LlavaNextImageProcessor"}, "CLIPImageProcessor only"),
+        ({"image_processor_type": "LlavaNextImageProcessor"}, "CLIPImageProcessor and SiglipImageProcessor only"),
     ],
 )
 def test_host_refuses_settings_it_does_not_implement(saved, change, match):
@@ -517,5 +517,5 @@ def test_saved_processor_reloads_to_the_same_request(tiny_llava, test_image, tmp
 
 def test_vision_export_refuses_a_tower_that_keeps_cls(tiny_llava, monkeypatch):
     monkeypatch.setattr(tiny_llava.model.config, "vision_feature_select_strategy", "full")
-    with pytest.raises(InputError, match="vision_feature_select_strategy 'full'"):
+    with pytest.raises(InputError, match="vision_feature_select_strategy 'full' with a CLIP tower keeps CLS"):
         LLAVA.vision_export(tiny_llava, (224, 224), torch.float32)

@@ -85,3 +85,22 @@ def test_paper_json_is_the_recorded_comparison():
 def test_images_must_be_between_1_and_64(images):
     out = plan("--ratio", "0.55", "--images", images)
     assert_one_error_line(out, f"--images must be from 1 to 64, got {images}")
+
+
+def test_the_planner_keeps_stages_after_the_familys_first_merge_layer(monkeypatch):
+    """A family whose decoder adds vision features after early layers (Family.first_merge_layer): the planner's
+    solver places every stage after that layer; an explicit schedule before it is refused with the reason."""
+    import argparse
+
+    from lightkv_export.errors import InputError
+    from lightkv_export.models.registry import get_family
+    from lightkv_export.plan import make_plan
+
+    family = type(get_family("qwen2_5_vl"))
+    monkeypatch.setattr(family, "first_merge_layer", lambda self, config: (9, "features added after layer 9"))
+    base = dict(model="qwen-vl", windows=None, image_size=None, images=1, prompt_tokens=64, gen_tokens=10)
+    base |= dict(gpu_memory="80GB", dtype="bf16", causal=False, grid_mode="true")
+    result = make_plan(argparse.Namespace(**base, ratio=0.7, schedule=None))
+    assert min(int(stage.split(":")[0]) for stage in str(result.schedule).split(",")) >= 9
+    with pytest.raises(InputError, match="features added after layer 9"):
+        make_plan(argparse.Namespace(**base, ratio=None, schedule="5:4:0.5"))

@@ -39,7 +39,7 @@ def noise(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Im
 
 def real_processor():
     """A processor with the real checkpoints' pixel budget (3136 to 12845056 pixels)."""
-    return tiny.build_processor("qwen2_5_vl", image_processor=tiny.build_image_processor(*REAL))
+    return QWEN25_VL.tiny_processor(image_processor=tiny.build_image_processor(*REAL))
 
 
 def hf_pixels(processor, image) -> tuple[np.ndarray, list[int]]:
@@ -206,7 +206,7 @@ def test_a_user_cap_lowers_the_processors_max(tiny_qwen2_vl):
     cap = 28 * 28 * 64
     host = QWEN2_VL.image_host(tiny_qwen2_vl.processor.to_dict(), max_pixels=cap)
     assert host.max_pixels == cap
-    capped = tiny.build_processor("qwen2_vl", image_processor=tiny.build_image_processor(tiny.MIN_PIXELS, cap))
+    capped = QWEN2_VL.tiny_processor(image_processor=tiny.build_image_processor(tiny.MIN_PIXELS, cap))
     check_against_processor(host, capped, noise(700, 500))
     # Below 200 tokens' pixels a cap is not a bound: smart_resize keeps a side at least one token, so a 1:200 strip
     # gets 113 tokens; the range says so, and the strip reaches it.
@@ -283,11 +283,18 @@ def test_the_family_modules_import_without_torch():
 
 
 @pytest.fixture(scope="module")
-def vision_graph(tiny_loaded, tmp_path_factory):
-    """(loaded, ONNX Runtime session) of the family's vision graph, exported once, traced on a 336 x 448 image."""
+def vision_onnx(tiny_loaded, tmp_path_factory):
+    """(loaded, path) of the family's vision graph, exported once, traced on a 336 x 448 image."""
     path = tmp_path_factory.mktemp(tiny_loaded.spec.key) / "vision.onnx"
     export_vision(tiny_loaded, path, dtype=torch.float32)  # traced on the preset's 336 x 448 reference image
-    return tiny_loaded, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return tiny_loaded, path
+
+
+@pytest.fixture(scope="module")
+def vision_graph(vision_onnx):
+    """(loaded, ONNX Runtime session) of the family's vision graph."""
+    loaded, path = vision_onnx
+    return loaded, ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def test_vision_graph_inputs_are_the_hosts_feeds(vision_graph):
@@ -308,3 +315,77 @@ def test_vision_graph_takes_any_size_as_the_encoder_does(vision_graph, size):
     reference = loaded.family.vision_embeddings(loaded, loaded.family.process(loaded.processor, [image], "x"))
     assert embeds.shape == tuple(reference.shape)
     np.testing.assert_allclose(embeds, reference.numpy(), rtol=0, atol=1e-4)
+
+
+def joined_feeds(feeds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Several images' feeds as one packed sequence, as transformers' encoder lays out a batch of images: patches
+    and positions concatenated, segment bounds and window order offset by the images before."""
+    patches = np.cumsum([0] + [f[contract.PIXEL_VALUES].shape[0] for f in feeds])  # [images + 1]
+    out = {
+        contract.PIXEL_VALUES: np.concatenate([f[contract.PIXEL_VALUES] for f in feeds]),
+        qwen2_vl.POSITION_IDS: np.concatenate([f[qwen2_vl.POSITION_IDS] for f in feeds]),
+        qwen2_vl.CU_SEQLENS: patches.astype(np.int32),
+    }
+    if qwen2_5_vl.WINDOW_INDEX in feeds[0]:
+        out[qwen2_5_vl.WINDOW_INDEX] = np.concatenate(
+            [f[qwen2_5_vl.WINDOW_INDEX] + start // 4 for f, start in zip(feeds, patches, strict=False)]
+        )  # merge 2: 4 patches per token
+        bounds = [f[qwen2_5_vl.CU_WINDOW_SEQLENS][1:] + start for f, start in zip(feeds, patches, strict=False)]
+        out[qwen2_5_vl.CU_WINDOW_SEQLENS] = np.concatenate([[0], *bounds]).astype(np.int32)
+    return out
+
+
+# (width, height) as sent; token grids 13 x 9 (odd sides: windows cut short at the right and bottom edges), then
+# 8 x 16 and 27 x 9, then 2 x 2 (one partial window), 18 x 12 and 21 x 7.
+@pytest.mark.parametrize("sizes", [[(252, 364)], [(448, 224), (280, 840)], [(20, 20), (333, 517), (196, 588)]])
+def test_segment_attention_equals_the_encoder_on_several_images(tiny_loaded, sizes):
+    """The vision graph's attention (varlen_attention, eager) on images of different sizes packed in one call
+    equals transformers' encoder on the same images: per image in full-attention layers, per window in Qwen2.5-VL's
+    windowed ones, the windows at the right and bottom edges cut short (odd token grids)."""
+    images = [noise(*size, seed=i) for i, size in enumerate(sizes)]
+    host = tiny_loaded.image_host()
+    feeds = joined_feeds([host.prepare(image).feeds for image in images])
+    if qwen2_5_vl.CU_WINDOW_SEQLENS in feeds:
+        lengths = np.diff(feeds[qwen2_5_vl.CU_WINDOW_SEQLENS])
+        assert lengths.min() < lengths.max() == tiny_loaded.family.vision_graph(tiny_loaded.model).window_patches
+    graph = tiny_loaded.family.vision_graph(tiny_loaded.model).eval()
+    with torch.no_grad():
+        embeds = graph(*(torch.from_numpy(value) for value in feeds.values()))
+    family = tiny_loaded.family
+    reference = family.vision_embeddings(tiny_loaded, family.process(tiny_loaded.processor, images, "x"))
+    assert embeds.shape == reference.shape
+    torch.testing.assert_close(embeds, reference, rtol=0, atol=1e-5)
+
+
+def intermediate_shapes(path, feeds: dict[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every node output of the ONNX graph at `path` run by ONNX Runtime on `feeds`: name -> (op type, shape)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    ops = {name: node.op_type for node in model.graph.node for name in node.output if name}
+    del model.graph.output[:]
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in ops)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = session.run(list(ops), feeds)
+    return {name: (ops[name], value.shape) for name, value in zip(ops, values, strict=True)}
+
+
+def test_vision_attention_holds_no_heads_by_patches_squared_tensor(vision_onnx):
+    """No value of the vision graph is N x N per head for all heads at once (N patches): windowed layers attend in
+    windows (N x window scores), full-attention layers one head group at a time (HEAD_GROUP x N x N). Counted on
+    the shapes ONNX Runtime computes for one image: the score MatMuls of shape [1, HEAD_GROUP, N, N] are exactly
+    full-attention layers x heads / HEAD_GROUP."""
+    loaded, path = vision_onnx
+    feeds = loaded.image_host().prepare(noise(448, 224)).feeds
+    n = feeds[contract.PIXEL_VALUES].shape[0]  # 512 patches: no other axis of the tiny graph has this size
+    shapes = intermediate_shapes(path, feeds)
+    square = {name: shape for name, (_, shape) in shapes.items() if list(shape).count(n) >= 2}
+    assert square and all(shape == (1, qwen2_vl.HEAD_GROUP, n, n) for shape in square.values()), square
+    config = loaded.model.config.vision_config
+    full = len(config.fullatt_block_indexes) if loaded.family is QWEN25_VL else config.depth
+    scores = [name for name in square if shapes[name][0] == "MatMul"]
+    assert len(scores) == full * config.num_heads // qwen2_vl.HEAD_GROUP
+    if loaded.family is QWEN25_VL:  # the windowed layers' weights: [windows, heads, window, window]
+        window = loaded.family.vision_graph(loaded.model).window_patches
+        windowed = [s for op, s in shapes.values() if op == "Softmax" and s[-2:] == (window, window)]
+        assert len(windowed) == config.depth - full and all(s[1] == config.num_heads for s in windowed)

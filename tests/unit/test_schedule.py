@@ -101,3 +101,24 @@ def test_capped_stages_are_the_ones_above_half():
     assert [str(s) for s in schedule.capped_stages()] == ["4:2:0.7", "6:1:0.95"]
     assert schedule.kept_before(8) == 0.5**3  # a capped stage keeps half, not 1 - its ratio
     assert parse_schedule("2:2:0.5,4:1:0.3", 8).capped_stages() == ()
+
+
+def test_a_first_merge_layer_keeps_every_stage_after_it_and_says_why():
+    """Family.first_merge_layer (Qwen3-VL's DeepStack adds vision features after layers 1..3): the solver places
+    every stage after it, reaches the ratio there, and an explicit schedule before it is refused with the reason."""
+    free = solve(28, 0.55, (6, 4, 2))
+    floor = solve(28, 0.55, (6, 4, 2), first_layer=3, why="DeepStack")
+    assert min(s.layer for s in floor.stages) >= 3
+    assert abs(floor.retention - 0.55) <= 0.01 and abs(free.retention - 0.55) <= 0.01
+    identity = resolve(28, ratio=0.0, schedule=None, windows=(6, 4, 2), first_layer=5, why="DeepStack")
+    assert identity.is_identity and min(s.layer for s in identity.stages) >= 5
+    with pytest.raises(InputError, match=r"after decoder layer 3 at the earliest \(DeepStack\)"):
+        resolve(28, ratio=None, schedule="2:4:0.5,10:2:0.5", windows=(4, 2), first_layer=3, why="DeepStack")
+    assert str(resolve(28, ratio=None, schedule="3:4:0.5", windows=(4,), first_layer=3)) == "3:4:0.5"
+    lo_free, _ = reachable_range(28, (6, 4, 2))
+    lo_floor, _ = reachable_range(28, (6, 4, 2), first_layer=20)
+    assert lo_floor > lo_free  # later stages keep more: the strongest compression is out of reach
+    with pytest.raises(InputError, match="reachable range"):
+        solve(28, lo_free + 0.02, (6, 4, 2), first_layer=20, why="DeepStack")
+    with pytest.raises(InputError, match="no merge stage fits"):
+        solve(4, 0.55, (2,), first_layer=4, why="DeepStack")
