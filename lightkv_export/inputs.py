@@ -26,15 +26,22 @@ def parity_images(size: tuple[int, int], seed: int) -> Image.Image:
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
 
 
-# The largest image parity feeds (pixels, about 1,300 LLM tokens on Qwen-VL's 28 x 28 grid): a real checkpoint's
-# processor allows 12.8 million, whose 16,384-token prefill would dominate every build's parity run.
+# The largest image parity feeds (pixels; its max-image case becomes 868x1148 on Qwen-VL: 1,271 LLM tokens, 5,084
+# patches). It binds only where a processor allows more: the tiny presets' maximum (200,704) is below it, so their
+# max-image case is at the processor's maximum. A real Qwen-VL processor allows 12,845,056 (16,384 tokens, 65,536
+# patches), which served engines refuse by default (Limits.max_image_tokens, 4,096). Parity runs the case's vision
+# tower three times (engine graph, PyTorch encoder, Hugging Face forward): at 65,536 patches the exported graph's
+# attention scores alone are over 250 GB per layer. At the cap the case costs Qwen2-VL-2B about 50 TFLOP (model
+# level and identity), some 6 minutes on 2 cores (the ~140 GFLOP/s of the image_sizes benchmark), Qwen2.5-VL-7B
+# about twice that. `--max-image-pixels` below the cap makes the case that engine's true maximum.
 PARITY_MAX_PIXELS = 1024 * 1024
 
 
 def parity_cases(image_size: tuple[int, int], pixel_range: tuple[int, int]) -> list[tuple[str, list[Image.Image], str]]:
     """The requests parity runs, images as a user sends them (each processor sizes them itself): the reference
     image, two images of different sizes and aspect ratios in one request, a tall page (about 1:3), and images at
-    the processor's minimum and near its maximum (`pixel_range`, processed pixels; capped at PARITY_MAX_PIXELS)."""
+    the processor's minimum and near its maximum (`pixel_range`, processed pixels; capped at PARITY_MAX_PIXELS for
+    real checkpoints' cost, see there)."""
     h, w = image_size
     low, high = pixel_range
     side_min = max(1, math.isqrt(low))

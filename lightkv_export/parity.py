@@ -10,7 +10,8 @@ from the model spec:
    than the reference did (two similarities closer than the two sides' rounding), the engine's choice is accepted
    if it gives up at most the tie epsilon of similarity (`tie_epsilon`), and everything else is then held to its
    tolerance against the reference rerun under the engine's assignment (`check_ties`); the report lists each tie;
-3. identity: the engine's prefill fed a merge-nothing plan vs the vanilla export vs the Hugging Face model.
+3. identity: the engine's prefill fed a merge-nothing plan vs the vanilla export vs the Hugging Face model, on
+   every case (the report's `identity_cases` lists them).
 
 Run as the last build stage, or on any engine directory:  python -m lightkv_export.parity ENGINE_DIR
 Writes parity.json and report.md into the engine directory. Exit code 0 pass, 1 fail, 2 bad input (a read-only
@@ -58,7 +59,6 @@ DECODE_STEPS = 16
 # hidden states that differ by 4e-5) and far below a typical margin (median best-to-second gap 1e-3 to 6e-3). The
 # half-precision values are scaled by their rounding (2^-11, 2^-8), not measured.
 TIE_EPSILON = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
-IDENTITY_CASES = 3  # the first cases also go through the merge-nothing and vanilla-export checks
 EXPORT_CACHE = ".cache/export"  # under the build's --out, as pipeline.py writes it
 
 
@@ -79,6 +79,13 @@ class ParityReport:
     engine: str
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    cases: list[str] = field(default_factory=list)  # the requests the model level ran, in order
+
+    @property
+    def identity_cases(self) -> list[str]:
+        """The cases whose logits were held against the Hugging Face model (merge-nothing prefill or the vanilla
+        export), in order: computed from the checks, so it cannot claim a check that did not run."""
+        return list(dict.fromkeys(c.case for c in self.checks if c.level == "identity"))
 
     @property
     def passed(self) -> bool:
@@ -104,17 +111,34 @@ class ParityReport:
                 lines.append(f"{c.level}/{c.case}/{c.output}: {c.detail}")
         return lines
 
+    def identity_coverage(self) -> str:
+        """One line: which cases the Hugging Face identity check covered, out of all the cases."""
+        covered = self.identity_cases
+        if not covered:
+            return "Hugging Face identity: no case (see the notes)."
+        if covered == self.cases:
+            return f"Hugging Face identity: every case ({len(covered)})."
+        missing = [c for c in self.cases if c not in covered]
+        return (
+            f"Hugging Face identity: {len(covered)} of {len(self.cases)} cases ({', '.join(covered)}); not on "
+            f"{', '.join(missing)}."
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "engine": self.engine,
             "passed": self.passed,
             "notes": self.notes,
+            "cases": self.cases,
+            "identity_cases": self.identity_cases,
             "checks": [asdict(c) for c in self.checks],
         }
 
     def to_markdown(self) -> str:
         out = [f"# Parity report: {self.engine}", "", f"**{self.summary()}**", ""]
         out += [f"- {note}" for note in self.notes] + ([""] if self.notes else [])
+        if self.cases:
+            out += [f"Cases: {', '.join(self.cases)}.", "", self.identity_coverage(), ""]
         for level in ("op", "model", "identity"):
             checks = [c for c in self.checks if c.level == level]
             if not checks:
@@ -220,7 +244,7 @@ class Expected:
     values: list[torch.Tensor]
     kept: list[np.ndarray]  # per stage [1, S'_k]
     greedy: list[int]
-    hf_logits: torch.Tensor | None  # the Hugging Face model's last-token logits (identity cases only)
+    hf_logits: torch.Tensor | None  # the Hugging Face model's last-token logits
     merged_into: list[np.ndarray] = field(default_factory=list)  # per stage [1, S_k]: the merge assignment
     shortfall: list[np.ndarray] = field(default_factory=list)  # per stage [1, S_k]: similarity a replay gave up
     hf_input_ids: np.ndarray | None = None  # [1, S] the Hugging Face processor's token ids for the same request
@@ -237,18 +261,19 @@ def prepare_requests(engine_dir: Path, image_size: tuple[int, int]) -> tuple[lis
 
 
 def expected_outputs(manifest: Manifest, schedule: Schedule, loaded: LoadedModel, cases, requests) -> list[Expected]:
-    """The PyTorch side of every case; the Hugging Face processor takes the images as sent, as the engine did."""
+    """The PyTorch side of every case; the Hugging Face processor takes the images as sent, as the engine did.
+    Every case gets the Hugging Face logits for the identity level: the smallest and largest images are where a
+    grid, position or processor mistake at ratio 0 shows, and the largest case's forward is bounded by
+    inputs.PARITY_MAX_PIXELS."""
     out = []
-    for index, ((name, images, prompt), request) in enumerate(zip(cases, requests, strict=True)):
+    for (name, images, prompt), request in zip(cases, requests, strict=True):
         processed = loaded.family.process(loaded.processor, images, prompt)
         vision = loaded.family.vision_embeddings(loaded, processed).float()
         ref = reference_outputs(manifest, schedule, loaded, name, request)
-        hf = None
-        if index < IDENTITY_CASES:
-            with torch.no_grad():
-                # The LM head on the last token only: [1, S, V] logits would be S x vocab floats (about 0.8 GB
-                # for a 1,400-token Qwen request) next to the model's weights.
-                hf = loaded.model(**processed, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [1, V]
+        with torch.no_grad():
+            # The LM head on the last token only: [1, S, V] logits would be S x vocab floats (about 0.8 GB for a
+            # 1,400-token Qwen request) next to the model's weights.
+            hf = loaded.model(**processed, use_cache=False, logits_to_keep=1).logits[:, -1].float()  # [1, V]
         out.append(replace(ref, vision=vision, hf_logits=hf, hf_input_ids=processed["input_ids"].numpy()))
     return out
 
@@ -429,7 +454,7 @@ def check_identity(report: ParityReport, engine: Engine, expected: list[Expected
         return
     if engine.manifest.vanilla:
         return
-    for e in expected[:IDENTITY_CASES]:
+    for e in expected:
         request = e.request
         plan = plan_request(request.spans, [request.seq_len], identity_schedule(engine), grid_mode="true")
         ident = engine.prefill(request, plan=plan)
@@ -446,7 +471,7 @@ def check_vanilla_export(report: ParityReport, exported: ExportedGraphs, expecte
     # From the path, not a serialised proto: external data is found next to the file, and a 7B graph stays
     # clear of protobuf's 2 GiB limit. The role outputs are simply not fetched.
     vanilla = ort.InferenceSession(str(exported.prefill), options, providers=["CPUExecutionProvider"])
-    for e in expected[:IDENTITY_CASES]:
+    for e in expected:
         request = e.request
         feeds = {
             contract.INPUTS_EMBEDS: request.inputs_embeds,
@@ -520,6 +545,7 @@ def run_parity(
     # model (every reference output), then the engine again, then the vanilla export.
     log("parity: PyTorch reference outputs")
     cases, requests = prepare_requests(engine_dir, tuple(manifest.image_size))
+    report.cases = [case for case, _, _ in cases]
     expected = expected_outputs(manifest, schedule, loaded, cases, requests)
     if release_model is not None:
         release_model()
@@ -608,6 +634,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[yellow]note:[/] {note}", soft_wrap=True)
     for line in report.failure_lines():
         console.print(f"[red]{line}[/]")
+    console.print(f"[dim]{report.identity_coverage()}[/]")
     console.print(f"{report.summary()}: {len(report.checks)} checks; {args.engine_dir / 'report.md'}")
     return 0 if report.passed else 1
 

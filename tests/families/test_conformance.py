@@ -58,13 +58,17 @@ def test_merged_cache_follows_the_reference_runtime(family):
 
 def test_ratio_zero_generates_like_hugging_face(family, builds):
     """At ratio 0 the engine generates the Hugging Face model's tokens for every parity case: the reference image,
-    two images of different sizes, a tall page, the processor's smallest image and one near its largest."""
+    two images of different sizes, a tall page, the processor's smallest image and one near its largest; alone, and
+    all of them as one padded batch of mixed image sizes, where each row gets exactly the tokens that Hugging Face
+    `generate` gives its request alone (greedy, the checkpoint's processor)."""
     from lightkv_export.inputs import parity_cases
 
     key, loaded, _ = family
     engine = Engine.load(builds(key, 0.0).engine_dirs["ort-cpu"])
     h, w = engine.manifest.image_size
-    for name, images, prompt in parity_cases((h, w), engine.processor.images.pixel_range()):
+    cases = parity_cases((h, w), engine.processor.images.pixel_range())
+    batched = engine.generate_batch([(images, prompt) for _, images, prompt in cases], max_new_tokens=6)
+    for (name, images, prompt), row in zip(cases, batched, strict=True):
         gen = engine.generate(images, prompt, max_new_tokens=6)
         assert len(set(gen.kv_lengths)) == 1  # nothing merged anywhere
         processed = loaded.family.process(loaded.processor, images, prompt)
@@ -72,6 +76,8 @@ def test_ratio_zero_generates_like_hugging_face(family, builds):
             out = loaded.model.generate(**processed, max_new_tokens=6, do_sample=False)
         hf = out[0, processed["input_ids"].shape[1] :].tolist()
         assert hf and gen.token_ids == hf, name
+        assert row.token_ids == hf and row.kv_lengths == gen.kv_lengths, name  # batched: the row's own request
+    assert len({row.kv_lengths[0] for row in batched}) > len(cases) // 2  # rows of many lengths: real padding
 
 
 def test_batched_generation_equals_one_request_at_a_time(family):
