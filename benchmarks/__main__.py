@@ -14,7 +14,7 @@ Convention for a benchmark module (add `benchmarks/bench_<something>.py`; it is 
   `--model KEY` (any tiny preset or model the registry loads here) runs those modules on another model.
 * Optional `REQUIRES = "cuda"`: skipped, with the reason, when `torch.cuda.is_available()` is False;
   `REQUIRES = "module:<name>"`: skipped when that package is not installed (an optional benchmark dependency).
-* Optional `markdown(result: dict) -> str`: the module's subsection of the README's performance section
+* Optional `markdown(result: dict) -> str`: the module's subsection of the performance section (docs/benchmarks.md)
   (default: a table of its ratios).
 
 Helpers for modules: `median_ms(fn, repeats)` and `peak_rss_mib(module, factory, *args)`. The latter measures
@@ -27,8 +27,8 @@ has to fault it in again instead of silently reusing a retained heap.
 
 Outputs: `benchmarks/results/<NAME>.json` per benchmark, `benchmarks/results/summary.json` (machine, versions,
 date, every benchmark's status and ratios) and `benchmarks/results/README_SECTION.md`, the Markdown performance
-section the README embeds, so the README's numbers come from this code. `--quick` writes nothing unless `--out`
-is given. The exit status is 1 when any benchmark failed.
+section docs/benchmarks.md embeds, so the documented numbers come from this code. `--quick` writes nothing
+unless `--out` is given. The exit status is 1 when any benchmark failed.
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def run_one(mod, quick: bool, model: str | None = None) -> dict:
 
 
 def merge_previous(entries: list[dict], out_dir: Path, known: set[str]) -> list[dict]:
-    """With --only, keep the other benchmarks' last recorded entries so the summary and README stay whole."""
+    """With --only, keep the other benchmarks' last recorded entries: the summary and docs/benchmarks.md stay whole."""
     # A benchmark skipped here (it needs a GPU) keeps its last record from where it could run, dated.
     entries = [e for e in entries if not (e["status"] == "skipped" and (out_dir / f"{e['name']}.json").exists())]
     ran = {e["name"] for e in entries}
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     modules = {m.NAME: m for m in discover()}
     # A module that records other modes too (bench_peer --context long -> peer_long) names them in
-    # EXTRA_RECORDS, so that runs of other benchmarks carry those records over into the summary and the README.
+    # EXTRA_RECORDS, so that runs of other benchmarks carry those records over into the summary and docs/benchmarks.md.
     records = {name: m for m in modules.values() for name in (m.NAME, *getattr(m, "EXTRA_RECORDS", ()))}
     if args.list:
         for name, mod in modules.items():

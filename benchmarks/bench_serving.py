@@ -298,7 +298,7 @@ def run(quick: bool = False) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """The README subsection: one row per (budget, engine), then the paired ratios with their spread."""
+    """The docs/benchmarks.md subsection: one row per (budget, engine), then the paired ratios with their spread."""
     setup = result["setup"]
     lines = [
         f"KV budget: {BUDGET_REQUESTS} vanilla reservations ({setup['budget_bytes']['tight']} bytes; a reservation is "

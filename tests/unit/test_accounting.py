@@ -178,4 +178,4 @@ def test_paper_flops_figures(model, tolerance):
     assert fits, "no prompt length reproduces the paper's vanilla FLOPs"
     vanilla, light = paper_metric(fig, schedule, fits[len(fits) // 2])
     assert round(vanilla, 1) == fig.vanilla
-    assert light == pytest.approx(fig.lightkv, rel=tolerance)  # not reproduced exactly: see the README section
+    assert light == pytest.approx(fig.lightkv, rel=tolerance)  # not reproduced exactly: see docs/accounting.md
