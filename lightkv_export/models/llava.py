@@ -617,22 +617,9 @@ QWEN_CHAT_TEMPLATE = (
 def build_qwen_tokenizer() -> Any:
     """A Qwen2Tokenizer over the tiny kit's locally learned byte-level BPE with ChatML's specials and <image> (the
     layout of llava-interleave-qwen's tokenizer), for toy LLaVA checkpoints with a Qwen2 decoder."""
-    from transformers import Qwen2Tokenizer
-
-    vocab, merges = tiny.train_bpe()
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+    return tiny.build_tokenizer(
+        ("<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN), {"image_token": IMAGE_TOKEN}, QWEN_CHAT_TEMPLATE
     )
-    tokenizer.add_special_tokens(
-        {"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]}
-    )
-    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
-    return tokenizer
 
 
 def build_siglip_image_processor(image_size: int) -> Any:

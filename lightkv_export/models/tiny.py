@@ -100,8 +100,16 @@ def train_bpe() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return model["vocab"], merges
 
 
-def build_tokenizer() -> Any:
-    """transformers' Qwen2Tokenizer over the locally learned BPE, with the Qwen special tokens appended."""
+QWEN_MEDIA_TOKENS = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}
+
+
+def build_tokenizer(
+    special_tokens: tuple[str, ...] = SPECIAL_TOKENS,
+    media_tokens: dict[str, str] | None = None,
+    chat_template: str = CHAT_TEMPLATE,
+) -> Any:
+    """transformers' Qwen2Tokenizer over the locally learned BPE, with `special_tokens` appended in order and the
+    tokenizer's named media tokens (default: the Qwen-VL special tokens, image and video pads, ChatML template)."""
     from transformers import Qwen2Tokenizer
 
     vocab, merges = train_bpe()
@@ -111,10 +119,10 @@ def build_tokenizer() -> Any:
         unk_token=None,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        extra_special_tokens=dict(QWEN_MEDIA_TOKENS if media_tokens is None else media_tokens),
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)})
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 
