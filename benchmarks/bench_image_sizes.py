@@ -261,7 +261,7 @@ def measure_vision(quick: bool, sizes: list[tuple[int, int]], host: ImageHost) -
             with vision_attention(dense_attention) if variant == "dense" else contextlib.nullcontext():
                 export_vision(loaded, graphs[variant], dtype=torch.float32)
         del loaded
-        for width, height in sizes:
+        for width, height in sizes[:1] if quick else sizes:  # --quick: one child process is the smoke test
             feeds = host.prepare(example_image(height, width)).feeds
             patches = int(next(iter(feeds.values())).shape[0])
             dense_bytes = size.heads * patches * patches * 4

@@ -42,6 +42,17 @@ def test_table_llava_schedule():
     assert "12:4:0.5,18:2:0.5,24:1:0.5" in out.stdout
 
 
+def plan_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m lightkv_export.plan ARGS` as lightkv_export.plan.main in this process (no 5 s interpreter start;
+    test_json_qwen and test_table_llava_schedule run the real command)."""
+    from lightkv_export.plan import main
+
+    capsys.readouterr()
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(list(args), code, captured.out, captured.err)
+
+
 def assert_one_error_line(out: subprocess.CompletedProcess, *parts: str) -> None:
     """Exit 2, nothing on stdout (no table, no JSON), and stderr exactly one `error: ...` line naming `parts`."""
     assert out.returncode == 2, out.stderr
@@ -68,8 +79,8 @@ def assert_one_error_line(out: subprocess.CompletedProcess, *parts: str) -> None
         (["--ratio", "0.5", "--dtype", "int3"], ["unknown dtype 'int3'", "fp16", "bf16"]),
     ],
 )  # fmt: skip
-def test_bad_input_exits_2_without_traceback(args, parts):
-    assert_one_error_line(plan(*args), *parts)
+def test_bad_input_exits_2_without_traceback(args, parts, capsys):
+    assert_one_error_line(plan_in_process(capsys, *args), *parts)
 
 
 @pytest.mark.slow
@@ -82,22 +93,25 @@ def test_paper_json_is_the_recorded_comparison():
 
 
 @pytest.mark.parametrize("images", ["0", "-1", "65"])
-def test_images_must_be_between_1_and_64(images):
-    out = plan("--ratio", "0.55", "--images", images)
+def test_images_must_be_between_1_and_64(images, capsys):
+    out = plan_in_process(capsys, "--ratio", "0.55", "--images", images)
     assert_one_error_line(out, f"--images must be from 1 to 64, got {images}")
 
 
-def test_the_planner_keeps_stages_after_the_familys_first_merge_layer(monkeypatch):
+def test_the_planner_keeps_stages_after_the_familys_first_merge_layer(monkeypatch, request):
     """A family whose decoder adds vision features after early layers (Family.first_merge_layer): the planner's
     solver places every stage after that layer; an explicit schedule before it is refused with the reason."""
     import argparse
 
     from lightkv_export.errors import InputError
+    from lightkv_export.models import shapes
     from lightkv_export.models.registry import get_family
     from lightkv_export.plan import make_plan
 
     family = type(get_family("qwen2_5_vl"))
     monkeypatch.setattr(family, "first_merge_layer", lambda self, config: (9, "features added after layer 9"))
+    shapes.get_shape.cache_clear()  # shapes are cached per key: read them again under the patched family,
+    request.addfinalizer(shapes.get_shape.cache_clear)  # and again without it after this test
     base = dict(model="qwen-vl", windows=None, image_size=None, images=1, prompt_tokens=64, gen_tokens=10)
     base |= dict(gpu_memory="80GB", dtype="bf16", causal=False, grid_mode="true")
     result = make_plan(argparse.Namespace(**base, ratio=0.7, schedule=None))
